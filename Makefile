@@ -1,0 +1,37 @@
+# `make test` and `make demo` bootstrap .venv themselves (idempotent: re-installs only when pyproject.toml changes).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: venv test test-fast quality demo bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c constraints.txt torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+quality: $(STAMP)
+	$(BIN)/ruff check toolkit rewards modalities tests bench examples
+	$(BIN)/ruff format --check toolkit rewards modalities tests bench examples
+	$(BIN)/mypy toolkit rewards/base.py
+
+demo: $(STAMP)
+	$(BIN)/renorm train configs/demo/tiny_grpo.yaml
+
+bench: $(STAMP)
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev,bench]"
+	$(BIN)/python bench/trainer_vs_trl.py
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,1 @@
+"""One package per modality; they never import each other."""

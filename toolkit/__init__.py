@@ -1,0 +1,1 @@
+"""Shared core: rollouts, reward transforms, normalizers, objectives, trainer."""

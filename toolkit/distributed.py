@@ -1,0 +1,47 @@
+"""The only place that talks to accelerate / torch.distributed.
+
+Whole groups stay on one rank; batch-wide statistics (batch std, whitening, Beta fits) gather
+rows from every rank through `gather_rows`, which is the identity in a single process.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def gather_rows(x: Tensor) -> Tensor:
+    """Concatenate `x` along dim 0 across ranks (rank order); ranks may hold different row counts."""
+    if not is_distributed():
+        return x
+    n = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(world_size())]
+    dist.all_gather(sizes, n)
+    longest = int(max(int(s.item()) for s in sizes))
+    padded = torch.zeros((longest, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    padded[: x.shape[0]] = x
+    out = [torch.zeros_like(padded) for _ in range(world_size())]
+    dist.all_gather(out, padded)
+    return torch.cat([o[: int(s.item())] for o, s in zip(out, sizes, strict=True)], dim=0)
+
+
+def all_reduce_sum(x: Tensor) -> Tensor:
+    """Sum of `x` over ranks (a new tensor; the input is not modified)."""
+    if not is_distributed():
+        return x
+    y = x.clone()
+    dist.all_reduce(y, op=dist.ReduceOp.SUM)
+    return y
