@@ -45,3 +45,24 @@ def all_reduce_sum(x: Tensor) -> Tensor:
     y = x.clone()
     dist.all_reduce(y, op=dist.ReduceOp.SUM)
     return y
+
+
+def make_accelerator(mixed_precision: str = "auto", seed: int | None = None) -> object:
+    """Build the `accelerate.Accelerator` for a run (the launcher decides DDP/FSDP/DeepSpeed).
+
+    `mixed_precision="auto"` picks bf16 when CUDA with bf16 support is present, else full precision.
+    """
+    from accelerate import Accelerator
+
+    if mixed_precision == "auto":
+        mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    if mixed_precision not in ("no", "bf16", "fp16"):
+        raise ValueError(f"mixed_precision must be one of 'auto', 'no', 'bf16', 'fp16'; got {mixed_precision!r}")
+    return Accelerator(mixed_precision=mixed_precision)
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The bare model inside a DDP/FSDP/DeepSpeed wrapper (for `generate` and state dicts)."""
+    from accelerate.utils import extract_model_from_parallel
+
+    return extract_model_from_parallel(module)  # type: ignore[no-any-return]

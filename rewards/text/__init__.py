@@ -1,0 +1,1 @@
+"""Text rewards: verifiers (math, exact match), format rewards, toy task rewards."""

@@ -1,0 +1,79 @@
+"""The reward stage: retries, failures and non-finite scores are counted, never propagated."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rewards.base import FunctionReward, RewardOutput
+from rewards.text.toy import TargetCharReward
+from toolkit.rollout import Rollout
+from toolkit.scoring import score_rollout
+
+
+def rollout(completions: list[str], targets: list[str]) -> Rollout:
+    n = len(completions)
+    return Rollout(
+        group_ids=torch.zeros(n, dtype=torch.long),
+        old_logprobs=torch.zeros(n, 2),
+        mask=torch.ones(n, 2, dtype=torch.bool),
+        prompts=[{"prompt": "q", "target": t} for t in targets],
+        completions=completions,
+    )
+
+
+def test_target_char_reward_oracle() -> None:
+    r = score_rollout(rollout(["aab", "", "a a"], ["a", "a", "a"]), {"letters": TargetCharReward()})
+    assert r.scores.tolist() == pytest.approx([2 / 3, 0.0, 1.0])
+    assert r.metrics["reward/mean"] == pytest.approx((2 / 3 + 1) / 3)
+
+
+def test_flaky_reward_is_retried() -> None:
+    calls = {"n": 0}
+
+    def flaky(prompt: str, sample: str, **_: object) -> float:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("judge timed out")
+        return 1.0
+
+    r = score_rollout(rollout(["x"], ["a"]), {"flaky": FunctionReward(flaky)}, retries=1)
+    assert r.scores.tolist() == [1.0] and r.metrics["reward/failed_models"] == 0.0
+
+
+def test_failing_reward_becomes_not_applicable_and_is_counted() -> None:
+    def broken(prompt: str, sample: str, **_: object) -> float:
+        raise RuntimeError("unreachable judge")
+
+    r = score_rollout(
+        rollout(["a", "b"], ["a", "a"]), {"broken": FunctionReward(broken), "letters": TargetCharReward()}, retries=2
+    )
+    assert r.metrics["reward/failed_models"] == 1.0
+    assert torch.isnan(r.rewards["broken"]).all()
+    assert r.scores.tolist() == [1.0, 0.0]  # the working reward still counts
+
+
+def test_nonfinite_scores_are_counted_and_stored_as_nan() -> None:
+    class Bad:
+        def __call__(self, prompts, samples, **_):
+            return RewardOutput(scores=torch.tensor([math.inf, math.nan, 0.5]))
+
+    r = score_rollout(rollout(["a", "b", "c"], ["a"] * 3), {"bad": Bad()})
+    assert r.metrics["reward/nonfinite"] == 2.0
+    assert torch.isnan(r.scores[:2]).all() and r.scores[2] == 0.5
+
+
+def test_wrong_length_output_is_an_error() -> None:
+    class Short:
+        def __call__(self, prompts, samples, **_):
+            return RewardOutput(scores=torch.zeros(1))
+
+    with pytest.raises(ValueError, match="returned"):
+        score_rollout(rollout(["a", "b"], ["a", "a"]), {"short": Short()})
+
+
+def test_no_reward_models_is_an_error() -> None:
+    with pytest.raises(ValueError, match="no reward models"):
+        score_rollout(rollout(["a"], ["a"]), {})

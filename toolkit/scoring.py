@@ -1,0 +1,109 @@
+"""The reward stage: run every reward model on a rollout, with retries and counted fallbacks.
+
+A reward model that keeps raising after its retries marks the whole batch not applicable (NaN)
+for its components and is counted; NaN/inf scores are counted and stored as NaN, never passed on
+as numbers. The default scalar score is the NaN-aware sum of the components; reward transforms
+(e.g. `WeightedSum`) may replace it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from rewards.base import RewardModel, RewardOutput
+from toolkit.rollout import Rollout
+
+log = logging.getLogger(__name__)
+
+# Prompt-dict keys that are passed to reward models as per-row metadata.
+_RESERVED = ("prompt",)
+
+
+def reward_inputs(rollout: Rollout) -> tuple[list[Any], list[Any], dict[str, Any]]:
+    """(prompts, samples, metadata) for reward models, from the rollout's prompt dicts.
+
+    Each prompt dict's extra keys (answer, dataset, task, ...) become per-row metadata lists,
+    plus `lengths` and `truncated` when the sampler recorded them.
+    """
+    n = len(rollout)
+    rows = rollout.prompts if rollout.prompts is not None else [None] * n
+    samples = rollout.completions if rollout.completions is not None else [None] * n
+    prompts = [r.get("prompt") if isinstance(r, Mapping) else r for r in rows]
+    keys = sorted({k for r in rows if isinstance(r, Mapping) for k in r if k not in _RESERVED})
+    metadata: dict[str, Any] = {k: [r.get(k) if isinstance(r, Mapping) else None for r in rows] for k in keys}
+    if rollout.lengths is not None:
+        metadata["lengths"] = rollout.lengths.tolist()
+    if rollout.truncated is not None:
+        metadata["truncated"] = rollout.truncated.tolist()
+    return prompts, samples, metadata
+
+
+def call_with_retries(
+    name: str, model: RewardModel, prompts: Sequence[Any], samples: Sequence[Any], metadata: dict[str, Any], retries: int
+) -> RewardOutput | None:
+    """Call `model`; retry `retries` times on an exception; None after the last failure (logged)."""
+    for attempt in range(retries + 1):
+        try:
+            return model(prompts, samples, **metadata)
+        except Exception as err:  # a reward model may fail in any way; the policy is: retry, then skip
+            log.warning("reward %r failed (attempt %d/%d): %s", name, attempt + 1, retries + 1, err)
+    return None
+
+
+def score_rollout(rollout: Rollout, reward_models: Mapping[str, RewardModel], retries: int = 2) -> Rollout:
+    """Fill `rollout.rewards` (named components) and `rollout.scores`; record metrics.
+
+    Metrics: `reward/<component>` (mean over applicable rows), `reward/mean`,
+    `reward/failed_models` (models that failed after retries), `reward/nonfinite` (rows with
+    NaN/inf from a model, stored as NaN), `time/reward_s`.
+    """
+    if not reward_models:
+        raise ValueError("no reward models configured: set `rewards:` in the config")
+    start = time.perf_counter()
+    prompts, samples, metadata = reward_inputs(rollout)
+    n = len(rollout)
+    failed = 0
+    nonfinite = 0
+    for name, model in reward_models.items():
+        out = call_with_retries(name, model, prompts, samples, metadata, retries)
+        if out is None:
+            failed += 1
+            rollout.rewards[name] = torch.full((n,), math.nan)
+            continue
+        if out.scores.shape != (n,):
+            raise ValueError(f"reward {name!r} returned {tuple(out.scores.shape)} scores for {n} samples")
+        parts = out.components if len(out.components) > 1 else {name: out.scores}
+        for key, value in parts.items():
+            full = key if key == name else f"{name}/{key}"
+            bad = ~torch.isfinite(value) & ~torch.isnan(value)
+            nonfinite += int(bad.sum()) + int(torch.isnan(value).sum())
+            rollout.rewards[full] = torch.where(torch.isfinite(value), value, torch.nan).float()
+        rollout.metrics.update({f"reward/{name}/{k}": v for k, v in out.metrics.items()})
+    rollout.scores = nansum_rows(torch.stack(list(rollout.rewards.values()), dim=1))
+    for key, value in rollout.rewards.items():
+        rollout.metrics[f"reward/{key}"] = nanmean(value)
+    rollout.metrics["reward/mean"] = nanmean(rollout.scores)
+    rollout.metrics["reward/failed_models"] = float(failed)
+    rollout.metrics["reward/nonfinite"] = float(nonfinite)
+    rollout.metrics["time/reward_s"] = time.perf_counter() - start
+    return rollout
+
+
+def nansum_rows(matrix: Tensor) -> Tensor:
+    """[N, K] -> [N] sum over the finite entries of each row; NaN when a row has none."""
+    finite = torch.isfinite(matrix)
+    total = torch.where(finite, matrix, torch.zeros_like(matrix)).sum(dim=1)
+    return torch.where(finite.any(dim=1), total, torch.full_like(total, math.nan))
+
+
+def nanmean(values: Tensor) -> float:
+    """Mean over finite entries as a float; NaN when there are none."""
+    finite = values[torch.isfinite(values)]
+    return float(finite.float().mean()) if finite.numel() else math.nan
