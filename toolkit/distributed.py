@@ -58,7 +58,8 @@ def make_accelerator(mixed_precision: str = "auto", seed: int | None = None) -> 
         mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     if mixed_precision not in ("no", "bf16", "fp16"):
         raise ValueError(f"mixed_precision must be one of 'auto', 'no', 'bf16', 'fp16'; got {mixed_precision!r}")
-    return Accelerator(mixed_precision=mixed_precision)
+    # cpu=True without CUDA lets a torchrun-style launch on CPUs form a gloo process group.
+    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
 
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
