@@ -57,7 +57,7 @@ class FunctionReward:
 
     def __init__(self, fn: Callable[..., float | None], name: str | None = None) -> None:
         self.fn = fn
-        self.name = name or getattr(fn, "__name__", "reward")
+        self.name: str = name or str(getattr(fn, "__name__", "reward"))
 
     def __call__(self, prompts: Sequence[Any], samples: Sequence[Any], **metadata: Any) -> RewardOutput:
         if len(prompts) != len(samples):

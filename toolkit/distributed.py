@@ -6,9 +6,14 @@ rows from every rank through `gather_rows`, which is the identity in a single pr
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 
 def is_distributed() -> bool:
@@ -47,7 +52,7 @@ def all_reduce_sum(x: Tensor) -> Tensor:
     return y
 
 
-def make_accelerator(mixed_precision: str = "auto", seed: int | None = None) -> object:
+def make_accelerator(mixed_precision: str = "auto") -> Accelerator:
     """Build the `accelerate.Accelerator` for a run (the launcher decides DDP/FSDP/DeepSpeed).
 
     `mixed_precision="auto"` picks bf16 when CUDA with bf16 support is present, else full precision.

@@ -115,7 +115,7 @@ class Rollout:
 
     def group_sizes(self) -> Tensor:
         """[num_groups] number of rows of each distinct group id, in sorted-id order."""
-        _, counts = torch.unique(self.group_ids, return_counts=True)
+        counts: Tensor = torch.unique(self.group_ids, return_counts=True)[1]
         return counts
 
     def select(self, index: Tensor | Sequence[int]) -> Rollout:
@@ -254,7 +254,7 @@ def _concat_data(datas: list[dict[str, Any]], sizes: list[int]) -> dict[str, Any
         if not per_row:
             out[key] = value
         elif isinstance(value, list):
-            out[key] = [x for v in values for x in v]
+            out[key] = [x for v in values if v is not None for x in v]
         else:
             out[key] = _cat_padded(values)
     return out
