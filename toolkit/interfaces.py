@@ -74,10 +74,14 @@ class Sampler(Protocol):
 
 @dataclass
 class Advantages:
-    """A normalizer's output: advantages [N] or [N, T] and the statistics it fitted."""
+    """A normalizer's output: advantages [N] or [N, T], the statistics it fitted, and critic targets.
+
+    `returns` [N, T] is set only by normalizers with a critic (GAE): the value-loss targets.
+    """
 
     values: Tensor
     metrics: dict[str, float] = field(default_factory=dict)
+    returns: Tensor | None = None
 
 
 @runtime_checkable
