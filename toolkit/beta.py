@@ -15,9 +15,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from toolkit.distributed import gather_rows
-from toolkit.interfaces import Advantages
-from toolkit.normalizers import (
+from toolkit.advantage_stats import (
     StdMode,
     check_clip,
     check_nonnegative,
@@ -28,6 +26,8 @@ from toolkit.normalizers import (
     group_moments,
     rollout_scores,
 )
+from toolkit.distributed import gather_rows
+from toolkit.interfaces import Advantages
 from toolkit.rollout import Rollout
 
 DecompositionReduce = Literal["mean", "sum"]

@@ -13,8 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from toolkit.interfaces import Advantages
-from toolkit.normalizers import (
+from toolkit.advantage_stats import (
     EpsPlacement,
     StdMode,
     check_clip,
@@ -24,6 +23,7 @@ from toolkit.normalizers import (
     finish_advantages,
     whiten,
 )
+from toolkit.interfaces import Advantages
 from toolkit.rollout import Rollout
 
 
