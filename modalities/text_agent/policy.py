@@ -1,0 +1,371 @@
+"""Causal-LM policy: owns a (optionally LoRA-wrapped) Hugging Face causal LM and re-scores text rollouts.
+
+Log-probs are those of the temperature-scaled full next-token distribution — top-p/top-k only shape
+the sampler's choice, as in TRL and verl — computed in fp32 even when the model runs in bf16 autocast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import warnings
+from collections.abc import Iterator, Mapping
+from typing import Any, Literal, get_args
+
+import torch
+from torch import Tensor, nn
+
+from toolkit.rollout import Rollout
+
+ReferenceMode = Literal["auto", "copy", "adapters_off", "none"]
+DTypeName = Literal["float32", "bfloat16", "auto"]
+_TORCH_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def token_log_probs(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> Tensor:
+    """Log-probs of `tokens` under softmax(logits / temperature), in fp32.
+
+    Args:
+        logits: [N, T, V] next-token logits aligned with `tokens` (any float dtype).
+        tokens: [N, T] int64 token ids.
+        temperature: sampling temperature (> 0).
+
+    Returns:
+        [N, T] float32 log pi(token).
+    """
+    scaled = logits.float() / temperature
+    picked = scaled.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(scaled, dim=-1)
+
+
+def token_log_probs_and_entropy(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """`token_log_probs` and the entropy of softmax(logits / temperature), from one fp32 pass.
+
+    The log-probs are computed exactly as in `token_log_probs` (bit-identical), and the entropy as
+    H = logsumexp(x) - sum_v softmax(x)_v x_v with x = logits / temperature.
+
+    Args:
+        logits: [N, T, V]; tokens: [N, T]; temperature: > 0.
+
+    Returns:
+        ([N, T] log-probs, [N, T] entropy), float32.
+    """
+    scaled = logits.float() / temperature
+    log_normalizer = torch.logsumexp(scaled, dim=-1)
+    picked = scaled.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    entropy = log_normalizer - (torch.softmax(scaled, dim=-1) * scaled).sum(-1)
+    return picked - log_normalizer, entropy
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """[N, W] position ids that skip padding (cumsum - 1, 0 on pads), as HF `generate` builds them."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(attention_mask == 0, 0)
+
+
+def left_align(input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Move each row's attended tokens to the right end, keeping their order ([N, L] -> [N, L]).
+
+    `concat_rollouts` right-pads prompts of different widths, which leaves masked columns between a
+    prompt and its response; the response's first token must be predicted from the last real
+    prompt token, so prompts are re-left-padded before the forward.
+    """
+    order = torch.argsort(attention_mask.int(), dim=1, stable=True)
+    return input_ids.gather(1, order), attention_mask.gather(1, order)
+
+
+def sequence_tensors(data: Mapping[str, Any], num_steps: int) -> tuple[Tensor, Tensor]:
+    """Full sequences [N, W] and bool attention mask whose last `num_steps` columns are the response.
+
+    Two layouts are read: the sampler's split layout (`prompt_ids`, `prompt_attention_mask` [N, L],
+    `response_ids`, `response_attention_mask` [N, T]) and a joined layout (`input_ids`,
+    `attention_mask` [N, L + T], response = last T columns). Prompts are left-aligned (see
+    `left_align`), so both survive `concat_rollouts`.
+    """
+    if "response_ids" in data:
+        response_ids, response_mask = data["response_ids"], data["response_attention_mask"].bool()
+        prompt_ids, prompt_mask = data["prompt_ids"], data["prompt_attention_mask"].bool()
+    elif "input_ids" in data:
+        input_ids, attention_mask = data["input_ids"], data["attention_mask"].bool()
+        if input_ids.shape[1] <= num_steps:
+            raise ValueError(f"input_ids has {input_ids.shape[1]} columns, needs a prompt before T={num_steps}")
+        prompt_ids, response_ids = input_ids[:, :-num_steps], input_ids[:, -num_steps:]
+        prompt_mask, response_mask = attention_mask[:, :-num_steps], attention_mask[:, -num_steps:]
+    else:
+        raise ValueError(f"rollout.data has neither 'response_ids' nor 'input_ids'; keys: {sorted(data)}")
+    if response_ids.shape[1] != num_steps:
+        raise ValueError(f"response_ids has {response_ids.shape[1]} columns, rollout has T={num_steps}")
+    prompt_ids, prompt_mask = left_align(prompt_ids, prompt_mask)
+    return torch.cat([prompt_ids, response_ids], dim=1), torch.cat([prompt_mask, response_mask], dim=1)
+
+
+def zero_dropout(module: nn.Module) -> None:
+    """Set every dropout probability in `module` to 0 (so train-mode re-scoring equals sampling)."""
+    for sub in module.modules():
+        if isinstance(sub, nn.Dropout):
+            sub.p = 0.0
+        if isinstance(getattr(sub, "attention_dropout", None), float):
+            setattr(sub, "attention_dropout", 0.0)  # noqa: B010 (HF attention modules keep a float)
+
+
+class CausalLMPolicy:
+    """A causal LM as a Policy, EntropyPolicy and ReferencePolicy.
+
+    Args:
+        model: a hub id or local path (`AutoModelForCausalLM.from_pretrained`), a built `nn.Module`,
+            or a mapping of transformers config kwargs including `model_type` (random init).
+        tokenizer: a tokenizer, a hub id/path, or None (loaded from `model` when that is a string).
+        lora: peft `LoraConfig` kwargs (task_type defaults to CAUSAL_LM); None trains all weights.
+        gradient_checkpointing: recompute activations in backward (use_reentrant=False).
+        dtype: parameter dtype. "float32" keeps fp32 master weights (bf16 autocast on CUDA),
+            "bfloat16" casts the weights, "auto" keeps the checkpoint's / module's dtype.
+        temperature: logits are divided by it before the softmax (must match the sampler's).
+        top_p, top_k: sampling truncation the sampler inherits; log-probs ignore them.
+        reference: "adapters_off" (LoRA only), "copy" (frozen deep copy, made lazily on the first
+            `ref_log_probs` call or by `init_reference()`), "none", or "auto" (adapters_off with
+            LoRA, copy otherwise).
+        micro_batch_size: rows per forward pass when re-scoring (None = all rows at once).
+        autocast: run forwards under bf16 autocast when the module is on CUDA.
+        disable_dropout: zero every dropout (including LoRA's), so the on-policy ratio is exactly 1.
+    """
+
+    def __init__(
+        self,
+        model: str | nn.Module | Mapping[str, Any],
+        tokenizer: Any = None,
+        lora: Mapping[str, Any] | None = None,
+        gradient_checkpointing: bool = False,
+        dtype: DTypeName = "float32",
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int | None = None,
+        reference: ReferenceMode = "auto",
+        micro_batch_size: int | None = None,
+        autocast: bool = True,
+        disable_dropout: bool = True,
+    ) -> None:
+        _check_choice("dtype", dtype, DTypeName)
+        _check_choice("reference", reference, ReferenceMode)
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if top_k is not None and top_k < 0:
+            raise ValueError(f"top_k must be >= 0 or None, got {top_k}")
+        if micro_batch_size is not None and micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be >= 1 or None, got {micro_batch_size}")
+        if reference == "adapters_off" and lora is None:
+            raise ValueError("reference='adapters_off' needs lora; use 'copy' or 'auto' for full fine-tuning")
+        self.temperature = float(temperature)
+        self.top_p = float(top_p)
+        self.top_k = top_k
+        self.micro_batch_size = micro_batch_size
+        self.autocast = autocast
+        self.is_lora = lora is not None
+        self.reference_mode: ReferenceMode = (
+            ("adapters_off" if self.is_lora else "copy") if reference == "auto" else reference
+        )
+        self.tokenizer = _load_tokenizer(tokenizer, model)
+        base: Any = _build_model(model, dtype)
+        if gradient_checkpointing:
+            _enable_checkpointing(base)
+            if self.is_lora:
+                base.enable_input_require_grads()
+        self.module: nn.Module = _wrap_lora(base, lora) if lora is not None else base
+        if disable_dropout:
+            zero_dropout(self.module)
+        self._reference: nn.Module | None = None
+        self._fingerprint = _fingerprint(self.module) if self.reference_mode == "copy" else None
+        self._accepts_logits_to_keep = (
+            "logits_to_keep" in inspect.signature(unwrap_model(self.module).forward).parameters
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+    def autocast_context(self) -> contextlib.AbstractContextManager[Any]:
+        """bf16 autocast when enabled and the module is on CUDA; a no-op otherwise."""
+        if self.autocast and self.device.type == "cuda":
+            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def log_probs(self, rollout: Rollout) -> Tensor:
+        """[N, T] float32 log-probs of the response tokens (0 where `rollout.mask` is False)."""
+        return self._score(self.module, rollout, with_entropy=False)[0]
+
+    def log_probs_and_entropy(self, rollout: Rollout) -> tuple[Tensor, Tensor]:
+        """([N, T] log-probs, [N, T] entropy) from one forward; both 0 where the mask is False."""
+        logprobs, entropy = self._score(self.module, rollout, with_entropy=True)
+        assert entropy is not None
+        return logprobs, entropy
+
+    @torch.no_grad()
+    def ref_log_probs(self, rollout: Rollout) -> Tensor:
+        """[N, T] float32 log-probs under the reference weights, no grad."""
+        if self.reference_mode == "none":
+            raise ValueError("this policy was built with reference='none'; set reference to 'auto' for a KL term")
+        if self.reference_mode == "adapters_off":
+            with self.module.disable_adapter():  # type: ignore[operator]
+                return self._score(self.module, rollout, with_entropy=False)[0]
+        return self._score(self.init_reference(), rollout, with_entropy=False)[0]
+
+    def init_reference(self) -> nn.Module:
+        """Create the frozen reference copy now (mode "copy"); returns the module scoring the reference.
+
+        The copy must be taken from the initial weights: call this before the first optimizer step
+        or checkpoint load if `ref_log_probs` is first needed later. A copy requested after the
+        weights changed raises instead of silently using the wrong reference.
+        """
+        if self.reference_mode != "copy":
+            return self.module
+        if self._reference is None:
+            assert self._fingerprint is not None
+            # rtol tolerates device moves (reduction order); an optimizer step changes sums far more.
+            if not torch.allclose(_fingerprint(self.module), self._fingerprint, rtol=1e-9, atol=1e-12):
+                raise RuntimeError(
+                    "the reference copy is created lazily, but the weights changed since construction; "
+                    "call policy.init_reference() before training (or loading a checkpoint)"
+                )
+            reference = copy.deepcopy(self.module).eval().requires_grad_(False)
+            for p in reference.parameters():
+                p.grad = None
+            self._reference = reference
+        if self._reference is not None and next(self._reference.parameters()).device != self.device:
+            self._reference.to(self.device)
+        return self._reference
+
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        """The weights the trainer updates: LoRA adapters (trainable parameters) only, else the full state dict."""
+        if not self.is_lora:
+            return self.module.state_dict()
+        return {name: p.detach() for name, p in self.module.named_parameters() if p.requires_grad}
+
+    def load_trainable_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        """Load what `trainable_state_dict` returned (strict about missing and unexpected keys)."""
+        if not self.is_lora:
+            self.module.load_state_dict(state)
+            return
+        expected = set(self.trainable_state_dict())
+        if set(state) != expected:
+            raise ValueError(
+                f"LoRA state keys differ: missing {sorted(expected - set(state))[:5]}, "
+                f"unexpected {sorted(set(state) - expected)[:5]}"
+            )
+        self.module.load_state_dict(dict(state), strict=False)
+
+    def _score(self, module: nn.Module, rollout: Rollout, with_entropy: bool) -> tuple[Tensor, Tensor | None]:
+        num_steps = rollout.num_steps
+        sampled_at = rollout.data.get("temperature")
+        if sampled_at is not None and float(sampled_at) != self.temperature:
+            raise ValueError(
+                f"rollout was sampled at temperature {sampled_at}, the policy scores at {self.temperature}"
+            )
+        device = next(module.parameters()).device
+        input_ids, attention_mask = (t.to(device) for t in sequence_tensors(rollout.data, num_steps))
+        chunk = self.micro_batch_size or max(len(rollout), 1)
+        logprobs, entropies = [], []
+        for rows in row_slices(len(rollout), chunk):
+            logits = self._response_logits(module, input_ids[rows], attention_mask[rows], num_steps)
+            tokens = input_ids[rows, -num_steps:]
+            if with_entropy:
+                lp, ent = token_log_probs_and_entropy(logits, tokens, self.temperature)
+                entropies.append(ent)
+            else:
+                lp = token_log_probs(logits, tokens, self.temperature)
+            logprobs.append(lp)
+        mask = rollout.mask.to(device)
+        result = torch.where(mask, torch.cat(logprobs), 0.0)
+        entropy = torch.where(mask, torch.cat(entropies), 0.0) if with_entropy else None
+        return result, entropy
+
+    def _response_logits(self, module: nn.Module, input_ids: Tensor, attention_mask: Tensor, num_steps: int) -> Tensor:
+        """[n, T, V] logits predicting the last `num_steps` tokens of `input_ids`."""
+        kwargs: dict[str, Any] = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask.long(),
+            "position_ids": position_ids_from_mask(attention_mask),
+            "use_cache": False,
+        }
+        if self._accepts_logits_to_keep:
+            kwargs["logits_to_keep"] = num_steps + 1
+        with self.autocast_context():
+            logits: Tensor = module(**kwargs).logits
+        return logits[:, -(num_steps + 1) : -1]
+
+
+def _check_choice(name: str, value: str, choices: Any) -> None:
+    allowed = get_args(choices)
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not one of {list(allowed)}")
+
+
+def row_slices(num_rows: int, chunk: int) -> Iterator[slice]:
+    """Consecutive row slices of at most `chunk` rows."""
+    for start in range(0, num_rows, chunk):
+        yield slice(start, min(start + chunk, num_rows))
+
+
+def unwrap_model(module: nn.Module) -> nn.Module:
+    """The transformers model under a peft wrapper (the module itself otherwise)."""
+    get_base = getattr(module, "get_base_model", None)
+    return get_base() if callable(get_base) else module
+
+
+def _load_tokenizer(tokenizer: Any, model: Any) -> Any:
+    if tokenizer is None and isinstance(model, str):
+        tokenizer = model
+    if isinstance(tokenizer, str):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(tokenizer)
+    return tokenizer
+
+
+def _build_model(model: str | nn.Module | Mapping[str, Any], dtype: DTypeName) -> Any:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if isinstance(model, str):
+        return AutoModelForCausalLM.from_pretrained(model, dtype=_TORCH_DTYPES.get(dtype, "auto"))
+    if isinstance(model, Mapping):
+        if "_component_" in model:
+            raise ValueError("model is an unbuilt `_component_` node; build it with the config system first")
+        if "model_type" not in model:
+            raise ValueError(
+                f"a model mapping needs 'model_type' (transformers config kwargs); got keys {sorted(model)}"
+            )
+        kwargs = dict(model)
+        config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+        built: Any = AutoModelForCausalLM.from_config(config)
+    elif isinstance(model, nn.Module):
+        built = model
+    else:
+        raise ValueError(f"model must be a hub id/path, an nn.Module or a config mapping, got {type(model).__name__}")
+    return built.to(_TORCH_DTYPES[dtype]) if dtype in _TORCH_DTYPES else built
+
+
+def _enable_checkpointing(model: Any) -> None:
+    """Activation checkpointing with use_reentrant=False (transformers >= 5 name, else the older one)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _wrap_lora(base: Any, lora: Mapping[str, Any]) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(**{"task_type": "CAUSAL_LM", **dict(lora)})
+    with warnings.catch_warnings():
+        # peft reads transformers' deprecated `is_gradient_checkpointing` alias; not actionable here.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        wrapped: nn.Module = get_peft_model(base, config)
+    return wrapped
+
+
+def _fingerprint(module: nn.Module) -> Tensor:
+    """[P] float64 per-parameter sums: cheap evidence that the weights have not changed."""
+    with torch.no_grad():
+        return torch.stack([p.detach().sum(dtype=torch.float64).cpu() for p in module.parameters()])

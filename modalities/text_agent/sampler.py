@@ -1,0 +1,342 @@
+"""Single-turn text sampler: batched HF `generate` (KV cache, left padding), G samples per prompt.
+
+old_logprobs are not taken from `generate`'s scores: after generation the rollout is re-scored with
+one extra no-grad forward through `policy.log_probs` (as TRL does), so the on-policy ratio is exactly
+1 by construction. They are log-probs of the temperature-scaled full distribution (as in TRL and
+verl); top-p/top-k only restrict which token is drawn.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal, get_args
+
+import torch
+from torch import Tensor, nn
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList, StopStringCriteria
+
+from modalities.text_agent.policy import row_slices, unwrap_model
+from toolkit.interfaces import Policy
+from toolkit.rollout import Rollout
+
+PromptTruncation = Literal["error", "left"]
+
+
+def left_pad(
+    sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"
+) -> tuple[Tensor, Tensor]:
+    """Left-pad token lists to one width: ([N, L] int64 ids, [N, L] bool attention mask)."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.bool)
+    for row, seq in enumerate(sequences):
+        if seq:
+            ids[row, width - len(seq) :] = torch.tensor(list(seq), dtype=torch.long)
+            mask[row, width - len(seq) :] = True
+    return ids.to(device), mask.to(device)
+
+
+class _EndTracker(StoppingCriteria):
+    """Stops a row at an EOS id or a stop string and records the step where each row ended (-1: never).
+
+    Being the criterion that decides, it knows exactly which rows `generate` finished and when;
+    inferring that afterwards from pad tokens would be ambiguous when the model emits pad itself.
+    """
+
+    def __init__(self, prompt_width: int, eos_ids: Tensor, stop: StopStringCriteria | None, num_rows: int) -> None:
+        self.prompt_width = prompt_width
+        self.eos_ids = eos_ids
+        self.stop = stop
+        self.ends = torch.full((num_rows,), -1, dtype=torch.long, device=eos_ids.device)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        done = torch.isin(input_ids[:, -1], self.eos_ids)
+        if self.stop is not None:
+            done = done | self.stop(input_ids, scores).to(done.device)
+        newly = done & (self.ends < 0)
+        self.ends[newly] = input_ids.shape[1] - self.prompt_width - 1
+        return done  # type: ignore[return-value]
+
+
+class SingleTurnSampler:
+    """Samples G completions per prompt with the policy's causal LM.
+
+    Prompts are dicts with "prompt" (a string, or chat messages [{"role", "content"}]) and optional
+    "id", "dataset", "task", "answer", ... (kept in `rollout.prompts`); a bare string is accepted as
+    {"prompt": s}. Chat messages always go through the tokenizer's chat template (then no extra
+    special tokens are added); strings only when `chat_template` is True.
+
+    Sampling is reproducible from `generator`: one seed is drawn from it and `torch.manual_seed(seed)`
+    runs inside `torch.random.fork_rng` (HF `generate` draws from the global RNG), so the same
+    generator state gives the same rollout and the global RNG state is restored afterwards.
+
+    Args:
+        max_new_tokens: generation budget per completion.
+        temperature, top_p, top_k: None inherits the policy's values. top_k 0 = off.
+        do_sample: False = greedy (evaluation).
+        chat_template: apply the chat template to string prompts too (as one user message).
+        stop_strings: strings that end a completion (the token completing one is kept, trained on).
+        eos_token_ids: ids that end a completion; None = the tokenizer's eos plus the model's
+            `generation_config.eos_token_id`. The rest of the checkpoint's generation_config
+            (repetition penalty, its own temperature, ...) is ignored: it would make the sampled
+            distribution differ from the one the policy scores.
+        max_prompt_length: longest prompt in tokens; None = no limit.
+        prompt_truncation: what a longer prompt does: "error" (ValueError) or "left" (keep the last
+            `max_prompt_length` tokens, dropping the start).
+        generation_batch_size: rows per `generate` call (None = all N rows at once).
+        compute_old_logprobs: re-score the rollout for old_logprobs (one extra forward); False
+            leaves zeros (evaluation only: such a rollout must not be trained on).
+    """
+
+    def __init__(
+        self,
+        max_new_tokens: int = 128,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        do_sample: bool = True,
+        chat_template: bool = False,
+        stop_strings: Sequence[str] = (),
+        eos_token_ids: Sequence[int] | None = None,
+        max_prompt_length: int | None = None,
+        prompt_truncation: PromptTruncation = "error",
+        generation_batch_size: int | None = None,
+        compute_old_logprobs: bool = True,
+    ) -> None:
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if temperature is not None and temperature <= 0:
+            raise ValueError(f"temperature must be > 0 (use do_sample=False for greedy), got {temperature}")
+        if top_p is not None and not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if top_k is not None and top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {top_k}")
+        if prompt_truncation not in get_args(PromptTruncation):
+            raise ValueError(
+                f"prompt_truncation={prompt_truncation!r} is not one of {list(get_args(PromptTruncation))}"
+            )
+        if max_prompt_length is not None and max_prompt_length < 1:
+            raise ValueError(f"max_prompt_length must be >= 1 or None, got {max_prompt_length}")
+        if generation_batch_size is not None and generation_batch_size < 1:
+            raise ValueError(f"generation_batch_size must be >= 1 or None, got {generation_batch_size}")
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.top_p = top_p
+        self.top_k = top_k
+        self.do_sample = do_sample
+        self.chat_template = chat_template
+        self.stop_strings = list(stop_strings)
+        self.eos_token_ids = None if eos_token_ids is None else [int(i) for i in eos_token_ids]
+        self.max_prompt_length = max_prompt_length
+        self.prompt_truncation = prompt_truncation
+        self.generation_batch_size = generation_batch_size
+        self.compute_old_logprobs = compute_old_logprobs
+
+    def sample(self, policy: Policy, prompts: list[Any], group_size: int, generator: torch.Generator) -> Rollout:
+        """G samples per prompt, group-major (`group_ids[i] = i // G`), re-scored for old_logprobs."""
+        if group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {group_size}")
+        if not prompts:
+            raise ValueError("sample needs at least one prompt")
+        tokenizer = getattr(policy, "tokenizer", None)
+        if tokenizer is None:
+            raise ValueError("SingleTurnSampler needs a policy with a tokenizer (CausalLMPolicy(tokenizer=...))")
+        temperature = self._sampling_temperature(policy)
+        dicts = [_as_prompt_dict(p) for p in prompts]
+        encoded = [self._encode(tokenizer, d) for d in dicts]
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
+        module = policy.module
+        was_training = module.training
+        module.eval()  # dropout off while sampling and re-scoring
+        try:
+            start = time.perf_counter()
+            rows = [ids for ids in encoded for _ in range(group_size)]
+            sequences = self._generate(policy, tokenizer, rows, seed, temperature)
+            rollout = self._build_rollout(dicts, group_size, tokenizer, sequences, temperature)
+            rollout.metrics["time/generate_s"] = time.perf_counter() - start
+            if self.compute_old_logprobs:
+                start = time.perf_counter()
+                with torch.no_grad():
+                    rollout.old_logprobs = policy.log_probs(rollout).detach()
+                rollout.metrics["time/old_logprobs_s"] = time.perf_counter() - start
+        finally:
+            module.train(was_training)
+        return rollout
+
+    def _sampling_temperature(self, policy: Policy) -> float:
+        policy_temperature = float(getattr(policy, "temperature", 1.0))
+        temperature = policy_temperature if self.temperature is None else float(self.temperature)
+        if self.compute_old_logprobs and temperature != policy_temperature:
+            raise ValueError(
+                f"sampler temperature {temperature} differs from the policy's {policy_temperature}: the "
+                "re-scored old_logprobs would not be the sampling distribution's. Set the policy's "
+                "temperature, or compute_old_logprobs=False for evaluation"
+            )
+        return temperature
+
+    def _encode(self, tokenizer: Any, prompt: dict[str, Any]) -> list[int]:
+        content = prompt["prompt"]
+        if isinstance(content, str) and not self.chat_template:
+            ids = list(tokenizer(content, add_special_tokens=True)["input_ids"])
+        else:
+            messages = [{"role": "user", "content": content}] if isinstance(content, str) else list(content)
+            if getattr(tokenizer, "chat_template", None) is None:
+                raise ValueError("chat prompts need a tokenizer with a chat_template")
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if not ids:
+            raise ValueError(f"prompt {prompt.get('id', content)!r} encodes to no tokens")
+        limit = self.max_prompt_length
+        if limit is not None and len(ids) > limit:
+            if self.prompt_truncation == "error":
+                raise ValueError(
+                    f"prompt {prompt.get('id', '')!r} has {len(ids)} tokens > max_prompt_length={limit} "
+                    "(set prompt_truncation='left' to keep its last tokens)"
+                )
+            ids = ids[-limit:]
+        return ids
+
+    def _generation_config(
+        self, temperature: float, top_p: float, top_k: int, eos: list[int], pad: int
+    ) -> GenerationConfig:
+        sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k} if self.do_sample else {}
+        return GenerationConfig(
+            do_sample=self.do_sample,
+            max_new_tokens=self.max_new_tokens,
+            eos_token_id=eos or None,
+            pad_token_id=pad,
+            use_cache=True,
+            **sampling,
+        )
+
+    def _generate(
+        self, policy: Policy, tokenizer: Any, rows: list[list[int]], seed: int, temperature: float
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Left-padded prompts [N, L] (+ bool mask), responses [N, T] and each row's end step (-1: none)."""
+        module = policy.module
+        device = next(module.parameters()).device
+        eos = self._eos_ids(tokenizer, module)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else None)
+        if pad is None:
+            raise ValueError("the tokenizer has neither a pad token nor an eos token to pad with")
+        top_p = self.top_p if self.top_p is not None else float(getattr(policy, "top_p", 1.0))
+        top_k = self.top_k if self.top_k is not None else (getattr(policy, "top_k", None) or 0)
+        config = self._generation_config(temperature, top_p, top_k, eos, pad)
+        stop = StopStringCriteria(tokenizer=tokenizer, stop_strings=self.stop_strings) if self.stop_strings else None
+        prompt_ids, prompt_mask = left_pad(rows, pad, device)
+        eos_tensor = torch.tensor(eos, dtype=torch.long, device=device)
+        autocast = getattr(policy, "autocast_context", contextlib.nullcontext)
+        responses, ends = [], []
+        cuda = (
+            [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+        )
+        with torch.random.fork_rng(devices=cuda), torch.no_grad(), autocast(), _plain_generation_config(module):
+            torch.manual_seed(seed)
+            for part in row_slices(len(rows), self.generation_batch_size or len(rows)):
+                tracker = _EndTracker(prompt_ids.shape[1], eos_tensor, stop, part.stop - part.start)
+                output = module.generate(  # type: ignore[operator]
+                    input_ids=prompt_ids[part],
+                    attention_mask=prompt_mask[part].long(),
+                    generation_config=config,
+                    stopping_criteria=StoppingCriteriaList([tracker]),
+                )
+                responses.append(output[:, prompt_ids.shape[1] :])
+                ends.append(tracker.ends)
+        width = max(r.shape[1] for r in responses)
+        response_ids = torch.cat([nn.functional.pad(r, (0, width - r.shape[1]), value=pad) for r in responses])
+        return prompt_ids, prompt_mask, response_ids, torch.cat(ends)
+
+    def _build_rollout(
+        self,
+        dicts: list[dict[str, Any]],
+        group_size: int,
+        tokenizer: Any,
+        sequences: tuple[Tensor, Tensor, Tensor, Tensor],
+        temperature: float,
+    ) -> Rollout:
+        prompt_ids, prompt_mask, response_ids, ends = sequences
+        rows = [d for d in dicts for _ in range(group_size)]
+        device = response_ids.device
+        finished = ends >= 0
+        # A row that never stopped ran the whole budget (its chunk kept generating until max_new_tokens).
+        lengths = torch.where(finished, ends + 1, self.max_new_tokens)
+        response_mask = torch.arange(response_ids.shape[1], device=device)[None, :] < lengths[:, None]
+        completions = tokenizer.batch_decode(
+            [ids[:n] for ids, n in zip(response_ids.tolist(), lengths.tolist(), strict=True)], skip_special_tokens=True
+        )
+        return Rollout(
+            group_ids=torch.arange(len(rows), device=device) // group_size,
+            old_logprobs=torch.zeros(response_ids.shape, dtype=torch.float32, device=device),
+            mask=response_mask.clone(),
+            lengths=lengths,
+            truncated=~finished,
+            prompts=rows,
+            completions=completions,
+            dataset_ids=_row_labels(dicts, group_size, "dataset"),
+            task_ids=_row_labels(dicts, group_size, "task"),
+            prompt_keys=[_prompt_key(d) for d in rows],
+            data={
+                "prompt_ids": prompt_ids,
+                "prompt_attention_mask": prompt_mask,
+                "response_ids": response_ids,
+                "response_attention_mask": response_mask,
+                "temperature": temperature,
+            },
+            metrics={
+                "rollout/length_mean": float(lengths.float().mean()),
+                "rollout/length_max": float(lengths.max()),
+                "rollout/truncated_frac": float((~finished).float().mean()),
+                "rollout/prompt_length_mean": float(prompt_mask.sum(1).float().mean()),
+            },
+        )
+
+    def _eos_ids(self, tokenizer: Any, module: nn.Module) -> list[int]:
+        if self.eos_token_ids is not None:
+            return list(self.eos_token_ids)
+        ids: list[int] = []
+        model_eos = getattr(getattr(unwrap_model(module), "generation_config", None), "eos_token_id", None)
+        for value in (tokenizer.eos_token_id, model_eos):
+            for token in [value] if isinstance(value, int) else list(value or []):
+                if token not in ids:
+                    ids.append(int(token))
+        return ids
+
+
+def _as_prompt_dict(prompt: Any) -> dict[str, Any]:
+    if isinstance(prompt, str):
+        return {"prompt": prompt}
+    if isinstance(prompt, dict) and "prompt" in prompt:
+        return prompt
+    raise ValueError(
+        f"a prompt must be a string or a dict with a 'prompt' key, got {type(prompt).__name__}: {prompt!r:.80}"
+    )
+
+
+def _row_labels(dicts: list[dict[str, Any]], group_size: int, key: str) -> list[str] | None:
+    """Per-row `key` values as strings ("default" where a prompt lacks it); None when no prompt has it."""
+    if not any(key in d for d in dicts):
+        return None
+    return [str(d.get(key, "default")) for d in dicts for _ in range(group_size)]
+
+
+def _prompt_key(prompt: dict[str, Any]) -> str:
+    """The prompt's "id" if it has one, else its text (chat messages as sorted JSON)."""
+    if "id" in prompt:
+        return str(prompt["id"])
+    content = prompt["prompt"]
+    return content if isinstance(content, str) else json.dumps(content, sort_keys=True)
+
+
+@contextlib.contextmanager
+def _plain_generation_config(module: nn.Module) -> Iterator[None]:
+    """Temporarily give the model a default GenerationConfig so a checkpoint's defaults cannot leak in."""
+    model: Any = unwrap_model(module)
+    saved = getattr(model, "generation_config", None)
+    model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = saved

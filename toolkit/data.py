@@ -1,0 +1,153 @@
+"""Prompt data source: records from a local JSONL/JSON file or memory, endless seeded epochs, exact resume.
+
+The order of epoch e is a permutation seeded by (seed, e) alone, so `{"epoch", "position"}` is all
+the state a resumed run needs to continue at exactly the next batch.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_MIX_SEED = 0x9E3779B97F4A7C15
+_MIX_EPOCH = 0xBF58476D1CE4E5B9
+
+
+def epoch_permutation(num_records: int, seed: int, epoch: int) -> list[int]:
+    """The record order of one epoch: a permutation of range(num_records) determined by (seed, epoch)."""
+    mixed = (seed * _MIX_SEED + (epoch + 1) * _MIX_EPOCH) % (2**63)
+    generator = torch.Generator().manual_seed(mixed)
+    order: list[int] = torch.randperm(num_records, generator=generator).tolist()
+    return order
+
+
+def load_records(path: str | Path) -> list[dict[str, Any]]:
+    """Records of a local file: a JSON list when the suffix is `.json`, else JSON Lines (blank lines skipped).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: a malformed line (with its line number) or a record that is not an object.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"prompt file not found: {file}")
+    text = file.read_text(encoding="utf-8")
+    if file.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{file}: malformed JSON at line {error.lineno}: {error.msg}") from error
+        if not isinstance(data, list):
+            raise ValueError(f"{file}: a .json prompt file must hold a list of objects, got {type(data).__name__}")
+        located = [(f"record {index}", item) for index, item in enumerate(data)]
+    else:
+        located = []
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                located.append((f"line {lineno}", json.loads(line)))
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{file}: malformed JSON on line {lineno}: {error.msg}") from error
+    for where, item in located:
+        if not isinstance(item, dict):
+            raise ValueError(f"{file}, {where}: expected a JSON object, got {type(item).__name__}")
+    return [item for _, item in located]
+
+
+class PromptDataset:
+    """An endless, seeded, resumable stream of prompt dicts (implements toolkit.interfaces.DataSource).
+
+    Each yielded dict is a copy of a record with "prompt" set from `prompt_key` and "id" set to the
+    record's index when the record has none. Batches run straight across epoch boundaries (a batch
+    may end one epoch and start the next); each epoch is a fresh permutation when `shuffle`.
+
+    Args:
+        path: local `.jsonl` (or `.json` list) file; exactly one of `path` and `records`.
+        records: in-memory records (dicts).
+        shuffle: permute each epoch; False keeps file order.
+        seed: seeds the epoch permutations together with the epoch index.
+        prompt_key: the record field holding the prompt (a string or chat messages).
+    """
+
+    def __init__(
+        self,
+        path: str | None = None,
+        records: Sequence[Mapping[str, Any]] | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        prompt_key: str = "prompt",
+    ) -> None:
+        if (path is None) == (records is None):
+            raise ValueError("give exactly one of path and records")
+        source = str(path) if path is not None else "records"
+        raw = load_records(path) if path is not None else [dict(r) for r in records or []]
+        if not raw:
+            raise ValueError(f"the prompt dataset from {source} is empty")
+        self.records = [_normalize(record, index, prompt_key, source) for index, record in enumerate(raw)]
+        self.shuffle = shuffle
+        self.seed = seed
+        self.prompt_key = prompt_key
+        self.epoch = 0
+        self.position = 0
+        self._order: tuple[int, list[int]] | None = None
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def batches(self, batch_size: int, generator: torch.Generator | None = None) -> Iterator[list[dict[str, Any]]]:
+        """Endless batches of `batch_size` prompt dicts.
+
+        `generator` is accepted for the DataSource protocol but not used: the order depends only on
+        (seed, epoch), so resuming from `state_dict()` reproduces it exactly.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        while True:
+            yield self.next_batch(batch_size)
+
+    def next_batch(self, batch_size: int) -> list[dict[str, Any]]:
+        """The next `batch_size` prompt dicts; advances the state."""
+        batch = []
+        for _ in range(batch_size):
+            batch.append(dict(self.records[self._current_order()[self.position]]))
+            self.position += 1
+            if self.position == len(self.records):
+                self.epoch, self.position = self.epoch + 1, 0
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """{"epoch", "position"} of the next record, plus "num_records" to detect a changed file."""
+        return {"epoch": self.epoch, "position": self.position, "num_records": len(self.records)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume at the batch after the one that preceded `state_dict()`."""
+        num_records = state.get("num_records", len(self.records))
+        if num_records != len(self.records):
+            raise ValueError(f"state is for {num_records} records, this dataset has {len(self.records)}")
+        epoch, position = int(state["epoch"]), int(state["position"])
+        if epoch < 0 or not 0 <= position < len(self.records):
+            raise ValueError(f"invalid data state epoch={epoch}, position={position} for {len(self.records)} records")
+        self.epoch, self.position = epoch, position
+
+    def _current_order(self) -> list[int]:
+        if self._order is None or self._order[0] != self.epoch:
+            n = len(self.records)
+            order = epoch_permutation(n, self.seed, self.epoch) if self.shuffle else list(range(n))
+            self._order = (self.epoch, order)
+        return self._order[1]
+
+
+def _normalize(record: Mapping[str, Any], index: int, prompt_key: str, source: str) -> dict[str, Any]:
+    if not isinstance(record, Mapping):
+        raise ValueError(f"{source}, record {index}: expected a dict, got {type(record).__name__}")
+    if prompt_key not in record:
+        raise ValueError(f"{source}, record {index}: missing prompt key {prompt_key!r}; keys: {sorted(record)}")
+    out = dict(record)
+    out["prompt"] = record[prompt_key]
+    out.setdefault("id", str(index))
+    return out
