@@ -52,10 +52,11 @@ def all_reduce_sum(x: Tensor) -> Tensor:
     return y
 
 
-def make_accelerator(mixed_precision: str = "auto") -> Accelerator:
+def make_accelerator(mixed_precision: str = "auto", project_dir: str | None = None) -> Accelerator:
     """Build the `accelerate.Accelerator` for a run (the launcher decides DDP/FSDP/DeepSpeed).
 
-    `mixed_precision="auto"` picks bf16 when CUDA with bf16 support is present, else full precision.
+    `mixed_precision="auto"` picks bf16 when CUDA with bf16 support is present, else full precision;
+    `project_dir` is where file-writing trackers (TensorBoard) put their logs.
     """
     from accelerate import Accelerator
 
@@ -64,7 +65,7 @@ def make_accelerator(mixed_precision: str = "auto") -> Accelerator:
     if mixed_precision not in ("no", "bf16", "fp16"):
         raise ValueError(f"mixed_precision must be one of 'auto', 'no', 'bf16', 'fp16'; got {mixed_precision!r}")
     # cpu=True without CUDA lets a torchrun-style launch on CPUs form a gloo process group.
-    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
+    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available(), project_dir=project_dir)
 
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:

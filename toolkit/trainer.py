@@ -52,7 +52,9 @@ class Trainer:
         self.normalizer, self.objective, self.data, self.transforms = normalizer, objective, data, list(transforms)
         self.run_config = dict(run_config or {})
         self.run_dir = Path(cfg.run_dir)
-        self.accelerator: Any = dist.make_accelerator(cfg.mixed_precision)
+        self.accelerator: Any = dist.make_accelerator(cfg.mixed_precision, project_dir=str(self.run_dir))
+        if objective.needs_reference and callable(getattr(policy, "init_reference", None)):
+            policy.init_reference()  # type: ignore[attr-defined]  # snapshot before any update or resume
         params = [p for p in policy.module.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the policy has no trainable parameters (all requires_grad=False)")
@@ -201,11 +203,17 @@ class Trainer:
             "data": self.data.state_dict(),
             "generator": self.generator.get_state(),
         }
-        for name, part in (("normalizer", self.normalizer), *((f"transform{i}", t) for i, t in enumerate(self.transforms))):
+        for name, part in self.stateful_parts():
             if hasattr(part, "state_dict"):
                 objects[name] = part.state_dict()
         meta = {"step": self.global_step, "config": self.run_config}
-        return CheckpointState(step=self.global_step, model=dict(weights), objects=objects, rng=capture_rng_state(), meta=meta)
+        return CheckpointState(
+            step=self.global_step, model=dict(weights), objects=objects, rng=capture_rng_state(), meta=meta
+        )
+
+    def stateful_parts(self) -> list[tuple[str, Any]]:
+        """(name, object) pairs whose state_dict is checkpointed when they have one."""
+        return [("normalizer", self.normalizer), *((f"transform{i}", t) for i, t in enumerate(self.transforms))]
 
     def save(self) -> Path | None:
         path = None
@@ -224,7 +232,7 @@ class Trainer:
         self.scheduler.load_state_dict(state.objects["scheduler"])
         self.data.load_state_dict(state.objects["data"])
         self.generator.set_state(state.objects["generator"])
-        for name, part in (("normalizer", self.normalizer), *((f"transform{i}", t) for i, t in enumerate(self.transforms))):
+        for name, part in self.stateful_parts():
             if name in state.objects and hasattr(part, "load_state_dict"):
                 part.load_state_dict(state.objects[name])
         restore_rng_state(state.rng)
