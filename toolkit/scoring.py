@@ -46,7 +46,12 @@ def reward_inputs(rollout: Rollout) -> tuple[list[Any], list[Any], dict[str, Any
 
 
 def call_with_retries(
-    name: str, model: RewardModel, prompts: Sequence[Any], samples: Sequence[Any], metadata: dict[str, Any], retries: int
+    name: str,
+    model: RewardModel,
+    prompts: Sequence[Any],
+    samples: Sequence[Any],
+    metadata: dict[str, Any],
+    retries: int,
 ) -> RewardOutput | None:
     """Call `model`; retry `retries` times on an exception; None after the last failure (logged)."""
     for attempt in range(retries + 1):

@@ -1,0 +1,137 @@
+"""`renorm`: train, eval, score, plot, merge and config from the command line.
+
+renorm train CONFIG [key=value ...]      train from a YAML config (resumes by default)
+renorm eval CONFIG [--checkpoint DIR]    score the policy's samples on the eval prompts
+renorm score REWARD --input FILE         run one reward model standalone, JSONL in/out
+renorm plot RUN_DIR                      write PNG curves of a run's metrics
+renorm merge BASE TUNED OUT              DLER update-selective merging of two checkpoints
+renorm config CONFIG [key=value ...]     print the resolved config
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from toolkit.config import ConfigError
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from toolkit.config import load_config
+    from toolkit.logging import print_before_after, read_metrics
+    from toolkit.plotting import plot_run
+    from toolkit.runner import build_trainer, fit
+
+    config = load_config(args.config, args.overrides)
+    trainer = build_trainer(config)
+    last = fit(trainer)
+    if not trainer.accelerator.is_main_process:
+        return 0
+    records = read_metrics(trainer.run_dir)
+    if records:
+        keys = [
+            k for k in ("reward/mean", "rollout/length_mean", "advantage/std", "policy/clip_frac") if k in records[0]
+        ]
+        print_before_after(records[0], records[-1], keys, title=f"{args.config}: first vs last step")
+        plots = plot_run(trainer.run_dir)
+        print(f"plots: {', '.join(str(p) for p in plots)}")
+    print(f"run dir: {trainer.run_dir}  last checkpoint: {last}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from toolkit.config import load_config
+    from toolkit.evaluation import evaluate
+
+    config = load_config(args.config, args.overrides)
+    result = evaluate(config, checkpoint=args.checkpoint, output=args.output)
+    print(result.table())
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from toolkit.evaluation import score_file
+
+    count = score_file(args.reward, Path(args.input), Path(args.output) if args.output else None, args.batch_size)
+    print(f"scored {count} rows", file=sys.stderr)
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from toolkit.plotting import plot_run
+
+    for path in plot_run(args.run_dir, args.out_dir, smooth=args.smooth):
+        print(path)
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from toolkit.merging import merge_checkpoints
+
+    merge_checkpoints(args.base, args.tuned, args.out, density=args.density, scale=args.scale, scope=args.scope)
+    print(f"merged checkpoint written to {args.out}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from toolkit.config import format_config, load_config
+
+    print(format_config(load_config(args.config, args.overrides)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="renorm", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, func: object, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(func=func)
+        return p
+
+    p = command("train", cmd_train, "Train from a YAML config; key=value pairs override it (e.g. trainer.lr=1e-5).")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p = command("eval", cmd_eval, "Sample from the policy on the eval prompts and report rewards per dataset/task.")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("--checkpoint", help="checkpoint dir to load (default: the config's base weights)")
+    p.add_argument("--output", help="write the results as JSON here")
+    p = command("score", cmd_score, "Run one reward model standalone over a JSONL file (prompt, completion, ...).")
+    p.add_argument("reward", help="dotted path (rewards.text.math.MathAccuracy) or a YAML file with a _component_ node")
+    p.add_argument("--input", required=True, help="JSONL with 'prompt' and 'completion' per line")
+    p.add_argument("--output", help="JSONL to write (default: stdout)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p = command("plot", cmd_plot, "Write PNG curves (reward, advantage, KL, clip, length, ...) of a run.")
+    p.add_argument("run_dir")
+    p.add_argument("--out-dir")
+    p.add_argument("--smooth", type=int, default=1, help="moving-average window")
+    p = command("merge", cmd_merge, "Update-selective merging (DLER §4.6): base + scale · top-density(tuned − base).")
+    p.add_argument("base")
+    p.add_argument("tuned")
+    p.add_argument("out")
+    p.add_argument("--density", type=float, default=0.25)
+    p.add_argument("--scale", type=float, default=0.7)
+    p.add_argument("--scope", choices=["tensor", "global"], default="tensor")
+    p = command("config", cmd_config, "Print the resolved config (bases merged, overrides applied).")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as err:
+        print(f"renorm: config error: {err}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as err:
+        print(f"renorm: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""From a resolved config to a finished run: validate, build, resume, loop, log, checkpoint.
+
+`RunSpec` lists the sections a run config may have; every object section is validated against
+its constructor before anything (a model above all) is built, so a typo fails in a second.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from toolkit.checkpoint import GracefulInterrupt, resolve_resume
+from toolkit.config import build_dataclass, dump_config, instantiate, validate
+from toolkit.distributed import all_reduce_sum
+from toolkit.logging import MetricsLogger, ProgressBar, get_logger
+from toolkit.trainer import Trainer
+from toolkit.trainer_config import TrainerConfig
+
+log = get_logger(__name__)
+
+
+@dataclass
+class RunSpec:
+    """The sections of a training config (`base:` is consumed by the loader)."""
+
+    policy: Any
+    sampler: Any
+    rewards: dict[str, Any]
+    normalizer: Any
+    objective: Any
+    data: Any
+    trainer: dict[str, Any] = field(default_factory=dict)
+    transforms: list[Any] = field(default_factory=list)
+    eval: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+
+def build_trainer(config: Mapping[str, Any]) -> Trainer:
+    """Validate every section, then build the objects and the Trainer."""
+    spec = build_dataclass(RunSpec, config)
+    trainer_cfg = build_dataclass(TrainerConfig, spec.trainer, where="trainer")
+    for name in ("policy", "sampler", "normalizer", "objective", "data"):
+        validate(getattr(spec, name), where=name)
+    for name, node in spec.rewards.items():
+        validate(node, where=f"rewards.{name}")
+    for i, node in enumerate(spec.transforms):
+        validate(node, where=f"transforms[{i}]")
+    return Trainer(
+        policy=instantiate(spec.policy, where="policy"),
+        sampler=instantiate(spec.sampler, where="sampler"),
+        rewards={name: instantiate(node, where=f"rewards.{name}") for name, node in spec.rewards.items()},
+        normalizer=instantiate(spec.normalizer, where="normalizer"),
+        objective=instantiate(spec.objective, where="objective"),
+        data=instantiate(spec.data, where="data"),
+        transforms=[instantiate(node, where=f"transforms[{i}]") for i, node in enumerate(spec.transforms)],
+        config=trainer_cfg,
+        run_config=config,
+    )
+
+
+def fit(trainer: Trainer) -> Path | None:
+    """Run `trainer` to `num_steps` (resuming per `trainer.resume`); returns the last checkpoint.
+
+    SIGINT/SIGTERM finish the current step, save a checkpoint and return normally.
+    """
+    cfg = trainer.config
+    resume_from = resolve_resume(cfg.resume, trainer.run_dir)
+    if resume_from is not None:
+        trainer.load(resume_from)
+        log.info("resumed from %s at step %d", resume_from, trainer.global_step)
+    main = trainer.accelerator.is_main_process
+    if main:
+        trainer.run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(trainer.run_config, trainer.run_dir / "config.yaml")
+    last: Path | None = resume_from
+    saved_at = trainer.global_step if resume_from is not None else -1
+    with (
+        MetricsLogger(
+            trainer.run_dir,
+            trackers=cfg.trackers,
+            accelerator=trainer.accelerator,
+            config=trainer.run_config,
+            resume_step=trainer.global_step,
+            is_main_process=main,
+        ) as logger,
+        ProgressBar(cfg.num_steps, initial=trainer.global_step, enabled=cfg.progress and main) as bar,
+        GracefulInterrupt() as interrupt,
+    ):
+        while trainer.global_step < cfg.num_steps:
+            metrics, rollout = trainer.step()
+            step = trainer.global_step
+            if step % cfg.log_every == 0 or step == cfg.num_steps:
+                logger.log(step, metrics)
+                logger.log_samples(step, sample_rows(rollout, cfg.num_log_samples))
+            bar.update(step, metrics)
+            stop = stop_requested(interrupt.requested)
+            if (cfg.save_every and step % cfg.save_every == 0) or stop:
+                last, saved_at = trainer.save(), step
+            if stop:
+                log.warning("interrupted: saved step %d to %s; rerun the same command to resume", step, last)
+                return last
+    if saved_at != trainer.global_step:
+        last = trainer.save()
+    return last
+
+
+def stop_requested(local: bool) -> bool:
+    """True on every rank when a signal reached any rank (so all ranks save and stop together)."""
+    return bool(all_reduce_sum(torch.tensor(float(local))) > 0)
+
+
+def sample_rows(rollout: Any, count: int) -> list[dict[str, Any]]:
+    """A few (prompt, completion, reward, advantage) rows for the sample table."""
+    rows = []
+    for i in range(min(count, len(rollout))):
+        prompt = rollout.prompts[i] if rollout.prompts is not None else None
+        if isinstance(prompt, Mapping):
+            prompt = prompt.get("prompt")
+        completion = rollout.completions[i] if rollout.completions is not None else None
+        row: dict[str, Any] = {"prompt": _printable(prompt), "completion": _printable(completion)}
+        if rollout.scores is not None:
+            row["reward"] = float(rollout.scores[i])
+        if rollout.advantages is not None:
+            row["advantage"] = float(rollout.advantages[i].float().mean())
+        rows.append(row)
+    return rows
+
+
+def _printable(value: Any) -> Any:
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, (list, dict)):
+        return str(value)[:500]
+    return f"<{type(value).__name__}>"
