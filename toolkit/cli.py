@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from toolkit.config import ConfigError
@@ -82,6 +83,9 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+PLUGIN_GROUP = "renorm.commands"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="renorm", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -118,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("config", cmd_config, "Print the resolved config (bases merged, overrides applied).")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", metavar="key=value")
+    for plugin in entry_points(group=PLUGIN_GROUP):
+        plugin.load()(sub)
     return parser
 
 
