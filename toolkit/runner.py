@@ -36,6 +36,7 @@ class RunSpec:
     trainer: dict[str, Any] = field(default_factory=dict)
     transforms: list[Any] = field(default_factory=list)
     eval: dict[str, Any] = field(default_factory=dict)
+    critic: Any = None
     description: str = ""
 
 
@@ -49,6 +50,8 @@ def build_trainer(config: Mapping[str, Any]) -> Trainer:
         validate(node, where=f"rewards.{name}")
     for i, node in enumerate(spec.transforms):
         validate(node, where=f"transforms[{i}]")
+    if spec.critic is not None:
+        validate(spec.critic, where="critic")
     return Trainer(
         policy=instantiate(spec.policy, where="policy"),
         sampler=instantiate(spec.sampler, where="sampler"),
@@ -59,6 +62,7 @@ def build_trainer(config: Mapping[str, Any]) -> Trainer:
         transforms=[instantiate(node, where=f"transforms[{i}]") for i, node in enumerate(spec.transforms)],
         config=trainer_cfg,
         run_config=config,
+        critic=instantiate(spec.critic, where="critic") if spec.critic is not None else None,
     )
 
 

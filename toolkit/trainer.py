@@ -23,6 +23,7 @@ from transformers import get_scheduler
 from rewards.base import RewardModel
 from toolkit import distributed as dist
 from toolkit.checkpoint import CheckpointManager, CheckpointState, capture_rng_state, restore_rng_state
+from toolkit.critic import RETURNS_KEY, Critic, CriticUpdater
 from toolkit.filters import refill
 from toolkit.interfaces import AnalyticKLPolicy, DataSource, EntropyPolicy, Normalizer, Policy, RewardTransform, Sampler
 from toolkit.objectives import ObjectiveOutput, PolicyObjective, loss_denominators
@@ -45,6 +46,7 @@ class Trainer:
         transforms: Sequence[RewardTransform] = (),
         config: TrainerConfig | None = None,
         run_config: Mapping[str, Any] | None = None,
+        critic: Critic | None = None,
     ) -> None:
         self.config = cfg = config or TrainerConfig()
         seed_everything(cfg.seed)
@@ -64,6 +66,11 @@ class Trainer:
         updates = cfg.num_steps * cfg.num_inner_epochs * cfg.num_minibatches
         self.scheduler = get_scheduler(cfg.lr_schedule, optimizer, cfg.warmup_steps, updates)
         policy.module, self.optimizer = self.accelerator.prepare(policy.module, optimizer)
+        self.critic = (
+            CriticUpdater(critic, self.accelerator, cfg.critic_lr, cfg.weight_decay, cfg.max_grad_norm, cfg.value_clip)
+            if critic is not None
+            else None
+        )
         self.generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + dist.rank())
         self.global_step = 0
         self.checkpoints = CheckpointManager(self.run_dir, keep_last=cfg.keep_last)
@@ -75,6 +82,8 @@ class Trainer:
         start = time.perf_counter()
         rollout = self.collect()
         sampled = time.perf_counter()
+        if self.critic is not None:
+            rollout.values = self.critic.record_values(rollout)
         rollout = self.compute_advantages(rollout)
         if self.objective.needs_reference and not isinstance(self.policy, AnalyticKLPolicy):
             rollout.ref_logprobs = self.reference_log_probs(rollout)
@@ -117,6 +126,8 @@ class Trainer:
         if not torch.isfinite(out.values).all():
             raise FloatingPointError(f"{type(self.normalizer).__name__} produced non-finite advantages")
         rollout.advantages = out.values
+        if out.returns is not None:
+            rollout.data[RETURNS_KEY] = out.returns
         rollout.metrics.update(out.metrics)
         return rollout
 
@@ -144,9 +155,14 @@ class Trainer:
                     out = self.micro_loss(micro, num_tokens, num_seqs)
                     # DDP averages gradients over ranks; the loss already divides by global counts.
                     self.accelerator.backward(out.loss * dist.world_size())
-                    for key, value in out.metrics.items():
+                    metrics = dict(out.metrics)
+                    if self.critic is not None:
+                        metrics.update(self.critic.backward(micro, num_tokens, dist.world_size()))
+                    for key, value in metrics.items():
                         totals.setdefault(key, []).append(value)
                 totals.setdefault("optim/grad_norm", []).append(self.optimizer_step())
+                if self.critic is not None:
+                    totals.setdefault("critic/grad_norm", []).append(self.critic.step())
         metrics = {key: float(np.mean(values)) for key, values in totals.items()}
         metrics["optim/lr"] = float(self.scheduler.get_last_lr()[0])
         metrics["time/update_s"] = time.perf_counter() - start
@@ -213,7 +229,8 @@ class Trainer:
 
     def stateful_parts(self) -> list[tuple[str, Any]]:
         """(name, object) pairs whose state_dict is checkpointed when they have one."""
-        return [("normalizer", self.normalizer), *((f"transform{i}", t) for i, t in enumerate(self.transforms))]
+        parts: list[tuple[str, Any]] = [("normalizer", self.normalizer), ("critic", self.critic)]
+        return parts + [(f"transform{i}", t) for i, t in enumerate(self.transforms)]
 
     def save(self) -> Path | None:
         path = None

@@ -35,6 +35,9 @@ class TrainerConfig:
     warmup_steps: int = 0
     max_grad_norm: float | None = 1.0
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    # Critic (PPO + GAE path only, when the config has a `critic:` section).
+    critic_lr: float = 1e-5
+    value_clip: float | None = 0.5
     # Dynamic sampling (DAPO/DLER): drop zero-variance groups and refill, at most this many rounds.
     drop_zero_variance_groups: bool = False
     max_sampling_rounds: int = 4
