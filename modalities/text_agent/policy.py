@@ -16,6 +16,7 @@ from typing import Any, Literal, get_args
 import torch
 from torch import Tensor, nn
 
+from toolkit.distributed import unwrap
 from toolkit.rollout import Rollout
 
 ReferenceMode = Literal["auto", "copy", "adapters_off", "none"]
@@ -238,14 +239,15 @@ class CausalLMPolicy:
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
         """The weights the trainer updates: LoRA adapters (trainable parameters) only, else the full state dict."""
+        module = unwrap(self.module)  # names without a DDP wrapper's "module." prefix, as Trainer.load expects
         if not self.is_lora:
-            return self.module.state_dict()
-        return {name: p.detach() for name, p in self.module.named_parameters() if p.requires_grad}
+            return module.state_dict()
+        return {name: p.detach() for name, p in module.named_parameters() if p.requires_grad}
 
     def load_trainable_state_dict(self, state: Mapping[str, Tensor]) -> None:
         """Load what `trainable_state_dict` returned (strict about missing and unexpected keys)."""
         if not self.is_lora:
-            self.module.load_state_dict(state)
+            unwrap(self.module).load_state_dict(state)
             return
         expected = set(self.trainable_state_dict())
         if set(state) != expected:
@@ -253,7 +255,7 @@ class CausalLMPolicy:
                 f"LoRA state keys differ: missing {sorted(expected - set(state))[:5]}, "
                 f"unexpected {sorted(set(state) - expected)[:5]}"
             )
-        self.module.load_state_dict(dict(state), strict=False)
+        unwrap(self.module).load_state_dict(dict(state), strict=False)
 
     def _score(self, module: nn.Module, rollout: Rollout, with_entropy: bool) -> tuple[Tensor, Tensor | None]:
         num_steps = rollout.num_steps

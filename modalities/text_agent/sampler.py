@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList, StopStringCriteria
 
 from modalities.text_agent.policy import row_slices, unwrap_model
+from toolkit.distributed import unwrap
 from toolkit.interfaces import Policy
 from toolkit.rollout import Rollout
 
@@ -216,7 +217,7 @@ class SingleTurnSampler:
         self, policy: Policy, tokenizer: Any, rows: list[list[int]], seed: int, temperature: float
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Left-padded prompts [N, L] (+ bool mask), responses [N, T] and each row's end step (-1: none)."""
-        module = policy.module
+        module = unwrap(policy.module)  # generate() lives on the bare model, not on its DDP wrapper
         device = next(module.parameters()).device
         eos = self._eos_ids(tokenizer, module)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else None)
