@@ -86,7 +86,10 @@ def cmd_config(args: argparse.Namespace) -> int:
 PLUGIN_GROUP = "renorm.commands"
 
 
-def build_parser() -> argparse.ArgumentParser:
+CORE_COMMANDS = ("train", "eval", "score", "plot", "merge", "config")
+
+
+def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="renorm", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -122,13 +125,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("config", cmd_config, "Print the resolved config (bases merged, overrides applied).")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", metavar="key=value")
-    for plugin in entry_points(group=PLUGIN_GROUP):
+    for plugin in entry_points(group=PLUGIN_GROUP) if plugins else ():
         plugin.load()(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Loading a plugin imports its modality package (torch, transformers: seconds); core commands skip it.
+    core = bool(argv) and argv[0] in CORE_COMMANDS
+    args = build_parser(plugins=not core).parse_args(argv)
     try:
         return int(args.func(args))
     except ConfigError as err:
@@ -136,6 +142,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except (FileNotFoundError, ValueError) as err:
         print(f"renorm: error: {err}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:
+        from toolkit.checkpoint import CheckpointError  # lazy: `import toolkit.cli` stays free of torch
+
+        if not isinstance(err, CheckpointError):
+            raise
+        print(f"renorm: checkpoint error: {err}", file=sys.stderr)
         return 2
 
 

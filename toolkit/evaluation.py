@@ -66,13 +66,17 @@ def evaluate(config: Mapping[str, Any], checkpoint: str | None = None, output: s
     for name in ("policy", "sampler"):
         validate(config.get(name), where=name)
     validate(data_node, where="eval.data")
+    for name, node in (config.get("rewards") or {}).items():
+        validate(node, where=f"rewards.{name}")
     policy = instantiate(config["policy"], where="policy")
     sampler = instantiate(config["sampler"], where="sampler")
     rewards = {k: instantiate(v, where=f"rewards.{k}") for k, v in (config.get("rewards") or {}).items()}
     data = instantiate(data_node, where="eval.data")
     if checkpoint is not None:
         state = CheckpointManager(Path(checkpoint).parent.parent).load(Path(checkpoint))
-        policy.module.load_state_dict(state.model, strict=False)
+        loaded = policy.module.load_state_dict(state.model, strict=False)
+        if loaded.unexpected_keys:
+            raise ValueError(f"checkpoint {checkpoint} has weights the policy does not: {loaded.unexpected_keys[:5]}")
     generator = torch.Generator().manual_seed(eval_cfg.seed)
     batches = data.batches(eval_cfg.batch_size, generator)
     rows: list[dict[str, Any]] = []
@@ -99,9 +103,10 @@ def evaluate(config: Mapping[str, Any], checkpoint: str | None = None, output: s
 def aggregate(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     """Mean of every numeric field per dataset, plus an `all` row."""
     out: dict[str, dict[str, float]] = {}
-    groups: dict[str, list[dict[str, Any]]] = {"all": rows}
+    groups: dict[str, list[dict[str, Any]]] = {"all": list(rows)}  # a copy: the loop below must not grow `rows`
     for row in rows:
-        groups.setdefault(str(row["dataset"]), []).append(row)
+        if str(row["dataset"]) != "all":  # rows without a dataset are labelled "all" already
+            groups.setdefault(str(row["dataset"]), []).append(row)
     for name, members in groups.items():
         keys = sorted({k for r in members for k, v in r.items() if isinstance(v, float)})
         out[name] = {k: nanmean(torch.tensor([r.get(k, math.nan) for r in members])) for k in keys}
