@@ -25,6 +25,7 @@ from modalities.text_agent.tool_loop import (
     parse_action,
 )
 from modalities.text_agent.tool_sampler import ToolLoopSampler
+from modalities.text_agent.tools.base import ToolError
 from tests.contracts import PolicyContract
 from tests.tiny import TINY_VOCAB_SIZE, tiny_lm
 from toolkit.rollout import Rollout
@@ -34,10 +35,6 @@ DIGITS = "0123456789"
 EOS = "<|im_end|>"
 OBSERVATION = "\n<information>France capital</information>\n"
 SHORT_CORRECTION = "\nInvalid.\n"  # the default correction is ~200 char tokens: slow contexts on CPU
-
-
-class ToolError(RuntimeError):
-    """Stand-in for the tools package's ToolError (the sampler matches it by class name)."""
 
 
 class DictSearch:

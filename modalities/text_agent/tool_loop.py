@@ -10,34 +10,17 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
 from torch import Tensor
+
+from modalities.text_agent.tools.base import Tool, ToolError
 
 ANSWER = "answer"
 # Tags the agent format already uses for something else; a tool cannot take their names.
 RESERVED_NAMES = (ANSWER, "information", "think")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
-
-
-@runtime_checkable
-class Tool(Protocol):
-    """A batched tool the model calls with `<name>query</name>`; one observation string per query.
-
-    Structurally identical to `modalities.text_agent.tools.base.Tool`. A failed call raises an
-    exception whose class (or a base class) is named `ToolError`; the sampler matches it by name,
-    so any tool package's `ToolError` works without importing it here.
-    """
-
-    name: str
-
-    def __call__(self, queries: list[str]) -> list[str]: ...
-
-
-def is_tool_error(error: BaseException) -> bool:
-    """True when `error` is a `ToolError` (any class of that name in its MRO)."""
-    return any(cls.__name__ == "ToolError" for cls in type(error).__mro__)
 
 
 def tool_table(tools: Sequence[Tool] | Mapping[str, Tool]) -> dict[str, Tool]:
@@ -188,9 +171,7 @@ def run_tools(tools: Mapping[str, Tool], requests: Sequence[ToolRequest], error_
         queries = [requests[i].query for i in indices]
         try:
             outputs = tools[name](queries)
-        except Exception as error:
-            if not is_tool_error(error):
-                raise
+        except ToolError as error:
             failure = error_message.format(name=name, error=error)
             outputs, failed = [failure] * len(queries), True
         else:
