@@ -13,7 +13,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -31,6 +31,16 @@ class EvalConfig:
     num_samples: int = 1
     batch_size: int = 8
     seed: int = 1234
+    # A benchmark-specific evaluator (`_component_` node) replacing the generic loop: after the checkpoint is
+    # loaded it is called as evaluator(policy=, sampler=, rewards=, data=, checkpoint=, output=) and returns
+    # an EvalReport (e.g. modalities.text_agent.reasoning_eval.ReasoningEvaluator).
+    evaluator: Any = None
+
+
+class EvalReport(Protocol):
+    """What `renorm eval` prints: the generic EvalResult or a custom evaluator's result."""
+
+    def table(self) -> str: ...
 
 
 @dataclass
@@ -57,8 +67,8 @@ class EvalResult:
         return capture.get()
 
 
-def evaluate(config: Mapping[str, Any], checkpoint: str | None = None, output: str | None = None) -> EvalResult:
-    """Sample `num_samples` completions for `num_prompts` eval prompts and score them."""
+def evaluate(config: Mapping[str, Any], checkpoint: str | None = None, output: str | None = None) -> EvalReport:
+    """Sample `num_samples` completions for `num_prompts` eval prompts and score them (or run `eval.evaluator`)."""
     from toolkit.checkpoint import CheckpointManager
 
     eval_cfg = build_dataclass(EvalConfig, config.get("eval") or {}, where="eval")
@@ -66,6 +76,7 @@ def evaluate(config: Mapping[str, Any], checkpoint: str | None = None, output: s
     for name in ("policy", "sampler"):
         validate(config.get(name), where=name)
     validate(data_node, where="eval.data")
+    validate(eval_cfg.evaluator, where="eval.evaluator")
     for name, node in (config.get("rewards") or {}).items():
         validate(node, where=f"rewards.{name}")
     policy = instantiate(config["policy"], where="policy")
@@ -77,6 +88,12 @@ def evaluate(config: Mapping[str, Any], checkpoint: str | None = None, output: s
         loaded = policy.module.load_state_dict(state.model, strict=False)
         if loaded.unexpected_keys:
             raise ValueError(f"checkpoint {checkpoint} has weights the policy does not: {loaded.unexpected_keys[:5]}")
+    if eval_cfg.evaluator is not None:
+        evaluator = instantiate(eval_cfg.evaluator, where="eval.evaluator")
+        report: EvalReport = evaluator(
+            policy=policy, sampler=sampler, rewards=rewards, data=data, checkpoint=checkpoint, output=output
+        )
+        return report
     generator = torch.Generator().manual_seed(eval_cfg.seed)
     batches = data.batches(eval_cfg.batch_size, generator)
     rows: list[dict[str, Any]] = []

@@ -1,0 +1,133 @@
+"""Math reasoning problems from local files: MATH-500 / AIME / AMC / Minerva / OlympiadBench layouts.
+
+`load_problems` reads JSONL, a JSON list or parquet (pyarrow, imported only for parquet) and maps the
+usual field names onto one record: `problem` (from problem/question/prompt, case-insensitive), `answer`
+(from answer/final_answer/solution; a solution's last `\\boxed{}` becomes the answer, the solution is kept)
+and `dataset`. `ReasoningDataset` turns files into a PromptDataset with a prompt template (e.g. the R1
+"Let's think step by step and output the final answer within \\boxed{}." suffix) or chat messages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from rewards.text.math import gold_answer
+from toolkit.data import PromptDataset, load_records
+
+PROBLEM_KEYS = ("problem", "question", "prompt", "input")
+ANSWER_KEYS = ("answer", "final_answer", "expected_answer", "solution")
+ID_KEYS = ("id", "unique_id", "idx", "problem_id")
+
+
+def read_table(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a local `.jsonl`, `.json` (list) or `.parquet` file."""
+    file = Path(path)
+    if file.suffix != ".parquet":
+        return load_records(file)
+    if not file.is_file():
+        raise FileNotFoundError(f"problem file not found: {file}")
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as err:  # pragma: no cover - pyarrow ships with the dev environment
+        raise ImportError(f"reading {file} needs pyarrow (`pip install pyarrow`)") from err
+    return [dict(row) for row in pq.read_table(file).to_pylist()]
+
+
+def _field(row: Mapping[str, Any], keys: Sequence[str]) -> tuple[str, Any] | None:
+    lowered = {str(k).lower(): k for k in row}
+    for key in keys:
+        if key in lowered and row[lowered[key]] not in (None, ""):
+            return key, row[lowered[key]]
+    return None
+
+
+def normalize_problem(row: Mapping[str, Any], index: int, dataset: str, source: str) -> dict[str, Any]:
+    """One benchmark row -> {"id", "problem", "answer", "dataset", ...the row's other fields}."""
+    problem = _field(row, PROBLEM_KEYS)
+    if problem is None:
+        raise ValueError(
+            f"{source}, row {index}: no problem field (looked for {list(PROBLEM_KEYS)}); keys {sorted(row)}"
+        )
+    out = {str(k): v for k, v in row.items()}
+    found = _field(row, ANSWER_KEYS)
+    gold = gold_answer({found[0]: found[1]}, [found[0]]) if found is not None else None
+    if gold is None:
+        raise ValueError(f"{source}, row {index}: no answer field (looked for {list(ANSWER_KEYS)}); keys {sorted(row)}")
+    if found is not None and found[0] == "solution":
+        out["solution"] = found[1]
+    ident = _field(row, ID_KEYS)
+    out.update(problem=str(problem[1]), answer=gold, dataset=dataset, id=f"{dataset}/{ident[1] if ident else index}")
+    return out
+
+
+def load_problems(
+    path: str | Path, dataset: str | None = None, max_problems: int | None = None
+) -> list[dict[str, Any]]:
+    """Normalized problems of one benchmark file; `dataset` defaults to the file name's stem."""
+    name = dataset or Path(path).stem
+    rows = read_table(path)[:max_problems] if max_problems is not None else read_table(path)
+    return [normalize_problem(row, i, name, str(path)) for i, row in enumerate(rows)]
+
+
+def format_prompt(problem: str, template: str, system_prompt: str | None, chat: bool) -> str | list[dict[str, str]]:
+    """The prompt for one problem: `template.format(problem=...)`, as chat messages when `chat`."""
+    text = template.format(problem=problem)
+    if not chat:
+        return text if system_prompt is None else f"{system_prompt}\n{text}"
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
+    return [*messages, {"role": "user", "content": text}]
+
+
+class ReasoningDataset(PromptDataset):
+    """Math problems from one or more local files as a seeded, resumable prompt stream.
+
+    Args:
+        paths: one file, a list of files (dataset = file stem), or {dataset name: file}.
+        prompt_template: `str.format` template with `{problem}`.
+        system_prompt: a system message (chat) or a first line (plain text); None for none.
+        chat: build chat messages (the sampler applies the tokenizer's chat template).
+        max_problems: keep the first N problems of each file.
+        shuffle, seed: see PromptDataset.
+    """
+
+    def __init__(
+        self,
+        paths: str | list[str] | dict[str, str],
+        prompt_template: str = "{problem}",
+        system_prompt: str | None = None,
+        chat: bool = False,
+        max_problems: int | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+    ) -> None:
+        if "{problem}" not in prompt_template:
+            raise ValueError(f"prompt_template must contain '{{problem}}', got {prompt_template!r}")
+        if max_problems is not None and max_problems < 1:
+            raise ValueError(f"max_problems must be >= 1 or None, got {max_problems}")
+        named = _named_paths(paths)
+        records = []
+        for name, path in named.items():
+            for row in load_problems(path, name, max_problems):
+                row["prompt"] = format_prompt(row["problem"], prompt_template, system_prompt, chat)
+                records.append(row)
+        self.datasets = list(named)
+        super().__init__(records=records, shuffle=shuffle, seed=seed)
+
+
+def _named_paths(paths: str | list[str] | dict[str, str]) -> dict[str, str]:
+    if isinstance(paths, str):
+        return {Path(paths).stem: paths}
+    if isinstance(paths, Mapping):
+        named = {str(k): str(v) for k, v in paths.items()}
+    else:
+        named = {}
+        for path in paths:
+            stem = Path(path).stem
+            if stem in named:
+                raise ValueError(f"two files named {stem!r}: give {{name: path}} instead of a list")
+            named[stem] = str(path)
+    if not named:
+        raise ValueError("paths must name at least one problem file")
+    return named
