@@ -31,6 +31,8 @@ class EvalConfig:
     num_samples: int = 1
     batch_size: int = 8
     seed: int = 1234
+    # Per-row [N] entries of `rollout.data` to report next to the rewards (e.g. num_tool_calls).
+    row_data: list[str] = field(default_factory=list)
     # A benchmark-specific evaluator (`_component_` node) replacing the generic loop: after the checkpoint is
     # loaded it is called as evaluator(policy=, sampler=, rewards=, data=, checkpoint=, output=) and returns
     # an EvalReport (e.g. modalities.text_agent.reasoning_eval.ReasoningEvaluator).
@@ -105,9 +107,11 @@ def evaluate(config: Mapping[str, Any], checkpoint: str | None = None, output: s
         with torch.no_grad():
             rollout = sampler.sample(policy, prompts, eval_cfg.num_samples, generator)
         score_rollout(rollout, rewards)
+        extra = row_data(rollout, eval_cfg.row_data)
         for i in range(len(rollout)):
             row = {"dataset": rollout.dataset_ids[i] if rollout.dataset_ids else "all"}
             row.update({k: float(v[i]) for k, v in rollout.rewards.items()})
+            row.update({k: float(v[i]) for k, v in extra.items()})
             if rollout.lengths is not None:
                 row["length"] = float(rollout.lengths[i])
             rows.append(row)
@@ -115,6 +119,21 @@ def evaluate(config: Mapping[str, Any], checkpoint: str | None = None, output: s
     if output:
         Path(output).write_text(json.dumps({"per_dataset": result.per_dataset, "rows": rows}, indent=2))
     return result
+
+
+def row_data(rollout: Any, keys: list[str]) -> dict[str, torch.Tensor]:
+    """The [N] tensors `rollout.data[key]` for `keys` (eval.row_data); a ValueError names a missing or bad one."""
+    out = {}
+    for key in keys:
+        value = rollout.data.get(key)
+        if not isinstance(value, torch.Tensor) or value.shape != (len(rollout),):
+            shown = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(
+                f"eval.row_data: rollout.data[{key!r}] must be an [N={len(rollout)}] tensor, got {shown}; "
+                f"the sampler wrote {sorted(rollout.data)}"
+            )
+        out[key] = value.detach().float().cpu()
+    return out
 
 
 def aggregate(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:

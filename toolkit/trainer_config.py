@@ -27,11 +27,12 @@ class TrainerConfig:
     shuffle_minibatches: bool = True
     keep_groups_in_minibatch: bool = False
     # Optimizer and schedule (AdamW; schedules from transformers.get_scheduler, stepped per optimizer step).
+    # "constant" ignores warmup_steps (transformers); "constant_with_warmup" ramps linearly, then holds.
     lr: float = 1e-6
     weight_decay: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
-    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    lr_schedule: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
     warmup_steps: int = 0
     max_grad_norm: float | None = 1.0
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
