@@ -19,6 +19,7 @@ from toolkit.advantage_boost import CorrectSampleBoost
 from toolkit.beta import BetaNormalizer
 from toolkit.cli import main as renorm
 from toolkit.config import instantiate, load_config, merge_configs
+from toolkit.filters import RefillCapError
 from toolkit.normalizers import GroupMeanBatchStdNormalizer, GroupNormalizer
 from toolkit.rollout import Rollout
 from toolkit.runner import build_trainer
@@ -315,6 +316,14 @@ def test_d4_dynamic_sampling_refills_on_the_raw_score(tmp_path: Path) -> None:
     assert raw == [[1, 0, 1, 1], [0, 1, 0, 0], [1, 1, 1, 0], [1, 0, 1, 1]]
     assert rollout.metrics["filter/rounds"] == 3.0 and rollout.metrics["filter/kept_groups"] == 4.0
     assert rollout.scores is not None and rollout.scores.view(-1, 4)[2].tolist() == [0, 0, 0, 0]
+
+
+def test_dynamic_sampling_cap_with_nothing_surviving_is_a_clear_error(tmp_path: Path) -> None:
+    trainer = tiny_trainer(tmp_path, "tiny.yaml", "policy.model.warm_start_steps=0", "trainer.max_sampling_rounds=2")
+    trainer.sampler = ScriptedSampler([[group([0, 0, 0, 0])] * 4])
+    with pytest.raises(RefillCapError, match="only 0 of 4 target groups"):
+        trainer.collect()
+    assert trainer.sampler.calls == 2
 
 
 def test_tiny_recipes_train_a_step(tmp_path: Path) -> None:

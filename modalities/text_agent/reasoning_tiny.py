@@ -6,7 +6,7 @@ random-init Qwen2 of `tiny.py` with a few seconds of supervised steps, in code a
 `<think>` + k dots + `</think>` + answer for half of the problems (k uniform in 0..`max_filler`): a
 stand-in for a pretrained reasoning model. It knows the format, "thinks" for a random length (the dots
 carry no information, so shorter thinking costs no accuracy — the situation DLER targets), answers the
-problems it saw about half of the time and guesses on the others (chance is 1/10), which gives RL easy
+problems it saw about 40% of the time and guesses on the others (chance is 1/10), which gives RL easy
 and hard prompts. Warm-started weights are memoized per argument set within a process.
 """
 
