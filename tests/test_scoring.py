@@ -40,7 +40,7 @@ def test_flaky_reward_is_retried() -> None:
         return 1.0
 
     r = score_rollout(rollout(["x"], ["a"]), {"flaky": FunctionReward(flaky)}, retries=1)
-    assert r.scores.tolist() == [1.0] and r.metrics["reward/failed_models"] == 0.0
+    assert r.scores.tolist() == [1.0] and r.metrics["reward_stats/failed_models"] == 0.0
 
 
 def test_failing_reward_becomes_not_applicable_and_is_counted() -> None:
@@ -50,7 +50,7 @@ def test_failing_reward_becomes_not_applicable_and_is_counted() -> None:
     r = score_rollout(
         rollout(["a", "b"], ["a", "a"]), {"broken": FunctionReward(broken), "letters": TargetCharReward()}, retries=2
     )
-    assert r.metrics["reward/failed_models"] == 1.0
+    assert r.metrics["reward_stats/failed_models"] == 1.0
     assert torch.isnan(r.rewards["broken"]).all()
     assert r.scores.tolist() == [1.0, 0.0]  # the working reward still counts
 
@@ -61,7 +61,7 @@ def test_nonfinite_scores_are_counted_and_stored_as_nan() -> None:
             return RewardOutput(scores=torch.tensor([math.inf, math.nan, 0.5]))
 
     r = score_rollout(rollout(["a", "b", "c"], ["a"] * 3), {"bad": Bad()})
-    assert r.metrics["reward/nonfinite"] == 2.0
+    assert r.metrics["reward_stats/nonfinite"] == 2.0
     assert torch.isnan(r.scores[:2]).all() and r.scores[2] == 0.5
 
 

@@ -84,7 +84,7 @@ def test_raising_reward_is_retried_then_counted(tmp_path: Path) -> None:
 
     trainer.rewards["judge"] = FunctionReward(broken)
     metrics, rollout = trainer.step()
-    assert metrics["reward/failed_models"] == 1.0
+    assert metrics["reward_stats/failed_models"] == 1.0
     assert torch.isnan(rollout.rewards["judge"]).all()
     assert torch.isfinite(rollout.advantages).all()
 

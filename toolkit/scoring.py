@@ -66,7 +66,7 @@ def score_rollout(rollout: Rollout, reward_models: Mapping[str, RewardModel], re
     """Fill `rollout.rewards` (named components) and `rollout.scores`; record metrics.
 
     Metrics: `reward/<component>` (mean over applicable rows), `reward/mean`,
-    `reward/failed_models` (models that failed after retries), `reward/nonfinite` (rows with
+    `reward_stats/failed_models` (models that failed after retries), `reward_stats/nonfinite` (rows with
     NaN/inf from a model, stored as NaN), `time/reward_s`.
     """
     if not reward_models:
@@ -95,8 +95,8 @@ def score_rollout(rollout: Rollout, reward_models: Mapping[str, RewardModel], re
     for key, value in rollout.rewards.items():
         rollout.metrics[f"reward/{key}"] = nanmean(value)
     rollout.metrics["reward/mean"] = nanmean(rollout.scores)
-    rollout.metrics["reward/failed_models"] = float(failed)
-    rollout.metrics["reward/nonfinite"] = float(nonfinite)
+    rollout.metrics["reward_stats/failed_models"] = float(failed)
+    rollout.metrics["reward_stats/nonfinite"] = float(nonfinite)
     rollout.metrics["time/reward_s"] = time.perf_counter() - start
     return rollout
 
