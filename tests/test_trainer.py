@@ -107,7 +107,13 @@ def test_nan_rewards_are_not_propagated(tmp_path: Path) -> None:
 
 def test_kl_term_builds_a_reference_and_logs_kl(tmp_path: Path) -> None:
     trainer = build_trainer(
-        tiny_config(tmp_path, "objective.kl_coef=0.1", "objective.kl_estimator=k3", "trainer.num_minibatches=1")
+        tiny_config(
+            tmp_path,
+            "objective.kl_coef=0.1",
+            "objective.kl_estimator=k3",
+            "trainer.num_minibatches=1",
+            "trainer.warmup_steps=0",
+        )
     )
     first, rollout = trainer.step()
     assert rollout.ref_logprobs is not None
@@ -126,3 +132,10 @@ def test_dynamic_sampling_keeps_only_informative_groups(tmp_path: Path) -> None:
         group = scores[rollout.group_ids == g]
         assert group.max() > group.min(), "a zero-variance group survived dynamic sampling"
     assert any(k.startswith("sampling/") or k.startswith("filter/") for k in metrics)
+
+
+def test_constant_schedule_with_warmup_is_rejected() -> None:
+    from toolkit.trainer_config import TrainerConfig
+
+    with pytest.raises(ValueError, match="constant_with_warmup"):
+        TrainerConfig(lr_schedule="constant", warmup_steps=5)

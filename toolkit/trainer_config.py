@@ -75,6 +75,11 @@ class TrainerConfig:
         for name in ("warmup_steps", "save_every", "reward_retries", "num_log_samples"):
             if getattr(self, name) < 0:
                 raise ValueError(f"trainer.{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr_schedule == "constant" and self.warmup_steps > 0:
+            raise ValueError(
+                f"trainer.lr_schedule='constant' ignores warmup_steps={self.warmup_steps}; "
+                "use lr_schedule='constant_with_warmup' (or warmup_steps=0)"
+            )
         if self.lr <= 0:
             raise ValueError(f"trainer.lr must be > 0, got {self.lr}")
         n = self.prompts_per_step * self.group_size
