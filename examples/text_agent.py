@@ -11,7 +11,6 @@ and a critic, its GRPO variant, the Search-R1 baseline) run the same way with `r
 from __future__ import annotations
 
 import argparse
-import logging
 import math
 import os
 import time
@@ -62,7 +61,6 @@ def main() -> None:
     torch.set_num_threads(1)  # tiny models are fastest single-threaded
     import bm25s  # noqa: F401 - imported here so that the level set below is not reset by its import
 
-    logging.getLogger("bm25s").setLevel(logging.WARNING)  # bm25s logs every empty query at INFO
     config = tiny_config(args.steps, args.run_dir)
     trainer = build_trainer(config)
     start = time.perf_counter()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import time
 import urllib.error
 import urllib.request
@@ -90,6 +91,8 @@ class BM25Search(SearchTool):
             return self.corpus
         import bm25s
 
+        quiet_bm25s()
+
         corpus = JsonlCorpus(self.corpus_path)
         expected = {"backend": "bm25", **corpus.fingerprint(), **self._settings()}
         saved = read_index_meta(self.index_dir) if self.index_dir is not None else None
@@ -132,6 +135,8 @@ class BM25Search(SearchTool):
 
     def _tokenize(self, texts: list[str]) -> list[list[str]]:
         import bm25s
+
+        quiet_bm25s()
 
         stemmer = None
         if self.stemmer_language is not None:
@@ -254,3 +259,8 @@ class RetrieverClient(SearchTool):
                 row.append(SearchHit(doc, float(item.get("score", 0.0)) if scored else 0.0))
             hits.append(row)
         return hits
+
+
+def quiet_bm25s() -> None:
+    """bm25s logs every empty query at INFO/DEBUG; keep only its warnings in training logs."""
+    logging.getLogger("bm25s").setLevel(logging.WARNING)
