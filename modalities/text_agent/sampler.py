@@ -138,17 +138,7 @@ class SingleTurnSampler:
 
     def sample(self, policy: Policy, prompts: list[Any], group_size: int, generator: torch.Generator) -> Rollout:
         """G samples per prompt, group-major (`group_ids[i] = i // G`), re-scored for old_logprobs."""
-        if group_size < 1:
-            raise ValueError(f"group_size must be >= 1, got {group_size}")
-        if not prompts:
-            raise ValueError("sample needs at least one prompt")
-        tokenizer = getattr(policy, "tokenizer", None)
-        if tokenizer is None:
-            raise ValueError("SingleTurnSampler needs a policy with a tokenizer (CausalLMPolicy(tokenizer=...))")
-        temperature = self._sampling_temperature(policy)
-        dicts = [_as_prompt_dict(p) for p in prompts]
-        encoded = [self._encode(tokenizer, d) for d in dicts]
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
+        tokenizer, temperature, dicts, encoded, seed = self._prepare(policy, prompts, group_size, generator)
         module = policy.module
         was_training = module.training
         module.eval()  # dropout off while sampling and re-scoring
@@ -166,6 +156,24 @@ class SingleTurnSampler:
         finally:
             module.train(was_training)
         return rollout
+
+    def _prepare(
+        self, policy: Policy, prompts: list[Any], group_size: int, generator: torch.Generator
+    ) -> tuple[Any, float, list[dict[str, Any]], list[list[int]], int]:
+        """Validate, then (tokenizer, temperature, prompt dicts, encoded prompts, generation seed)."""
+        if group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {group_size}")
+        if not prompts:
+            raise ValueError("sample needs at least one prompt")
+        tokenizer = getattr(policy, "tokenizer", None)
+        if tokenizer is None:
+            name = type(self).__name__
+            raise ValueError(f"{name} needs a policy with a tokenizer (CausalLMPolicy(tokenizer=...))")
+        temperature = self._sampling_temperature(policy)
+        dicts = [_as_prompt_dict(p) for p in prompts]
+        encoded = [self._encode(tokenizer, d) for d in dicts]
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
+        return tokenizer, temperature, dicts, encoded, seed
 
     def _sampling_temperature(self, policy: Policy) -> float:
         policy_temperature = float(getattr(policy, "temperature", 1.0))

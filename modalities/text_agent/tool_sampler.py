@@ -22,7 +22,6 @@ from transformers import GenerationConfig, StoppingCriteriaList, StopStringCrite
 from modalities.text_agent.sampler import (
     PromptTruncation,
     SingleTurnSampler,
-    _as_prompt_dict,
     _EndTracker,
     _plain_generation_config,
     _prompt_key,
@@ -143,17 +142,7 @@ class ToolLoopSampler(SingleTurnSampler):
 
     def sample(self, policy: Policy, prompts: list[Any], group_size: int, generator: torch.Generator) -> Rollout:
         """G trajectories per prompt, group-major (`group_ids[i] = i // G`), re-scored for old_logprobs."""
-        if group_size < 1:
-            raise ValueError(f"group_size must be >= 1, got {group_size}")
-        if not prompts:
-            raise ValueError("sample needs at least one prompt")
-        tokenizer = getattr(policy, "tokenizer", None)
-        if tokenizer is None:
-            raise ValueError("ToolLoopSampler needs a policy with a tokenizer (CausalLMPolicy(tokenizer=...))")
-        temperature = self._sampling_temperature(policy)
-        dicts = [_as_prompt_dict(p) for p in prompts]
-        encoded = [self._encode(tokenizer, d) for d in dicts]
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
+        tokenizer, temperature, dicts, encoded, seed = self._prepare(policy, prompts, group_size, generator)
         rows = [Trajectory(list(ids), self.max_response_tokens) for ids in encoded for _ in range(group_size)]
         module = policy.module
         was_training = module.training
