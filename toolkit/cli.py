@@ -107,7 +107,9 @@ def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="checkpoint dir to load (default: the config's base weights)")
     p.add_argument("--output", help="write the results as JSON here")
     p = command("score", cmd_score, "Run one reward model standalone over a JSONL file (prompt, completion, ...).")
-    p.add_argument("reward", help="dotted path (rewards.text.math.MathAccuracyReward) or a YAML file with a _component_ node")
+    p.add_argument(
+        "reward", help="dotted path (rewards.text.math.MathAccuracyReward) or a YAML file with a _component_ node"
+    )
     p.add_argument("--input", required=True, help="JSONL with 'prompt' and 'completion' per line")
     p.add_argument("--output", help="JSONL to write (default: stdout)")
     p.add_argument("--batch-size", type=int, default=64)
