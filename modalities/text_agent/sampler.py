@@ -148,14 +148,19 @@ class SingleTurnSampler:
             sequences = self._generate(policy, tokenizer, rows, seed, temperature)
             rollout = self._build_rollout(dicts, group_size, tokenizer, sequences, temperature)
             rollout.metrics["time/generate_s"] = time.perf_counter() - start
-            if self.compute_old_logprobs:
-                start = time.perf_counter()
-                with torch.no_grad():
-                    rollout.old_logprobs = policy.log_probs(rollout).detach()
-                rollout.metrics["time/old_logprobs_s"] = time.perf_counter() - start
+            self._rescore(policy, rollout)
         finally:
             module.train(was_training)
         return rollout
+
+    def _rescore(self, policy: Policy, rollout: Rollout) -> None:
+        """old_logprobs from one no-grad forward of the policy itself: the on-policy ratio is exactly 1."""
+        if not self.compute_old_logprobs:
+            return
+        start = time.perf_counter()
+        with torch.no_grad():
+            rollout.old_logprobs = policy.log_probs(rollout).detach()
+        rollout.metrics["time/old_logprobs_s"] = time.perf_counter() - start
 
     def _prepare(
         self, policy: Policy, prompts: list[Any], group_size: int, generator: torch.Generator

@@ -152,11 +152,7 @@ class ToolLoopSampler(SingleTurnSampler):
             device = next(unwrap(module).parameters()).device
             rollout = self._assemble_rollout(dicts, group_size, tokenizer, rows, temperature).to(device)
             rollout.metrics.update(timings)
-            if self.compute_old_logprobs:
-                start = time.perf_counter()
-                with torch.no_grad():
-                    rollout.old_logprobs = policy.log_probs(rollout).detach()
-                rollout.metrics["time/old_logprobs_s"] = time.perf_counter() - start
+            self._rescore(policy, rollout)
         finally:
             module.train(was_training)
         return rollout
