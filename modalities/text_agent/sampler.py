@@ -153,6 +153,19 @@ class SingleTurnSampler:
             module.train(was_training)
         return rollout
 
+    def _sampling_config(
+        self, policy: Policy, tokenizer: Any, model: nn.Module, temperature: float
+    ) -> tuple[GenerationConfig, list[int], int]:
+        """(generation config, EOS ids, pad id) from this sampler's settings, falling back to the policy's."""
+        eos = self._eos_ids(tokenizer, model)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else None)
+        if pad is None:
+            raise ValueError("the tokenizer has neither a pad token nor an eos token to pad with")
+        top_p = self.top_p if self.top_p is not None else float(getattr(policy, "top_p", 1.0))
+        top_k = self.top_k if self.top_k is not None else (getattr(policy, "top_k", None) or 0)
+        config = self._generation_config(temperature, top_p, top_k, eos, pad)
+        return config, eos, pad
+
     def _rescore(self, policy: Policy, rollout: Rollout) -> None:
         """old_logprobs from one no-grad forward of the policy itself: the on-policy ratio is exactly 1."""
         if not self.compute_old_logprobs:
@@ -232,13 +245,7 @@ class SingleTurnSampler:
         """Left-padded prompts [N, L] (+ bool mask), responses [N, T] and each row's end step (-1: none)."""
         module = unwrap(policy.module)  # generate() lives on the bare model, not on its DDP wrapper
         device = next(module.parameters()).device
-        eos = self._eos_ids(tokenizer, module)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else None)
-        if pad is None:
-            raise ValueError("the tokenizer has neither a pad token nor an eos token to pad with")
-        top_p = self.top_p if self.top_p is not None else float(getattr(policy, "top_p", 1.0))
-        top_k = self.top_k if self.top_k is not None else (getattr(policy, "top_k", None) or 0)
-        config = self._generation_config(temperature, top_p, top_k, eos, pad)
+        config, eos, pad = self._sampling_config(policy, tokenizer, module, temperature)
         stop = StopStringCriteria(tokenizer=tokenizer, stop_strings=self.stop_strings) if self.stop_strings else None
         prompt_ids, prompt_mask = left_pad(rows, pad, device)
         eos_tensor = torch.tensor(eos, dtype=torch.long, device=device)

@@ -194,13 +194,7 @@ class ToolLoopSampler(SingleTurnSampler):
         self, policy: Policy, tokenizer: Any, model: Any, temperature: float
     ) -> tuple[GenerationConfig, torch.Tensor, dict[bool, StopStringCriteria]]:
         """Generation config, EOS ids and the stop criteria of tool turns (False) and the final turn (True)."""
-        eos = self._eos_ids(tokenizer, model)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else None)
-        if pad is None:
-            raise ValueError("the tokenizer has neither a pad token nor an eos token to pad with")
-        top_p = self.top_p if self.top_p is not None else float(getattr(policy, "top_p", 1.0))
-        top_k = self.top_k if self.top_k is not None else (getattr(policy, "top_k", None) or 0)
-        config = self._generation_config(temperature, top_p, top_k, eos, pad)
+        config, eos, _ = self._sampling_config(policy, tokenizer, model, temperature)
         closing = [f"</{name}>" for name in self.tools]
         stops = {
             False: StopStringCriteria(tokenizer=tokenizer, stop_strings=[*closing, f"</{ANSWER}>"]),
