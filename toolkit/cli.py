@@ -128,7 +128,12 @@ def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     for plugin in entry_points(group=PLUGIN_GROUP) if plugins else ():
-        plugin.load()(sub)
+        try:
+            register = plugin.load()
+        except ImportError as err:  # one broken modality must not take the whole CLI down
+            print(f"renorm: skipping the {plugin.name!r} command ({plugin.value}): {err}", file=sys.stderr)
+            continue
+        register(sub)
     return parser
 
 

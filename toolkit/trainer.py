@@ -199,6 +199,9 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        hook = getattr(self.policy, "after_optimizer_step", None)
+        if callable(hook):
+            hook()  # e.g. an EMA update of the policy's weights
         return grad_norm
 
     def local_prompts(self) -> list[Any]:
@@ -230,6 +233,11 @@ class Trainer:
     def stateful_parts(self) -> list[tuple[str, Any]]:
         """(name, object) pairs whose state_dict is checkpointed when they have one."""
         parts: list[tuple[str, Any]] = [("normalizer", self.normalizer), ("critic", self.critic)]
+        # A policy or reward model may carry state beyond the trained weights (an EMA copy, a discriminator
+        # that trains itself with its own optimizer): checkpointed when it has state_dict/load_state_dict.
+        # nn.Module reward models (a frozen CLIP scorer) are skipped: their weights are not training state.
+        extra = [("policy_state", self.policy)] + [(f"reward/{name}", m) for name, m in self.rewards.items()]
+        parts += [(name, part) for name, part in extra if not isinstance(part, torch.nn.Module)]
         return parts + [(f"transform{i}", t) for i, t in enumerate(self.transforms)]
 
     def save(self) -> Path | None:
