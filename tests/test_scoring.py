@@ -74,6 +74,14 @@ def test_wrong_length_output_is_an_error() -> None:
         score_rollout(rollout(["a", "b"], ["a", "a"]), {"short": Short()})
 
 
-def test_no_reward_models_is_an_error() -> None:
-    with pytest.raises(ValueError, match="no reward models"):
-        score_rollout(rollout(["a"], ["a"]), {})
+def test_no_reward_models_leaves_scores_to_a_transform() -> None:
+    r = score_rollout(rollout(["a", "b"], ["a", "a"]), {})
+    assert r.rewards == {} and r.scores.shape == (2,) and torch.isnan(r.scores).all()
+
+
+def test_trainer_without_rewards_or_transforms_is_an_error(tmp_path) -> None:
+    from tests.test_trainer import tiny_config
+    from toolkit.runner import build_trainer
+
+    with pytest.raises(ValueError, match="no reward models and no reward transforms"):
+        build_trainer(tiny_config(tmp_path, "rewards={}", "transforms=[]"))

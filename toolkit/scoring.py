@@ -69,8 +69,6 @@ def score_rollout(rollout: Rollout, reward_models: Mapping[str, RewardModel], re
     `reward_stats/failed_models` (models that failed after retries), `reward_stats/nonfinite` (rows with
     NaN/inf from a model, stored as NaN), `time/reward_s`.
     """
-    if not reward_models:
-        raise ValueError("no reward models configured: set `rewards:` in the config")
     start = time.perf_counter()
     prompts, samples, metadata = reward_inputs(rollout)
     n = len(rollout)
@@ -91,10 +89,14 @@ def score_rollout(rollout: Rollout, reward_models: Mapping[str, RewardModel], re
             nonfinite += int(bad.sum()) + int(torch.isnan(value).sum())
             rollout.rewards[full] = torch.where(torch.isfinite(value), value, torch.nan).float()
         rollout.metrics.update({f"reward/{name}/{k}": v for k, v in out.metrics.items()})
-    rollout.scores = nansum_rows(torch.stack(list(rollout.rewards.values()), dim=1))
+    if rollout.rewards:
+        rollout.scores = nansum_rows(torch.stack(list(rollout.rewards.values()), dim=1))
+    else:  # no reward models: a transform (e.g. pairwise win rates) computes the scores
+        rollout.scores = torch.full((n,), math.nan)
     for key, value in rollout.rewards.items():
         rollout.metrics[f"reward/{key}"] = nanmean(value)
-    rollout.metrics["reward/mean"] = nanmean(rollout.scores)
+    if reward_models:
+        rollout.metrics["reward/mean"] = nanmean(rollout.scores)
     rollout.metrics["reward_stats/failed_models"] = float(failed)
     rollout.metrics["reward_stats/nonfinite"] = float(nonfinite)
     rollout.metrics["time/reward_s"] = time.perf_counter() - start

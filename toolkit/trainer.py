@@ -49,6 +49,8 @@ class Trainer:
         critic: Critic | None = None,
     ) -> None:
         self.config = cfg = config or TrainerConfig()
+        if not rewards and not transforms:
+            raise ValueError("no reward models and no reward transforms configured: set `rewards:` in the config")
         seed_everything(cfg.seed)
         self.policy, self.sampler, self.rewards = policy, sampler, dict(rewards)
         self.normalizer, self.objective, self.data, self.transforms = normalizer, objective, data, list(transforms)
