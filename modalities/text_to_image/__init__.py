@@ -1,0 +1,1 @@
+"""Text-to-image modality: flow-matching (SD3 / FLUX) policies, the SDE sampler with log-probs, text encoding."""
