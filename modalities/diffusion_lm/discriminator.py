@@ -1,0 +1,311 @@
+"""DiDi-Instruct discriminator: a teacher-trunk copy with a spectral-norm per-token head (arXiv:2509.25035).
+
+At the BCE optimum, logit D(z, t) = log q_θ,t(z) − log q_ν,t(z), so its clamped log-odds averaged over
+masked positions is the student's sequence reward (spec didi_instruct.md §6, E4, E6). `DiscriminatorReward`
+is the self-training reward model: every call first runs one discriminator update, then scores.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, get_args
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.parametrizations import spectral_norm
+
+from modalities.diffusion_lm.backbone import DenoiserBackbone
+from rewards.base import RewardOutput
+
+
+def discriminator_log_odds(logits: Tensor, eps: float = 1e-6, clip: float | None = 8.0) -> Tensor:
+    """ℓ = log(p + eps) − log(1 − p + eps), p = sigmoid(logits), clamped to ±clip (spec §6).
+
+    Args:
+        logits: [B, L] discriminator logits (any float dtype; computed in float32).
+        eps: the log-odds eps (1e-6).
+        clip: `reward_clip_val` (8.0), or None for no clamp.
+
+    Returns:
+        [B, L] float32 log-odds (≈ logits inside the clamp).
+    """
+    p = torch.sigmoid(logits.float())
+    odds = torch.log(p + eps) - torch.log(1.0 - p + eps)
+    return odds if clip is None else odds.clamp(-clip, clip)
+
+
+def sequence_reward(logits: Tensor, mask: Tensor, eps: float = 1e-6, clip: float | None = 8.0) -> Tensor:
+    """r_i = Σ_ℓ ℓ_iℓ·m_iℓ / (Σ_ℓ m_iℓ + 1e-8): clamped log-odds averaged over masked positions (spec §6, E4).
+
+    Args:
+        logits: [B, L] discriminator logits.
+        mask: [B, L] bool, True where the scored input is masked.
+        eps, clip: as in `discriminator_log_odds`.
+
+    Returns:
+        [B] float32 rewards (0 for a row without masked positions).
+    """
+    m = mask.float()
+    return (discriminator_log_odds(logits, eps, clip) * m).sum(-1) / (m.sum(-1) + 1e-8)
+
+
+def smoothed_bce(logits: Tensor, target: float, mask: Tensor) -> Tensor:
+    """BCE-with-logits against a constant (smoothed) target, averaged over masked positions (spec §6, E6).
+
+    Args:
+        logits: [B, L] discriminator logits.
+        target: the smoothed label (real 1 − s = 0.9, fake s = 0.1).
+        mask: [B, L] bool, positions that count.
+
+    Returns:
+        Scalar float32 loss (0 when the mask is empty).
+    """
+    losses = F.binary_cross_entropy_with_logits(
+        logits.float(), torch.full_like(logits.float(), target), reduction="none"
+    )
+    m = mask.float()
+    return (losses * m).sum() / m.sum().clamp_min(1.0)
+
+
+def discriminator_loss(
+    real_logits: Tensor, real_mask: Tensor, fake_logits: Tensor, fake_mask: Tensor, label_smoothing: float = 0.1
+) -> Tensor:
+    """loss_D = ½(BCE(real, 1 − s) + BCE(fake, s)), each a mean over its masked positions (spec §6, §11).
+
+    Args:
+        real_logits, fake_logits: [B, L] logits on corrupted real / student sequences.
+        real_mask, fake_mask: [B, L] bool masked positions of each side.
+        label_smoothing: s (0.1).
+
+    Returns:
+        Scalar float32 loss.
+    """
+    real = smoothed_bce(real_logits, 1.0 - label_smoothing, real_mask)
+    fake = smoothed_bce(fake_logits, label_smoothing, fake_mask)
+    return 0.5 * (real + fake)
+
+
+class Discriminator(nn.Module):
+    """D_λ(z, σ) -> per-token logits [B, L]: a deep copy of a backbone's trunk + a spectral-norm MLP head.
+
+    Only the last `num_trainable_blocks` blocks of the copied trunk and the head are trainable (spec §6:
+    4 of 12 for MDLM-small). The copy's output layer stays in the module (frozen, unused): `features`
+    stops before it. The head is `SN(Linear(H, H)) → SiLU → SN(Linear(H, 1))`, applied per token.
+    Soft tokens ([B, L, V] floats) pass through the trunk as they do for the backbone (RGAS tilting).
+    """
+
+    def __init__(self, backbone: DenoiserBackbone, num_trainable_blocks: int = 4, head_hidden: int | None = None):
+        """Copy `backbone` and set up the trainable parts.
+
+        Args:
+            backbone: the teacher trunk to copy (not modified).
+            num_trainable_blocks: k last blocks left trainable (0 = head only); at most the number of blocks.
+            head_hidden: the head's hidden width (default: the backbone's hidden size).
+        """
+        super().__init__()
+        blocks = len(backbone.blocks)
+        if not 0 <= num_trainable_blocks <= blocks:
+            raise ValueError(f"num_trainable_blocks={num_trainable_blocks} must be in [0, {blocks}]")
+        self.trunk: nn.Module = copy.deepcopy(backbone)  # type: ignore[assignment]
+        self.trunk.requires_grad_(False)
+        trunk_blocks: nn.ModuleList = self.trunk.blocks  # type: ignore[assignment]
+        for block in list(trunk_blocks)[blocks - num_trainable_blocks :]:
+            block.requires_grad_(True)
+        hidden, width = backbone.hidden_size, head_hidden or backbone.hidden_size
+        self.head = nn.Sequential(
+            spectral_norm(nn.Linear(hidden, width)), nn.SiLU(), spectral_norm(nn.Linear(width, 1))
+        )
+        self.num_trainable_blocks = num_trainable_blocks
+        self.mask_id: int = backbone.mask_id
+        self.vocab_size: int = backbone.vocab_size
+
+    def forward(self, tokens: Tensor, sigma: Tensor) -> Tensor:
+        """Per-token logits [B, L] float32 of `tokens` ([B, L] ids or [B, L, V] soft tokens) at σ [B]."""
+        hidden = self.trunk.features(tokens, sigma)  # type: ignore[operator]
+        return self.head(hidden.float()).squeeze(-1).float()  # type: ignore[no-any-return]
+
+
+def linear_warmup_decay(step: int, warmup_steps: int, total_steps: int, lr: float, min_lr: float) -> float:
+    """Learning rate at `step`: linear warm-up to `lr`, then linear decay to `min_lr` at `total_steps` (spec §11).
+
+    Args:
+        step: optimizer steps taken so far.
+        warmup_steps: warm-up length (1000 in the development code).
+        total_steps: step at which `min_lr` is reached (`trainer.max_steps`).
+        lr: peak learning rate.
+        min_lr: final learning rate (1e-8).
+    """
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return min_lr + (lr - min_lr) * (1.0 - progress)
+
+
+RealSource = Literal["data", "teacher"]
+
+
+class DiscriminatorReward:
+    """Self-training reward model: one discriminator update on (real, fake), then the log-odds reward (spec §6, §11).
+
+    Inputs through the reward interface: `samples` are the sampler's completion dicts {"tokens": [L] ids,
+    "tau": float, ...} (student sequences x and their coupled time τ); real rows come from the per-row
+    metadata `input_ids` (the sampler's prompt rows) when `real_source="data"` ([Third-party code], default),
+    or are sampled from `teacher` with `teacher_num_steps` ancestral steps (`"teacher"`, the paper's text).
+    Both sides are corrupted at the same τ with fresh masks (coupled time); the discriminator sees the real
+    σ_τ = −log α_τ. The update uses its own AdamW, linear warm-up + linear decay, `nan_to_num` on the
+    gradients and norm clipping. The reward is computed after the update, under no_grad in float32.
+    With `train=False` it is a plain scorer. Metrics: `loss`, `acc_real`, `acc_fake`, `grad_norm`, `lr`.
+    """
+
+    def __init__(
+        self,
+        discriminator: Discriminator,
+        train: bool = True,
+        lr: float = 1e-5,
+        betas: tuple[float, float] = (0.9, 0.999),
+        adam_eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 1000,
+        total_steps: int = 10_000,
+        min_lr: float = 1e-8,
+        max_grad_norm: float = 1.0,
+        label_smoothing: float = 0.1,
+        reward_clip: float = 8.0,
+        logodds_eps: float = 1e-6,
+        schedule: str = "loglinear",
+        schedule_eps: float = 1e-3,
+        real_source: RealSource = "data",
+        teacher: Any = None,
+        teacher_num_steps: int = 64,
+        seed: int = 0,
+    ) -> None:
+        """Store the config and build the optimizer (keyword names are the YAML keys; see the class docstring)."""
+        if real_source not in get_args(RealSource):
+            raise ValueError(f"real_source={real_source!r} is not one of {get_args(RealSource)}")
+        if real_source == "teacher" and teacher is None:
+            raise ValueError("real_source='teacher' needs a teacher MaskedDiffusionLM")
+        if not 0.0 <= label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing={label_smoothing} must be in [0, 0.5)")
+        if warmup_steps < 0 or total_steps < 1 or lr <= 0 or max_grad_norm <= 0:
+            raise ValueError("need warmup_steps >= 0, total_steps >= 1, lr > 0 and max_grad_norm > 0")
+        from modalities.diffusion_lm.schedules import make_schedule
+
+        self.discriminator, self.train, self.teacher = discriminator, bool(train), teacher
+        self.lr, self.min_lr, self.warmup_steps, self.total_steps = lr, min_lr, warmup_steps, total_steps
+        self.max_grad_norm, self.label_smoothing = max_grad_norm, label_smoothing
+        self.reward_clip, self.logodds_eps, self.real_source = reward_clip, logodds_eps, real_source
+        self.teacher_num_steps = teacher_num_steps
+        self.schedule = make_schedule(schedule, eps=schedule_eps)
+        params = [p for p in discriminator.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=lr, betas=betas, eps=adam_eps, weight_decay=weight_decay)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.num_updates = 0
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.discriminator.parameters()).device
+
+    def __call__(self, prompts: Sequence[Any], samples: Sequence[Any], **metadata: Any) -> RewardOutput:
+        fake = stack_sample_tokens(samples).to(self.device)
+        tau = torch.tensor([float(s["tau"]) for s in samples], dtype=torch.float32, device=self.device)
+        z_fake = self.corrupt(fake, tau)
+        metrics: dict[str, float] = {}
+        if self.train:
+            real = self.real_batch(fake.shape, metadata)
+            metrics = self.update(self.corrupt(real, tau), z_fake, tau)
+        scores = self.score_corrupted(z_fake, tau)
+        return RewardOutput(scores=scores.cpu(), metrics=metrics)
+
+    def sigma(self, tau: Tensor) -> Tensor:
+        """σ_τ = −log α_τ [N] (the discriminator sees the real σ)."""
+        return -torch.log(self.schedule.alpha(tau.double())).float()
+
+    def corrupt(self, tokens: Tensor, tau: Tensor) -> Tensor:
+        """Absorbing corruption of [N, L] ids at per-row times τ [N], with this reward's own generator."""
+        from modalities.diffusion_lm.masked_diffusion import corrupt
+
+        alpha = self.schedule.alpha(tau.double()).float()
+        noisy, _ = corrupt(tokens.cpu(), alpha.cpu(), self.discriminator.mask_id, self.generator)
+        return noisy.to(tokens.device)
+
+    def real_batch(self, shape: torch.Size, metadata: dict[str, Any]) -> Tensor:
+        """[N, L] real rows: the data rows (metadata `input_ids`) or fresh teacher samples."""
+        if self.real_source == "teacher":
+            with torch.no_grad():
+                rows = self.teacher.sample(shape[0], shape[1], self.teacher_num_steps, self.generator)
+            return rows.to(self.device)  # type: ignore[no-any-return]
+        if "input_ids" not in metadata:
+            raise ValueError("real_source='data' needs per-row `input_ids` metadata (the sampler's data rows)")
+        real = torch.as_tensor(metadata["input_ids"], dtype=torch.long, device=self.device)
+        if real.shape != shape:
+            raise ValueError(f"real rows have shape {tuple(real.shape)}, the samples {tuple(shape)}")
+        return real
+
+    def update(self, z_real: Tensor, z_fake: Tensor, tau: Tensor) -> dict[str, float]:
+        """One discriminator step on corrupted real and (detached) fake rows; returns its metrics."""
+        d, mask_id = self.discriminator, self.discriminator.mask_id
+        lr = linear_warmup_decay(self.num_updates, self.warmup_steps, self.total_steps, self.lr, self.min_lr)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        d.train()
+        sigma = self.sigma(tau)
+        real_logits, fake_logits = d(z_real, sigma), d(z_fake.detach(), sigma)
+        m_real, m_fake = z_real == mask_id, z_fake == mask_id
+        loss = discriminator_loss(real_logits, m_real, fake_logits, m_fake, self.label_smoothing)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # type: ignore[no-untyped-call]
+        params = [p for p in d.parameters() if p.grad is not None]
+        for p in params:
+            torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)  # type: ignore[arg-type]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        self.optimizer.step()
+        self.num_updates += 1
+        with torch.no_grad():
+            acc_real = ((real_logits > 0) & m_real).sum() / m_real.sum().clamp_min(1)
+            acc_fake = ((fake_logits < 0) & m_fake).sum() / m_fake.sum().clamp_min(1)
+        return {
+            "loss": float(loss),
+            "acc_real": float(acc_real),
+            "acc_fake": float(acc_fake),
+            "grad_norm": float(grad_norm),
+            "lr": lr,
+        }
+
+    @torch.no_grad()
+    def score_corrupted(self, z: Tensor, tau: Tensor) -> Tensor:
+        """[N] clamped log-odds rewards of already-corrupted rows z [N, L] at times τ (fp32, no grad)."""
+        was_training = self.discriminator.training
+        self.discriminator.eval()
+        logits = self.discriminator(z, self.sigma(tau))
+        self.discriminator.train(was_training)
+        return sequence_reward(logits, z == self.discriminator.mask_id, self.logodds_eps, self.reward_clip)
+
+    def score(self, tokens: Tensor, tau: Tensor) -> Tensor:
+        """Standalone scorer: corrupt clean rows [N, L] at τ [N] and return their [N] rewards (no update)."""
+        return self.score_corrupted(self.corrupt(tokens.to(self.device), tau.to(self.device)), tau.to(self.device))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Discriminator weights, optimizer, update count and generator state (checkpointed by the trainer)."""
+        return {
+            "discriminator": self.discriminator.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "num_updates": self.num_updates,
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.discriminator.load_state_dict(state["discriminator"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.num_updates = int(state["num_updates"])
+        self.generator.set_state(state["generator"])
+
+
+def stack_sample_tokens(samples: Sequence[Any]) -> Tensor:
+    """[N, L] LongTensor from completion dicts {"tokens": ...} (or bare token sequences)."""
+    if not samples:
+        raise ValueError("no samples to score")
+    rows = [s["tokens"] if isinstance(s, Mapping) else s for s in samples]
+    return torch.stack([torch.as_tensor(r, dtype=torch.long) for r in rows])
