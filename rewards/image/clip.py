@@ -154,17 +154,23 @@ class ClipScore:
         return torch.device(next(self.model.parameters()).device)
 
     @torch.no_grad()
-    def embed(self, captions: Sequence[str], samples: Sequence[Any] | Tensor) -> tuple[Tensor, Tensor]:
-        """(image embeddings [N, D], text embeddings [N, D]), unnormalised, fp32."""
+    def embed_images(self, samples: Sequence[Any] | Tensor) -> Tensor:
+        """Image embeddings [N, D], unnormalised, fp32, on CPU."""
         images = to_image_tensor(samples)
-        image_out, text_out = [], []
-        for start in range(0, len(captions), self.batch_size):
+        out = []
+        for start in range(0, images.shape[0], self.batch_size):
             chunk = images[start : start + self.batch_size].to(self.device)
-            pixels = clip_preprocess(chunk, self.image_size, self.mean, self.std)
+            out.append(self.model.encode_image(clip_preprocess(chunk, self.image_size, self.mean, self.std)).float())
+        return torch.cat(out).cpu() if out else torch.zeros(0, 0)
+
+    @torch.no_grad()
+    def embed_texts(self, captions: Sequence[str]) -> Tensor:
+        """Text embeddings [N, D], unnormalised, fp32, on CPU."""
+        out = []
+        for start in range(0, len(captions), self.batch_size):
             tokens = self.tokenizer([str(c) for c in captions[start : start + self.batch_size]]).to(self.device)
-            image_out.append(self.model.encode_image(pixels).float())
-            text_out.append(self.model.encode_text(tokens).float())
-        return torch.cat(image_out).cpu(), torch.cat(text_out).cpu()
+            out.append(self.model.encode_text(tokens).float())
+        return torch.cat(out).cpu() if out else torch.zeros(0, 0)
 
     def __call__(self, prompts: Sequence[Any], samples: Sequence[Any], **metadata: Any) -> RewardOutput:
         if len(prompts) != len(samples):
@@ -172,7 +178,8 @@ class ClipScore:
         if len(prompts) == 0:
             return RewardOutput(scores=torch.zeros(0), components={self.name: torch.zeros(0)})
         began = time.perf_counter()
-        image_embeds, text_embeds = self.embed([caption_text(p) for p in prompts], samples)
+        image_embeds = self.embed_images(samples)
+        text_embeds = self.embed_texts([caption_text(p) for p in prompts])
         scores = cosine_scores(image_embeds, text_embeds) * self.scale
         metrics = {f"{self.name}/mean": float(scores.mean()), f"{self.name}/latency_s": time.perf_counter() - began}
         return RewardOutput(scores=scores, components={self.name: scores.clone()}, metrics=metrics)
