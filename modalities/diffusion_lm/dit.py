@@ -131,7 +131,8 @@ class TimestepEmbedder(nn.Module):
         )
 
     def forward(self, sigma: Tensor) -> Tensor:
-        return self.mlp(timestep_embedding(sigma))
+        embedded: Tensor = self.mlp(timestep_embedding(sigma))
+        return embedded
 
 
 class EmbeddingLayer(nn.Module):
@@ -177,8 +178,9 @@ class DiTBlock(nn.Module):
         attn = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype))
         attn = self.attn_out(rearrange(attn, "b h l d -> b l (h d)"))
         x = x + gate1 * F.dropout(attn, self.dropout, self.training)
-        mlp = self.mlp(modulate(self.norm2(x), shift2, scale2))
-        return x + gate2 * F.dropout(mlp, self.dropout, self.training)
+        mlp: Tensor = self.mlp(modulate(self.norm2(x), shift2, scale2))
+        out: Tensor = x + gate2 * F.dropout(mlp, self.dropout, self.training)
+        return out
 
 
 class DiTFinalLayer(nn.Module):
@@ -198,7 +200,8 @@ class DiTFinalLayer(nn.Module):
         return modulate(self.norm_final(x), shift, scale)
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
-        return self.linear(self.features(x, c))
+        logits: Tensor = self.linear(self.features(x, c))
+        return logits
 
 
 class DiT(nn.Module):
@@ -243,7 +246,8 @@ class DiT(nn.Module):
 
     def forward(self, tokens: Tensor, sigma: Tensor) -> Tensor:
         x, c = self._trunk(tokens, sigma)
-        return self.output_layer(x, c).float()
+        logits: Tensor = self.output_layer(x, c)
+        return logits.float()
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -109,7 +109,8 @@ class MaskedDiffusionLM(nn.Module):
     def logits(self, z: Tensor, sigma: Tensor) -> Tensor:
         """Raw float32 backbone logits [B, L, V] under this model's precision."""
         with autocast_context(z.device, self.mixed_precision):
-            return self.backbone(z, sigma.to(z.device)).float()
+            logits: Tensor = self.backbone(z, sigma.to(z.device))
+        return logits.float()
 
     def log_probs_x0(self, z: Tensor, t: Tensor | float) -> Tensor:
         """log x_θ(z_t) [B, L, V] float32 with SUBS applied; t scalar or [B]."""

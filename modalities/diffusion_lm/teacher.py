@@ -1,0 +1,245 @@
+"""Train a masked-diffusion teacher with the MDLM NELBO: AdamW + linear warm-up, progress bar, resumable checkpoints.
+
+Spec didi_instruct.md §2 (MDLM arXiv:2406.07524: AdamW 3e-4, betas (0.9, 0.999), wd 0, linear warm-up then
+constant). Simplified: no teacher EMA, one process. Checkpoints go through `toolkit.checkpoint` (atomic,
+keep-last-K, resume="auto"); metrics to `run_dir/metrics.jsonl`; `summary.json` is written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from modalities.diffusion_lm.dit import DiT, DiTConfig
+from modalities.diffusion_lm.masked_diffusion import MaskedDiffusionLM
+from modalities.diffusion_lm.schedules import make_schedule
+from modalities.diffusion_lm.text_data import TokenDataset, collate_input_ids
+from toolkit.checkpoint import (
+    CheckpointManager,
+    CheckpointState,
+    GracefulInterrupt,
+    capture_rng_state,
+    load_checkpoint,
+    resolve_resume,
+    restore_rng_state,
+)
+from toolkit.console import ProgressBar
+from toolkit.logging import MetricsLogger
+
+TEACHER_KIND = "dlm_teacher"
+
+
+@dataclass
+class TeacherResult:
+    """What `train_teacher` did: the step reached, the last logged loss, and the final checkpoint."""
+
+    step: int
+    loss: float
+    checkpoint: Path | None
+    interrupted: bool = False
+    history: list[float] = field(default_factory=list)
+
+
+@torch.no_grad()
+def evaluate_nelbo(
+    model: MaskedDiffusionLM,
+    chunks: Sequence[Sequence[int]] | Tensor,
+    batch_size: int = 32,
+    num_repeats: int = 4,
+    seed: int = 0,
+) -> float:
+    """Mean per-token NELBO (nats; exp of it bounds the perplexity) over every chunk, `num_repeats` t draws each."""
+    ids = torch.as_tensor(chunks, dtype=torch.long) if not isinstance(chunks, Tensor) else chunks
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    was_training, total, count = model.training, 0.0, 0
+    model.eval()
+    for _ in range(num_repeats):
+        for start in range(0, ids.shape[0], batch_size):
+            batch = ids[start : start + batch_size].to(device)
+            total += float(model.nelbo(batch, generator)) * batch.numel()
+            count += batch.numel()
+    model.train(was_training)
+    return total / count
+
+
+def warmup_constant(warmup_steps: int) -> Any:
+    """LambdaLR factor: linear warm-up over `warmup_steps`, then 1 (MDLM's `constant_warmup`)."""
+    return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+
+
+def _save(
+    manager: CheckpointManager,
+    step: int,
+    model: MaskedDiffusionLM,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    data: Any,
+    generator: torch.Generator,
+    meta: dict[str, Any],
+) -> Path:
+    objects = {
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "data": data.state_dict(),
+        "generator": generator.get_state(),
+    }
+    model_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return manager.save(CheckpointState(step, model_state, objects, capture_rng_state(), meta))
+
+
+def teacher_meta(model: MaskedDiffusionLM) -> dict[str, Any]:
+    """JSON metadata that lets `load_teacher` rebuild the model (DiT config, schedule, time conditioning)."""
+    config = getattr(model.backbone, "config", None)
+    return {
+        "kind": TEACHER_KIND,
+        "dit_config": config.to_dict() if isinstance(config, DiTConfig) else None,
+        "schedule": type(model.schedule).__name__,
+        "schedule_args": dict(vars(model.schedule)),
+        "time_conditioning": model.time_conditioning,
+    }
+
+
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    """Write JSON to `path` through a temp file and rename (readers never see a partial file)."""
+    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temp.write_text(json.dumps(payload, indent=2, sort_keys=True), encoding="utf-8")
+    os.replace(temp, path)
+
+
+def train_teacher(
+    model: MaskedDiffusionLM,
+    data: TokenDataset,
+    num_steps: int,
+    lr: float = 3e-4,
+    batch_size: int = 32,
+    run_dir: str | Path | None = None,
+    warmup_steps: int = 100,
+    weight_decay: float = 0.0,
+    grad_clip: float = 1.0,
+    seed: int = 0,
+    save_every: int = 0,
+    keep_last: int = 2,
+    resume: str = "auto",
+    log_every: int = 10,
+    progress: bool = True,
+) -> TeacherResult:
+    """Minimise the MDLM NELBO of `model` on `data` for `num_steps` optimizer steps (resumable).
+
+    Args:
+        model: the teacher (on its device). data: a TokenDataset-like DataSource of {"input_ids"} rows.
+        run_dir: checkpoints, metrics.jsonl and summary.json go here; None trains without saving.
+        save_every: checkpoint every this many steps (0: only at the end and on SIGINT/SIGTERM).
+        resume: "auto" (latest checkpoint of run_dir), "never", or a checkpoint path.
+        progress: show a progress bar with the running loss.
+    """
+    if num_steps < 1 or batch_size < 1 or lr <= 0:
+        raise ValueError(f"need num_steps >= 1, batch_size >= 1, lr > 0; got {num_steps}, {batch_size}, {lr}")
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_constant(warmup_steps))
+    manager = CheckpointManager(run_dir, keep_last=keep_last) if run_dir is not None else None
+    start = _maybe_resume(manager, resume, model, optimizer, scheduler, data, generator)
+    meta = teacher_meta(model)
+    logger = MetricsLogger(run_dir, resume_step=start) if run_dir is not None else None
+    result = TeacherResult(step=start, loss=math.nan, checkpoint=None)
+    model.train()
+    with GracefulInterrupt() as interrupt, ProgressBar(num_steps, start, progress, description="teacher") as bar:
+        for step in range(start + 1, num_steps + 1):
+            loss = _train_step(model, optimizer, scheduler, data, batch_size, grad_clip, generator, device)
+            result.step, result.loss = step, loss
+            result.history.append(loss)
+            bar.update(step, {"loss": loss})
+            if logger is not None and (step % log_every == 0 or step == num_steps):
+                logger.log(step, {"loss/nelbo": loss, "optim/lr": scheduler.get_last_lr()[0]})
+            stop = interrupt.requested
+            if manager is not None and (stop or step == num_steps or (save_every and step % save_every == 0)):
+                result.checkpoint = _save(manager, step, model, optimizer, scheduler, data, generator, meta)
+            if stop:
+                result.interrupted = True
+                break
+    if logger is not None:
+        logger.close()
+        write_json_atomic(Path(run_dir) / "summary.json", {"step": result.step, "loss": result.loss, **meta})  # type: ignore[arg-type]
+    return result
+
+
+def _train_step(
+    model: MaskedDiffusionLM,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    data: TokenDataset,
+    batch_size: int,
+    grad_clip: float,
+    generator: torch.Generator,
+    device: torch.device,
+) -> float:
+    x = collate_input_ids(data.next_batch(batch_size), device)
+    loss = model.nelbo(x, generator)
+    if not torch.isfinite(loss):
+        raise ValueError(f"teacher NELBO is {float(loss)}; lower the lr or check the data")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    for p in model.parameters():
+        if p.grad is not None:
+            torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    scheduler.step()
+    return float(loss.detach())
+
+
+def _maybe_resume(
+    manager: CheckpointManager | None,
+    resume: str,
+    model: MaskedDiffusionLM,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    data: Any,
+    generator: torch.Generator,
+) -> int:
+    if manager is None:
+        return 0
+    path = resolve_resume(resume, manager.run_dir)
+    if path is None:
+        return 0
+    state = load_checkpoint(path)
+    model.load_state_dict(state.model)
+    optimizer.load_state_dict(state.objects["optimizer"])
+    scheduler.load_state_dict(state.objects["scheduler"])
+    data.load_state_dict(state.objects["data"])
+    generator.set_state(state.objects["generator"])
+    restore_rng_state(state.rng)
+    return state.step
+
+
+def load_teacher(
+    path: str | Path, device: torch.device | str = "cpu", mixed_precision: str = "no"
+) -> MaskedDiffusionLM:
+    """A teacher saved by `train_teacher`: a checkpoint directory or a run directory (its latest checkpoint)."""
+    resolved = resolve_resume(str(path), Path(path))
+    if resolved is None:
+        raise ValueError(f"no teacher checkpoint at {path}")
+    state = load_checkpoint(resolved, weights_only=True)
+    if state.meta.get("kind") != TEACHER_KIND or not state.meta.get("dit_config"):
+        raise ValueError(f"{resolved} is not a DiT teacher checkpoint written by train_teacher (meta kind/dit_config)")
+    names = {"LogLinearSchedule": "loglinear", "LinearSchedule": "linear", "CosineSchedule": "cosine"}
+    schedule = make_schedule(names[state.meta["schedule"]], **state.meta["schedule_args"])
+    model = MaskedDiffusionLM(
+        DiT(DiTConfig(**state.meta["dit_config"])),
+        schedule=schedule,
+        time_conditioning=bool(state.meta["time_conditioning"]),
+        mixed_precision=mixed_precision,
+    )
+    model.load_state_dict(state.model)
+    return model.to(device).eval()
