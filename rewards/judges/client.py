@@ -4,11 +4,15 @@
 with the standard library only: a bounded thread pool, per-request timeouts and exponential back-off
 on transient errors. `HFChatClient` runs a local transformers causal LM; `FakeJudgeClient` wraps a
 function for tests and demos. A conversation that fails yields None and is counted in `stats`.
+Images ride in content parts `{"type": "image", "image": PIL.Image}` (see `image_part`); the HTTP client
+sends them as OpenAI `image_url` parts with base64 PNG data URLs.
 """
 
 from __future__ import annotations
 
+import base64
 import http.client
+import io
 import json
 import logging
 import os
@@ -189,7 +193,7 @@ class OpenAIChatClient:
         """The JSON request body for one conversation."""
         body: dict[str, Any] = {
             "model": self.model,
-            "messages": [dict(m) for m in conversation],
+            "messages": [openai_message(m) for m in conversation],
             "temperature": self.temperature,
             "max_tokens": self.max_tokens,
         }
@@ -266,6 +270,39 @@ def _check_non_negative(**values: float) -> None:
     for name, value in values.items():
         if not value >= 0:
             raise ValueError(f"{name} must be >= 0, got {value!r}")
+
+
+def image_data_url(image: Any, image_format: str = "PNG") -> str:
+    """A PIL image as a base64 data URL (`data:image/png;base64,...`), RGB."""
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format=image_format)
+    mime = "jpeg" if image_format.upper() in ("JPEG", "JPG") else image_format.lower()
+    return f"data:image/{mime};base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def image_part(image: Any) -> dict[str, Any]:
+    """A content part carrying a PIL image: `{"type": "image", "image": image}`.
+
+    OpenAIChatClient turns it into an `image_url` part with a PNG data URL; HF vision clients pass the
+    image to their processor.
+    """
+    return {"type": "image", "image": image}
+
+
+def openai_message(message: Message) -> dict[str, Any]:
+    """A message in OpenAI chat format: `image` parts holding PIL images become `image_url` data-URL parts;
+    string content and every other part pass through unchanged."""
+    out = dict(message)
+    content = out.get("content")
+    if isinstance(content, (list, tuple)):
+        out["content"] = [_openai_part(p) for p in content]
+    return out
+
+
+def _openai_part(part: Any) -> Any:
+    if isinstance(part, Mapping) and part.get("type") == "image" and hasattr(part.get("image"), "save"):
+        return {"type": "image_url", "image_url": {"url": image_data_url(part["image"])}}
+    return part
 
 
 def text_only_messages(conversation: Conversation) -> list[dict[str, str]]:
