@@ -1,0 +1,299 @@
+"""Video VLM policy (Qwen2.5-VL / Qwen2-VL / Qwen3-VL): owns the model and processor, re-scores video rollouts.
+
+Re-scoring feeds exactly what sampling fed (the prompt's `pixel_values_videos`, `video_grid_thw` and
+`second_per_grid_ts`, with `mm_token_type_ids` so the model builds the same mRoPE positions), so the re-scored
+log-probs equal the sampler's. Log-probs are those of the temperature-scaled full distribution, in fp32 even when
+the model runs in bf16. The vision tower is frozen by default; LoRA (peft) targets the language model only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
+
+import torch
+from torch import Tensor, nn
+
+from toolkit.distributed import unwrap
+from toolkit.rollout import Rollout
+
+ReferenceMode = Literal["auto", "copy", "adapters_off", "none"]
+DTypeName = Literal["float32", "bfloat16", "auto"]
+_TORCH_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# LoRA on the language model's linear layers only (the vision tower stays frozen).
+LANGUAGE_LORA_TARGETS = r"^(?!.*visual).*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
+
+
+@dataclass
+class VideoFeatures:
+    """One processed video as the model consumes it (shared by the G rows of a prompt).
+
+    Attributes:
+        pixel_values_videos: [P, C·2·14·14] flattened patches (P = t·h·w of the grid).
+        video_grid_thw: [1, 3] int64 (t, h, w) patch grid.
+        second_per_grid_ts: seconds per temporal grid step = temporal_patch_size / fps (mRoPE time axis).
+        num_tokens: LLM placeholder tokens = t·h·w / merge².
+    """
+
+    pixel_values_videos: Tensor
+    video_grid_thw: Tensor
+    second_per_grid_ts: float
+    num_tokens: int
+
+
+def token_log_probs(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """fp32 log-probs of `tokens` and entropies under softmax(logits / temperature).
+
+    Args:
+        logits: [N, T, V] next-token logits aligned with `tokens`; tokens: [N, T] int64; temperature: > 0.
+
+    Returns:
+        ([N, T] log pi(token), [N, T] entropy H = logsumexp(x) - sum softmax(x)·x), float32.
+    """
+    scaled = logits.float() / temperature
+    normalizer = torch.logsumexp(scaled, dim=-1)
+    picked = scaled.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    entropy = normalizer - (torch.softmax(scaled, dim=-1) * scaled).sum(-1)
+    return picked - normalizer, entropy
+
+
+def left_align(input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Move each row's attended tokens to the right end, order kept ([N, L] → [N, L]); undoes concat right-padding."""
+    order = torch.argsort(attention_mask.int(), dim=1, stable=True)
+    return input_ids.gather(1, order), attention_mask.gather(1, order)
+
+
+def video_batch(videos: Sequence[VideoFeatures], device: torch.device) -> dict[str, Tensor]:
+    """The model's video kwargs for rows `videos` (one video per row, in row order)."""
+    return {
+        "pixel_values_videos": torch.cat([v.pixel_values_videos for v in videos]).to(device),
+        "video_grid_thw": torch.cat([v.video_grid_thw for v in videos]).to(device),
+        "second_per_grid_ts": torch.tensor([v.second_per_grid_ts for v in videos], device=device),
+    }
+
+
+def mm_token_types(input_ids: Tensor, video_token_id: int, image_token_id: int | None = None) -> Tensor:
+    """[N, W] modality ids for mRoPE: 0 text, 1 image placeholder, 2 video placeholder."""
+    types = (input_ids == video_token_id).long() * 2
+    if image_token_id is not None:
+        types = types + (input_ids == image_token_id).long()
+    return types
+
+
+def row_slices(num_rows: int, chunk: int) -> Iterator[slice]:
+    """Consecutive row slices of at most `chunk` rows."""
+    for start in range(0, num_rows, chunk):
+        yield slice(start, min(start + chunk, num_rows))
+
+
+class VideoVLMPolicy:
+    """A Qwen-VL-family video model as a Policy, EntropyPolicy and ReferencePolicy.
+
+    Args:
+        model: a hub id or local path (`AutoModelForImageTextToText.from_pretrained`) or a built `nn.Module`.
+        processor: the model's processor (tokenizer + video processor + chat template), a hub id/path, or None
+            (loaded from `model` when that is a string).
+        lora: peft `LoraConfig` kwargs; `target_modules` defaults to the language model's linear layers.
+        freeze_vision: keep the vision tower (and its merger) frozen.
+        gradient_checkpointing: recompute activations in backward (use_reentrant=False).
+        dtype: "float32" keeps fp32 weights (bf16 autocast on CUDA), "bfloat16" casts them, "auto" keeps them.
+        attn_implementation: passed to `from_pretrained` (e.g. "sdpa", "flash_attention_2"); None = default.
+        temperature, top_p, top_k: sampling settings the sampler inherits; log-probs use the temperature only.
+        reference: "adapters_off" (LoRA), "copy" (frozen copy taken before the first update), "none", or "auto".
+        micro_batch_size: rows per forward when re-scoring (None = all rows at once).
+        autocast: bf16 autocast when the module is on CUDA.
+        disable_dropout: zero every dropout, so train-mode re-scoring equals sampling.
+    """
+
+    def __init__(
+        self,
+        model: str | nn.Module,
+        processor: Any = None,
+        lora: Mapping[str, Any] | None = None,
+        freeze_vision: bool = True,
+        gradient_checkpointing: bool = False,
+        dtype: DTypeName = "float32",
+        attn_implementation: str | None = None,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int | None = None,
+        reference: ReferenceMode = "auto",
+        micro_batch_size: int | None = None,
+        autocast: bool = True,
+        disable_dropout: bool = True,
+    ) -> None:
+        _check_choice("dtype", dtype, DTypeName)
+        _check_choice("reference", reference, ReferenceMode)
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if micro_batch_size is not None and micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be >= 1 or None, got {micro_batch_size}")
+        if reference == "adapters_off" and lora is None:
+            raise ValueError("reference='adapters_off' needs lora; use 'copy' or 'auto' for full fine-tuning")
+        self.temperature, self.top_p, self.top_k = float(temperature), float(top_p), top_k
+        self.micro_batch_size, self.autocast, self.is_lora = micro_batch_size, autocast, lora is not None
+        self.reference_mode: ReferenceMode = (
+            ("adapters_off" if self.is_lora else "copy") if reference == "auto" else reference
+        )
+        self.processor = _load_processor(processor, model)
+        base: Any = _build_model(model, dtype, attn_implementation)
+        if freeze_vision:
+            vision_tower(base).requires_grad_(False)
+        if gradient_checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if self.is_lora:
+                base.enable_input_require_grads()
+        self.module: nn.Module = _wrap_lora(base, lora) if lora is not None else base
+        if disable_dropout:
+            _zero_dropout(self.module)
+        config = base.config
+        self.video_token_id = int(config.video_token_id)
+        self.image_token_id = getattr(config, "image_token_id", None)
+        self._reference: nn.Module | None = None
+        self._updated = False
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.processor.tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+    def autocast_context(self) -> contextlib.AbstractContextManager[Any]:
+        """bf16 autocast when enabled and the module is on CUDA; a no-op otherwise."""
+        if self.autocast and self.device.type == "cuda":
+            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def log_probs(self, rollout: Rollout) -> Tensor:
+        """[N, T] float32 log-probs of the response tokens (0 where `rollout.mask` is False)."""
+        return self._score(self.module, rollout)[0]
+
+    def log_probs_and_entropy(self, rollout: Rollout) -> tuple[Tensor, Tensor]:
+        """([N, T] log-probs, [N, T] entropy) from one forward; both 0 where the mask is False."""
+        return self._score(self.module, rollout)
+
+    @torch.no_grad()
+    def ref_log_probs(self, rollout: Rollout) -> Tensor:
+        """[N, T] float32 log-probs under the reference (adapters off or the frozen copy), no grad."""
+        if self.reference_mode == "none":
+            raise ValueError("this policy was built with reference='none'; set reference to 'auto' for a KL term")
+        if self.reference_mode == "adapters_off":
+            with self.module.disable_adapter():  # type: ignore[operator]
+                return self._score(self.module, rollout)[0]
+        return self._score(self.init_reference(), rollout)[0]
+
+    def init_reference(self) -> nn.Module:
+        """The module scoring the reference; in "copy" mode a frozen copy, taken before any update."""
+        if self.reference_mode != "copy":
+            return self.module
+        if self._reference is None:
+            if self._updated:
+                raise RuntimeError("the reference copy must be taken before the first update: call init_reference()")
+            self._reference = copy.deepcopy(unwrap(self.module)).eval().requires_grad_(False)
+        if next(self._reference.parameters()).device != self.device:
+            self._reference.to(self.device)
+        return self._reference
+
+    def after_optimizer_step(self) -> None:
+        """Called by the Trainer after each optimizer step: the weights are no longer the reference's."""
+        self._updated = True
+
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        """The weights the trainer updates: the trainable parameters with LoRA, else the full state dict."""
+        module = unwrap(self.module)
+        if not self.is_lora:
+            return module.state_dict()
+        return {name: p.detach() for name, p in module.named_parameters() if p.requires_grad}
+
+    def _score(self, module: nn.Module, rollout: Rollout) -> tuple[Tensor, Tensor]:
+        data, num_steps = rollout.data, rollout.num_steps
+        sampled_at = data.get("temperature")
+        if sampled_at is not None and float(sampled_at) != self.temperature:
+            raise ValueError(f"rollout sampled at temperature {sampled_at}, the policy scores at {self.temperature}")
+        videos: list[VideoFeatures] = data["videos"]
+        device = next(module.parameters()).device
+        prompt_ids, prompt_mask = left_align(data["prompt_ids"], data["prompt_attention_mask"].bool())
+        input_ids = torch.cat([prompt_ids, data["response_ids"]], dim=1).to(device)
+        attention = torch.cat([prompt_mask, data["response_attention_mask"].bool()], dim=1).to(device)
+        logprobs, entropies = [], []
+        for rows in row_slices(len(rollout), self.micro_batch_size or max(len(rollout), 1)):
+            ids = input_ids[rows]
+            with self.autocast_context():
+                logits = module(
+                    input_ids=ids,
+                    attention_mask=attention[rows].long(),
+                    mm_token_type_ids=mm_token_types(ids, self.video_token_id, self.image_token_id),
+                    use_cache=False,
+                    logits_to_keep=num_steps + 1,
+                    **video_batch(videos[rows], device),
+                ).logits
+            lp, ent = token_log_probs(logits[:, -(num_steps + 1) : -1], ids[:, -num_steps:], self.temperature)
+            logprobs.append(lp)
+            entropies.append(ent)
+        mask = rollout.mask.to(device)
+        return torch.where(mask, torch.cat(logprobs), 0.0), torch.where(mask, torch.cat(entropies), 0.0)
+
+
+def vision_tower(model: nn.Module) -> nn.Module:
+    """The vision encoder of a Qwen-VL-family model (`model.model.visual` in transformers 5, else `model.visual`)."""
+    for owner in (getattr(model, "model", None), model):
+        visual = getattr(owner, "visual", None)
+        if isinstance(visual, nn.Module):
+            return visual
+    raise ValueError(f"{type(model).__name__} has no `visual` tower; expected a Qwen2/2.5/3-VL model")
+
+
+def _check_choice(name: str, value: str, choices: Any) -> None:
+    if value not in get_args(choices):
+        raise ValueError(f"{name}={value!r} is not one of {list(get_args(choices))}")
+
+
+def _load_processor(processor: Any, model: Any) -> Any:
+    if processor is None and isinstance(model, str):
+        processor = model
+    if isinstance(processor, str):
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(processor, padding_side="left")
+    if processor is None or getattr(processor, "tokenizer", None) is None:
+        raise ValueError("VideoVLMPolicy needs a processor with a tokenizer and a video_processor")
+    return processor
+
+
+def _build_model(model: str | nn.Module, dtype: DTypeName, attn_implementation: str | None) -> Any:
+    if isinstance(model, str):
+        from transformers import AutoModelForImageTextToText
+
+        kwargs: dict[str, Any] = {"dtype": _TORCH_DTYPES.get(dtype, "auto")}
+        if attn_implementation is not None:
+            kwargs["attn_implementation"] = attn_implementation
+        return AutoModelForImageTextToText.from_pretrained(model, **kwargs)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a hub id/path or an nn.Module, got {type(model).__name__}")
+    return model.to(_TORCH_DTYPES[dtype]) if dtype in _TORCH_DTYPES else model
+
+
+def _wrap_lora(base: Any, lora: Mapping[str, Any]) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(**{"task_type": "CAUSAL_LM", "target_modules": LANGUAGE_LORA_TARGETS, **dict(lora)})
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        wrapped: nn.Module = get_peft_model(base, config)
+    return wrapped
+
+
+def _zero_dropout(module: nn.Module) -> None:
+    for sub in module.modules():
+        if isinstance(sub, nn.Dropout):
+            sub.p = 0.0
+        if isinstance(getattr(sub, "attention_dropout", None), float):
+            setattr(sub, "attention_dropout", 0.0)  # noqa: B010 (HF attention modules keep a float)

@@ -1,0 +1,307 @@
+"""Batched video sampler: G answers per (video, question) prompt with one HF `generate` call per chunk of rows.
+
+Each prompt's video is read, sized and patchified once (an LRU cache keyed by the record's video, fps, region box and
+the video settings), then shared by its G rows. A video that cannot be read is a counted, logged skip of that prompt
+(`video/skipped_prompts`), never a crash. old_logprobs come from re-scoring the finished rollout with the policy (one
+no-grad forward), so the on-policy ratio is exactly 1; they are log-probs of the temperature-scaled full distribution
+(top-p/top-k only restrict which token is drawn), as in TRL and verl.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import GenerationConfig
+
+from modalities.medical_video.data import region_box
+from modalities.medical_video.policy import VideoFeatures, row_slices, video_batch
+from modalities.medical_video.policy import mm_token_types as _mm_token_types
+from modalities.medical_video.video import VideoCache, VideoConfig, VideoError, load_video
+from toolkit.distributed import unwrap
+from toolkit.interfaces import Policy
+from toolkit.rollout import Rollout
+
+log = logging.getLogger(__name__)
+VIDEO_PLACEHOLDER = "<|video_pad|>"
+
+
+class VideoSampler:
+    """Samples G completions per prompt dict {"prompt": question, "video": path | frame list, "fps", ...}.
+
+    Extra prompt keys (answer, task, dataset, struc_info, rc_info, id, ...) stay in `rollout.prompts` and reach the
+    reward models as metadata; "dataset"/"task" fill `rollout.dataset_ids`/`task_ids`. Sampling is reproducible from
+    `generator` (one seed drawn from it seeds `generate` inside `torch.random.fork_rng`).
+
+    Args:
+        video: a VideoConfig or its kwargs (fps, frame and pixel limits, resize mode, reader, box drawing, cache).
+        max_new_tokens: generation budget per completion (256 = the released inference setting).
+        temperature, top_p, top_k: None inherits the policy's values; top_k 0 = off.
+        do_sample: False = greedy (evaluation).
+        system_prompt: an optional system message (e.g. the one-shot format example); None = none (spec §3).
+        generation_batch_size: rows per `generate` call (None = all N rows in one call).
+        compute_old_logprobs: re-score for old_logprobs; False leaves zeros (evaluation only).
+    """
+
+    def __init__(
+        self,
+        video: VideoConfig | Mapping[str, Any] | None = None,
+        max_new_tokens: int = 256,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        do_sample: bool = True,
+        system_prompt: str | None = None,
+        generation_batch_size: int | None = None,
+        compute_old_logprobs: bool = True,
+    ) -> None:
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if temperature is not None and temperature <= 0:
+            raise ValueError(f"temperature must be > 0 (use do_sample=False for greedy), got {temperature}")
+        if top_p is not None and not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if generation_batch_size is not None and generation_batch_size < 1:
+            raise ValueError(f"generation_batch_size must be >= 1 or None, got {generation_batch_size}")
+        self.video = video if isinstance(video, VideoConfig) else VideoConfig(**dict(video or {}))
+        self.max_new_tokens = max_new_tokens
+        self.temperature, self.top_p, self.top_k, self.do_sample = temperature, top_p, top_k, do_sample
+        self.system_prompt = system_prompt
+        self.generation_batch_size = generation_batch_size
+        self.compute_old_logprobs = compute_old_logprobs
+        self.cache: VideoCache[VideoFeatures] = VideoCache(self.video.cache_size)
+        self.skipped_total = 0
+
+    def sample(self, policy: Policy, prompts: list[Any], group_size: int, generator: torch.Generator) -> Rollout:
+        """G samples per readable prompt, group-major (`group_ids[i] = i // G`), re-scored for old_logprobs."""
+        if group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {group_size}")
+        if not prompts:
+            raise ValueError("sample needs at least one prompt")
+        temperature = self._temperature(policy)
+        hits, misses = self.cache.hits, self.cache.misses
+        dicts, videos = self._load_videos(policy, prompts)
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
+        encoded = [self._encode(policy, d, v) for d, v in zip(dicts, videos, strict=True)]
+        module = policy.module
+        was_training = module.training
+        module.eval()
+        try:
+            start = time.perf_counter()
+            rows = [i for i in range(len(dicts)) for _ in range(group_size)]
+            sequences = self._generate(policy, [encoded[i] for i in rows], [videos[i] for i in rows], seed, temperature)
+            rollout = self._build_rollout(policy, dicts, videos, group_size, sequences, temperature)
+            rollout.metrics["time/generate_s"] = time.perf_counter() - start
+            rollout.metrics["video/skipped_prompts"] = float(len(prompts) - len(dicts))
+            rollout.metrics["video/cache_hits"] = float(self.cache.hits - hits)
+            rollout.metrics["video/cache_misses"] = float(self.cache.misses - misses)
+            rollout.metrics["video/tokens_mean"] = sum(v.num_tokens for v in videos) / len(videos)
+            if self.compute_old_logprobs:
+                with torch.no_grad():
+                    rollout.old_logprobs = policy.log_probs(rollout).detach()
+        finally:
+            module.train(was_training)
+        return rollout
+
+    def video_features(self, policy: Policy, prompt: Mapping[str, Any]) -> VideoFeatures:
+        """The prompt's processed video (cached); raises VideoError when it cannot be read."""
+        video, fps, box = prompt.get("video"), prompt.get("fps"), region_box(prompt.get("rc_info"))
+        if video is None:
+            raise VideoError(str(prompt.get("id", "?")), "the prompt has no 'video'")
+        source = video if isinstance(video, str) else tuple(str(v) for v in video)
+        processor = getattr(policy, "processor")  # noqa: B009 (a Policy protocol has no processor attribute)
+        key = (source, fps, box, self.video.key(), id(processor))
+        return self.cache.get(key, lambda: _patchify(processor, load_video(video, self.video, fps, box)))
+
+    def _load_videos(self, policy: Policy, prompts: list[Any]) -> tuple[list[dict[str, Any]], list[VideoFeatures]]:
+        dicts, videos, errors = [], [], []
+        for prompt in prompts:
+            if not isinstance(prompt, dict) or "prompt" not in prompt:
+                raise ValueError(f"a video prompt must be a dict with 'prompt' and 'video', got {prompt!r:.80}")
+            try:
+                videos.append(self.video_features(policy, prompt))
+            except VideoError as error:
+                errors.append(str(error))
+                log.warning("skipping prompt %s: %s", prompt.get("id", "?"), error)
+                continue
+            dicts.append(prompt)
+        self.skipped_total += len(errors)
+        if not dicts:
+            raise VideoError("<batch>", f"none of the {len(prompts)} prompts has a readable video: {errors[:3]}")
+        return dicts, videos
+
+    def _temperature(self, policy: Policy) -> float:
+        policy_temperature = float(getattr(policy, "temperature", 1.0))
+        temperature = policy_temperature if self.temperature is None else float(self.temperature)
+        if self.compute_old_logprobs and self.do_sample and temperature != policy_temperature:
+            raise ValueError(
+                f"sampler temperature {temperature} differs from the policy's {policy_temperature}: the re-scored "
+                "old_logprobs would not be the sampling distribution's (set compute_old_logprobs=False to evaluate)"
+            )
+        return temperature
+
+    def _encode(self, policy: Policy, prompt: Mapping[str, Any], video: VideoFeatures) -> list[int]:
+        processor = getattr(policy, "processor")  # noqa: B009
+        messages: list[dict[str, Any]] = []
+        if self.system_prompt is not None:
+            messages.append({"role": "system", "content": [{"type": "text", "text": self.system_prompt}]})
+        content = [{"type": "video"}, {"type": "text", "text": str(prompt["prompt"])}]
+        messages.append({"role": "user", "content": content})
+        text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if text.count(VIDEO_PLACEHOLDER) != 1:
+            raise ValueError(f"the chat template must render one {VIDEO_PLACEHOLDER} per video, got: {text!r:.200}")
+        text = text.replace(VIDEO_PLACEHOLDER, VIDEO_PLACEHOLDER * video.num_tokens)
+        ids: list[int] = list(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return ids
+
+    def _generate(
+        self, policy: Policy, rows: list[list[int]], videos: list[VideoFeatures], seed: int, temperature: float
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Left-padded prompts [N, L] (+ bool mask) and responses [N, T] padded with the pad id."""
+        module = unwrap(policy.module)
+        device = next(module.parameters()).device
+        config, eos, pad = self._generation_config(policy, module, temperature)
+        width = max(len(r) for r in rows)
+        prompt_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        prompt_mask = torch.zeros((len(rows), width), dtype=torch.bool)
+        for i, row in enumerate(rows):
+            prompt_ids[i, width - len(row) :] = torch.tensor(row)
+            prompt_mask[i, width - len(row) :] = True
+        prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+        video_id, image_id = int(getattr(policy, "video_token_id")), getattr(policy, "image_token_id", None)  # noqa: B009
+        autocast = getattr(policy, "autocast_context", contextlib.nullcontext)
+        cuda = (
+            [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+        )
+        responses = []
+        with torch.random.fork_rng(devices=cuda), torch.no_grad(), autocast(), _plain_generation_config(module):
+            torch.manual_seed(seed)
+            for part in row_slices(len(rows), self.generation_batch_size or len(rows)):
+                ids = prompt_ids[part]
+                output = module.generate(  # type: ignore[operator]
+                    input_ids=ids,
+                    attention_mask=prompt_mask[part].long(),
+                    mm_token_type_ids=_mm_token_types(ids, video_id, image_id),
+                    generation_config=config,
+                    **video_batch(videos[part], device),
+                )
+                responses.append(output[:, width:])
+        steps = max(r.shape[1] for r in responses)
+        response_ids = torch.cat([nn.functional.pad(r, (0, steps - r.shape[1]), value=pad) for r in responses])
+        return prompt_ids, prompt_mask, response_ids
+
+    def _generation_config(
+        self, policy: Policy, module: nn.Module, temperature: float
+    ) -> tuple[GenerationConfig, list[int], int]:
+        tokenizer = getattr(policy, "tokenizer")  # noqa: B009
+        eos: list[int] = []
+        model_eos = getattr(getattr(module, "generation_config", None), "eos_token_id", None)
+        for value in (tokenizer.eos_token_id, model_eos):
+            for token in [value] if isinstance(value, int) else list(value or []):
+                if int(token) not in eos:
+                    eos.append(int(token))
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+        top_p = self.top_p if self.top_p is not None else float(getattr(policy, "top_p", 1.0))
+        top_k = self.top_k if self.top_k is not None else (getattr(policy, "top_k", None) or 0)
+        sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k} if self.do_sample else {}
+        config = GenerationConfig(
+            do_sample=self.do_sample,
+            max_new_tokens=self.max_new_tokens,
+            eos_token_id=eos,
+            pad_token_id=pad,
+            use_cache=True,
+            **sampling,
+        )
+        return config, eos, pad
+
+    def _build_rollout(
+        self,
+        policy: Policy,
+        dicts: list[dict[str, Any]],
+        videos: list[VideoFeatures],
+        group_size: int,
+        sequences: tuple[Tensor, Tensor, Tensor],
+        temperature: float,
+    ) -> Rollout:
+        prompt_ids, prompt_mask, response_ids = sequences
+        device = response_ids.device
+        _, eos, _ = self._generation_config(policy, unwrap(policy.module), temperature)
+        is_end = torch.isin(response_ids, torch.tensor(eos, device=device))
+        finished = is_end.any(dim=1)
+        first_end = torch.where(is_end, torch.arange(response_ids.shape[1], device=device), response_ids.shape[1])
+        lengths = torch.where(finished, first_end.amin(dim=1) + 1, response_ids.shape[1])
+        response_mask = torch.arange(response_ids.shape[1], device=device)[None, :] < lengths[:, None]
+        tokenizer = getattr(policy, "tokenizer")  # noqa: B009
+        completions = tokenizer.batch_decode(
+            [ids[:n] for ids, n in zip(response_ids.tolist(), lengths.tolist(), strict=True)], skip_special_tokens=True
+        )
+        rows = [d for d in dicts for _ in range(group_size)]
+        return Rollout(
+            group_ids=torch.arange(len(rows), device=device) // group_size,
+            old_logprobs=torch.zeros(response_ids.shape, dtype=torch.float32, device=device),
+            mask=response_mask.clone(),
+            lengths=lengths,
+            truncated=~finished,
+            prompts=rows,
+            completions=completions,
+            dataset_ids=_labels(rows, "dataset"),
+            task_ids=_labels(rows, "task"),
+            prompt_keys=[str(d["id"]) if "id" in d else json.dumps(d["prompt"]) for d in rows],
+            data={
+                "prompt_ids": prompt_ids,
+                "prompt_attention_mask": prompt_mask,
+                "response_ids": response_ids,
+                "response_attention_mask": response_mask,
+                "videos": [v for v in videos for _ in range(group_size)],
+                "temperature": temperature,
+            },
+            metrics={
+                "rollout/length_mean": float(lengths.float().mean()),
+                "rollout/truncated_frac": float((~finished).float().mean()),
+                "rollout/prompt_length_mean": float(prompt_mask.sum(1).float().mean()),
+            },
+        )
+
+
+def _patchify(processor: Any, video: Any) -> VideoFeatures:
+    """Flatten a ProcessedVideo into the model's patches with the processor's own normalisation (no resize)."""
+    video_processor = processor.video_processor
+    kwargs: dict[str, Any] = {"do_resize": False, "return_tensors": "pt"}
+    kwargs["do_sample_frames"] = False  # frames were sampled by the video pipeline
+    if hasattr(video_processor, "cap_pixels_per_frame"):
+        kwargs["cap_pixels_per_frame"] = False  # sizing is done already (qwen-vl-utils rules)
+    out = video_processor(videos=[video.frames], **kwargs)
+    grid = out["video_grid_thw"].long()
+    merge = int(getattr(video_processor, "merge_size", 2))
+    temporal = int(getattr(video_processor, "temporal_patch_size", 2))
+    return VideoFeatures(
+        pixel_values_videos=out["pixel_values_videos"],
+        video_grid_thw=grid,
+        second_per_grid_ts=temporal / video.fps,
+        num_tokens=int(grid.prod()) // merge**2,
+    )
+
+
+def _labels(rows: list[dict[str, Any]], key: str) -> list[str] | None:
+    if not any(key in d for d in rows):
+        return None
+    return [str(d.get(key, "default")) for d in rows]
+
+
+@contextlib.contextmanager
+def _plain_generation_config(module: nn.Module) -> Iterator[None]:
+    """Give the model a default GenerationConfig while sampling, so a checkpoint's defaults (Qwen2.5-VL-Instruct's
+    repetition penalty, top-k 1, ...) cannot change the sampled distribution away from the one the policy scores."""
+    model: Any = module.get_base_model() if hasattr(module, "get_base_model") else module
+    saved = getattr(model, "generation_config", None)
+    model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = saved
