@@ -1,0 +1,452 @@
+"""Flow-matching text-to-image policy (SD3 / FLUX transformers) that re-scores stored SDE transitions.
+
+`FlowMatchingPolicy.module` is the transformer (LoRA-wrapped with peft when `lora` is set); the VAE and
+the text encoder are frozen components. `log_probs` recomputes, at each row's trained transitions, the
+velocity and the SDE step log-prob of the stored next latent (`modalities.text_to_image.sde`, fp32), so
+re-scoring fresh samples gives ratio 1. Flow-GRPO backprops one timestep at a time; the Trainer asks for
+all T at once, so with `gradient_checkpointing=True` every transformer call is wrapped in
+`torch.utils.checkpoint` and only its inputs stay alive until backward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from modalities.text_to_image.sde import Reduce, gaussian_kl, sde_step
+from modalities.text_to_image.text_encoding import CachedTextEncoder, PipelineTextEncoder
+from toolkit.distributed import unwrap
+from toolkit.rollout import Rollout
+
+Arch = Literal["sd3", "flux"]
+ReferenceMode = Literal["auto", "copy", "adapters_off", "none"]
+TimestepMode = Literal["auto", "exact", "quantized"]
+CfgGradient = Literal["conditional", "both"]
+DTypeName = Literal["float32", "bfloat16"]
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# rollout.data keys the sampler writes and the policy reads (see FlowSDESampler).
+COND_KEYS = ("prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds", "negative_pooled_prompt_embeds")
+DEFAULT_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def _check(name: str, value: Any, choices: Any) -> None:
+    allowed = get_args(choices)
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not one of {list(allowed)}")
+
+
+@dataclass
+class Transitions:
+    """The (row, step) pairs a re-scoring pass evaluates, flattened to M = mask.sum() entries."""
+
+    rows: Tensor
+    cols: Tensor
+    latents: Tensor
+    next_latents: Tensor
+    sigmas: Tensor
+    next_sigmas: Tensor
+    guards: Tensor
+    eta: Tensor
+    guidance: Tensor
+    cond: dict[str, Tensor]
+
+
+class FlowMatchingPolicy:
+    """An SD3 or FLUX transformer as a Policy, ReferencePolicy and AnalyticKLPolicy.
+
+    Args:
+        transformer: an `SD3Transformer2DModel` / `FluxTransformer2DModel` (or a module with their forward).
+        arch: "sd3" (true CFG: batched [uncond; cond] forward) or "flux" (guidance embedding, one forward).
+        vae: an `AutoencoderKL` for decoding (None: the sampler returns latents, no images).
+        text_encoder: a `CachedTextEncoder` (caption → embeddings, cached).
+        lora: peft `LoraConfig` kwargs (default target_modules: attention q/k/v/out); None = full fine-tune.
+        reference: "adapters_off" (LoRA), "copy" (frozen deep copy), "none", or "auto" (LoRA → adapters_off).
+        gradient_checkpointing: wrap every transformer call of `log_probs` in `torch.utils.checkpoint`.
+        dtype: transformer weights: "float32" (master weights; bf16 autocast on CUDA) or "bfloat16".
+        autocast: bf16 autocast for transformer forwards on CUDA (step math stays fp32).
+        timestep_mode: time input: "exact" σ, "quantized" int(σ·1000)/1000 (Pref-GRPO FLUX), "auto" =
+            quantized for flux, exact for sd3. The SDE always uses the exact σ.
+        cfg_gradient: SD3 CFG gradient: "conditional" (v = sg(v_u) + w(v_c − sg(v_u))) or "both".
+        micro_batch_size: transitions per transformer call when re-scoring (None = all at once).
+        kl_reduce: reduction of the analytic KL over latent dims ("mean" = Flow-GRPO).
+        vae_scale_factor: pixels per latent cell; None = from the VAE (2^(len(block_out_channels) − 1)) or 8.
+        disable_dropout: zero every dropout (LoRA's too), so train-mode re-scoring equals sampling.
+    """
+
+    def __init__(
+        self,
+        transformer: nn.Module,
+        arch: Arch = "sd3",
+        vae: nn.Module | None = None,
+        text_encoder: CachedTextEncoder | None = None,
+        lora: Mapping[str, Any] | None = None,
+        reference: ReferenceMode = "auto",
+        gradient_checkpointing: bool = False,
+        dtype: DTypeName = "float32",
+        autocast: bool = True,
+        timestep_mode: TimestepMode = "auto",
+        cfg_gradient: CfgGradient = "conditional",
+        micro_batch_size: int | None = None,
+        kl_reduce: Reduce = "mean",
+        vae_scale_factor: int | None = None,
+        disable_dropout: bool = True,
+    ) -> None:
+        for name, value, choices in (
+            ("arch", arch, Arch),
+            ("reference", reference, ReferenceMode),
+            ("dtype", dtype, DTypeName),
+            ("timestep_mode", timestep_mode, TimestepMode),
+            ("cfg_gradient", cfg_gradient, CfgGradient),
+            ("kl_reduce", kl_reduce, Reduce),
+        ):
+            _check(name, value, choices)
+        if micro_batch_size is not None and micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be >= 1 or None, got {micro_batch_size}")
+        if reference == "adapters_off" and lora is None:
+            raise ValueError("reference='adapters_off' needs lora; use 'copy' or 'auto' for full fine-tuning")
+        self.arch: Arch = arch
+        self.vae = vae.eval().requires_grad_(False) if vae is not None else None
+        self.text_encoder = text_encoder
+        self.is_lora = lora is not None
+        self.reference_mode: ReferenceMode = (
+            ("adapters_off" if self.is_lora else "copy") if reference == "auto" else reference
+        )
+        self.gradient_checkpointing, self.autocast = gradient_checkpointing, autocast
+        self.quantize_timesteps = timestep_mode == "quantized" or (timestep_mode == "auto" and arch == "flux")
+        self.cfg_gradient, self.micro_batch_size, self.kl_reduce = cfg_gradient, micro_batch_size, kl_reduce
+        self.vae_scale_factor = vae_scale_factor or (
+            2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
+        )
+        base = transformer if _param_dtype(transformer) == _DTYPES[dtype] else transformer.to(_DTYPES[dtype])
+        self.module: nn.Module = _wrap_lora(base, lora) if lora is not None else base
+        if disable_dropout:
+            for sub in self.module.modules():
+                if isinstance(sub, nn.Dropout):
+                    sub.p = 0.0
+        self._reference: nn.Module | None = None
+        self._cache: tuple[Rollout, Transitions, Tensor, Tensor] | None = None
+
+    # ------------------------------------------------------------------ components
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str,
+        arch: Arch = "sd3",
+        lora: Mapping[str, Any] | None = None,
+        dtype: DTypeName = "float32",
+        component_dtype: DTypeName = "bfloat16",
+        max_sequence_length: int | None = None,
+        **kwargs: Any,
+    ) -> FlowMatchingPolicy:
+        """Transformer, VAE and text encoders of a diffusers checkpoint (SD3.5 or FLUX.1-dev; GPU recipes)."""
+        from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel
+
+        _check("arch", arch, Arch)
+        model_cls: Any = SD3Transformer2DModel if arch == "sd3" else FluxTransformer2DModel
+        transformer = model_cls.from_pretrained(path, subfolder="transformer", torch_dtype=_DTYPES[dtype])
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=_DTYPES[component_dtype])
+        encoder = PipelineTextEncoder.from_pretrained(path, arch, component_dtype, max_sequence_length)
+        return cls(transformer, arch=arch, vae=vae, text_encoder=encoder, lora=lora, dtype=dtype, **kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+    @property
+    def config(self) -> Any:
+        """The transformer's diffusers config (through LoRA and DDP wrappers)."""
+        module: Any = unwrap(self.module)
+        get_base = getattr(module, "get_base_model", None)
+        return (get_base() if callable(get_base) else module).config
+
+    def autocast_context(self) -> contextlib.AbstractContextManager[Any]:
+        if self.autocast and self.device.type == "cuda":
+            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def encode_prompts(self, captions: list[str]) -> tuple[Tensor, Tensor]:
+        """([B, L, D], [B, P]) text conditioning on the policy's device (cached per caption)."""
+        if self.text_encoder is None:
+            raise ValueError("this FlowMatchingPolicy has no text_encoder")
+        return self.text_encoder.encode(captions, self.device)
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
+        """Shape of one latent: [C, h, w] (sd3) or packed [h/2 · w/2, 4C] tokens (flux)."""
+        return latent_shape(self.arch, int(self.config.in_channels), height, width, self.vae_scale_factor)
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor, height: int, width: int) -> Tensor:
+        """[N, 3, H, W] float32 images in [0, 1] from final latents [N, ...] (VAE scaling and shift undone)."""
+        if self.vae is None:
+            raise ValueError("this FlowMatchingPolicy has no vae to decode with")
+        vae: Any = self.vae.to(self.device)
+        if self.arch == "flux":
+            latents = unpack(latents, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        latents = latents.float() / vae.config.scaling_factor + shift
+        images = vae.decode(latents.to(next(vae.parameters()).dtype)).sample
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    # ------------------------------------------------------------------ forward
+    def velocity(
+        self,
+        latents: Tensor,
+        sigmas: Tensor,
+        cond: Mapping[str, Tensor],
+        guidance: Tensor,
+        module: nn.Module | None = None,
+        image_size: tuple[int, int] | None = None,
+    ) -> Tensor:
+        """[n, ...] float32 velocity at latents [n, ...], per-row sigmas [n], conditioning and guidance [n].
+
+        SD3 with negative embeddings in `cond`: true CFG over one batched [uncond; cond] forward. FLUX: the
+        guidance value goes to the guidance embedder (when the model has one), one forward.
+        """
+        module = self.module if module is None else module
+        timesteps = sigmas.float()
+        if self.quantize_timesteps:
+            timesteps = torch.floor(timesteps * 1000.0) / 1000.0
+        if self.arch == "flux":
+            return self._flux_velocity(module, latents, timesteps, cond, guidance, image_size)
+        if "negative_prompt_embeds" not in cond:
+            return self._sd3_forward(module, latents, timesteps, cond["prompt_embeds"], cond["pooled_prompt_embeds"])
+        embeds = torch.cat([cond["negative_prompt_embeds"], cond["prompt_embeds"]])
+        pooled = torch.cat([cond["negative_pooled_prompt_embeds"], cond["pooled_prompt_embeds"]])
+        both = self._sd3_forward(module, torch.cat([latents, latents]), timesteps.repeat(2), embeds, pooled)
+        v_uncond, v_cond = both.chunk(2)
+        if self.cfg_gradient == "conditional":
+            v_uncond = v_uncond.detach()
+        w = guidance.float().reshape(-1, *([1] * (latents.dim() - 1)))
+        return v_uncond + w * (v_cond - v_uncond)
+
+    def _sd3_forward(self, module: nn.Module, x: Tensor, t: Tensor, embeds: Tensor, pooled: Tensor) -> Tensor:
+        dtype = _param_dtype(module)
+        with self.autocast_context():
+            out = module(
+                hidden_states=x.to(dtype),
+                timestep=(t * 1000.0).to(dtype),
+                encoder_hidden_states=embeds.to(dtype),
+                pooled_projections=pooled.to(dtype),
+                return_dict=False,
+            )[0]
+        return out.float()
+
+    def _flux_velocity(
+        self,
+        module: nn.Module,
+        x: Tensor,
+        t: Tensor,
+        cond: Mapping[str, Tensor],
+        guidance: Tensor,
+        image_size: tuple[int, int] | None,
+    ) -> Tensor:
+        if image_size is None:
+            raise ValueError("FLUX needs the image size for its positional ids")
+        dtype = _param_dtype(module)
+        embeds = cond["prompt_embeds"]
+        cell = self.vae_scale_factor * 2
+        kwargs: dict[str, Any] = {
+            "hidden_states": x.to(dtype),
+            "timestep": t.to(dtype),
+            "encoder_hidden_states": embeds.to(dtype),
+            "pooled_projections": cond["pooled_prompt_embeds"].to(dtype),
+            "txt_ids": torch.zeros(embeds.shape[1], 3, device=x.device, dtype=dtype),
+            "img_ids": image_ids(image_size[0] // cell, image_size[1] // cell, x.device).to(dtype),
+            "return_dict": False,
+        }
+        if getattr(self.config, "guidance_embeds", False):
+            kwargs["guidance"] = guidance.to(dtype)
+        with self.autocast_context():
+            out = module(**kwargs)[0]
+        return out.float()
+
+    # ------------------------------------------------------------------ scoring
+    def log_probs(self, rollout: Rollout) -> Tensor:
+        """[N, T] float32 log-probs of the stored transitions at the trained steps (0 where masked)."""
+        trans = self.transitions(rollout)
+        logprobs, means, stds = self._score(self.module, rollout, trans)
+        self._cache = (rollout, trans, means, stds)
+        return self._scatter(rollout, trans, logprobs)
+
+    @torch.no_grad()
+    def ref_log_probs(self, rollout: Rollout) -> Tensor:
+        """[N, T] float32 log-probs under the reference weights, no grad."""
+        trans = self.transitions(rollout)
+        with self._reference_module() as reference:
+            logprobs = self._score(reference, rollout, trans)[0]
+        return self._scatter(rollout, trans, logprobs)
+
+    def analytic_kl(self, rollout: Rollout) -> Tensor:
+        """[N, T] closed-form KL ‖μ_θ − μ_ref‖² / (2σ²) per trained step (Flow-GRPO), differentiable.
+
+        Reuses the current-policy means of the preceding `log_probs` call on the same rollout object.
+        """
+        if self._cache is not None and self._cache[0] is rollout:
+            _, trans, means, stds = self._cache
+        else:
+            trans = self.transitions(rollout)
+            _, means, stds = self._score(self.module, rollout, trans)
+        self._cache = None
+        with torch.no_grad(), self._reference_module() as reference:
+            ref_means = self._score(reference, rollout, trans)[1]
+        return self._scatter(rollout, trans, gaussian_kl(means, ref_means, stds, self.kl_reduce))
+
+    def transitions(self, rollout: Rollout) -> Transitions:
+        """Gather x_k, x_{k+1}, σ_k, σ_{k+1} and conditioning for every (row, trained step) in the mask."""
+        data, device = rollout.data, self.device
+        missing = [k for k in ("latents", "step_indices", "sigmas", "eta", "guidance_scale") if k not in data]
+        if missing:
+            raise ValueError(f"rollout.data lacks {missing}: sample with FlowSDESampler")
+        rows, cols = rollout.mask.to(device).nonzero(as_tuple=True)
+        steps = data["step_indices"].to(device)[rows, cols]
+        latents, sigmas = data["latents"].to(device), data["sigmas"].to(device)
+        return Transitions(
+            rows=rows,
+            cols=cols,
+            latents=latents[rows, steps],
+            next_latents=latents[rows, steps + 1],
+            sigmas=sigmas[rows, steps],
+            next_sigmas=sigmas[rows, steps + 1],
+            guards=sigmas[rows, 1],
+            eta=data["eta"].to(device)[rows],
+            guidance=data["guidance_scale"].to(device)[rows],
+            cond={k: data[k].to(device)[rows] for k in COND_KEYS if k in data},
+        )
+
+    def _score(self, module: nn.Module, rollout: Rollout, trans: Transitions) -> tuple[Tensor, Tensor, Tensor]:
+        """(log-probs [M], means [M, ...], stds [M]) of the transitions, in chunks of `micro_batch_size`."""
+        sde = rollout.data.get("sde", {})
+        mode, reduce = sde.get("step_mode", "flow"), sde.get("reduce", "mean")
+        size = _image_size(rollout)
+        count = trans.rows.numel()
+        outs = []
+        for part in _slices(count, self.micro_batch_size or max(count, 1)):
+            cond = {k: v[part] for k, v in trans.cond.items()}
+            args = (trans.latents[part], trans.sigmas[part], cond, trans.guidance[part], module, size)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                v = checkpoint(self.velocity, *args, use_reentrant=False)
+            else:
+                v = self.velocity(*args)
+            outs.append(
+                sde_step(
+                    mode,
+                    trans.latents[part],
+                    v,
+                    trans.sigmas[part],
+                    trans.next_sigmas[part],
+                    trans.eta[part],
+                    trans.guards[part],
+                    prev_sample=trans.next_latents[part],
+                    reduce=reduce,
+                )
+            )
+        if not outs:
+            empty = trans.latents.float()
+            return empty.new_zeros(0), empty, empty.new_zeros(0)
+        return (
+            torch.cat([o.log_prob for o in outs]),
+            torch.cat([o.mean for o in outs]),
+            torch.cat([o.std for o in outs]),
+        )
+
+    @staticmethod
+    def _scatter(rollout: Rollout, trans: Transitions, values: Tensor) -> Tensor:
+        out = torch.zeros(rollout.mask.shape, dtype=torch.float32, device=values.device)
+        return out.index_put((trans.rows, trans.cols), values.float())
+
+    # ------------------------------------------------------------------ reference and state
+    @contextlib.contextmanager
+    def _reference_module(self) -> Iterator[nn.Module]:
+        if self.reference_mode == "none":
+            raise ValueError("this policy was built with reference='none'; set reference='auto' for a KL term")
+        if self.reference_mode == "adapters_off":
+            peft_model: Any = unwrap(self.module)
+            with peft_model.disable_adapter():
+                yield self.module
+            return
+        yield self.init_reference()
+
+    def init_reference(self) -> nn.Module:
+        """Create the frozen reference copy now (mode "copy"; the Trainer calls this before any update)."""
+        if self.reference_mode != "copy":
+            return self.module
+        if self._reference is None:
+            self._reference = copy.deepcopy(unwrap(self.module)).eval().requires_grad_(False)
+        if next(self._reference.parameters()).device != self.device:
+            self._reference.to(self.device)
+        return self._reference
+
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        """LoRA adapter weights (trainable parameters) with LoRA, else the full transformer state dict."""
+        module = unwrap(self.module)
+        if not self.is_lora:
+            return module.state_dict()
+        return {name: p.detach() for name, p in module.named_parameters() if p.requires_grad}
+
+
+def latent_shape(arch: Arch, in_channels: int, height: int, width: int, scale: int) -> tuple[int, ...]:
+    """One latent's shape: [C, H/f, W/f] for SD3, packed [(H/2f)·(W/2f), C_in] tokens for FLUX (C_in = 4C)."""
+    if height % scale or width % scale:
+        raise ValueError(f"height {height} and width {width} must be multiples of the VAE factor {scale}")
+    h, w = height // scale, width // scale
+    if arch == "sd3":
+        return (in_channels, h, w)
+    if h % 2 or w % 2:
+        raise ValueError(f"FLUX packs 2x2 latent cells: height and width must be multiples of {2 * scale}")
+    return ((h // 2) * (w // 2), in_channels)
+
+
+def pack(latents: Tensor) -> Tensor:
+    """FLUX packing [N, C, h, w] → [N, (h/2)(w/2), 4C] (2×2 patches as tokens, diffusers' layout)."""
+    n, c, h, w = latents.shape
+    patches = latents.reshape(n, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return patches.reshape(n, (h // 2) * (w // 2), c * 4)
+
+
+def unpack(tokens: Tensor, h: int, w: int) -> Tensor:
+    """Inverse of `pack`: [N, (h/2)(w/2), 4C] → [N, C, h, w]."""
+    n, _, d = tokens.shape
+    patches = tokens.reshape(n, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return patches.reshape(n, d // 4, h, w)
+
+
+def image_ids(h2: int, w2: int, device: torch.device) -> Tensor:
+    """[h2·w2, 3] FLUX image position ids (0, row, column) of the packed token grid."""
+    ids = torch.zeros(h2, w2, 3, device=device)
+    ids[..., 1] = torch.arange(h2, device=device)[:, None]
+    ids[..., 2] = torch.arange(w2, device=device)[None, :]
+    return ids.reshape(h2 * w2, 3)
+
+
+def _param_dtype(module: nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
+
+
+def _image_size(rollout: Rollout) -> tuple[int, int] | None:
+    size = rollout.data.get("image_size")
+    if size is None:
+        return None
+    return int(size[0, 0]), int(size[0, 1])
+
+
+def _slices(count: int, chunk: int) -> Iterator[slice]:
+    for start in range(0, count, chunk):
+        yield slice(start, min(start + chunk, count))
+
+
+def _wrap_lora(base: nn.Module, lora: Mapping[str, Any]) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(**{"target_modules": DEFAULT_LORA_TARGETS, **dict(lora)})
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        wrapped: nn.Module = get_peft_model(base, config)  # type: ignore[arg-type]
+    return wrapped
