@@ -267,7 +267,7 @@ class DiscriminatorReward:
             acc_real = ((real_logits > 0) & m_real).sum() / m_real.sum().clamp_min(1)
             acc_fake = ((fake_logits < 0) & m_fake).sum() / m_fake.sum().clamp_min(1)
         return {
-            "loss": float(loss),
+            "loss": float(loss.detach()),
             "acc_real": float(acc_real),
             "acc_fake": float(acc_fake),
             "grad_norm": float(grad_norm),
@@ -309,3 +309,11 @@ def stack_sample_tokens(samples: Sequence[Any]) -> Tensor:
         raise ValueError("no samples to score")
     rows = [s["tokens"] if isinstance(s, Mapping) else s for s in samples]
     return torch.stack([torch.as_tensor(r, dtype=torch.long) for r in rows])
+
+
+def discriminator_from_teacher(
+    teacher: nn.Module, num_trainable_blocks: int = 4, head_hidden: int | None = None
+) -> Discriminator:
+    """A `Discriminator` on a copy of `teacher`'s backbone (a MaskedDiffusionLM or a bare backbone); for configs."""
+    backbone = getattr(teacher, "backbone", teacher)
+    return Discriminator(backbone, num_trainable_blocks, head_hidden)  # type: ignore[arg-type]

@@ -1,0 +1,264 @@
+"""DiDi-Instruct student policy: re-scores two-step student trajectories for the generic Trainer (arXiv:2509.25035).
+
+T = 2 trained steps per row: step 1 all-mask z_1 → z_τ, step 2 z_τ → x (spec didi_instruct.md §8). The
+step log-prob follows the `prev_is_mask` convention: Σ over positions masked before the step of
+log(x_ν(z_prev)[z_next] + 1e-10), so positions that stay masked add the constant log(1e-10) (no gradient).
+The analytic per-step KL to the frozen teacher (Jeffrey, β = 0.5, or forward KL; §10) and the entropy are
+means over the step's masked positions. An EMA copy of the student (0.999) is updated after every optimizer
+step and checkpointed through `state_dict()`. Simplified: the last-k trainable option unfreezes blocks only.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
+
+import torch
+from torch import Tensor, nn
+
+from modalities.diffusion_lm.backbone import autocast_context
+from modalities.diffusion_lm.masked_diffusion import MaskedDiffusionLM, subs_log_probs
+from toolkit.rollout import Rollout
+
+Regularization = Literal["jeffrey", "forward_kl", "reverse_kl"]
+LogprobMode = Literal["prev_is_mask", "changed_only"]
+LOGPROB_EPS = 1e-10
+
+
+def step_log_probs(
+    log_probs_x0: Tensor, z_prev: Tensor, z_next: Tensor, mask_id: int, mode: LogprobMode = "prev_is_mask"
+) -> Tensor:
+    """Log-probability of one student transition z_prev → z_next [N] (spec §8, `logprob_mode`).
+
+    Args:
+        log_probs_x0: [N, L, V] SUBS log x_ν(z_prev).
+        z_prev, z_next: [N, L] ids before and after the step.
+        mask_id: the mask id.
+        mode: "prev_is_mask" sums log(p + 1e-10) over positions masked in z_prev (staying masked adds the
+            constant log 1e-10); "changed_only" over newly unmasked positions (same gradient).
+
+    Returns:
+        [N] float32 log-probs (differentiable through `log_probs_x0`).
+    """
+    picked = log_probs_x0.float().gather(-1, z_next.unsqueeze(-1)).squeeze(-1)
+    values = torch.log(picked.exp() + LOGPROB_EPS)
+    positions = z_prev == mask_id
+    if mode == "changed_only":
+        positions = positions & (z_next != mask_id)
+    return torch.where(positions, values, 0.0).sum(-1)
+
+
+def masked_mean(values: Tensor, positions: Tensor) -> Tensor:
+    """[N] mean of values [N, L] over positions [N, L] (0 for rows without positions)."""
+    return torch.where(positions, values, 0.0).sum(-1) / positions.sum(-1).clamp_min(1)
+
+
+def categorical_entropy(log_probs: Tensor) -> Tensor:
+    """[N, L] entropy −Σ_v p log p of log-probs [N, L, V] (zero-mass entries contribute 0)."""
+    return -(log_probs.exp() * log_probs).sum(-1)
+
+
+def teacher_divergence(
+    student_log_probs: Tensor, teacher_log_probs: Tensor, regularization: Regularization = "jeffrey", beta: float = 0.5
+) -> Tensor:
+    """Per-position divergence [N, L] between teacher T and student S (spec §10).
+
+    J = (1 − β)·KL(T‖S) + β·KL(S‖T) ("jeffrey"); "forward_kl" = KL(T‖S) (development code), "reverse_kl" = KL(S‖T).
+
+    Args:
+        student_log_probs, teacher_log_probs: [N, L, V] SUBS log-probs (the teacher's detached).
+        regularization: "jeffrey", "forward_kl" or "reverse_kl".
+        beta: Jeffrey β (0 → forward, 1 → reverse).
+    """
+    s, t = student_log_probs.float(), teacher_log_probs.float().detach()
+    forward = (t.exp() * (t - s)).sum(-1)
+    reverse = (s.exp() * (s - t)).sum(-1)
+    if regularization == "forward_kl":
+        return forward
+    if regularization == "reverse_kl":
+        return reverse
+    return (1 - beta) * forward + beta * reverse
+
+
+@dataclass
+class StepInputs:
+    """The two trained steps of a rollout: inputs z [2][N, L], targets [2][N, L], times t [2][N]."""
+
+    inputs: tuple[Tensor, Tensor]
+    targets: tuple[Tensor, Tensor]
+    times: tuple[Tensor, Tensor]
+
+
+def rollout_steps(rollout: Rollout, mask_id: int) -> StepInputs:
+    """Step inputs/targets/times from `rollout.data` (`z_tau`, `x`, `tau` recorded by the sampler)."""
+    z_tau, x, tau = rollout.data["z_tau"], rollout.data["x"], rollout.data["tau"]
+    z_1 = torch.full_like(z_tau, mask_id)
+    return StepInputs((z_1, z_tau), (z_tau, x), (torch.ones_like(tau), tau))
+
+
+class StudentPolicy:
+    """Policy + EntropyPolicy + AnalyticKLPolicy over two-step student trajectories (see the module docstring).
+
+    `module` is the student backbone (what the Trainer's optimizer, accelerate and checkpoints see).
+    """
+
+    def __init__(
+        self,
+        student: MaskedDiffusionLM,
+        teacher: MaskedDiffusionLM | None = None,
+        num_trainable_blocks: int | None = None,
+        regularization: Regularization = "jeffrey",
+        jeffrey_beta: float = 0.5,
+        ema_decay: float | None = 0.999,
+        logprob_mode: LogprobMode = "prev_is_mask",
+        disable_dropout: bool = True,
+    ) -> None:
+        """Set up trainable parameters, the frozen teacher and the EMA copy.
+
+        Args:
+            student: the student (initialised from the teacher's weights).
+            teacher: the frozen teacher for the KL regulariser (None: `analytic_kl` raises).
+            num_trainable_blocks: train only the last k blocks (None = every parameter, spec default).
+            regularization: "jeffrey" (spec default, β = `jeffrey_beta`), "forward_kl" (development code) or
+                "reverse_kl".
+            jeffrey_beta: β in [0, 1].
+            ema_decay: EMA decay of `ema` (0.999), or None for no EMA.
+            logprob_mode: "prev_is_mask" (spec) or "changed_only".
+            disable_dropout: zero the backbone's dropout so re-scored log-probs equal the sampler's (as TRL).
+        """
+        if regularization not in get_args(Regularization):
+            raise ValueError(f"regularization={regularization!r} is not one of {get_args(Regularization)}")
+        if logprob_mode not in get_args(LogprobMode):
+            raise ValueError(f"logprob_mode={logprob_mode!r} is not one of {get_args(LogprobMode)}")
+        if not 0.0 <= jeffrey_beta <= 1.0 or (ema_decay is not None and not 0.0 <= ema_decay < 1.0):
+            raise ValueError(f"need 0 <= jeffrey_beta <= 1 and 0 <= ema_decay < 1, got {jeffrey_beta}, {ema_decay}")
+        self.student, self.teacher = student, teacher
+        self.module: nn.Module = student.backbone
+        self.mask_id, self.regularization, self.beta = student.mask_id, regularization, jeffrey_beta
+        self.logprob_mode, self.ema_decay = logprob_mode, ema_decay
+        if disable_dropout:
+            _disable_dropout(self.module)
+        if num_trainable_blocks is not None:
+            _train_last_blocks(self.module, num_trainable_blocks)
+        if teacher is not None:
+            teacher.requires_grad_(False).eval()
+        self.ema: nn.Module | None = None
+        if ema_decay is not None:
+            self.ema = copy.deepcopy(student.backbone).requires_grad_(False).eval()
+        self.num_updates = 0
+
+    # ------------------------------------------------------------------ forwards
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+    def x0_log_probs(self, z: Tensor, t: Tensor) -> Tensor:
+        """Student SUBS log x_ν(z_t) [N, L, V] through `module` (σ zeroed unless time-conditioned)."""
+        sigma = self.student.backbone_sigma(t.to(z.device), z.shape[0]).to(z.device)
+        with autocast_context(z.device, self.student.mixed_precision):
+            logits = self.module(z, sigma)
+        return subs_log_probs(logits.float(), z, self.mask_id)
+
+    def teacher_log_probs(self, z: Tensor, t: Tensor) -> Tensor:
+        if self.teacher is None:
+            raise ValueError("StudentPolicy has no teacher: pass `teacher` to use the KL regulariser")
+        if next(self.teacher.parameters()).device != z.device:
+            self.teacher.to(z.device)
+        with torch.no_grad():
+            return self.teacher.log_probs_x0(z, t)
+
+    def _per_step(self, rollout: Rollout, with_entropy: bool) -> tuple[Tensor, Tensor | None]:
+        steps = rollout_steps(rollout, self.mask_id)
+        logprobs, entropies = [], []
+        for z, target, t in zip(steps.inputs, steps.targets, steps.times, strict=True):
+            log_probs = self.x0_log_probs(z, t)
+            logprobs.append(step_log_probs(log_probs, z, target, self.mask_id, self.logprob_mode))
+            if with_entropy:
+                entropies.append(masked_mean(categorical_entropy(log_probs), z == self.mask_id))
+        mask = rollout.mask
+        out = torch.where(mask, torch.stack(logprobs, dim=1), 0.0)
+        entropy = torch.where(mask, torch.stack(entropies, dim=1), 0.0) if with_entropy else None
+        return out, entropy
+
+    # ------------------------------------------------------------------ Policy protocols
+    def log_probs(self, rollout: Rollout) -> Tensor:
+        """[N, 2] float32 step log-probs (0 where `rollout.mask` is False)."""
+        return self._per_step(rollout, with_entropy=False)[0]
+
+    def log_probs_and_entropy(self, rollout: Rollout) -> tuple[Tensor, Tensor]:
+        """([N, 2] log-probs, [N, 2] mean entropy over each step's masked positions)."""
+        logprobs, entropy = self._per_step(rollout, with_entropy=True)
+        assert entropy is not None
+        return logprobs, entropy
+
+    def analytic_kl(self, rollout: Rollout) -> Tensor:
+        """[N, 2] divergence to the teacher per step, averaged over the step's masked positions (spec §10)."""
+        steps = rollout_steps(rollout, self.mask_id)
+        kls = []
+        for z, t in zip(steps.inputs, steps.times, strict=True):
+            div = teacher_divergence(
+                self.x0_log_probs(z, t), self.teacher_log_probs(z, t), self.regularization, self.beta
+            )
+            kls.append(masked_mean(div, z == self.mask_id))
+        return torch.where(rollout.mask, torch.stack(kls, dim=1), 0.0)
+
+    # ------------------------------------------------------------------ EMA
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        """EMA update ema ← decay·ema + (1 − decay)·student (called by the Trainer after each step)."""
+        self.num_updates += 1
+        if self.ema is None or self.ema_decay is None:
+            return
+        source = _unwrap(self.module)
+        ema_state, state = self.ema.state_dict(), source.state_dict()
+        for key, value in ema_state.items():
+            if value.is_floating_point():
+                value.lerp_(state[key].to(value.device), 1.0 - self.ema_decay)
+            else:
+                value.copy_(state[key])
+
+    def ema_model(self) -> MaskedDiffusionLM:
+        """The EMA student as a MaskedDiffusionLM sharing the student's schedule (the student itself without EMA)."""
+        if self.ema is None:
+            return self.student
+        return MaskedDiffusionLM(
+            self.ema,
+            self.student.schedule,
+            self.student.time_conditioning,
+            self.student.mixed_precision,
+            self.student.final,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """EMA weights and the update count (the student weights are the Trainer's `module` state)."""
+        return {"ema": None if self.ema is None else self.ema.state_dict(), "num_updates": self.num_updates}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.num_updates = int(state.get("num_updates", 0))
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    inner = getattr(module, "module", None)
+    return inner if isinstance(inner, nn.Module) else module
+
+
+def _disable_dropout(module: nn.Module) -> None:
+    """Zero nn.Dropout probabilities and float `dropout` attributes (our DiT blocks use F.dropout)."""
+    for sub in module.modules():
+        if isinstance(sub, nn.Dropout):
+            sub.p = 0.0
+        elif isinstance(getattr(sub, "dropout", None), float):
+            setattr(sub, "dropout", 0.0)  # noqa: B010  # a plain float attribute, not a submodule
+
+
+def _train_last_blocks(module: nn.Module, k: int) -> None:
+    blocks = getattr(module, "blocks", None)
+    if not isinstance(blocks, nn.ModuleList) or not 1 <= k <= len(blocks):
+        raise ValueError(f"num_trainable_blocks={k} must be in [1, number of blocks] of a backbone with `blocks`")
+    module.requires_grad_(False)
+    for block in list(blocks)[len(blocks) - k :]:
+        block.requires_grad_(True)
