@@ -143,6 +143,7 @@ def write_fasta(path: str | Path, records: Iterable[FastaRecord | tuple[str, str
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as stream:
             stream.write(text)
+        os.chmod(temporary, 0o644)  # mkstemp creates 0600; a written FASTA is an ordinary shared file
         os.replace(temporary, file)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
