@@ -202,3 +202,33 @@ def _as_prompt_dict(prompt: Any) -> dict[str, Any]:
     if isinstance(prompt, Mapping) and "prompt" in prompt:
         return dict(prompt)
     raise ValueError(f"a prompt must be a caption string or a dict with a 'prompt' key, got {prompt!r:.80}")
+
+
+def read_captions(path: str, column: str | None = None) -> list[dict[str, Any]]:
+    """Prompt records from a caption file, for `toolkit.data.PromptDataset(records=...)`.
+
+    `.txt`: one caption per non-empty line (UniGenBench `data/train_prompt.txt`); `.csv`: the `column`
+    field (default: "prompt_en", else "prompt", UniGenBench `test_prompts_en.csv`); anything else is
+    JSON Lines with a "prompt" field. Records get "id" = line/row index unless they carry one.
+    """
+    import csv
+    import json
+    from pathlib import Path
+
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"caption file not found: {file}")
+    text = file.read_text(encoding="utf-8")
+    if file.suffix == ".txt":
+        records = [{"prompt": line.strip()} for line in text.splitlines() if line.strip()]
+    elif file.suffix == ".csv":
+        rows = list(csv.DictReader(text.splitlines()))
+        key = column or next((k for k in ("prompt_en", "prompt") if rows and k in rows[0]), None)
+        if key is None or (rows and key not in rows[0]):
+            raise ValueError(f"{file}: no caption column {column or 'prompt_en/prompt'}; columns: {list(rows[0])}")
+        records = [{**row, "prompt": row[key]} for row in rows]
+    else:
+        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    if not records:
+        raise ValueError(f"{file} holds no captions")
+    return [{"id": str(i), **r} for i, r in enumerate(records)]
