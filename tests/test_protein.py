@@ -190,6 +190,7 @@ def test_sequence_metric_oracles() -> None:
 def test_sequence_of_cleans_decoded_text() -> None:
     assert M.sequence_of("<bos>MKV<eos><pad><pad>") == "MKV"
     assert M.sequence_of("<cls>MK<mask>V") == "MKXV"
+    assert M.sequence_of("<pad>MK<pad>V<pad> <pad>") == "XMKXV"  # interior pads are not silently dropped
     assert M.sequence_of({"text": "m k v", "tokens": [1, 2]}) == "MKV"
     with pytest.raises(ValueError, match="'sequence' or 'text'"):
         M.sequence_of({"tokens": [1]})
@@ -316,3 +317,23 @@ def test_protein_dit_teacher_trains_a_step() -> None:
     )
     assert math.isfinite(result.loss)
     assert any(not torch.equal(a, b) for a, b in zip(before, teacher.parameters(), strict=True))
+
+
+# ---------------------------------------------------------------------------------------- protein config
+
+
+def test_protein_tiny_config_trains_a_step(tmp_path: Path) -> None:
+    from toolkit.config import load_config
+    from toolkit.runner import build_trainer
+
+    config = load_config(
+        Path(__file__).resolve().parents[1] / "configs" / "diffusion_lm" / "protein_tiny.yaml",
+        [f"trainer.run_dir={tmp_path}", "trainer.prompts_per_step=2", "trainer.group_size=2"],
+    )
+    trainer = build_trainer(config)
+    before = [p.detach().clone() for p in trainer.policy.module.parameters()]
+    metrics, rollout = trainer.step()
+    assert math.isfinite(metrics["loss/policy"]) and len(rollout) == 4
+    assert {"reward/discriminator", "reward/protein/valid", "reward/protein/composition_js"} <= set(metrics)
+    assert torch.equal(rollout.scores, rollout.rewards["discriminator"])  # protein metrics are logged, not weighted
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.policy.module.parameters(), strict=True))

@@ -29,15 +29,17 @@ SWISSPROT_COMPOSITION: dict[str, float] = {
     "M": 2.41, "N": 4.06, "P": 4.74, "Q": 3.93, "R": 5.53, "S": 6.63, "T": 5.35, "V": 6.86, "W": 1.10, "Y": 2.92,
 }  # fmt: skip
 _END_TOKENS = ("<eos>", "</s>")
-_DROPPED_TOKENS = re.compile(r"<(bos|cls|pad|s)>")
+_LEADING_TOKENS = re.compile(r"^\s*<(bos|cls|s)>")
+_TRAILING_PADS = re.compile(r"(<pad>\s*)+$")
 _OTHER_TOKENS = re.compile(r"<[^<>]*>")
 
 
 def sequence_of(sample: Any, unknown: str = "X") -> str:
     """The residue string of a sample: a str, or a mapping with "sequence" or "text".
 
-    Decoded tokenizer text is cleaned: cut at the first <eos> (or </s>), <bos>/<cls>/<pad>/<s> removed, any
-    other angle-bracket token (e.g. a leftover <mask>) replaced by `unknown`, whitespace removed, upper-cased.
+    Decoded tokenizer text is cleaned: cut at the first <eos> (or </s>), a leading <bos>/<cls>/<s> and trailing
+    <pad>s removed, any other angle-bracket token (a leftover <mask>, an interior <pad>) replaced by `unknown`
+    (so a malformed sample stays visibly invalid), whitespace removed, upper-cased.
     """
     if isinstance(sample, Mapping):
         key = "sequence" if "sequence" in sample else "text"
@@ -49,7 +51,7 @@ def sequence_of(sample: Any, unknown: str = "X") -> str:
     text = sample
     for end in _END_TOKENS:
         text = text.split(end, 1)[0]
-    text = _OTHER_TOKENS.sub(unknown, _DROPPED_TOKENS.sub("", text))
+    text = _OTHER_TOKENS.sub(unknown, _TRAILING_PADS.sub("", _LEADING_TOKENS.sub("", text)))
     return "".join(text.split()).upper()
 
 
