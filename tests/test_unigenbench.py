@@ -238,3 +238,28 @@ def test_cli_runs_against_a_loopback_judge(tmp_path: Path, server: FakeServer) -
     args = parser.parse_args(["unigenbench", str(config), "--csv", str(CSV), "--out", str(out)])
     with pytest.raises(ValueError, match="no judge"):
         args.func(args)
+
+
+def test_adapter_drives_the_real_tiny_sd3_policy_and_sampler(tmp_path: Path, server: FakeServer) -> None:  # noqa: F811
+    """`renorm unigenbench configs/text_to_image/tiny.yaml`: tiny SD3 + VAE images, judged over loopback HTTP."""
+    server.behaviour = lambda i, body: (200, chat_reply("<score>[0, 1]</score>"), 0.0)
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    csv_path = tmp_path / "two.csv"
+    csv_path.write_text("\n".join(CSV.read_text().splitlines()[:1] + CSV.read_text().splitlines()[2:3]) + "\n")
+    out = tmp_path / "out"
+    root = Path(__file__).resolve().parents[1]
+    args = parser.parse_args(
+        [
+            "unigenbench",
+            str(root / "configs" / "text_to_image" / "tiny.yaml"),
+            "sampler.num_steps=3",
+            *("--csv", str(csv_path), "--out", str(out), "--num-images", "2", "--batch-size", "1"),
+            *("--judge-url", server.url, "--judge-model", "evalmodel"),
+        ]
+    )
+    assert args.func(args) == 0
+    image = Image.open(out / "images" / "1_1.png")
+    assert image.size == (32, 32) and image.mode == "RGB"
+    scores = json.loads((out / "scores.json").read_text())
+    assert scores["sub"] == {"Style": 0.0, "Attribute - Quantity": 1.0} and scores["num_prompts"] == 1
