@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -45,19 +46,25 @@ class VideoFeatures:
     num_tokens: int
 
 
-def token_log_probs(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
-    """fp32 log-probs of `tokens` and entropies under softmax(logits / temperature).
+def token_log_probs(
+    logits: Tensor, tokens: Tensor, temperature: float = 1.0, suppressed: Sequence[int] = ()
+) -> tuple[Tensor, Tensor]:
+    """fp32 log-probs of `tokens` and entropies under softmax(logits / temperature), `suppressed` ids excluded.
 
     Args:
         logits: [N, T, V] next-token logits aligned with `tokens`; tokens: [N, T] int64; temperature: > 0.
+        suppressed: token ids given probability 0 (the sampler suppresses the same ids in `generate`).
 
     Returns:
         ([N, T] log pi(token), [N, T] entropy H = logsumexp(x) - sum softmax(x)·x), float32.
     """
     scaled = logits.float() / temperature
+    if suppressed:
+        scaled = scaled.index_fill(-1, torch.tensor(list(suppressed), device=scaled.device), -math.inf)
     normalizer = torch.logsumexp(scaled, dim=-1)
     picked = scaled.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    entropy = normalizer - (torch.softmax(scaled, dim=-1) * scaled).sum(-1)
+    probs = torch.softmax(scaled, dim=-1)
+    entropy = normalizer - torch.where(probs > 0, probs * scaled, 0.0).sum(-1)
     return picked - normalizer, entropy
 
 
@@ -155,6 +162,10 @@ class VideoVLMPolicy:
         config = base.config
         self.video_token_id = int(config.video_token_id)
         self.image_token_id = getattr(config, "image_token_id", None)
+        # Vision placeholders must never be generated (the re-scoring forward would read them as video slots):
+        # the sampler suppresses them and the log-probs exclude them, so both see the same distribution.
+        names = ("video_token_id", "image_token_id", "vision_start_token_id", "vision_end_token_id")
+        self.suppressed_token_ids = sorted({int(v) for v in (getattr(config, n, None) for n in names) if v is not None})
         self._reference: nn.Module | None = None
         self._updated = False
 
@@ -235,7 +246,9 @@ class VideoVLMPolicy:
                     logits_to_keep=num_steps + 1,
                     **video_batch(videos[rows], device),
                 ).logits
-            lp, ent = token_log_probs(logits[:, -(num_steps + 1) : -1], ids[:, -num_steps:], self.temperature)
+            lp, ent = token_log_probs(
+                logits[:, -(num_steps + 1) : -1], ids[:, -num_steps:], self.temperature, self.suppressed_token_ids
+            )
             logprobs.append(lp)
             entropies.append(ent)
         mask = rollout.mask.to(device)

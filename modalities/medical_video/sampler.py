@@ -210,7 +210,9 @@ class VideoSampler:
         top_p = self.top_p if self.top_p is not None else float(getattr(policy, "top_p", 1.0))
         top_k = self.top_k if self.top_k is not None else (getattr(policy, "top_k", None) or 0)
         sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k} if self.do_sample else {}
+        suppressed = list(getattr(policy, "suppressed_token_ids", [])) or None
         config = GenerationConfig(
+            suppress_tokens=suppressed,
             do_sample=self.do_sample,
             max_new_tokens=self.max_new_tokens,
             eos_token_id=eos,
