@@ -337,3 +337,24 @@ def test_protein_tiny_config_trains_a_step(tmp_path: Path) -> None:
     assert {"reward/discriminator", "reward/protein/valid", "reward/protein/composition_js"} <= set(metrics)
     assert torch.equal(rollout.scores, rollout.rewards["discriminator"])  # protein metrics are logged, not weighted
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.policy.module.parameters(), strict=True))
+
+
+def test_protein_dplm_recipe_runs_with_a_tiny_esm_stand_in(tmp_path: Path) -> None:
+    """The GPU recipe's wiring (ESM teacher, student and discriminator trunk; crop rows) on a tiny random ESM."""
+    from toolkit.config import load_config
+    from toolkit.runner import build_trainer
+
+    config = load_config(
+        Path(__file__).resolve().parents[1] / "configs" / "diffusion_lm" / "protein_dplm.yaml",
+        [f"trainer.run_dir={tmp_path}", "trainer.prompts_per_step=2", "trainer.group_size=2", "data.seq_len=24"],
+    )
+    tiny = {"_component_": "modalities.diffusion_lm.protein.esm_teacher.build_tiny_esm_teacher", "seed": 0}
+    config["policy"]["student"] = config["policy"]["teacher"] = dict(tiny, output_tokens="residues")
+    config["rewards"]["discriminator"]["discriminator"].update(teacher=dict(tiny), num_trainable_blocks=1)
+    config["data"]["path"] = None
+    config["trainer"]["mixed_precision"] = "no"
+    trainer = build_trainer(config)
+    metrics, rollout = trainer.step()
+    assert math.isfinite(metrics["loss/policy"]) and math.isfinite(metrics["reward/discriminator"])
+    assert metrics["reward/protein/valid"] == 1.0  # residue-only outputs: every sample is a valid protein
+    assert all(len(M.sequence_of(c)) == 24 for c in rollout.completions)
