@@ -177,3 +177,12 @@ def test_mixture_is_weighted_sum_with_nan_policy() -> None:
         RewardMixture(parts, {"a": 1.0})
     with pytest.raises(ValueError, match="nan_policy"):
         RewardMixture(parts, nan_policy="zero")  # type: ignore[arg-type]
+
+
+def test_clip_score_runs_a_bf16_model_and_checks_precision() -> None:
+    reward = ClipScore.from_model(build_tiny_open_clip(seed=0).to(torch.bfloat16))
+    out = reward(["a cat", "a dog"], random_images(2))
+    reference = tiny(seed=0)(["a cat", "a dog"], random_images(2))
+    assert out.scores.dtype == torch.float32 and torch.allclose(out.scores, reference.scores, atol=0.05)
+    with pytest.raises(ValueError, match="precision"):
+        ClipScore.from_model(build_tiny_open_clip(), precision="int8")  # type: ignore[arg-type]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ from rewards.base import RewardOutput
 # OpenAI CLIP preprocessing statistics (open_clip.OPENAI_DATASET_MEAN / STD); DFN5B uses them too.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+Precision = Literal["fp32", "bf16", "fp16"]
 
 
 def to_image_tensor(samples: Sequence[Any] | Tensor) -> Tensor:
@@ -105,6 +106,7 @@ class ClipScore:
         scale: multiplies the cosine (1.0 = raw cosine, as Pref-GRPO).
         batch_size: images per forward pass.
         device: None puts a model loaded by name on CUDA when available; a module stays where it is.
+        precision: open_clip precision of a model loaded by name ("fp32", "bf16", "fp16"); the cosine is fp32.
         name: the component name in the RewardOutput.
     """
 
@@ -119,15 +121,20 @@ class ClipScore:
         scale: float = 1.0,
         batch_size: int = 32,
         device: str | None = None,
+        precision: Precision = "fp32",
         name: str = "clip",
     ) -> None:
         import open_clip
 
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"precision={precision!r} is not supported; allowed: ['fp32', 'bf16', 'fp16']")
         module: Any = model
         if isinstance(model, str):
-            module = open_clip.create_model(model, pretrained=pretrained, device=resolve_device(device))
+            module = open_clip.create_model(
+                model, pretrained=pretrained, device=resolve_device(device), precision=precision
+            )
             tokenizer = tokenizer or open_clip.get_tokenizer(model)
         elif device is not None:
             module = model.to(device)
@@ -153,6 +160,10 @@ class ClipScore:
     def device(self) -> torch.device:
         return torch.device(next(self.model.parameters()).device)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype  # type: ignore[no-any-return]
+
     @torch.no_grad()
     def embed_images(self, samples: Sequence[Any] | Tensor) -> Tensor:
         """Image embeddings [N, D], unnormalised, fp32, on CPU."""
@@ -160,7 +171,8 @@ class ClipScore:
         out = []
         for start in range(0, images.shape[0], self.batch_size):
             chunk = images[start : start + self.batch_size].to(self.device)
-            out.append(self.model.encode_image(clip_preprocess(chunk, self.image_size, self.mean, self.std)).float())
+            pixels = clip_preprocess(chunk, self.image_size, self.mean, self.std)
+            out.append(self.model.encode_image(pixels.to(self.dtype)).float())
         return torch.cat(out).cpu() if out else torch.zeros(0, 0)
 
     @torch.no_grad()

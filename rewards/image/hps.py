@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from rewards.image.clip import ClipScore, build_tiny_open_clip
+from rewards.image.clip import ClipScore, Precision, build_tiny_open_clip
 
 
 class HPSv2Score(ClipScore):
@@ -35,6 +35,7 @@ class HPSv2Score(ClipScore):
         scale: float = 1.0,
         batch_size: int = 32,
         device: str | None = None,
+        precision: Precision = "fp32",
         name: str = "hps",
     ) -> None:
         super().__init__(
@@ -44,6 +45,7 @@ class HPSv2Score(ClipScore):
             scale=scale,
             batch_size=batch_size,
             device=device,
+            precision=precision,
             name=name,
         )
         if checkpoint is not None:

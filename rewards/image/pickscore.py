@@ -87,7 +87,8 @@ class PickScore:
                 images[start : start + self.batch_size].to(device), self.image_size, CLIP_MEAN, CLIP_STD
             )
             tokens = self.tokenize(captions[start : start + self.batch_size]).to(device)
-            image_embeds = _features(self.model.get_image_features(pixel_values=pixels))
+            dtype = next(self.model.parameters()).dtype
+            image_embeds = _features(self.model.get_image_features(pixel_values=pixels.to(dtype)))
             text_embeds = _features(self.model.get_text_features(input_ids=tokens))
             scores.append(cosine_scores(image_embeds, text_embeds).cpu())
         result = torch.cat(scores) * float(self.model.logit_scale.exp()) / self.divisor
