@@ -186,3 +186,17 @@ def test_clip_score_runs_a_bf16_model_and_checks_precision() -> None:
     assert out.scores.dtype == torch.float32 and torch.allclose(out.scores, reference.scores, atol=0.05)
     with pytest.raises(ValueError, match="precision"):
         ClipScore.from_model(build_tiny_open_clip(), precision="int8")  # type: ignore[arg-type]
+
+
+def test_image_files_of_different_sizes_are_scored(tmp_path: Path) -> None:
+    images = [random_images(1, size=32, seed=1)[0], random_images(1, size=64, seed=2)[0].resize((64, 40))]
+    paths = []
+    for k, image in enumerate(images):
+        paths.append(str(tmp_path / f"{k}.png"))
+        image.save(paths[-1])
+    reward = tiny(seed=0)
+    from_files = reward(["a", "b"], paths).scores
+    one_by_one = torch.cat([reward([c], [im]).scores for c, im in zip(["a", "b"], images, strict=True)])
+    assert torch.allclose(from_files, one_by_one, atol=1e-6)
+    assert pickscore_tiny()(["a", "b"], paths).scores.shape == (2,)
+    assert JpegCompressibility()(["a", "b"], paths).scores.shape == (2,)

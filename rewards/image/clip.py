@@ -7,6 +7,7 @@ images or tensors to one float batch, and CLIP preprocessing (resize, center cro
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
@@ -29,8 +30,8 @@ def to_image_tensor(samples: Sequence[Any] | Tensor) -> Tensor:
     """Images as one float32 batch [N, 3, H, W] in [0, 1].
 
     Args:
-        samples: a tensor [N, 3, H, W] (float in [0, 1]) or a sequence of PIL images / [3, H, W] tensors
-            of one size. PIL images are converted to RGB.
+        samples: a tensor [N, 3, H, W] (float in [0, 1]) or a sequence of PIL images, image file paths or
+            [3, H, W] tensors, all of one size. PIL images are converted to RGB.
     """
     if isinstance(samples, Tensor):
         batch = samples.float()
@@ -46,20 +47,27 @@ def to_image_tensor(samples: Sequence[Any] | Tensor) -> Tensor:
 
 
 def _one_image(sample: Any) -> Tensor:
+    if isinstance(sample, (str, os.PathLike)):  # an image file (e.g. `renorm score` JSONL completions)
+        sample = _open_rgb(sample)
     if isinstance(sample, Image.Image):
         array = np.asarray(sample.convert("RGB"), dtype=np.float32) / 255.0
         return torch.from_numpy(array).permute(2, 0, 1)
     if isinstance(sample, Tensor) and sample.dim() == 3:
         return sample.float()
-    raise ValueError(f"an image must be a PIL image or a [3, H, W] tensor, got {type(sample).__name__}")
+    raise ValueError(f"an image must be a PIL image, a file path or a [3, H, W] tensor, got {type(sample).__name__}")
 
 
 def to_pil_images(samples: Sequence[Any] | Tensor) -> list[Image.Image]:
     """Images as RGB PIL images (tensors in [0, 1] are clamped and rounded to uint8)."""
-    if not isinstance(samples, Tensor) and all(isinstance(s, Image.Image) for s in samples):
-        return [s.convert("RGB") for s in samples]
+    if not isinstance(samples, Tensor) and all(isinstance(s, (Image.Image, str, os.PathLike)) for s in samples):
+        return [s.convert("RGB") if isinstance(s, Image.Image) else _open_rgb(s) for s in samples]
     batch = (to_image_tensor(samples).clamp(0, 1) * 255).round().to(torch.uint8)
     return [Image.fromarray(x.permute(1, 2, 0).cpu().numpy()) for x in batch]
+
+
+def _open_rgb(path: str | os.PathLike[str]) -> Image.Image:
+    with Image.open(path) as opened:
+        return opened.convert("RGB")
 
 
 def clip_preprocess(
@@ -81,6 +89,15 @@ def clip_preprocess(
     mean_t = torch.tensor(mean, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
     std_t = torch.tensor(std, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
     return (images - mean_t) / std_t
+
+
+def clip_pixels(
+    samples: Sequence[Any] | Tensor, image_size: int, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD
+) -> Tensor:
+    """CLIP inputs [N, 3, S, S] of images that may differ in size (each is resized and cropped on its own)."""
+    if isinstance(samples, Tensor):
+        return clip_preprocess(to_image_tensor(samples), image_size, mean, std)
+    return torch.cat([clip_preprocess(_one_image(s)[None], image_size, mean, std) for s in samples])
 
 
 def cosine_scores(image_embeds: Tensor, text_embeds: Tensor) -> Tensor:
@@ -166,13 +183,11 @@ class ClipScore:
 
     @torch.no_grad()
     def embed_images(self, samples: Sequence[Any] | Tensor) -> Tensor:
-        """Image embeddings [N, D], unnormalised, fp32, on CPU."""
-        images = to_image_tensor(samples)
+        """Image embeddings [N, D], unnormalised, fp32, on CPU (images may differ in size)."""
         out = []
-        for start in range(0, images.shape[0], self.batch_size):
-            chunk = images[start : start + self.batch_size].to(self.device)
-            pixels = clip_preprocess(chunk, self.image_size, self.mean, self.std)
-            out.append(self.model.encode_image(pixels.to(self.dtype)).float())
+        for start in range(0, len(samples), self.batch_size):
+            pixels = clip_pixels(samples[start : start + self.batch_size], self.image_size, self.mean, self.std)
+            out.append(self.model.encode_image(pixels.to(self.device, self.dtype)).float())
         return torch.cat(out).cpu() if out else torch.zeros(0, 0)
 
     @torch.no_grad()

@@ -20,10 +20,9 @@ from rewards.image.clip import (
     CLIP_MEAN,
     CLIP_STD,
     caption_text,
-    clip_preprocess,
+    clip_pixels,
     cosine_scores,
     resolve_device,
-    to_image_tensor,
 )
 
 PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
@@ -80,15 +79,13 @@ class PickScore:
             return RewardOutput(scores=torch.zeros(0), components={self.name: torch.zeros(0)})
         began = time.perf_counter()
         device = next(self.model.parameters()).device
-        images, captions = to_image_tensor(samples), [caption_text(p) for p in prompts]
+        captions = [caption_text(p) for p in prompts]
+        dtype = next(self.model.parameters()).dtype
         scores = []
         for start in range(0, len(captions), self.batch_size):
-            pixels = clip_preprocess(
-                images[start : start + self.batch_size].to(device), self.image_size, CLIP_MEAN, CLIP_STD
-            )
+            pixels = clip_pixels(samples[start : start + self.batch_size], self.image_size, CLIP_MEAN, CLIP_STD)
             tokens = self.tokenize(captions[start : start + self.batch_size]).to(device)
-            dtype = next(self.model.parameters()).dtype
-            image_embeds = _features(self.model.get_image_features(pixel_values=pixels.to(dtype)))
+            image_embeds = _features(self.model.get_image_features(pixel_values=pixels.to(device, dtype)))
             text_embeds = _features(self.model.get_text_features(input_ids=tokens))
             scores.append(cosine_scores(image_embeds, text_embeds).cpu())
         result = torch.cat(scores) * float(self.model.logit_scale.exp()) / self.divisor
