@@ -4,13 +4,18 @@ a tiny end-to-end training step through the generic Trainer and checkpoint resum
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from modalities.diffusion_lm.didi_policy import StudentPolicy, step_log_probs, teacher_divergence
+from modalities.diffusion_lm.didi_sampler import TwoStepStudentSampler
 from modalities.diffusion_lm.discriminator import (
+    DiscriminatorReward,
+    discriminator_from_teacher,
     discriminator_log_odds,
     discriminator_loss,
     linear_warmup_decay,
@@ -18,10 +23,15 @@ from modalities.diffusion_lm.discriminator import (
     smoothed_bce,
 )
 from modalities.diffusion_lm.evaluation import first_eos_valid_mask, generative_perplexity_from_nll, unigram_entropy
-from modalities.diffusion_lm.rgas import rerank_probs, rgas_schedule, tilt_logits
+from modalities.diffusion_lm.masked_diffusion import MaskedDiffusionLM
+from modalities.diffusion_lm.rgas import rerank_probs, rgas_sample, rgas_schedule, tilt_logits
 from modalities.diffusion_lm.schedules import LogLinearSchedule
-from modalities.diffusion_lm.time_weighting import beta_density, omega_weight, time_weights
-from toolkit.normalizers import group_normalized_advantages
+from modalities.diffusion_lm.time_weighting import TimeWeightedNormalizer, beta_density, omega_weight, time_weights
+from modalities.diffusion_lm.tiny import build_tiny_teacher
+from tests.contracts import PolicyContract
+from toolkit.interfaces import Policy, Sampler
+from toolkit.normalizers import GroupNormalizer, group_normalized_advantages
+from toolkit.objectives import PolicyObjective
 
 ATOL = 1e-5
 
@@ -149,3 +159,168 @@ def test_first_eos_counted_later_eos_not() -> None:
     targets = torch.tensor([[5, 0, 0, 0], [5, 6, 7, 8]])
     valid = first_eos_valid_mask(targets, eos_id=0)
     assert valid.tolist() == [[True, True, False, False], [True, True, True, True]]
+
+
+# ------------------------------------------------------------------------------------------ tiny models
+def _tiny_teacher(seed: int = 0) -> MaskedDiffusionLM:
+    """The spec §19 tiny DiT with its zero-initialised (adaLN, output) weights given small random values."""
+    model = build_tiny_teacher(vocab_size=65, seed=seed)
+    generator = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for p in model.parameters():
+            if torch.all(p == 0):
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+    return model
+
+
+def _policy(**kwargs: Any) -> StudentPolicy:
+    return StudentPolicy(_tiny_teacher(), _tiny_teacher(), **kwargs)
+
+
+def _prompts(num: int = 2, length: int = 12) -> list[dict[str, Any]]:
+    generator = torch.Generator().manual_seed(7)
+    return [{"input_ids": torch.randint(0, 64, (length,), generator=generator).tolist()} for _ in range(num)]
+
+
+class TestStudentPolicyContract(PolicyContract):
+    group_size = 3
+
+    def make_policy(self) -> Policy:
+        return _policy()
+
+    def make_sampler(self) -> Sampler:
+        return TwoStepStudentSampler(tau_a=2.0, tau_b=2.0)
+
+    def make_prompts(self) -> list[Any]:
+        return _prompts()
+
+
+def test_rollout_records_coupled_time_and_steps() -> None:
+    policy = _policy()
+    rollout = TwoStepStudentSampler().sample(policy, _prompts(), 4, torch.Generator().manual_seed(0))
+    tau, z_tau, x = rollout.data["tau"], rollout.data["z_tau"], rollout.data["x"]
+    assert tau.min() >= 0.02 and tau.max() <= 0.999
+    unmasked = z_tau != 64
+    assert torch.equal(x[unmasked], z_tau[unmasked])  # step 2 never changes unmasked tokens
+    assert rollout.completions is not None and rollout.completions[0]["tau"] == pytest.approx(float(tau[0]))
+    assert torch.equal(rollout.mask[:, 1], (z_tau == 64).any(-1))
+
+
+def test_step_log_probs_prev_is_mask_vs_loop() -> None:
+    log_probs = torch.log_softmax(torch.randn(2, 3, 5, generator=torch.Generator().manual_seed(0)), -1)
+    z_prev = torch.tensor([[4, 1, 4], [4, 4, 4]])
+    z_next = torch.tensor([[2, 1, 4], [0, 3, 4]])
+    got = step_log_probs(log_probs, z_prev, z_next, mask_id=4, mode="prev_is_mask")
+    for i in range(2):
+        expected = sum(
+            math.log(math.exp(float(log_probs[i, j, z_next[i, j]])) + 1e-10) for j in range(3) if z_prev[i, j] == 4
+        )
+        assert abs(float(got[i]) - expected) < 1e-4
+    changed = step_log_probs(log_probs, z_prev, z_next, mask_id=4, mode="changed_only")
+    assert abs(float(got[0] - changed[0]) - float(log_probs[0, 2, 4].exp().add(1e-10).log())) < 1e-4
+
+
+def test_teacher_divergence_jeffrey_mixes_forward_and_reverse() -> None:
+    s = torch.log_softmax(torch.randn(1, 2, 4, generator=torch.Generator().manual_seed(1)), -1)
+    t = torch.log_softmax(torch.randn(1, 2, 4, generator=torch.Generator().manual_seed(2)), -1)
+    forward = (t.exp() * (t - s)).sum(-1)
+    reverse = (s.exp() * (s - t)).sum(-1)
+    torch.testing.assert_close(teacher_divergence(s, t, "forward_kl"), forward)
+    torch.testing.assert_close(teacher_divergence(s, t, "jeffrey", 0.5), 0.5 * forward + 0.5 * reverse)
+    assert torch.all(teacher_divergence(s, s, "jeffrey").abs() < 1e-6)
+
+
+def test_loss_equals_hand_written_reinforce() -> None:
+    """Trainer objective (on-policy, seq_mean_token_sum, no KL/entropy) == −(ω·Â·log q).mean() in value and gradient."""
+    policy = _policy()
+    rollout = TwoStepStudentSampler().sample(policy, _prompts(), 4, torch.Generator().manual_seed(3))
+    rollout.scores = torch.randn(len(rollout), generator=torch.Generator().manual_seed(4))
+    normalizer = TimeWeightedNormalizer(GroupNormalizer(std="unbiased", eps=1e-8, clip=3.0), weight="omega")
+    advantages = normalizer(rollout).values
+    objective = PolicyObjective(aggregation="seq_mean_token_sum", clip_low=0.2, clip_high=0.2)
+    logprobs = policy.log_probs(rollout)
+    loss = objective(logprobs, rollout.old_logprobs, advantages, rollout.mask).loss
+    grads = torch.autograd.grad(loss, list(policy.module.parameters()), allow_unused=True)
+    a_hat, _ = group_normalized_advantages(rollout.scores, rollout.group_ids, std="unbiased", eps=1e-8)
+    w = (1.0 / rollout.data["tau"]).clamp(0.1, 10.0)
+    hand = -(w * a_hat.clamp(-3, 3) * policy.log_probs(rollout).sum(1)).mean()
+    hand_grads = torch.autograd.grad(hand, list(policy.module.parameters()), allow_unused=True)
+    steps = rollout.mask.sum(1).float()  # on-policy every ratio is 1: the value is −mean(w·Â·#steps)
+    assert abs(float(loss.detach()) - float(-(w * a_hat.clamp(-3, 3) * steps).mean())) < 1e-4
+    for g, h in zip(grads, hand_grads, strict=True):
+        if g is not None or h is not None:
+            torch.testing.assert_close(g, h, atol=1e-5, rtol=1e-4)
+
+
+def test_ema_update_and_state_round_trip() -> None:
+    policy = _policy(ema_decay=0.5)
+    assert policy.ema is not None
+    with torch.no_grad():
+        for p in policy.module.parameters():
+            p.add_(1.0)
+    before = {k: v.clone() for k, v in policy.ema.state_dict().items()}
+    policy.after_optimizer_step()
+    key = next(k for k, v in before.items() if v.is_floating_point())
+    student = policy.module.state_dict()[key]
+    torch.testing.assert_close(policy.ema.state_dict()[key], 0.5 * before[key] + 0.5 * student)
+    other = _policy(ema_decay=0.5)
+    other.load_state_dict(policy.state_dict())
+    assert other.num_updates == 1 and torch.equal(other.ema.state_dict()[key], policy.ema.state_dict()[key])
+
+
+# ------------------------------------------------------------------------------------------ discriminator
+def test_gradients_reach_only_trainable_discriminator_parts() -> None:
+    teacher = _tiny_teacher()
+    disc = discriminator_from_teacher(teacher, num_trainable_blocks=1)
+    z = torch.full((2, 8), 64)
+    z[:, :3] = 5
+    disc(z, torch.ones(2)).sum().backward()
+    trainable = {n for n, p in disc.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(("trunk.blocks.1.", "head.")) for n in trainable)
+    assert any(n.startswith("trunk.blocks.1.") for n in trainable) and any(n.startswith("head.") for n in trainable)
+    for name, p in disc.named_parameters():
+        if name in trainable:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None, name
+    assert all(p.requires_grad for p in teacher.parameters())  # the copy leaves the teacher's flags alone
+
+
+def test_discriminator_reward_updates_then_scores() -> None:
+    disc = discriminator_from_teacher(_tiny_teacher(), num_trainable_blocks=1)
+    reward = DiscriminatorReward(disc, lr=1e-3, warmup_steps=0, total_steps=10)
+    head_before = [p.detach().clone() for p in disc.head.parameters()]
+    samples = [{"tokens": [3] * 8, "tau": 0.5}, {"tokens": [4] * 8, "tau": 0.9}]
+    out = reward([None, None], samples, input_ids=[[1] * 8, [2] * 8])
+    assert out.scores.shape == (2,) and torch.isfinite(out.scores).all()
+    assert {"loss", "acc_real", "acc_fake", "grad_norm", "lr"} <= set(out.metrics)
+    assert any(not torch.equal(a, b) for a, b in zip(head_before, disc.head.parameters(), strict=True))
+    frozen = DiscriminatorReward(disc, train=False)
+    state = [p.detach().clone() for p in disc.parameters()]
+    frozen([None, None], samples)
+    assert all(torch.equal(a, b) for a, b in zip(state, disc.parameters(), strict=True))
+    with pytest.raises(ValueError, match="real_source"):
+        DiscriminatorReward(disc, real_source="bogus")  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------------ RGAS
+def test_rgas_keeps_unmasked_tokens_and_fills_masks() -> None:
+    teacher = _tiny_teacher()
+    disc = discriminator_from_teacher(teacher, num_trainable_blocks=1).eval()
+    x = torch.full((2, 10), 64)
+    x[:, :3] = torch.tensor([5, 6, 7])
+    for reranker in ("released", "dev"):
+        out = rgas_sample(
+            teacher.backbone,
+            disc,
+            teacher.schedule,
+            x,
+            4,
+            torch.Generator().manual_seed(0),
+            num_candidates=3,
+            h_start=1.0,
+            h_end=2.0,
+            rerank_ratio=0.5,
+            reranker=reranker,  # type: ignore[arg-type]
+        )
+        assert torch.equal(out[:, :3], x[:, :3]) and not (out == 64).any()

@@ -139,6 +139,8 @@ def build_tiny_gpt2(
         resid_pdrop=0.0,
         embd_pdrop=0.0,
         attn_pdrop=0.0,
+        bos_token_id=None,
+        eos_token_id=None,
     )
     return GPT2LMHeadModel(config)
 
@@ -176,7 +178,7 @@ def train_tiny_causal_lm(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             bar.update(task, advance=1, description=f"evaluator LM loss {losses[-1]:.3f}")
     model.eval()
     return losses

@@ -88,11 +88,11 @@ def rerank_probs(scores: Tensor, h: float = 1.0, reranker: Reranker = "released"
 
 def discriminator_gradient(discriminator: nn.Module, logits: Tensor, x: Tensor, sigma: Tensor, mask_id: int) -> Tensor:
     """∂/∂logits of Σ_{masked ℓ} D(soft_in, σ)[ℓ]; soft_in = logits where masked, 1e9·one-hot elsewhere (fp32)."""
-    leaf = logits.detach().float().requires_grad_(True)
     masked = x == mask_id
-    one_hot = F.one_hot(x, leaf.shape[-1]).float() * 1e9
-    soft = torch.where(masked[..., None], leaf, one_hot)
+    one_hot = F.one_hot(x, logits.shape[-1]).float() * 1e9
     with torch.enable_grad():
+        leaf = logits.detach().float().requires_grad_(True)
+        soft = torch.where(masked[..., None], leaf, one_hot)
         total = (discriminator(soft, sigma).float() * masked).sum()
         (grad,) = torch.autograd.grad(total, leaf)
     return grad
