@@ -300,7 +300,8 @@ def _labels(rows: list[dict[str, Any]], key: str) -> list[str] | None:
 def _plain_generation_config(module: nn.Module) -> Iterator[None]:
     """Give the model a default GenerationConfig while sampling, so a checkpoint's defaults (Qwen2.5-VL-Instruct's
     repetition penalty, top-k 1, ...) cannot change the sampled distribution away from the one the policy scores."""
-    model: Any = module.get_base_model() if hasattr(module, "get_base_model") else module
+    get_base = getattr(module, "get_base_model", None)
+    model: Any = get_base() if callable(get_base) else module
     saved = getattr(model, "generation_config", None)
     model.generation_config = GenerationConfig()
     try:

@@ -66,7 +66,9 @@ def write_mp4(path: Path, frames: Sequence[np.ndarray], fps: float) -> None:
         container.mux(stream.encode())
 
 
-def video_records(name: str, frames: list[str], fps: float, track: Any, color: str, rng: random.Random) -> list[dict]:
+def video_records(
+    name: str, frames: list[str], fps: float, track: Any, color: str, rng: random.Random
+) -> list[dict[str, Any]]:
     """The eight task records of one synthetic video (answers derived from its box track)."""
     first, last, boxes = track
     dataset = DATASETS[int(name[-1]) % len(DATASETS)]

@@ -130,8 +130,6 @@ def build_tiny_qwen2_5_vl(
         video_token_id=VIDEO_TOKEN_ID,
         vision_start_token_id=VISION_START_TOKEN_ID,
         vision_end_token_id=VISION_END_TOKEN_ID,
-        pad_token_id=PAD_TOKEN_ID,
-        eos_token_id=EOS_TOKEN_ID,
         tie_word_embeddings=False,
     )
     with torch.random.fork_rng(devices=[]):

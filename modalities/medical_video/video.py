@@ -205,7 +205,7 @@ def _video_pass(frames: list[Image.Image], config: VideoConfig) -> Tensor:
     stacked = torch.stack([torch.from_numpy(_rgb_array(f)).permute(2, 0, 1) for f in frames])
     _, _, height, width = stacked.shape
     h, w = smart_resize(height, width, PATCH_FACTOR, config.min_pixels, video_max_pixels(config, len(frames)))
-    resized = tvf.resize(stacked, [h, w], interpolation=InterpolationMode.BICUBIC, antialias=True)
+    resized: Tensor = tvf.resize(stacked, [h, w], interpolation=InterpolationMode.BICUBIC, antialias=True)
     return resized.float()
 
 
