@@ -181,6 +181,9 @@ class UniGenBenchReport:
         table.add_column("correct / total", justify="right")
         for name, (correct, total) in sorted(self.scores.primary.items()):
             table.add_row(name, f"{correct / total:.4f}" if total else "-", f"{correct} / {total}")
+            for sub, (c, t) in sorted(self.scores.sub.items()):
+                if sub != name and primary_dimension(sub) == name:
+                    table.add_row(f"  {sub}", f"{c / t:.4f}" if t else "-", f"{c} / {t}")
         table.add_row("overall (mean of primary)", f"{self.scores.overall:.4f}", "")
         if self.scores.invalid_images:
             table.add_row("invalid judge replies (images left out)", "", str(self.scores.invalid_images))
