@@ -44,6 +44,9 @@ def register(subparsers: Any) -> None:
     sub = parser.add_subparsers(dest="dlm_command", required=True)
     _add_train_teacher(sub)
     _add_sample(sub)
+    from modalities.diffusion_lm.nfe_table import add_nfe_table_parser
+
+    add_nfe_table_parser(sub)  # DiDi-Instruct evaluation (nfe_table.py)
 
 
 def _add_train_teacher(sub: Any) -> None:

@@ -118,3 +118,64 @@ def write_json_atomic(path: str | Path, payload: Any) -> None:
     temp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     temp.write_text(json.dumps(payload, indent=2, sort_keys=True), encoding="utf-8")
     os.replace(temp, target)
+
+
+def load_student(run: str | Path, teacher_checkpoint: str | Path, use_ema: bool = True) -> MaskedDiffusionLM:
+    """A DiDi student from a Trainer run (its latest checkpoint) or checkpoint directory, on the teacher's architecture.
+
+    The Trainer saves the student backbone as the model weights and the EMA copy under `policy_state`.
+    """
+    from modalities.diffusion_lm.teacher import load_teacher
+    from toolkit.checkpoint import load_checkpoint, resolve_resume
+
+    resolved = resolve_resume(str(run), Path(run))
+    if resolved is None:
+        raise ValueError(f"no student checkpoint at {run}")
+    state = load_checkpoint(resolved)
+    student = load_teacher(teacher_checkpoint)
+    weights = state.model
+    ema = state.objects.get("policy_state", {}).get("ema") if use_ema else None
+    student.backbone.load_state_dict(ema if ema is not None else weights)
+    return student.eval()
+
+
+def add_nfe_table_parser(sub: Any) -> None:
+    """`renorm dlm nfe-table`: teacher vs DiDi student over step counts."""
+    p = sub.add_parser("nfe-table", help="Gen-PPL / entropy / speed of a teacher (and a DiDi student) per step count.")
+    p.set_defaults(func=cmd_nfe_table)
+    p.add_argument("--teacher", required=True, help="teacher checkpoint or run directory (train-teacher)")
+    p.add_argument("--student", help="DiDi run directory or checkpoint (renorm train configs/diffusion_lm/...)")
+    p.add_argument("--no-ema", action="store_true", help="evaluate the raw student instead of its EMA")
+    p.add_argument("--evaluator", help="a causal LM directory (save_pretrained) sharing the corpus tokenizer")
+    p.add_argument("--evaluator-steps", type=int, default=300, help="without --evaluator: train a tiny GPT-2")
+    p.add_argument("--steps", type=int, nargs="+", default=list(DEFAULT_STEPS))
+    p.add_argument("--num-samples", type=int, default=64)
+    p.add_argument("--length", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="write the rows as JSON here")
+
+
+def cmd_nfe_table(args: Any) -> int:
+    """Build the models and the evaluator, print the NFE table, optionally write JSON."""
+    from modalities.diffusion_lm.evaluation import build_tiny_gpt2, train_tiny_causal_lm
+    from modalities.diffusion_lm.teacher import load_teacher
+    from modalities.diffusion_lm.text_data import TokenDataset, build_text_tokenizer, collate_input_ids
+
+    tokenizer = build_text_tokenizer()
+    if args.evaluator:
+        from transformers import AutoModelForCausalLM
+
+        model: Any = AutoModelForCausalLM.from_pretrained(args.evaluator)
+    else:
+        model = build_tiny_gpt2(len(tokenizer), max_length=args.length)
+        data = TokenDataset(seq_len=args.length, tokenizer=tokenizer, seed=1)
+        train_tiny_causal_lm(model, (collate_input_ids(rows) for rows in data.batches(32)), args.evaluator_steps)
+    evaluator = CausalLMEvaluator(model, tokenizer, batch_size=64, max_length=args.length)
+    models = {"teacher": load_teacher(args.teacher)}
+    if args.student:
+        models["student"] = load_student(args.student, args.teacher, use_ema=not args.no_ema)
+    rows = nfe_table(models, args.steps, evaluator, args.num_samples, args.length, args.seed)
+    print_nfe_table(rows)
+    if args.out:
+        write_json_atomic(args.out, {"rows": rows, "settings": {k: v for k, v in vars(args).items() if k != "func"}})
+    return 0
