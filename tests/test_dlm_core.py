@@ -299,3 +299,39 @@ def test_mdlm_checkpoint_round_trip(tmp_path: Path) -> None:
     torch.save({"state_dict": {"model.foo": torch.zeros(1)}}, tmp_path / "bad.ckpt")
     with pytest.raises(ValueError, match="vocab_embed"):
         load_mdlm_checkpoint(tmp_path / "bad.ckpt")
+
+
+def test_ancestral_q_per_row_alphas_match_a_loop() -> None:
+    gen = torch.Generator().manual_seed(3)
+    p_x0 = torch.softmax(torch.randn(3, 4, 6, generator=gen), -1)
+    alpha_t, alpha_s = torch.tensor([0.1, 0.4, 0.7]), torch.tensor([0.3, 0.5, 0.95])
+    batched = ancestral_q(p_x0, alpha_t, alpha_s, mask_id=2)
+    for row in range(3):
+        single = ancestral_q(p_x0[row : row + 1], float(alpha_t[row]), float(alpha_s[row]), mask_id=2)
+        torch.testing.assert_close(batched[row : row + 1], single)
+
+
+def run_dlm(argv: list[str]) -> int:
+    """Parse `renorm dlm ...` arguments with only this plugin registered (no other modality imports)."""
+    import argparse
+
+    from modalities.diffusion_lm.cli import register
+
+    parser = argparse.ArgumentParser(prog="renorm")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+def test_cli_train_teacher_and_sample(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    flags = "--hidden-size 32 --num-blocks 1 --num-heads 2 --cond-dim 8 --seq-len 16 --batch-size 4 --warmup-steps 1"
+    run_dir = tmp_path / "teacher"
+    assert run_dlm(["dlm", "train-teacher", str(run_dir), *flags.split(), "--num-steps", "2", "--no-progress"]) == 0
+    assert "held-out NELBO" in capsys.readouterr().out
+    assert (run_dir / "summary.json").is_file() and (run_dir / "checkpoints" / "step_00000002").is_dir()
+    assert run_dlm(["dlm", "sample", str(run_dir), "--num-samples", "2", "--length", "8", "--num-steps", "4"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 2
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("# bad\nnum_step: 3\n")
+    with pytest.raises(ValueError, match="did you mean 'num_steps'"):
+        run_dlm(["dlm", "train-teacher", str(run_dir), "--config", str(bad)])

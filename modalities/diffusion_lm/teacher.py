@@ -160,7 +160,7 @@ def train_teacher(
             result.history.append(loss)
             bar.update(step, {"loss": loss})
             if logger is not None and (step % log_every == 0 or step == num_steps):
-                logger.log(step, {"loss/nelbo": loss, "optim/lr": scheduler.get_last_lr()[0]})
+                logger.log(step, {"loss/nelbo": loss, "optim/lr": float(scheduler.get_last_lr()[0])})
             stop = interrupt.requested
             if manager is not None and (stop or step == num_steps or (save_every and step % save_every == 0)):
                 result.checkpoint = _save(manager, step, model, optimizer, scheduler, data, generator, meta)
@@ -188,7 +188,7 @@ def _train_step(
     if not torch.isfinite(loss):
         raise ValueError(f"teacher NELBO is {float(loss)}; lower the lr or check the data")
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    loss.backward()  # type: ignore[no-untyped-call]
     for p in model.parameters():
         if p.grad is not None:
             torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
