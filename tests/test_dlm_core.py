@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -331,6 +332,12 @@ def test_cli_train_teacher_and_sample(tmp_path: Path, capsys: pytest.CaptureFixt
     assert (run_dir / "summary.json").is_file() and (run_dir / "checkpoints" / "step_00000002").is_dir()
     assert run_dlm(["dlm", "sample", str(run_dir), "--num-samples", "2", "--length", "8", "--num-steps", "4"]) == 0
     assert len(capsys.readouterr().out.strip().splitlines()) == 2
+    out = tmp_path / "samples.jsonl"
+    assert (
+        run_dlm(["dlm", "sample", str(run_dir), "--num-samples", "3", "--batch-size", "2", "--output", str(out)]) == 0
+    )
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 3 and all(len(row["input_ids"]) == 16 for row in rows)
     bad = tmp_path / "bad.yaml"
     bad.write_text("# bad\nnum_step: 3\n")
     with pytest.raises(ValueError, match="did you mean 'num_steps'"):

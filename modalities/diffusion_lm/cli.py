@@ -79,12 +79,17 @@ def _add_sample(sub: Any) -> None:
     p.set_defaults(func=cmd_sample)
     p.add_argument("teacher", help="train-teacher run directory or checkpoint directory")
     p.add_argument("--num-samples", type=int, default=4)
-    p.add_argument("--length", type=int, default=32)
+    p.add_argument("--length", type=int, default=None, help="default: the teacher's max_length")
     p.add_argument("--num-steps", type=int, default=64)
     p.add_argument("--block-size", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=64, help="sequences per sampler call")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--corpus", default=None, help="corpus whose vocabulary the teacher was trained with")
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--output", default=None, help='write {"text", "input_ids"} JSONL here (atomically) instead of printing'
+    )
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
 def resolve_teacher_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -158,16 +163,34 @@ def cmd_train_teacher(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    """Print samples of a trained teacher, decoded with the corpus tokenizer."""
-    import torch
+    """Sample from a trained teacher; print the decoded texts or write them as JSONL (atomic rename)."""
+    import json
+    import os
 
+    from modalities.diffusion_lm.masked_diffusion import sample_in_batches
     from modalities.diffusion_lm.teacher import load_teacher
     from modalities.diffusion_lm.text_data import build_text_tokenizer
 
     tokenizer = build_text_tokenizer(args.corpus)
     model = load_teacher(args.teacher, device=args.device)
-    generator = torch.Generator(device=args.device).manual_seed(args.seed)
-    ids = model.sample(args.num_samples, args.length, args.num_steps, generator, block_size=args.block_size)
-    for row in ids.tolist():
-        print(tokenizer.decode(row))
+    length = args.length or getattr(getattr(model.backbone, "config", None), "max_length", 32)
+    ids = sample_in_batches(
+        model,
+        args.num_samples,
+        length,
+        args.num_steps,
+        args.batch_size,
+        args.seed,
+        progress=args.progress and args.output is not None,
+        block_size=args.block_size,
+    ).tolist()
+    texts = [str(tokenizer.decode(row)) for row in ids]
+    if args.output is None:
+        print("\n".join(texts))
+        return 0
+    output = Path(args.output)
+    temp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    temp.write_text("".join(json.dumps({"text": t, "input_ids": r}) + "\n" for t, r in zip(texts, ids, strict=True)))
+    os.replace(temp, output)
+    print(f"wrote {len(texts)} samples to {output}")
     return 0

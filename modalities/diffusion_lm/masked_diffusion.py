@@ -162,3 +162,33 @@ class MaskedDiffusionLM(nn.Module):
         out = sampler.sample(z, num_steps, generator, block_size)
         self.last_num_forward = sampler.num_forward
         return out
+
+
+def sample_in_batches(
+    model: MaskedDiffusionLM,
+    num_samples: int,
+    length: int,
+    num_steps: int,
+    batch_size: int = 64,
+    seed: int = 0,
+    progress: bool = True,
+    **sample_kwargs: object,
+) -> Tensor:
+    """`model.sample` for many sequences [num_samples, length], `batch_size` at a time, with a progress bar.
+
+    One generator on the model's device seeded with `seed` drives every batch, so the result depends only on
+    (seed, batch_size). `sample_kwargs` go to `MaskedDiffusionLM.sample` (block_size, cache, prefix).
+    """
+    from toolkit.console import ProgressBar
+
+    if num_samples < 1 or batch_size < 1:
+        raise ValueError(f"need num_samples >= 1 and batch_size >= 1, got {num_samples}, {batch_size}")
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    chunks: list[Tensor] = []
+    with ProgressBar(num_samples, enabled=progress, description="sample") as bar:
+        while sum(c.shape[0] for c in chunks) < num_samples:
+            size = min(batch_size, num_samples - sum(c.shape[0] for c in chunks))
+            chunks.append(model.sample(size, length, num_steps, generator, **sample_kwargs).cpu())  # type: ignore[arg-type]
+            bar.update(sum(c.shape[0] for c in chunks))
+    return torch.cat(chunks)
