@@ -37,6 +37,7 @@ SMALL = [
     "trainer.progress=false",
     "trainer.save_every=0",
     "trainer.prompts_per_step=4",
+    "policy.model.warm_start_steps=0",
     "sampler.max_new_tokens_per_turn=6",
     "sampler.max_response_tokens=48",
     "sampler.max_observation_tokens=24",

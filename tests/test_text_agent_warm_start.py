@@ -19,6 +19,8 @@ from modalities.text_agent.agent_tiny import (
 from modalities.text_agent.tiny import build_char_tokenizer
 from modalities.text_agent.tool_loop import encode_observation, encode_text
 from modalities.text_agent.tools.corpus import Document, SearchHit, format_hits
+from toolkit.config import load_config
+from toolkit.evaluation import EvalResult, evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 QA = ROOT / "data" / "text_agent" / "synthetic_qa.jsonl"
@@ -84,3 +86,26 @@ def test_build_is_seeded_memoized_and_returns_fresh_copies() -> None:
     assert any(not torch.equal(x, z) for x, z in zip(a.parameters(), plain.parameters(), strict=True))
     with pytest.raises(ValueError, match="warm_start_steps"):
         build_tiny_search_agent(warm_start_steps=-1)
+
+
+def test_greedy_eval_of_the_tiny_agent_is_deterministic(tmp_path: Path) -> None:
+    """`renorm eval configs/text_agent/tiny.yaml sampler.do_sample=false`: every sample of a prompt is the same."""
+    overrides = [
+        "policy.model.warm_start_steps=0",
+        "sampler.do_sample=false",
+        "sampler.max_new_tokens_per_turn=6",
+        "sampler.max_response_tokens=48",
+        "sampler.max_observation_tokens=24",
+        f"sampler.tools.0.corpus={CORPUS}",
+        f"eval.data.paths={QA}",
+        "eval.num_prompts=2",
+        "eval.num_samples=3",
+        f"trainer.run_dir={tmp_path}",
+    ]
+    cfg = load_config(ROOT / "configs" / "text_agent" / "tiny.yaml", overrides)
+    first, second = evaluate(cfg), evaluate(cfg)
+    assert isinstance(first, EvalResult) and isinstance(second, EvalResult)
+    assert first.rows == second.rows and len(first.rows) == 6
+    for prompt in range(2):
+        samples = first.rows[3 * prompt : 3 * prompt + 3]
+        assert all(row == samples[0] for row in samples), "greedy samples of one prompt differ"
