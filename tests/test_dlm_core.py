@@ -342,3 +342,20 @@ def test_cli_train_teacher_and_sample(tmp_path: Path, capsys: pytest.CaptureFixt
     bad.write_text("# bad\nnum_step: 3\n")
     with pytest.raises(ValueError, match="did you mean 'num_steps'"):
         run_dlm(["dlm", "train-teacher", str(run_dir), "--config", str(bad)])
+
+
+def test_teacher_resume_equals_uninterrupted_run(tmp_path: Path) -> None:
+    def fresh() -> tuple[MaskedDiffusionLM, TokenDataset]:
+        model = build_tiny_teacher(74, seed=1, hidden_size=32, num_blocks=1, num_heads=2, cond_dim=8, max_length=16)
+        return model, TokenDataset(seq_len=16, seed=2)
+
+    settings = {"lr": 1e-2, "batch_size": 4, "warmup_steps": 2, "progress": False}
+    straight, data = fresh()
+    train_teacher(straight, data, 4, **settings)  # type: ignore[arg-type]
+    first, data = fresh()
+    train_teacher(first, data, 2, run_dir=tmp_path, **settings)  # type: ignore[arg-type]
+    resumed, data = fresh()
+    result = train_teacher(resumed, data, 4, run_dir=tmp_path, **settings)  # type: ignore[arg-type]
+    assert result.step == 4 and len(result.history) == 2
+    for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
+        torch.testing.assert_close(a, b)

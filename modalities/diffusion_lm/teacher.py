@@ -21,7 +21,7 @@ from torch import Tensor
 from modalities.diffusion_lm.dit import DiT, DiTConfig
 from modalities.diffusion_lm.masked_diffusion import MaskedDiffusionLM
 from modalities.diffusion_lm.schedules import make_schedule
-from modalities.diffusion_lm.text_data import TokenDataset, collate_input_ids
+from modalities.diffusion_lm.text_data import collate_input_ids
 from toolkit.checkpoint import (
     CheckpointManager,
     CheckpointState,
@@ -32,6 +32,7 @@ from toolkit.checkpoint import (
     restore_rng_state,
 )
 from toolkit.console import ProgressBar
+from toolkit.interfaces import DataSource
 from toolkit.logging import MetricsLogger
 
 TEACHER_KIND = "dlm_teacher"
@@ -117,7 +118,7 @@ def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
 
 def train_teacher(
     model: MaskedDiffusionLM,
-    data: TokenDataset,
+    data: DataSource,
     num_steps: int,
     lr: float = 3e-4,
     batch_size: int = 32,
@@ -135,7 +136,8 @@ def train_teacher(
     """Minimise the MDLM NELBO of `model` on `data` for `num_steps` optimizer steps (resumable).
 
     Args:
-        model: the teacher (on its device). data: a TokenDataset-like DataSource of {"input_ids"} rows.
+        model: the teacher (on its device). data: a DataSource (e.g. TokenDataset) of {"input_ids": [L]} rows;
+            its `batches` iterator is advanced once per step, so its state_dict resumes exactly.
         run_dir: checkpoints, metrics.jsonl and summary.json go here; None trains without saving.
         save_every: checkpoint every this many steps (0: only at the end and on SIGINT/SIGTERM).
         resume: "auto" (latest checkpoint of run_dir), "never", or a checkpoint path.
@@ -152,10 +154,11 @@ def train_teacher(
     meta = teacher_meta(model)
     logger = MetricsLogger(run_dir, resume_step=start) if run_dir is not None else None
     result = TeacherResult(step=start, loss=math.nan, checkpoint=None)
+    batches = data.batches(batch_size, generator)
     model.train()
     with GracefulInterrupt() as interrupt, ProgressBar(num_steps, start, progress, description="teacher") as bar:
         for step in range(start + 1, num_steps + 1):
-            loss = _train_step(model, optimizer, scheduler, data, batch_size, grad_clip, generator, device)
+            loss = _train_step(model, optimizer, scheduler, next(batches), grad_clip, generator, device)
             result.step, result.loss = step, loss
             result.history.append(loss)
             bar.update(step, {"loss": loss})
@@ -177,13 +180,12 @@ def _train_step(
     model: MaskedDiffusionLM,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LambdaLR,
-    data: TokenDataset,
-    batch_size: int,
+    rows: list[Any],
     grad_clip: float,
     generator: torch.Generator,
     device: torch.device,
 ) -> float:
-    x = collate_input_ids(data.next_batch(batch_size), device)
+    x = collate_input_ids(rows, device)
     loss = model.nelbo(x, generator)
     if not torch.isfinite(loss):
         raise ValueError(f"teacher NELBO is {float(loss)}; lower the lr or check the data")
