@@ -12,6 +12,7 @@ default to hidden/64 (12/16/20 for small/medium/large). `use_ema` reads a Lightn
 
 from __future__ import annotations
 
+import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -26,12 +27,18 @@ DROPPED = ("rotary_emb.inv_freq",)
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
 
-def _read_raw(path: Path) -> dict[str, Any]:
+def _read_raw(path: Path, allow_pickle: bool) -> dict[str, Any]:
     if path.suffix == ".safetensors":
         import safetensors.torch
 
         return dict(safetensors.torch.load_file(str(path), device="cpu"))
-    loaded = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"{path} holds pickled objects beyond tensors (Lightning .ckpt hyper-parameters); pass "
+            "allow_pickle=True only for a checkpoint you trust"
+        ) from error
     if not isinstance(loaded, dict):
         raise ValueError(f"{path}: expected a checkpoint dict or a state dict, got {type(loaded).__name__}")
     return loaded
@@ -91,7 +98,11 @@ def infer_dit_config(state: dict[str, Tensor], num_heads: int | None = None, **o
 
 
 def load_mdlm_checkpoint(
-    path: str | Path, use_ema: bool = False, num_heads: int | None = None, **config_overrides: Any
+    path: str | Path,
+    use_ema: bool = False,
+    num_heads: int | None = None,
+    allow_pickle: bool = False,
+    **config_overrides: Any,
 ) -> DiT:
     """A DiT holding an MDLM-format checkpoint's backbone (see the module docstring for the key mapping).
 
@@ -99,12 +110,14 @@ def load_mdlm_checkpoint(
         path: `.ckpt` (Lightning), `.pt`/`.bin` state dict or `.safetensors`.
         use_ema: load the EMA weights of a Lightning checkpoint instead of the raw ones.
         num_heads: attention heads (not recoverable from shapes); default hidden/64.
+        allow_pickle: unpickle arbitrary objects (needed for Lightning `.ckpt` files; runs code from the file,
+            so only for trusted checkpoints). False loads tensors and plain containers only.
         config_overrides: other DiTConfig fields (max_length, dropout, time_conditioning, mask_id).
     """
     file = Path(path)
     if not file.is_file():
         raise ValueError(f"MDLM checkpoint not found: {file}")
-    state = mdlm_backbone_state(_read_raw(file), use_ema)
+    state = mdlm_backbone_state(_read_raw(file, allow_pickle), use_ema)
     model = DiT(infer_dit_config(state, num_heads, **config_overrides))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
