@@ -57,7 +57,10 @@ class Trainer:
         self.run_config = dict(run_config or {})
         self.run_dir = Path(cfg.run_dir)
         self.accelerator: Any = dist.make_accelerator(cfg.mixed_precision, project_dir=str(self.run_dir))
-        if objective.needs_reference and callable(getattr(policy, "init_reference", None)):
+        # A transform declaring `needs_reference` (KL-in-reward) gets rollout.ref_logprobs before it runs.
+        self._transforms_need_reference = any(getattr(t, "needs_reference", False) for t in self.transforms)
+        needs_reference = objective.needs_reference or self._transforms_need_reference
+        if needs_reference and callable(getattr(policy, "init_reference", None)):
             policy.init_reference()  # type: ignore[attr-defined]  # snapshot before any update or resume
         params = [p for p in policy.module.parameters() if p.requires_grad]
         if not params:
@@ -87,7 +90,8 @@ class Trainer:
         if self.critic is not None:
             rollout.values = self.critic.record_values(rollout)
         rollout = self.compute_advantages(rollout)
-        if self.objective.needs_reference and not isinstance(self.policy, AnalyticKLPolicy):
+        reference_missing = rollout.ref_logprobs is None or not self._transforms_need_reference
+        if self.objective.needs_reference and reference_missing and not isinstance(self.policy, AnalyticKLPolicy):
             rollout.ref_logprobs = self.reference_log_probs(rollout)
         metrics = self.update(rollout)
         self.global_step += 1
@@ -119,6 +123,8 @@ class Trainer:
             rollout = self.sampler.sample(self.policy, prompts, self.config.group_size, self.generator)
         self.policy.module.train()
         rollout = score_rollout(rollout, self.rewards, retries=self.config.reward_retries)
+        if self._transforms_need_reference:
+            rollout.ref_logprobs = self.reference_log_probs(rollout)
         for transform in self.transforms:
             rollout = transform(rollout)
         return rollout
