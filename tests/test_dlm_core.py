@@ -363,3 +363,28 @@ def test_teacher_resume_equals_uninterrupted_run(tmp_path: Path) -> None:
     assert result.step == 4 and len(result.history) == 2
     for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_nelbo_matches_a_per_token_loop() -> None:
+    model = build_tiny_teacher()
+    randomized(model.backbone)
+    x = torch.randint(0, MASK, (3, 6), generator=torch.Generator().manual_seed(4))
+    loss = model.nelbo(x, torch.Generator().manual_seed(9))
+    gen = torch.Generator().manual_seed(9)  # replay the same draws: t, then the corruption noise
+    t = antithetic_times(3, gen)
+    alpha = model.schedule.alpha(t)
+    z, masked = corrupt(x, alpha, MASK, gen)
+    log_probs = model.log_probs_x0(z, t).detach()
+    total = 0.0
+    for b in range(3):
+        for i in range(6):
+            if masked[b, i]:
+                total += -float(log_probs[b, i, x[b, i]]) * (1 - 1e-3) / (1 - float(alpha[b]))
+    assert loss.item() == pytest.approx(total / x.numel(), rel=1e-5)
+
+
+def test_time_conditioned_sampling_never_caches() -> None:
+    model = build_tiny_teacher(time_conditioning=True)
+    randomized(model.backbone)
+    model.sample(2, 4, 16, torch.Generator().manual_seed(0), cache=True)
+    assert model.last_num_forward >= 16

@@ -60,6 +60,11 @@ class DiTConfig:
     def __post_init__(self) -> None:
         if self.vocab_size < 2:
             raise ValueError(f"vocab_size must be >= 2 (tokens + mask), got {self.vocab_size}")
+        if (
+            min(self.hidden_size, self.num_heads, self.cond_dim, self.max_length, self.mlp_ratio) < 1
+            or self.num_blocks < 0
+        ):
+            raise ValueError(f"DiT sizes must be positive (num_blocks >= 0), got {self}")
         if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 2:
             raise ValueError(
                 f"hidden_size={self.hidden_size} must split into num_heads={self.num_heads} heads of even size"
