@@ -250,3 +250,62 @@ def test_tiny_yaml_trains_a_step_and_resumes(tmp_path: Path) -> None:
     for name, p in resumed.policy.module.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(p, after[name])
+
+
+def test_pref_grpo_step_end_to_end_with_a_fake_judge(tmp_path: Path) -> None:
+    """Pref-GRPO path: judge transform -> win rates -> v1 0.7/1.4 mix with CLIP -> clipped SDE update."""
+    from rewards.image.clip import tiny as tiny_clip
+    from toolkit.data import PromptDataset
+    from toolkit.normalizers import MultiRewardNormalizer
+    from toolkit.objectives import PolicyObjective
+    from toolkit.trainer import Trainer
+    from toolkit.trainer_config import TrainerConfig
+
+    def garbage_or_first(messages: list[dict[str, Any]]) -> str:
+        garbage_or_first.calls += 1  # type: ignore[attr-defined]
+        return "no verdict" if garbage_or_first.calls % 3 == 0 else "<answer>Image 1 is better</answer>"  # type: ignore[attr-defined]
+
+    garbage_or_first.calls = 0  # type: ignore[attr-defined]
+    judge = PairwisePreferenceJudge(FakeJudgeClient(garbage_or_first))
+    trainer = Trainer(
+        policy=build_tiny_policy("sd3", lora=LORA),
+        sampler=sampler("sd3"),
+        rewards={"clip": tiny_clip()},
+        normalizer=MultiRewardNormalizer(weights={"win_rate": 0.7, "clip": 1.4}, clip=5.0),
+        objective=PolicyObjective(clip_low=1e-4, clip_high=1e-4, aggregation="seq_mean_token_mean"),
+        data=PromptDataset(records=PROMPTS),
+        transforms=[PairwiseJudgeTransform(judge), PairwiseWinRate()],
+        config=TrainerConfig(run_dir=str(tmp_path), prompts_per_step=2, group_size=4, num_minibatches=2, lr=1e-3),
+    )
+    metrics, rollout = trainer.step()
+    assert metrics["judge/pairs"] == 12.0 and metrics["judge/ties"] == 4.0  # every third reply is garbage -> 0.5
+    assert set(rollout.rewards) == {"clip", "win_rate"}
+    assert abs(metrics["policy/ratio_mean"] - 1.0) < 1e-3 and torch.isfinite(torch.tensor(metrics["loss/policy"]))
+
+
+def test_pairwise_transform_rejects_singletons_and_judges_without_groups() -> None:
+    rollout = sampler("sd3").sample(build_tiny_policy("sd3"), PROMPTS[:1], 1, torch.Generator().manual_seed(0))
+    judge = PairwisePreferenceJudge(FakeJudgeClient(lambda messages: "Image 1 is better"))
+    with pytest.raises(ValueError, match="group_size >= 2"):
+        PairwiseJudgeTransform(judge)(rollout)
+    with pytest.raises(ValueError, match="judge_groups"):
+        PairwiseJudgeTransform(object())
+
+
+def test_read_captions_and_text_cache(tmp_path: Path) -> None:
+    from modalities.text_to_image.sampler import read_captions
+    from modalities.text_to_image.tiny import build_tiny_text_encoder
+
+    (tmp_path / "p.txt").write_text("a cat\n\na dog\n", encoding="utf-8")
+    assert [r["prompt"] for r in read_captions(str(tmp_path / "p.txt"))] == ["a cat", "a dog"]
+    (tmp_path / "p.csv").write_text('index,prompt_en,sub_dims_en\n0,a red cube,"{}"\n', encoding="utf-8")
+    rows = read_captions(str(tmp_path / "p.csv"))
+    assert rows[0]["prompt"] == "a red cube" and rows[0]["sub_dims_en"] == "{}"
+    with pytest.raises(ValueError, match="caption column"):
+        read_captions(str(tmp_path / "p.csv"), column="caption")
+    encoder = build_tiny_text_encoder()
+    first, pooled = encoder.encode(["a cat", "a dog", "a cat"])
+    assert first.shape == (3, 16, 32) and pooled.shape == (3, 32) and torch.equal(first[0], first[2])
+    assert (encoder.misses, encoder.hits) == (2, 1)
+    again, _ = encoder.encode(["a dog"])
+    assert encoder.hits == 2 and torch.equal(again[0], first[1])
