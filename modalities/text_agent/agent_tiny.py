@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import functools
 import random
+import string
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -65,9 +66,15 @@ SHIPPED_CORPUS = SHIPPED_QA.with_name("corpus.jsonl")
 
 
 def invented_name(rng: random.Random) -> str:
-    """A capitalised pseudo-word of 2-3 syllables (e.g. "Brelanth")."""
-    syllables = [rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(rng.randint(2, 3))]
-    return ("".join(syllables) + rng.choice(_CODAS)).capitalize()
+    """A capitalised pseudo-word: half the time 2-3 syllables ("Brelanth"), else 5-9 random letters ("Qxvtelm").
+
+    The random-letter half forces copying by attention (induction) rather than by a model of how names sound,
+    so that the copy transfers to the shipped set's differently-built names.
+    """
+    if rng.random() < 0.5:
+        syllables = [rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(rng.randint(2, 3))]
+        return ("".join(syllables) + rng.choice(_CODAS)).capitalize()
+    return "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(5, 9))).capitalize()
 
 
 def shipped_words(paths: Iterable[Path] = (SHIPPED_QA, SHIPPED_CORPUS)) -> set[str]:
