@@ -122,8 +122,9 @@ class FlowMatchingPolicy:
         self.gradient_checkpointing, self.autocast = gradient_checkpointing, autocast
         self.quantize_timesteps = timestep_mode == "quantized" or (timestep_mode == "auto" and arch == "flux")
         self.cfg_gradient, self.micro_batch_size, self.kl_reduce = cfg_gradient, micro_batch_size, kl_reduce
+        vae_config: Any = getattr(vae, "config", None)
         self.vae_scale_factor = vae_scale_factor or (
-            2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
+            2 ** (len(vae_config.block_out_channels) - 1) if vae_config is not None else 8
         )
         base = transformer if _param_dtype(transformer) == _DTYPES[dtype] else transformer.to(_DTYPES[dtype])
         self.module: nn.Module = _wrap_lora(base, lora) if lora is not None else base
@@ -152,7 +153,9 @@ class FlowMatchingPolicy:
         _check("arch", arch, Arch)
         model_cls: Any = SD3Transformer2DModel if arch == "sd3" else FluxTransformer2DModel
         transformer = model_cls.from_pretrained(path, subfolder="transformer", torch_dtype=_DTYPES[dtype])
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=_DTYPES[component_dtype])
+        vae = AutoencoderKL.from_pretrained(  # type: ignore[no-untyped-call]
+            path, subfolder="vae", torch_dtype=_DTYPES[component_dtype]
+        )
         encoder = PipelineTextEncoder.from_pretrained(path, arch, component_dtype, max_sequence_length)
         return cls(transformer, arch=arch, vae=vae, text_encoder=encoder, lora=lora, dtype=dtype, **kwargs)
 
@@ -192,7 +195,7 @@ class FlowMatchingPolicy:
             latents = unpack(latents, height // self.vae_scale_factor, width // self.vae_scale_factor)
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         latents = latents.float() / vae.config.scaling_factor + shift
-        images = vae.decode(latents.to(next(vae.parameters()).dtype)).sample
+        images: Tensor = vae.decode(latents.to(next(vae.parameters()).dtype)).sample
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
     # ------------------------------------------------------------------ forward
@@ -230,7 +233,7 @@ class FlowMatchingPolicy:
     def _sd3_forward(self, module: nn.Module, x: Tensor, t: Tensor, embeds: Tensor, pooled: Tensor) -> Tensor:
         dtype = _param_dtype(module)
         with self.autocast_context():
-            out = module(
+            out: Tensor = module(
                 hidden_states=x.to(dtype),
                 timestep=(t * 1000.0).to(dtype),
                 encoder_hidden_states=embeds.to(dtype),
@@ -265,7 +268,7 @@ class FlowMatchingPolicy:
         if getattr(self.config, "guidance_embeds", False):
             kwargs["guidance"] = guidance.to(dtype)
         with self.autocast_context():
-            out = module(**kwargs)[0]
+            out: Tensor = module(**kwargs)[0]
         return out.float()
 
     # ------------------------------------------------------------------ scoring
@@ -448,5 +451,5 @@ def _wrap_lora(base: nn.Module, lora: Mapping[str, Any]) -> nn.Module:
     config = LoraConfig(**{"target_modules": DEFAULT_LORA_TARGETS, **dict(lora)})
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning)
-        wrapped: nn.Module = get_peft_model(base, config)  # type: ignore[arg-type]
+        wrapped: nn.Module = get_peft_model(base, config)
     return wrapped

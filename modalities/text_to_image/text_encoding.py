@@ -124,7 +124,8 @@ class TinyTextEncoder(CachedTextEncoder):
         )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            self.model: nn.Module = CLIPTextModel(config).eval().requires_grad_(False)
+            model: Any = CLIPTextModel(config)
+        self.model: nn.Module = model.eval().requires_grad_(False)
 
     def _encode(self, captions: list[str], device: torch.device) -> tuple[Tensor, Tensor]:
         self.model.to(device)

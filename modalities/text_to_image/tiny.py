@@ -7,7 +7,7 @@ arguments. Used by tests, the tiny recipe, the example and the bench.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import torch
@@ -20,10 +20,12 @@ TEXT_DIM = 32
 LATENT_CHANNELS = 4
 
 
-def _seeded(seed: int, build: Any) -> Any:
+def _seeded(seed: int, build: Callable[..., Any], **kwargs: Any) -> nn.Module:
+    """`build(**kwargs)` under a forked RNG seeded with `seed` (the global RNG is left untouched)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return build()
+        module: nn.Module = build(**kwargs)
+    return module
 
 
 def build_tiny_sd3(seed: int = 0, num_layers: int = 2, sample_size: int = 8) -> nn.Module:
@@ -32,18 +34,17 @@ def build_tiny_sd3(seed: int = 0, num_layers: int = 2, sample_size: int = 8) -> 
 
     return _seeded(
         seed,
-        lambda: SD3Transformer2DModel(
-            sample_size=sample_size,
-            patch_size=2,
-            in_channels=LATENT_CHANNELS,
-            num_layers=num_layers,
-            attention_head_dim=8,
-            num_attention_heads=2,
-            joint_attention_dim=TEXT_DIM,
-            caption_projection_dim=16,
-            pooled_projection_dim=TEXT_DIM,
-            out_channels=LATENT_CHANNELS,
-        ),
+        SD3Transformer2DModel,
+        sample_size=sample_size,
+        patch_size=2,
+        in_channels=LATENT_CHANNELS,
+        num_layers=num_layers,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=TEXT_DIM,
+        caption_projection_dim=16,
+        pooled_projection_dim=TEXT_DIM,
+        out_channels=LATENT_CHANNELS,
     )
 
 
@@ -53,18 +54,17 @@ def build_tiny_flux(seed: int = 0, guidance_embeds: bool = True) -> nn.Module:
 
     return _seeded(
         seed,
-        lambda: FluxTransformer2DModel(
-            patch_size=1,
-            in_channels=LATENT_CHANNELS * 4,
-            num_layers=1,
-            num_single_layers=1,
-            attention_head_dim=16,
-            num_attention_heads=2,
-            joint_attention_dim=TEXT_DIM,
-            pooled_projection_dim=TEXT_DIM,
-            axes_dims_rope=[4, 4, 8],
-            guidance_embeds=guidance_embeds,
-        ),
+        FluxTransformer2DModel,
+        patch_size=1,
+        in_channels=LATENT_CHANNELS * 4,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=TEXT_DIM,
+        pooled_projection_dim=TEXT_DIM,
+        axes_dims_rope=[4, 4, 8],
+        guidance_embeds=guidance_embeds,
     )
 
 
@@ -74,15 +74,14 @@ def build_tiny_vae(seed: int = 0) -> nn.Module:
 
     return _seeded(
         seed,
-        lambda: AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=["DownEncoderBlock2D"] * 3,
-            up_block_types=["UpDecoderBlock2D"] * 3,
-            block_out_channels=[8, 16, 16],
-            latent_channels=LATENT_CHANNELS,
-            norm_num_groups=4,
-        ),
+        AutoencoderKL,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 3,
+        up_block_types=["UpDecoderBlock2D"] * 3,
+        block_out_channels=[8, 16, 16],
+        latent_channels=LATENT_CHANNELS,
+        norm_num_groups=4,
     )
 
 
