@@ -388,3 +388,26 @@ def test_time_conditioned_sampling_never_caches() -> None:
     randomized(model.backbone)
     model.sample(2, 4, 16, torch.Generator().manual_seed(0), cache=True)
     assert model.last_num_forward >= 16
+
+
+def test_sampler_with_the_exact_denoiser_recovers_a_joint_distribution() -> None:
+    """Two positions, three tokens: ancestral sampling with the exact x0-posterior reproduces p(x1, x2) as N grows,
+    while one step gives the product of the marginals."""
+    joint = torch.tensor([[0.30, 0.05, 0.05], [0.0, 0.25, 0.05], [0.1, 0.0, 0.2]])
+    mask = 3
+
+    def exact_log_probs(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        cond1 = torch.cat([joint.T, joint.sum(1, keepdim=True).T])[z[:, 1]]  # p(x1 | z2) [B, 3]
+        cond2 = torch.cat([joint, joint.sum(0, keepdim=True)])[z[:, 0]]  # p(x2 | z1) [B, 3]
+        probs = torch.stack([cond1 / cond1.sum(-1, keepdim=True), cond2 / cond2.sum(-1, keepdim=True)], dim=1)
+        logits = torch.cat([probs, torch.zeros(*probs.shape[:2], 1)], -1).clamp_min(1e-30).log()
+        return subs_log_probs(logits, z, mask)
+
+    def empirical(num_steps: int) -> torch.Tensor:
+        sampler = AncestralSampler(exact_log_probs, LogLinearSchedule(), mask, cache=False)
+        x = sampler.sample(torch.full((8000, 2), mask), num_steps, torch.Generator().manual_seed(0))
+        return torch.bincount(x[:, 0] * 3 + x[:, 1], minlength=9).reshape(3, 3).float() / 8000
+
+    assert (empirical(64) - joint).abs().max() < 0.015
+    product = joint.sum(1, keepdim=True) * joint.sum(0, keepdim=True)
+    assert (empirical(1) - product).abs().max() < 0.015
