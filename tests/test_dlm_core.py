@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import torch
@@ -29,9 +30,10 @@ from modalities.diffusion_lm.text_data import TokenDataset, build_text_tokenizer
 from modalities.diffusion_lm.tiny import build_tiny_dit, build_tiny_teacher
 
 V, MASK = 65, 64
+ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
 
 
-def randomized(model: torch.nn.Module, seed: int = 0, std: float = 0.3) -> torch.nn.Module:
+def randomized(model: ModuleT, seed: int = 0, std: float = 0.3) -> ModuleT:
     """Give the zero-initialised adaLN/output layers non-zero weights so tests see a non-trivial model."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
