@@ -25,7 +25,7 @@ from modalities.diffusion_lm.sampling import (
     sampling_grid,
 )
 from modalities.diffusion_lm.schedules import CosineSchedule, LinearSchedule, LogLinearSchedule, make_schedule
-from modalities.diffusion_lm.teacher import evaluate_nelbo, load_teacher, train_teacher
+from modalities.diffusion_lm.teacher import evaluate_nelbo, load_teacher, lr_factor, train_teacher
 from modalities.diffusion_lm.text_data import TokenDataset, build_text_tokenizer, collate_input_ids
 from modalities.diffusion_lm.tiny import build_tiny_dit, build_tiny_teacher
 
@@ -413,3 +413,13 @@ def test_sampler_with_the_exact_denoiser_recovers_a_joint_distribution() -> None
     assert (empirical(64) - joint).abs().max() < 0.015
     product = joint.sum(1, keepdim=True) * joint.sum(0, keepdim=True)
     assert (empirical(1) - product).abs().max() < 0.015
+
+
+def test_teacher_lr_schedules() -> None:
+    assert [lr_factor(s, 4, 20) for s in (0, 3, 4, 19)] == [0.25, 1.0, 1.0, 1.0]
+    assert lr_factor(4, 4, 20, "linear") == 1.0 and lr_factor(20, 4, 20, "linear") == pytest.approx(0.1)
+    assert lr_factor(12, 4, 20, "linear", min_ratio=0.0) == pytest.approx(0.5)
+    assert lr_factor(12, 4, 20, "cosine", min_ratio=0.0) == pytest.approx(0.5)
+    assert lr_factor(20, 4, 20, "cosine") == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="cosine"):
+        lr_factor(0, 1, 2, "step")

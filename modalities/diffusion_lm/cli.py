@@ -27,6 +27,8 @@ _TEACHER_DEFAULTS: dict[str, Any] = {
     "lr": 1e-3,
     "batch_size": 32,
     "warmup_steps": 50,
+    "lr_schedule": "constant",
+    "min_lr_ratio": 0.1,
     "weight_decay": 0.0,
     "grad_clip": 1.0,
     "save_every": 0,
@@ -64,7 +66,8 @@ def _add_train_teacher(sub: Any) -> None:
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int, default=None)
     for name in ("batch_size", "warmup_steps", "save_every", "seed"):
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int, default=None)
-    for name in ("lr", "dropout", "weight_decay", "grad_clip"):
+    p.add_argument("--lr-schedule", dest="lr_schedule", choices=["constant", "linear", "cosine"], default=None)
+    for name in ("lr", "min_lr_ratio", "dropout", "weight_decay", "grad_clip"):
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=float, default=None)
     p.add_argument("--corpus", default=None, help="text file, one document per line (default: the shipped corpus)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...")
@@ -146,6 +149,8 @@ def cmd_train_teacher(args: argparse.Namespace) -> int:
         batch_size=s["batch_size"],
         run_dir=args.run_dir,
         warmup_steps=s["warmup_steps"],
+        lr_schedule=s["lr_schedule"],
+        min_lr_ratio=s["min_lr_ratio"],
         weight_decay=s["weight_decay"],
         grad_clip=s["grad_clip"],
         seed=s["seed"],

@@ -72,9 +72,23 @@ def evaluate_nelbo(
     return total / count
 
 
-def warmup_constant(warmup_steps: int) -> Any:
-    """LambdaLR factor: linear warm-up over `warmup_steps`, then 1 (MDLM's `constant_warmup`)."""
-    return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+LR_SCHEDULES: tuple[str, ...] = ("constant", "linear", "cosine")
+
+
+def lr_factor(
+    step: int, warmup_steps: int, num_steps: int, schedule: str = "constant", min_ratio: float = 0.1
+) -> float:
+    """LR multiplier after `step` scheduler steps: linear warm-up, then constant (MDLM) or a linear/cosine decay
+    from 1 to `min_ratio` at `num_steps`."""
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, num_steps - warmup_steps))
+    shape = 1 - progress if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+    return min_ratio + (1 - min_ratio) * shape
 
 
 def _save(
@@ -124,6 +138,8 @@ def train_teacher(
     batch_size: int = 32,
     run_dir: str | Path | None = None,
     warmup_steps: int = 100,
+    lr_schedule: str = "constant",
+    min_lr_ratio: float = 0.1,
     weight_decay: float = 0.0,
     grad_clip: float = 1.0,
     seed: int = 0,
@@ -139,6 +155,8 @@ def train_teacher(
         model: the teacher (on its device). data: a DataSource (e.g. TokenDataset) of {"input_ids": [L]} rows;
             its `batches` iterator is advanced once per step, so its state_dict resumes exactly.
         run_dir: checkpoints, metrics.jsonl and summary.json go here; None trains without saving.
+        lr_schedule: after the linear warm-up: "constant" (MDLM), "linear" or "cosine" decay to
+            `min_lr_ratio`·lr at `num_steps`.
         save_every: checkpoint every this many steps (0: only at the end and on SIGINT/SIGTERM).
         resume: "auto" (latest checkpoint of run_dir), "never", or a checkpoint path.
         progress: show a progress bar with the running loss.
@@ -148,7 +166,11 @@ def train_teacher(
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_constant(warmup_steps))
+    if lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, warmup_steps, num_steps, lr_schedule, min_lr_ratio)
+    )
     manager = CheckpointManager(run_dir, keep_last=keep_last) if run_dir is not None else None
     start = _maybe_resume(manager, resume, model, optimizer, scheduler, data, generator)
     meta = teacher_meta(model)
