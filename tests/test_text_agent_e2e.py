@@ -38,6 +38,7 @@ SMALL = [
     "trainer.save_every=0",
     "trainer.prompts_per_step=4",
     "policy.model.warm_start_steps=0",
+    "policy.model.copy_steps=0",
     "sampler.max_new_tokens_per_turn=6",
     "sampler.max_response_tokens=48",
     "sampler.max_observation_tokens=24",
@@ -132,7 +133,7 @@ def test_tiny_yaml_trains_and_evaluates_per_dataset(tmp_path: Path) -> None:
     assert trainer.scheduler.get_last_lr()[0] == 0.0  # warm-up starts at 0 (plain "constant" ignores warmup_steps)
     before = parameters(trainer.policy.module)
     metrics, rollout = trainer.step()
-    assert trainer.scheduler.get_last_lr()[0] == pytest.approx(1e-3 * 2 / 4)  # 2 minibatches of 4 warm-up steps
+    assert trainer.scheduler.get_last_lr()[0] == pytest.approx(trainer.config.lr * 2 / 4)  # 2 of 4 warm-up steps
     after = parameters(trainer.policy.module)
     assert any(not torch.equal(before[k], after[k]) for k in before)
     for key in ("loss/policy", "reward/score", "reward/em", "agent/tool_calls_mean", "agent/turns_mean"):

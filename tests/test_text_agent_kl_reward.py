@@ -56,6 +56,7 @@ def test_trainer_supplies_reference_log_probs_before_the_transforms(tmp_path: Pa
             "trainer.num_minibatches=1",
             "trainer.lr=0.01",
             "policy.model.warm_start_steps=0",
+            "policy.model.copy_steps=0",
             "sampler.max_new_tokens_per_turn=6",
             "sampler.max_response_tokens=40",
             "sampler.max_observation_tokens=20",

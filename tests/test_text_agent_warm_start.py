@@ -32,8 +32,9 @@ def words(text: str) -> set[str]:
 
 
 def test_warm_start_entities_never_occur_in_the_shipped_qa_set_or_corpus() -> None:
-    facts = warm_start_facts(num_places=200, seed=0)
-    assert len(facts) == 200 * len(RELATIONS)
+    facts = warm_start_facts(num_places=200, seed=0) + warm_start_facts(num_places=200, seed=0, random_letters=0.5)
+    assert len(facts) == 2 * 200 * len(RELATIONS)
+    assert facts[: 200 * len(RELATIONS)] != facts[200 * len(RELATIONS) :], "random_letters changes the names"
     shipped = words(QA.read_text()) | words(CORPUS.read_text())
     assert shipped == shipped_words((QA, CORPUS))
     template_words = words(" ".join(q + " " + d for q, d in RELATIONS.values()))
@@ -41,8 +42,8 @@ def test_warm_start_entities_never_occur_in_the_shipped_qa_set_or_corpus() -> No
     for row in facts:
         entities |= words(row["question"] + " " + row["document"] + " " + row["answer"]) - template_words - {"doc", "1"}
     assert entities and not entities & shipped
-    answers = [row["answer"] for row in facts]
-    assert len(set(answers)) == len(answers), "every warm-start answer is a fresh name"
+    answers = [row["answer"] for row in facts[: 200 * len(RELATIONS)]]
+    assert len(set(answers)) == len(answers), "every warm-start answer of a set is a fresh name"
     shipped_questions = {json.loads(line)["question"] for line in QA.read_text().splitlines()}
     assert not shipped_questions & {row["question"] for row in facts}
 
@@ -77,9 +78,9 @@ def test_trajectory_ids_follow_the_tool_loop_layout() -> None:
 
 
 def test_build_is_seeded_memoized_and_returns_fresh_copies() -> None:
-    a = build_tiny_search_agent(seed=0, warm_start_steps=2, num_places=4, batch_size=2)
-    b = build_tiny_search_agent(seed=0, warm_start_steps=2, num_places=4, batch_size=2)
-    plain = build_tiny_search_agent(seed=0, warm_start_steps=0)
+    a = build_tiny_search_agent(seed=0, warm_start_steps=2, copy_steps=1, num_places=4, batch_size=2)
+    b = build_tiny_search_agent(seed=0, warm_start_steps=2, copy_steps=1, num_places=4, batch_size=2)
+    plain = build_tiny_search_agent(seed=0, warm_start_steps=0, copy_steps=0)
     assert a is not b
     for (name, x), y in zip(a.named_parameters(), b.parameters(), strict=True):
         assert torch.equal(x, y), name
@@ -92,6 +93,7 @@ def test_greedy_eval_of_the_tiny_agent_is_deterministic(tmp_path: Path) -> None:
     """`renorm eval configs/text_agent/tiny.yaml sampler.do_sample=false`: every sample of a prompt is the same."""
     overrides = [
         "policy.model.warm_start_steps=0",
+        "policy.model.copy_steps=0",
         "sampler.do_sample=false",
         "sampler.max_new_tokens_per_turn=6",
         "sampler.max_response_tokens=48",

@@ -65,16 +65,16 @@ SHIPPED_QA = Path(__file__).resolve().parents[2] / "data" / "text_agent" / "synt
 SHIPPED_CORPUS = SHIPPED_QA.with_name("corpus.jsonl")
 
 
-def invented_name(rng: random.Random) -> str:
-    """A capitalised pseudo-word: half the time 2-3 syllables ("Brelanth"), else 5-9 random letters ("Qxvtelm").
+def invented_name(rng: random.Random, random_letters: float = 0.0) -> str:
+    """A capitalised pseudo-word: 2-3 syllables ("Brelanth"), or with probability `random_letters` 5-9 random letters.
 
-    The random-letter half forces copying by attention (induction) rather than by a model of how names sound,
-    so that the copy transfers to the shipped set's differently-built names.
+    Random-letter names ("Qxvtelm") force copying by attention (induction) rather than by a model of how
+    names sound, so that the copy transfers to the shipped set's differently-built names.
     """
-    if rng.random() < 0.5:
-        syllables = [rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(rng.randint(2, 3))]
-        return ("".join(syllables) + rng.choice(_CODAS)).capitalize()
-    return "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(5, 9))).capitalize()
+    if random_letters > 0 and rng.random() < random_letters:
+        return "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(5, 9))).capitalize()
+    syllables = [rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(rng.randint(2, 3))]
+    return ("".join(syllables) + rng.choice(_CODAS)).capitalize()
 
 
 def shipped_words(paths: Iterable[Path] = (SHIPPED_QA, SHIPPED_CORPUS)) -> set[str]:
@@ -87,10 +87,10 @@ def shipped_words(paths: Iterable[Path] = (SHIPPED_QA, SHIPPED_CORPUS)) -> set[s
     return words
 
 
-def warm_start_facts(num_places: int = 200, seed: int = 0) -> list[dict[str, str]]:
+def warm_start_facts(num_places: int = 200, seed: int = 0, random_letters: float = 0.0) -> list[dict[str, str]]:
     """Questions, supporting documents and answers about `num_places` invented places x 4 relations.
 
-    Every place and answer is a fresh `invented_name`, never a word of the shipped QA set or corpus
+    Every place and answer is a fresh `invented_name(rng, random_letters)`, never a word of the shipped QA set or corpus
     (`shipped_words`), and never used twice: the warm start is disjoint from every shipped question.
     Rows: {"question", "document" (Search-R1 observation line: `Doc 1(Title: "P") sentence`), "answer"}.
     """
@@ -98,7 +98,7 @@ def warm_start_facts(num_places: int = 200, seed: int = 0) -> list[dict[str, str
     taken = shipped_words()
     names: list[str] = []
     while len(names) < num_places * (1 + len(RELATIONS)):
-        name = invented_name(rng)
+        name = invented_name(rng, random_letters)
         if name.lower() not in taken:
             taken.add(name.lower())
             names.append(name)
@@ -172,31 +172,41 @@ def supervised_steps(
 
 @functools.lru_cache(maxsize=4)
 def _warm_started(
-    seed: int, steps: int, num_places: int, lr: float, batch_size: int, hidden_size: int
+    seed: int, steps: int, copy_steps: int, num_places: int, lr: float, batch_size: int, hidden_size: int
 ) -> Qwen2ForCausalLM:
     model = build_tiny_qwen2(seed=seed, hidden_size=hidden_size, intermediate_size=2 * hidden_size)
-    if steps > 0:
-        tokenizer = build_char_tokenizer()
-        examples = [trajectory_ids(tokenizer, row) for row in warm_start_facts(num_places, seed)]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            supervised_steps(model, examples, steps, lr, batch_size, seed)
+    tokenizer = build_char_tokenizer()
+    # Phase 1: pseudo-word names (the protocol, and copying starts); phase 2: half random-letter names, a
+    # fresh optimizer and another batch order (copying by attention, which transfers to the shipped names).
+    phases = [(steps, 0.0, seed), (copy_steps, 0.5, seed + 7)]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for num_steps, random_letters, batch_seed in phases:
+            if num_steps > 0:
+                rows = warm_start_facts(num_places, seed, random_letters)
+                examples = [trajectory_ids(tokenizer, row) for row in rows]
+                supervised_steps(model, examples, num_steps, lr, batch_size, batch_seed)
     return model
 
 
 def build_tiny_search_agent(
     seed: int = 0,
-    warm_start_steps: int = 300,
+    warm_start_steps: int = 1000,
+    copy_steps: int = 250,
     num_places: int = 200,
     lr: float = 3e-3,
     batch_size: int = 16,
     hidden_size: int = 64,
 ) -> Qwen2ForCausalLM:
-    """The tiny Qwen2 (`build_tiny_qwen2(seed, hidden_size)`) after `warm_start_steps` supervised steps.
+    """The tiny Qwen2 (`build_tiny_qwen2(seed, hidden_size)`) after a two-phase supervised warm start.
+
+    Measured (seed 0, defaults): teacher-forced, 62% of the shipped questions get their whole query right and
+    72% their whole answer (0% / 5% after phase 1 alone); sampled at temperature 1, EM 0.19 on the train split.
 
     Args:
         seed: model initialisation, invented facts and batch order.
-        warm_start_steps: supervised steps (0 = the plain random-init model).
+        warm_start_steps: phase-1 steps on pseudo-word names (0 and copy_steps 0 = the plain random-init model).
+        copy_steps: phase-2 steps on names half of which are random letters.
         num_places: invented places of the warm-start set (x 4 relations = trajectories).
         lr, batch_size: warm-start AdamW learning rate and trajectories per step.
         hidden_size: model width (intermediate size 2x).
@@ -204,9 +214,9 @@ def build_tiny_search_agent(
     Returns:
         A fresh copy (callers may train it): the warm start runs once per argument set per process.
     """
-    if warm_start_steps < 0 or num_places < 1 or batch_size < 1:
+    if warm_start_steps < 0 or copy_steps < 0 or num_places < 1 or batch_size < 1:
         raise ValueError(
-            "need warm_start_steps >= 0, num_places >= 1, batch_size >= 1; got "
-            f"{warm_start_steps}, {num_places}, {batch_size}"
+            "need warm_start_steps >= 0, copy_steps >= 0, num_places >= 1, batch_size >= 1; got "
+            f"{warm_start_steps}, {copy_steps}, {num_places}, {batch_size}"
         )
-    return copy.deepcopy(_warm_started(seed, warm_start_steps, num_places, lr, batch_size, hidden_size))
+    return copy.deepcopy(_warm_started(seed, warm_start_steps, copy_steps, num_places, lr, batch_size, hidden_size))
