@@ -151,6 +151,8 @@ class Trainer:
         cfg = self.config
         totals: dict[str, list[float]] = {}
         start = time.perf_counter()
+        # During the critic warm-up the actor is neither differentiated nor stepped (its lr schedule waits too).
+        train_actor = self.critic is None or self.global_step >= cfg.critic_warmup_steps
         for _ in range(cfg.num_inner_epochs):
             for minibatch in rollout.minibatches(
                 cfg.num_minibatches, self.generator, cfg.shuffle_minibatches, cfg.keep_groups_in_minibatch
@@ -160,15 +162,18 @@ class Trainer:
                 num_tokens = float(dist.all_reduce_sum(tokens))
                 num_seqs = float(dist.all_reduce_sum(seqs))
                 for micro in minibatch.minibatches(cfg.gradient_accumulation_steps, shuffle=False):
-                    out = self.micro_loss(micro, num_tokens, num_seqs)
-                    # DDP averages gradients over ranks; the loss already divides by global counts.
-                    self.accelerator.backward(out.loss * dist.world_size())
-                    metrics = dict(out.metrics)
+                    metrics: dict[str, float] = {}
+                    if train_actor:
+                        out = self.micro_loss(micro, num_tokens, num_seqs)
+                        # DDP averages gradients over ranks; the loss already divides by global counts.
+                        self.accelerator.backward(out.loss * dist.world_size())
+                        metrics.update(out.metrics)
                     if self.critic is not None:
                         metrics.update(self.critic.backward(micro, num_tokens, dist.world_size()))
                     for key, value in metrics.items():
                         totals.setdefault(key, []).append(value)
-                totals.setdefault("optim/grad_norm", []).append(self.optimizer_step())
+                if train_actor:
+                    totals.setdefault("optim/grad_norm", []).append(self.optimizer_step())
                 if self.critic is not None:
                     totals.setdefault("critic/grad_norm", []).append(self.critic.step())
         metrics = {key: float(np.mean(values)) for key, values in totals.items()}

@@ -39,6 +39,8 @@ class TrainerConfig:
     # Critic (PPO + GAE path only, when the config has a `critic:` section).
     critic_lr: float = 1e-5
     value_clip: float | None = 0.5
+    # The first `critic_warmup_steps` steps train the critic only (verl's `critic_warmup`; PPR's official 0).
+    critic_warmup_steps: int = 0
     # Dynamic sampling (DAPO/DLER): drop zero-variance groups and refill, at most this many rounds.
     drop_zero_variance_groups: bool = False
     max_sampling_rounds: int = 4
@@ -72,7 +74,7 @@ class TrainerConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"trainer.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "save_every", "reward_retries", "num_log_samples"):
+        for name in ("warmup_steps", "save_every", "reward_retries", "num_log_samples", "critic_warmup_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"trainer.{name} must be >= 0, got {getattr(self, name)}")
         if self.lr_schedule == "constant" and self.warmup_steps > 0:
