@@ -42,7 +42,8 @@ _TEACHER_DEFAULTS: dict[str, Any] = {
 
 def register(subparsers: Any) -> None:
     """Add the `dlm` command and its subcommands to the `renorm` parser."""
-    parser = subparsers.add_parser("dlm", help="Masked diffusion LMs: train a teacher, sample.")
+    text = "Masked diffusion LMs: train a teacher, sample, and print the NFE table (teacher vs DiDi student)."
+    parser = subparsers.add_parser("dlm", help=text, description=text)
     sub = parser.add_subparsers(dest="dlm_command", required=True)
     _add_train_teacher(sub)
     _add_sample(sub)
