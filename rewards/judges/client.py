@@ -24,8 +24,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, Protocol, runtime_checkable
 
-import torch
 from torch import nn
+
+from rewards.judges.hf_generation import (
+    complete_in_batches,
+    generate_new_text,
+    left_padding,
+    load_model_and_preprocessor,
+)
 
 log = logging.getLogger(__name__)
 
@@ -351,20 +357,11 @@ class HFChatClient:
 
         _check_positive(max_new_tokens=max_new_tokens, batch_size=batch_size, top_p=top_p)
         _check_non_negative(temperature=temperature)
-        if isinstance(model, str):
-            tokenizer = tokenizer if tokenizer is not None else model
-            model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype or "auto")
-            device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        elif tokenizer is None:
-            raise ValueError("HFChatClient needs a tokenizer when model is a module")
-        if isinstance(tokenizer, str):
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer)
-        if getattr(tokenizer, "chat_template", None) is None:
-            raise ValueError("HFChatClient needs a tokenizer with a chat_template")
+        model, tokenizer = load_model_and_preprocessor(
+            model, tokenizer, AutoModelForCausalLM, AutoTokenizer, device, dtype, "HFChatClient", "tokenizer"
+        )
         if tokenizer.pad_token is None:  # batched generation pads; eos is the usual stand-in
             tokenizer.pad_token = tokenizer.eos_token
-        if device is not None:
-            model = model.to(device)
         self.model: Any = model
         self.tokenizer: Any = tokenizer
         self.max_new_tokens, self.temperature, self.top_p, self.batch_size = (
@@ -380,52 +377,10 @@ class HFChatClient:
             self.tokenizer.apply_chat_template(text_only_messages(c), tokenize=False, add_generation_prompt=True)
             for c in batch
         ]
-        out: list[str | None] = []
-        for start in range(0, len(texts), self.batch_size):
-            chunk = texts[start : start + self.batch_size]
-            began = time.perf_counter()
-            try:
-                out.extend(self._generate(chunk))
-            except torch.OutOfMemoryError as err:
-                log.warning("judge generation ran out of memory for %d conversations: %s", len(chunk), err)
-                out.extend([None] * len(chunk))
-                self.stats.failures += len(chunk)
-            self.stats.latency_s += time.perf_counter() - began
-        self.stats.requests += len(batch)
-        self.stats.attempts += len(batch)
-        return out
+        return complete_in_batches(texts, self.batch_size, self._generate, self.stats, "judge generation")
 
-    @torch.no_grad()
     def _generate(self, prompts: list[str]) -> list[str | None]:
-        from transformers import GenerationConfig
-
-        tok = self.tokenizer
-        side = tok.padding_side
-        tok.padding_side = "left"
-        try:
-            enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        finally:
-            tok.padding_side = side
-        device = next(self.model.parameters()).device
-        sampling = self.temperature > 0
-        config = GenerationConfig(  # type: ignore[no-untyped-call]
-            max_new_tokens=self.max_new_tokens,
-            do_sample=sampling,
-            temperature=self.temperature if sampling else None,
-            top_p=self.top_p if sampling else None,
-            top_k=None,
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
-        )
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            output = self.model.generate(
-                input_ids=enc["input_ids"].to(device),
-                attention_mask=enc["attention_mask"].to(device),
-                generation_config=config,
-            )
-        finally:
-            self.model.train(was_training)
-        new_tokens = output[:, enc["input_ids"].shape[1] :]
-        return list(tok.batch_decode(new_tokens, skip_special_tokens=True))
+        with left_padding(self.tokenizer):
+            enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        return generate_new_text(self.model, self.tokenizer, inputs, self.max_new_tokens, self.temperature, self.top_p)

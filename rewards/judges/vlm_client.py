@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import base64
 import io
-import logging
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import torch
 from PIL import Image
 from torch import nn
 
 from rewards.judges.client import ClientStats, Conversation
-
-log = logging.getLogger(__name__)
+from rewards.judges.hf_generation import (
+    complete_in_batches,
+    generate_new_text,
+    left_padding,
+    load_model_and_preprocessor,
+)
 
 
 def decode_data_url(url: str) -> Image.Image:
@@ -91,18 +92,16 @@ class HFVisionChatClient:
                 f"need max_new_tokens >= 1, batch_size >= 1, top_p > 0, temperature >= 0; got {max_new_tokens}, "
                 f"{batch_size}, {top_p}, {temperature}"
             )
-        if isinstance(model, str):
-            processor = processor if processor is not None else model
-            model = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype or "auto")
-            device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        elif processor is None:
-            raise ValueError("HFVisionChatClient needs a processor when model is a module")
-        if isinstance(processor, str):
-            processor = AutoProcessor.from_pretrained(processor)  # type: ignore[no-untyped-call]
-        if getattr(processor, "chat_template", None) is None:
-            raise ValueError("HFVisionChatClient needs a processor with a chat_template")
-        if device is not None:
-            model = model.to(device)
+        model, processor = load_model_and_preprocessor(
+            model,
+            processor,
+            AutoModelForImageTextToText,
+            AutoProcessor,
+            device,
+            dtype,
+            "HFVisionChatClient",
+            "processor",
+        )
         self.model: Any = model
         self.processor: Any = processor
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
@@ -110,50 +109,14 @@ class HFVisionChatClient:
         self.stats = ClientStats()
 
     def complete(self, batch: Sequence[Conversation]) -> list[str | None]:
-        out: list[str | None] = []
-        for start in range(0, len(batch), self.batch_size):
-            chunk = [split_images(c) for c in batch[start : start + self.batch_size]]
-            began = time.perf_counter()
-            try:
-                out.extend(self._generate(chunk))
-            except torch.OutOfMemoryError as err:
-                log.warning("VLM judge ran out of memory for %d conversations: %s", len(chunk), err)
-                out.extend([None] * len(chunk))
-                self.stats.failures += len(chunk)
-            self.stats.latency_s += time.perf_counter() - began
-        self.stats.requests += len(batch)
-        self.stats.attempts += len(batch)
-        return out
+        return complete_in_batches(batch, self.batch_size, self._generate, self.stats, "VLM judge")
 
-    @torch.no_grad()
-    def _generate(self, chunk: list[tuple[list[dict[str, Any]], list[Image.Image]]]) -> list[str | None]:
-        from transformers import GenerationConfig
-
+    def _generate(self, conversations: list[Conversation]) -> list[str | None]:
+        chunk = [split_images(c) for c in conversations]
         texts = [self.processor.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m, _ in chunk]
         images = [image for _, row in chunk for image in row]
-        tokenizer = self.processor.tokenizer
-        side, tokenizer.padding_side = tokenizer.padding_side, "left"
-        try:
+        with left_padding(self.processor.tokenizer):
             inputs = self.processor(text=texts, images=images or None, return_tensors="pt", padding=True)
-        finally:
-            tokenizer.padding_side = side
-        device = next(self.model.parameters()).device
-        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-        sampling = self.temperature > 0
-        config = GenerationConfig(  # type: ignore[no-untyped-call]
-            max_new_tokens=self.max_new_tokens,
-            do_sample=sampling,
-            temperature=self.temperature if sampling else None,
-            top_p=self.top_p if sampling else None,
-            top_k=None,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
+        return generate_new_text(
+            self.model, self.processor.tokenizer, inputs, self.max_new_tokens, self.temperature, self.top_p
         )
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            output = self.model.generate(**inputs, generation_config=config)
-        finally:
-            self.model.train(was_training)
-        new_tokens = output[:, inputs["input_ids"].shape[1] :]
-        return list(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
