@@ -20,7 +20,8 @@ import torch
 from torch import Tensor
 
 from rewards.base import RewardOutput
-from rewards.judges.client import ClientStats, Conversation, HFChatClient, JudgeClient, OpenAIChatClient
+from rewards.judges.asking import ask_until_valid, check_client, client_from_config, stats_snapshot
+from rewards.judges.client import JudgeClient
 
 ASPECTS: tuple[str, ...] = ("R2", "R3", "R8", "R5", "R4")
 
@@ -136,8 +137,7 @@ class MedicalCaptionJudge:
             raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
         if backoff_s < 0 or max_backoff_s < 0:
             raise ValueError(f"backoff_s and max_backoff_s must be >= 0, got {backoff_s}, {max_backoff_s}")
-        if not callable(getattr(client, "complete", None)):
-            raise ValueError(f"client {type(client).__name__} has no complete(batch) method")
+        check_client(client)
         self.client, self.max_attempts = client, max_attempts
         self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
         self.reask_with_feedback = reask_with_feedback
@@ -148,14 +148,8 @@ class MedicalCaptionJudge:
     def from_config(cls, config: Mapping[str, Any]) -> MedicalCaptionJudge:
         """Build from keyword arguments; a mapping `client` becomes OpenAIChatClient (base_url) or HFChatClient."""
         kwargs = dict(config)
-        client = kwargs.get("client")
-        if isinstance(client, Mapping):
-            if "base_url" in client:
-                kwargs["client"] = OpenAIChatClient(**client)
-            elif "model" in client:
-                kwargs["client"] = HFChatClient(**client)
-            else:
-                raise ValueError(f"judge client config needs base_url (HTTP) or model (local), got {sorted(client)}")
+        if "client" in kwargs:
+            kwargs["client"] = client_from_config(kwargs["client"])
         return cls(**kwargs)
 
     def __call__(self, prompts: Sequence[Any], samples: Sequence[Any], **metadata: Any) -> RewardOutput:
@@ -171,10 +165,10 @@ class MedicalCaptionJudge:
         """Rate every (prediction, reference) pair; failures are NaN and counted."""
         if len(predictions) != len(references):
             raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
-        before = _stats(self.client)
+        before = stats_snapshot(self.client)
         prompts = [build_messages(p, r, self.system_prompt) for p, r in zip(predictions, references, strict=True)]
         ratings, replies, reasks = self._ask(prompts)
-        used = _stats(self.client).since(before)
+        used = stats_snapshot(self.client).since(before)
         failures = sum(r is None for r in ratings)
         n = len(prompts)
         scores = torch.tensor([rubric_score(r) if r else math.nan for r in ratings], dtype=torch.float32)
@@ -188,35 +182,18 @@ class MedicalCaptionJudge:
         return JudgedCaptions(scores, ratings, replies, metrics)
 
     def _ask(self, prompts: list[list[dict[str, str]]]) -> tuple[list[dict[str, int] | None], list[str | None], int]:
-        ratings: list[dict[str, int] | None] = [None] * len(prompts)
-        replies: list[str | None] = [None] * len(prompts)
-        pending, reasks = list(range(len(prompts))), 0
-        for attempt in range(self.max_attempts):
-            if not pending:
-                break
-            if attempt:
-                reasks += len(pending)
-                if self.backoff_s > 0:
-                    time.sleep(min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1)))
-            batch: list[Conversation] = [self._reask(prompts[j], replies[j]) for j in pending]
-            answers = self.client.complete(batch)
-            if len(answers) != len(batch):
-                raise RuntimeError(f"judge client returned {len(answers)} replies for {len(batch)} conversations")
-            retry = []
-            for j, answer in zip(pending, answers, strict=True):
-                replies[j] = answer
-                ratings[j] = parse_rubric(answer)
-                if ratings[j] is None:
-                    retry.append(j)
-            pending = retry
-        return ratings, replies, reasks
+        """Ask until all five ratings parse (failed requests too), backing off between rounds."""
+        asked = ask_until_valid(
+            self.client,
+            prompts,
+            lambda _, answer: parse_rubric(answer),
+            self.max_attempts,
+            reminder=(lambda _: REASK_PROMPT) if self.reask_with_feedback else None,
+            reask_failed=True,
+            before_reask=self._back_off,
+        )
+        return asked.values, asked.replies, asked.reasks
 
-    def _reask(self, prompt: list[dict[str, str]], reply: str | None) -> list[dict[str, str]]:
-        if reply is None or not self.reask_with_feedback:
-            return prompt
-        return [*prompt, {"role": "assistant", "content": reply}, {"role": "user", "content": REASK_PROMPT}]
-
-
-def _stats(client: Any) -> ClientStats:
-    stats = getattr(client, "stats", None)
-    return stats.snapshot() if isinstance(stats, ClientStats) else ClientStats()
+    def _back_off(self, attempt: int) -> None:
+        if self.backoff_s > 0:
+            time.sleep(min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1)))

@@ -21,7 +21,8 @@ from torch import Tensor
 
 from rewards.base import RewardOutput
 from rewards.image.clip import caption_text, to_pil_images
-from rewards.judges.client import ClientStats, Conversation, JudgeClient, image_part
+from rewards.judges.asking import ask_until_valid, check_client, stats_snapshot
+from rewards.judges.client import JudgeClient, image_part
 
 PromptStyle = Literal["unifiedreward_think", "answer_only"]
 PairOrder = Literal["one", "symmetric"]
@@ -110,8 +111,7 @@ class PairwisePreferenceJudge:
             raise ValueError(f"order={order!r} is not supported; allowed: ['one', 'symmetric']")
         if max_retries_invalid < 0:
             raise ValueError(f"max_retries_invalid must be >= 0, got {max_retries_invalid}")
-        if not callable(getattr(client, "complete", None)):
-            raise ValueError(f"client {type(client).__name__} has no complete(batch) method")
+        check_client(client)
         self.client, self.prompt_style, self.order = client, prompt_style, order
         self.require_answer_tag, self.max_retries_invalid = require_answer_tag, max_retries_invalid
         self.last_metrics: dict[str, float] = {}
@@ -134,9 +134,9 @@ class PairwisePreferenceJudge:
             for first, second in pair_jobs(len(pil), self.order):
                 jobs.append((b, first, second))
                 prompts.append(build_pair_messages(caption_text(caption), pil[first], pil[second], self.prompt_style))
-        began, before = time.perf_counter(), _stats(self.client)
+        began, before = time.perf_counter(), stats_snapshot(self.client)
         values, replies, reasks = self._ask(prompts)
-        used = _stats(self.client).since(before)
+        used = stats_snapshot(self.client).since(before)
         matrices = [torch.full((g, g), math.nan) for g in sizes]
         self.last_replies = [[] for _ in groups]
         for (b, first, second), value, reply in zip(jobs, values, replies, strict=True):
@@ -156,25 +156,13 @@ class PairwisePreferenceJudge:
 
     def _ask(self, prompts: list[list[dict[str, Any]]]) -> tuple[list[float | None], list[str | None], int]:
         """Ask every pair; re-ask unparsable replies up to max_retries_invalid times. (value, reply, re-asks)."""
-        values: list[float | None] = [None] * len(prompts)
-        replies: list[str | None] = [None] * len(prompts)
-        pending, reasks = list(range(len(prompts))), 0
-        for attempt in range(self.max_retries_invalid + 1):
-            if not pending:
-                break
-            reasks += len(pending) if attempt else 0
-            batch: list[Conversation] = [prompts[k] for k in pending]
-            answers = self.client.complete(batch)
-            if len(answers) != len(batch):
-                raise RuntimeError(f"judge client returned {len(answers)} replies for {len(batch)} conversations")
-            retry = []
-            for k, answer in zip(pending, answers, strict=True):
-                replies[k] = answer
-                values[k] = parse_preference(answer, self.require_answer_tag)
-                if values[k] is None and answer is not None:
-                    retry.append(k)
-            pending = retry
-        return values, replies, reasks
+        asked = ask_until_valid(
+            self.client,
+            prompts,
+            lambda _, answer: parse_preference(answer, self.require_answer_tag),
+            self.max_retries_invalid + 1,
+        )
+        return asked.values, asked.replies, asked.reasks
 
 
 def local_win_rates(matrix: Tensor, order: PairOrder = "one", decimals: int | None = 3) -> Tensor:
@@ -225,8 +213,3 @@ class PairwiseWinRateReward:
         if self.group_size is None or n % self.group_size:
             raise ValueError(f"{n} samples do not split into groups of group_size={self.group_size}; pass group_ids")
         return [list(range(s, s + self.group_size)) for s in range(0, n, self.group_size)]
-
-
-def _stats(client: Any) -> ClientStats:
-    stats = getattr(client, "stats", None)
-    return stats.snapshot() if isinstance(stats, ClientStats) else ClientStats()

@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 
 from rewards.base import RewardOutput
-from rewards.judges.client import ClientStats, Conversation, HFChatClient, JudgeClient, OpenAIChatClient
+from rewards.judges.asking import ask_until_valid, check_client, client_from_config, stats_snapshot
+from rewards.judges.client import JudgeClient
 
 InvalidPolicy = Literal["paper", "neutral", "zero", "skip"]
 INVALID_POLICIES: tuple[str, ...] = ("paper", "neutral", "zero", "skip")
@@ -209,8 +210,7 @@ class PrincipleProcessJudge:
             raise ValueError(f"max_retries_invalid must be >= 0, got {max_retries_invalid}")
         if not (score_scale > 0 and math.isfinite(score_scale)):
             raise ValueError(f"score_scale must be a finite number > 0, got {score_scale}")
-        if not callable(getattr(client, "complete", None)):
-            raise ValueError(f"client {type(client).__name__} has no complete(batch) method")
+        check_client(client)
         self.client, self.invalid_policy = client, policy
         self.system_prompt = build_system_prompt(principles)
         self.max_retries_invalid, self.reask_with_feedback = max_retries_invalid, reask_with_feedback
@@ -223,14 +223,8 @@ class PrincipleProcessJudge:
         """Build from keyword arguments; a mapping `client` becomes OpenAIChatClient (has base_url) or
         HFChatClient (has model)."""
         kwargs = dict(config)
-        client = kwargs.get("client")
-        if isinstance(client, Mapping):
-            if "base_url" in client:
-                kwargs["client"] = OpenAIChatClient(**client)
-            elif "model" in client:
-                kwargs["client"] = HFChatClient(**client)
-            else:
-                raise ValueError(f"judge client config needs base_url (HTTP) or model (local), got {sorted(client)}")
+        if "client" in kwargs:
+            kwargs["client"] = client_from_config(kwargs["client"])
         return cls(**kwargs)
 
     def __call__(self, prompts: Sequence[Any], samples: Sequence[Any], **metadata: Any) -> RewardOutput:
@@ -253,9 +247,9 @@ class PrincipleProcessJudge:
             raise ValueError(f"{len(questions)} questions but {len(turns)} rows of turns")
         jobs = [(i, k) for i, row in enumerate(turns) for k in range(len(row))]
         prompts = [build_turn_messages(questions[i], turns[i], k, self.system_prompt) for i, k in jobs]
-        before = _stats(self.client)
+        before = stats_snapshot(self.client)
         values, replies, reasks = self._ask(prompts)
-        used = _stats(self.client).since(before)
+        used = stats_snapshot(self.client).since(before)
         process: list[list[float | None]] = [[None] * len(row) for row in turns]
         outputs: list[list[str | None]] = [[None] * len(row) for row in turns]
         for (i, k), value, reply in zip(jobs, values, replies, strict=True):
@@ -277,40 +271,20 @@ class PrincipleProcessJudge:
 
     def _ask(self, prompts: list[list[dict[str, str]]]) -> tuple[list[float | None], list[str | None], int]:
         """Ask all prompts, re-ask the unparsable ones; (r_p or None, last reply, re-asks made)."""
-        values: list[float | None] = [None] * len(prompts)
-        replies: list[str | None] = [None] * len(prompts)
-        pending, reasks = list(range(len(prompts))), 0
-        for attempt in range(self.max_retries_invalid + 1):
-            if not pending:
-                break
-            reasks += len(pending) if attempt else 0
-            batch: list[Conversation] = [self._reask(prompts[j], replies[j]) for j in pending]
-            answers = self.client.complete(batch)
-            if len(answers) != len(batch):
-                raise RuntimeError(f"judge client returned {len(answers)} replies for {len(batch)} conversations")
-            retry = []
-            for j, answer in zip(pending, answers, strict=True):
-                replies[j] = answer
-                parsed = parse_final_score(answer)
-                if parsed is not None:
-                    values[j] = self.score_scale * parsed[0] / parsed[1]
-                elif answer is not None:
-                    retry.append(j)
-            pending = retry
-        return values, replies, reasks
+        asked = ask_until_valid(
+            self.client,
+            prompts,
+            lambda _, answer: self._process_reward(parse_final_score(answer)),
+            self.max_retries_invalid + 1,
+            reminder=(lambda _: REASK_PROMPT) if self.reask_with_feedback else None,
+        )
+        return asked.values, asked.replies, asked.reasks
 
-    def _reask(self, prompt: list[dict[str, str]], reply: str | None) -> list[dict[str, str]]:
-        if reply is None or not self.reask_with_feedback:
-            return prompt
-        return [*prompt, {"role": "assistant", "content": reply}, {"role": "user", "content": REASK_PROMPT}]
+    def _process_reward(self, parsed: tuple[int, int] | None) -> float | None:
+        return None if parsed is None else self.score_scale * parsed[0] / parsed[1]
 
     def _row_score(self, row: Sequence[float | None]) -> float:
         fill = {"paper": 0.0, "zero": 0.0, "neutral": 0.5 * self.score_scale, "skip": None}[self.invalid_policy]
         kept = [v if v is not None else fill for v in row]
         numbers = [v for v in kept if v is not None]
         return sum(numbers) / len(numbers) if numbers else math.nan
-
-
-def _stats(client: Any) -> ClientStats:
-    stats = getattr(client, "stats", None)
-    return stats.snapshot() if isinstance(stats, ClientStats) else ClientStats()

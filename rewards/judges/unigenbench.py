@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from rewards.judges.client import ClientStats, Conversation, JudgeClient, image_part
+from rewards.judges.asking import ask_until_valid, check_client, stats_snapshot
+from rewards.judges.client import JudgeClient, image_part
 
 # The 27 sub-dimensions and what each checks (our paraphrase of the benchmark's definitions).
 TESTPOINT_DEFINITIONS: dict[str, str] = {
@@ -129,54 +130,29 @@ class TestpointJudge:
     def __init__(self, client: JudgeClient, max_retries_invalid: int = 2) -> None:
         if max_retries_invalid < 0:
             raise ValueError(f"max_retries_invalid must be >= 0, got {max_retries_invalid}")
-        if not callable(getattr(client, "complete", None)):
-            raise ValueError(f"client {type(client).__name__} has no complete(batch) method")
+        check_client(client)
         self.client, self.max_retries_invalid = client, max_retries_invalid
         self.last_metrics: dict[str, float] = {}
 
     def judge(self, items: Sequence[TestpointItem]) -> tuple[list[list[int] | None], list[str | None]]:
         """(scores per item or None, last raw reply per item)."""
         prompts = [build_testpoint_messages(i.prompt, i.testpoints, i.descriptions, i.image) for i in items]
-        scores: list[list[int] | None] = [None] * len(items)
-        replies: list[str | None] = [None] * len(items)
-        before = _stats(self.client)
-        pending, reasks = list(range(len(items))), 0
-        for attempt in range(self.max_retries_invalid + 1):
-            if not pending:
-                break
-            reasks += len(pending) if attempt else 0
-            batch: list[Conversation] = [self._reask(prompts[k], replies[k], len(items[k].testpoints)) for k in pending]
-            answers = self.client.complete(batch)
-            if len(answers) != len(batch):
-                raise RuntimeError(f"judge client returned {len(answers)} replies for {len(batch)} conversations")
-            retry = []
-            for k, answer in zip(pending, answers, strict=True):
-                replies[k] = answer
-                scores[k] = parse_testpoint_scores(answer, len(items[k].testpoints))
-                if scores[k] is None and answer is not None:
-                    retry.append(k)
-            pending = retry
-        used = _stats(self.client).since(before)
+        counts = [len(i.testpoints) for i in items]
+        before = stats_snapshot(self.client)
+        asked = ask_until_valid(
+            self.client,
+            prompts,
+            lambda k, answer: parse_testpoint_scores(answer, counts[k]),
+            self.max_retries_invalid + 1,
+            reminder=lambda k: REASK_PROMPT.format(count=counts[k]),
+        )
+        scores, replies = asked.values, asked.replies
+        used = stats_snapshot(self.client).since(before)
         self.last_metrics = {
             "judge/images": float(len(items)),
             "judge/invalid": float(sum(s is None for s in scores)),
             "judge/failures": float(sum(r is None for r in replies)),
-            "judge/reasks": float(reasks),
+            "judge/reasks": float(asked.reasks),
             "judge/latency_s": used.mean_latency_s,
         }
         return scores, replies
-
-    @staticmethod
-    def _reask(prompt: list[dict[str, Any]], reply: str | None, count: int) -> list[dict[str, Any]]:
-        if reply is None:
-            return prompt
-        return [
-            *prompt,
-            {"role": "assistant", "content": reply},
-            {"role": "user", "content": REASK_PROMPT.format(count=count)},
-        ]
-
-
-def _stats(client: Any) -> ClientStats:
-    stats = getattr(client, "stats", None)
-    return stats.snapshot() if isinstance(stats, ClientStats) else ClientStats()
