@@ -1,26 +1,32 @@
 """DiDi-Instruct on the tiny CPU setup: does an 8-step student match the 64-step teacher, and how much faster is it?
 
-Trains a tiny word-level DiT teacher on the shipped corpus, a tiny GPT-2 evaluator on the same corpus, distils
-a student with `configs/diffusion_lm/tiny.yaml` through the generic Trainer, then writes the NFE table
-(gen-PPL under the evaluator, unigram entropy, wall-clock) to bench/results/didi_nfe.{json,md}.
+Trains (or resumes) a tiny word-level DiT teacher on the shipped corpus, a tiny GPT-2 evaluator on the same
+corpus (dropout + weight decay, early-stopped on the held-out split), distils a student with
+`configs/diffusion_lm/tiny.yaml` through the generic Trainer, then writes the NFE table (gen-PPL under the
+evaluator, unigram entropy, wall-clock; student@8 also with RGAS) to bench/results/didi_nfe.{json,md}.
 
-    .venv/bin/python bench/didi_nfe.py            # ~10 min of CPU on 2 cores
+    .venv/bin/python bench/didi_nfe.py            # ~10 min of CPU (1 thread)
     .venv/bin/python bench/didi_nfe.py --quick    # a 1-minute smoke run (numbers meaningless)
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from modalities.diffusion_lm.didi_policy import StudentPolicy
-from modalities.diffusion_lm.evaluation import CausalLMEvaluator, build_tiny_gpt2, train_tiny_causal_lm
+from modalities.diffusion_lm.evaluation import CausalLMEvaluator, build_tiny_gpt2, unigram_entropy
+from modalities.diffusion_lm.masked_diffusion import MaskedDiffusionLM
 from modalities.diffusion_lm.nfe_table import nfe_table, print_nfe_table, sample_timed, write_json_atomic
-from modalities.diffusion_lm.teacher import load_teacher, train_teacher
+from modalities.diffusion_lm.rgas import rgas_sample
+from modalities.diffusion_lm.teacher import evaluate_nelbo, load_teacher, train_teacher
 from modalities.diffusion_lm.text_data import TokenDataset, build_text_tokenizer, collate_input_ids
 from modalities.diffusion_lm.tiny import build_tiny_text_teacher
 from toolkit.config import load_config
@@ -29,82 +35,151 @@ from toolkit.runner import build_trainer, fit
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    p.add_argument("--name", default="didi_nfe", help="result file stem under --out")
     p.add_argument("--work-dir", default=str(ROOT / "runs" / "didi_nfe"))
     p.add_argument("--length", type=int, default=32)
-    p.add_argument("--teacher-steps", type=int, default=500)
-    p.add_argument("--evaluator-steps", type=int, default=300)
-    p.add_argument("--distill-steps", type=int, default=100)
-    p.add_argument("--distill-lr", type=float, default=1e-4)
+    p.add_argument("--teacher-steps", type=int, default=1000, help="resumes an existing teacher run")
+    p.add_argument("--evaluator-steps", type=int, default=600, help="max steps; the best held-out checkpoint wins")
+    p.add_argument("--evaluator-dropout", type=float, default=0.2)
+    p.add_argument("--evaluator-weight-decay", type=float, default=0.1)
+    p.add_argument("--distill-steps", type=int, default=300)
+    p.add_argument("--distill-lr", type=float, default=3e-4)
+    p.add_argument("--disc-lr", type=float, default=1e-4)
+    p.add_argument("--disc-warmup", type=int, default=10)
+    p.add_argument("--ema-decay", type=float, default=0.95)
+    p.add_argument("--prompts-per-step", type=int, default=8)
+    p.add_argument("--kl-coef", type=float, default=None, help="override objective.kl_coef (default: the config's)")
+    p.add_argument("--rgas-h", type=float, nargs=2, default=(30.0, 40.0), help="RGAS guidance ramp h0 h1")
     p.add_argument("--num-samples", type=int, default=128)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="tiny step counts: checks the pipeline only")
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
-def train_stage_teacher(args: argparse.Namespace, work: Path) -> Path:
+def stage_teacher(args: argparse.Namespace, work: Path) -> tuple[Path, dict[str, float]]:
+    """Train (resume) the teacher; returns its checkpoint and {steps, train/held-out NELBO}."""
     teacher = build_tiny_text_teacher(seed=0, max_length=args.length)
     data = TokenDataset(seq_len=args.length, split="train", seed=0)
     result = train_teacher(
-        teacher,
-        data,
-        args.teacher_steps,
-        lr=2e-3,
-        batch_size=32,
-        run_dir=work / "teacher",
-        warmup_steps=50,
+        teacher, data, args.teacher_steps, lr=2e-3, batch_size=32, run_dir=work / "teacher", warmup_steps=50,
         progress=False,
-    )
-    print(f"teacher: {result.step} steps, final NELBO {result.loss:.3f}")
-    assert result.checkpoint is not None
-    return Path(result.checkpoint)
+    )  # fmt: skip
+    assert result.checkpoint is not None or result.step == args.teacher_steps
+    checkpoint = Path(result.checkpoint) if result.checkpoint else work / "teacher"
+    model = load_teacher(checkpoint)
+    stats = {"teacher_steps": float(result.step)}
+    for split in ("train", "valid"):
+        rows = TokenDataset(seq_len=args.length, split=split, shuffle=False)
+        stats[f"teacher_{split}_nelbo"] = evaluate_nelbo(model, [r["input_ids"] for r in rows.next_batch(len(rows))])
+    print(f"teacher: {stats}")
+    return checkpoint, stats
 
 
-def train_stage_evaluator(args: argparse.Namespace) -> CausalLMEvaluator:
+def stage_evaluator(args: argparse.Namespace) -> tuple[CausalLMEvaluator, dict[str, float]]:
+    """Tiny GPT-2 on overlapping train windows (stride 4) with dropout + weight decay, early-stopped on valid."""
     tokenizer = build_text_tokenizer()
-    data = TokenDataset(seq_len=args.length, split="train", seed=1)
+    train = TokenDataset(seq_len=args.length, split="train", seed=1, stride=4)
+    held_out = TokenDataset(seq_len=args.length, split="valid", shuffle=False, stride=8)
+    valid = collate_input_ids(held_out.next_batch(len(held_out)))
     model = build_tiny_gpt2(len(tokenizer), max_length=args.length, num_layers=2, hidden=64)
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = args.evaluator_dropout
+    evaluator = CausalLMEvaluator(model, tokenizer, batch_size=64, max_length=args.length)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=args.evaluator_weight_decay)
+    best: tuple[float, int, dict[str, torch.Tensor]] = (float("inf"), 0, {})
+    batches = train.batches(32)
+    for step in range(1, args.evaluator_steps + 1):
+        for group in opt.param_groups:
+            group["lr"] = 3e-3 * min(1.0, step / 50)
+        model.train()
+        ids = collate_input_ids(next(batches))
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 25 == 0 or step == args.evaluator_steps:
+            ppl = evaluator.perplexity_of_ids(valid)
+            if ppl < best[0]:
+                best = (ppl, step, copy.deepcopy(model.state_dict()))
+    model.load_state_dict(best[2])
+    model.eval()
+    train_rows = TokenDataset(seq_len=args.length, split="train", shuffle=False)
+    stats = {
+        "evaluator_best_step": float(best[1]),
+        "evaluator_valid_ppl": best[0],
+        "evaluator_train_ppl": evaluator.perplexity_of_ids(collate_input_ids(train_rows.next_batch(len(train_rows)))),
+    }
+    print(f"evaluator: {stats}")
+    return evaluator, stats
 
-    def batches() -> Any:
-        for rows in data.batches(32):
-            yield collate_input_ids(rows)
 
-    losses = train_tiny_causal_lm(model, batches, args.evaluator_steps, lr=3e-3)
-    print(f"evaluator GPT-2: {args.evaluator_steps} steps, final loss {losses[-1]:.3f}")
-    return CausalLMEvaluator(model, tokenizer, batch_size=64, max_length=args.length)
-
-
-def distil(args: argparse.Namespace, work: Path, teacher_ckpt: Path) -> StudentPolicy:
-    ckpt = str(teacher_ckpt)
+def distil(args: argparse.Namespace, work: Path, teacher_ckpt: Path) -> tuple[StudentPolicy, Any, int]:
+    """DiDi through the generic Trainer; returns (policy, trained discriminator, steps done)."""
     overrides = [
         f"trainer.run_dir={work / 'distil'}",
         f"trainer.num_steps={args.distill_steps}",
         f"trainer.lr={args.distill_lr}",
+        f"trainer.prompts_per_step={args.prompts_per_step}",
         "trainer.save_every=0",
         "trainer.resume=never",
+        "trainer.progress=false",
         f"data.seq_len={args.length}",
+        f"rewards.discriminator.lr={args.disc_lr}",
+        f"rewards.discriminator.warmup_steps={args.disc_warmup}",
         f"rewards.discriminator.total_steps={args.distill_steps}",
-        "policy.ema_decay=0.95",
+        f"policy.ema_decay={args.ema_decay}",
     ]
+    if args.kl_coef is not None:
+        overrides.append(f"objective.kl_coef={args.kl_coef}")
     for node in ("policy.student", "policy.teacher", "rewards.discriminator.discriminator.teacher"):
-        overrides.append(f"{node}.checkpoint={ckpt}")
-    config = load_config(ROOT / "configs" / "diffusion_lm" / "tiny.yaml", overrides)
-    trainer = build_trainer(config)
+        overrides.append(f"{node}.checkpoint={teacher_ckpt}")
+    trainer = build_trainer(load_config(ROOT / "configs" / "diffusion_lm" / "tiny.yaml", overrides))
     fit(trainer)
     assert isinstance(trainer.policy, StudentPolicy)
-    return trainer.policy
+    return trainer.policy, trainer.rewards["discriminator"], trainer.global_step
 
 
-def summary(rows: list[dict[str, Any]], teacher64_nocache_s: float, data_ppl: float) -> dict[str, Any]:
+def rgas_row(
+    name: str, student: MaskedDiffusionLM, reward: Any, evaluator: CausalLMEvaluator, args: argparse.Namespace
+) -> dict[str, Any]:
+    """Student@8 with the reward-guided ancestral sampler (released re-ranker, M = 4) and the trained discriminator."""
+    generator = torch.Generator().manual_seed(0)
+    disc = reward.discriminator.eval()
+    chunks, start = [], time.perf_counter()
+    for first in range(0, args.num_samples, 32):
+        x = torch.full((min(32, args.num_samples - first), args.length), student.mask_id, dtype=torch.long)
+        chunks.append(
+            rgas_sample(student.backbone, disc, student.schedule, x, 8, generator, h_start=args.rgas_h[0],
+                        h_end=args.rgas_h[1])
+        )  # fmt: skip
+    seconds, ids = time.perf_counter() - start, torch.cat(chunks)
+    return {
+        "model": name,
+        "steps": 8,
+        "gen_ppl": evaluator.perplexity_of_ids(ids),
+        "entropy": float(unigram_entropy(ids).mean()),
+        "seconds": seconds,
+        "samples_per_s": args.num_samples / seconds,
+        "nfe": 8.0,
+    }
+
+
+def summarize(rows: list[dict[str, Any]], teacher64_nocache_s: float, data_ppl: float) -> dict[str, Any]:
+    """The issue's two goals: student@8 gen-PPL <= teacher@64, and student@8 >= 5x faster than teacher@64."""
     cell = {(r["model"], r["steps"]): r for r in rows}
     student, teacher = cell[("student", 8)], cell[("teacher", 64)]
+    best8 = min((r for r in rows if r["steps"] == 8 and r["model"] != "teacher"), key=lambda r: r["gen_ppl"])
     return {
         "student8_gen_ppl": student["gen_ppl"],
+        "best_student8_variant": best8["model"],
+        "best_student8_gen_ppl": best8["gen_ppl"],
         "teacher64_gen_ppl": teacher["gen_ppl"],
         "teacher8_gen_ppl": cell[("teacher", 8)]["gen_ppl"],
-        "data_gen_ppl": data_ppl,
+        "data_valid_gen_ppl": data_ppl,
         "ppl_goal_met": student["gen_ppl"] <= teacher["gen_ppl"],
         "speedup_vs_teacher64_cached": teacher["seconds"] / student["seconds"],
         "speedup_vs_teacher64_uncached": teacher64_nocache_s / student["seconds"],
@@ -112,34 +187,90 @@ def summary(rows: list[dict[str, Any]], teacher64_nocache_s: float, data_ppl: fl
     }
 
 
-def main() -> None:
-    args = parse_args()
-    if args.quick:
-        args.teacher_steps, args.evaluator_steps, args.distill_steps, args.num_samples = 5, 5, 2, 8
-    torch.set_num_threads(args.threads)
-    work = Path(args.work_dir)
-    start = time.perf_counter()
-    teacher_ckpt = train_stage_teacher(args, work)
-    evaluator = train_stage_evaluator(args)
-    t_distil = time.perf_counter()
-    policy = distil(args, work, teacher_ckpt)
-    distil_s = time.perf_counter() - t_distil
+def write_markdown(path: Path, result: dict[str, Any]) -> None:
+    """The human-readable report next to the JSON (everything in it comes from `result`)."""
+    s, st = result["summary"], result["settings"]
+    lines = [
+        "# DiDi-Instruct on the tiny CPU setup (bench/didi_nfe.py)",
+        "",
+        f"Machine: {os.cpu_count()} CPU cores, torch {st['threads']} thread(s), load average "
+        f"{st['load_start']:.1f} at the start, {st['load_end']:.1f} at the end (other jobs share the CPU; "
+        "seconds are wall-clock, compare ratios within this run).",
+        "",
+        f"Teacher: word-level DiT (hidden 128, 3 blocks, L = {st['length']}), {st['teacher_steps']:.0f} MDLM "
+        f"steps, NELBO train {st['teacher_train_nelbo']:.3f} / held-out {st['teacher_valid_nelbo']:.3f} nats/token. "
+        f"Evaluator: tiny GPT-2 (2 layers, 64 wide, dropout {st['evaluator_dropout']}, wd "
+        f"{st['evaluator_weight_decay']}), best held-out step {st['evaluator_best_step']:.0f}: PPL held-out "
+        f"{st['evaluator_valid_ppl']:.2f}, train {st['evaluator_train_ppl']:.2f}. Distillation: "
+        f"`configs/diffusion_lm/tiny.yaml`, {st['distill_steps_done']} steps x {st['prompts_per_step']} rows x G = 4, "
+        f"student lr {st['distill_lr']}, discriminator lr {st['disc_lr']} (warm-up {st['disc_warmup']}), EMA "
+        f"{st['ema_decay']}, kl_coef {st['kl_coef'] or 'config'} ({st['distil_seconds']:.0f} s). "
+        f"{st['num_samples']} samples per cell, same seed, MDLM caching on; `+rgas` = RGAS (released re-ranker, "
+        f"M = 4, h {st['rgas_h'][0]:g}->{st['rgas_h'][1]:g}) with the trained discriminator.",
+        "",
+        "| model | steps | NFE | gen-PPL | entropy | seconds | samples/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['model']} | {r['steps']} | {r['nfe']:.1f} | {r['gen_ppl']:.2f} | {r['entropy']:.3f} | "
+            f"{r['seconds']:.2f} | {r['samples_per_s']:.1f} |"
+        )
+    verdict = "met" if s["ppl_goal_met"] else "NOT met"
+    lines += [
+        "",
+        f"* gen-PPL goal **{verdict}**: student@8 {s['student8_gen_ppl']:.2f} vs teacher@64 "
+        f"{s['teacher64_gen_ppl']:.2f} (teacher@8 {s['teacher8_gen_ppl']:.2f}; best 8-step student variant "
+        f"{s['best_student8_variant']} {s['best_student8_gen_ppl']:.2f}; held-out data {s['data_valid_gen_ppl']:.2f}).",
+        f"* speed goal **{'met' if s['speed_goal_met'] else 'NOT met'}**: student@8 is "
+        f"{s['speedup_vs_teacher64_cached']:.1f}x faster than the cached teacher@64, "
+        f"{s['speedup_vs_teacher64_uncached']:.1f}x than the uncached one.",
+        "",
+        f"Reproduce: `.venv/bin/python bench/didi_nfe.py` (total {st['total_seconds']:.0f} s here; raw rows in "
+        f"`{path.stem}.json`).",
+    ]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def evaluate_all(
+    args: argparse.Namespace, teacher_ckpt: Path, policy: StudentPolicy, reward: Any, evaluator: CausalLMEvaluator
+) -> tuple[list[dict[str, Any]], float]:
+    """NFE table rows (+ RGAS rows) and the uncached teacher@64 seconds."""
     teacher = load_teacher(teacher_ckpt)
     models = {"teacher": teacher, "student": policy.student, "student_ema": policy.ema_model()}
     steps = {"teacher": [8, 16, 32, 64, 128], "student": [8, 16, 32, 64], "student_ema": [8]}
-    rows = nfe_table(models, steps, evaluator, num_samples=args.num_samples, length=args.length)
+    rows = nfe_table(models, steps, evaluator, num_samples=args.num_samples, length=args.length, progress=False)
+    rows.append(rgas_row("student+rgas", policy.student, reward, evaluator, args))
+    rows.append(rgas_row("student_ema+rgas", models["student_ema"], reward, evaluator, args))
     _, nocache_s, _ = sample_timed(teacher, args.num_samples, args.length, 64, cache=False)
+    return rows, nocache_s
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.quick:
+        args.teacher_steps, args.evaluator_steps, args.distill_steps, args.num_samples = 5, 5, 2, 8
+        args.name = f"{args.name}_quick"
+    torch.set_num_threads(args.threads)
+    work, start, load_start = Path(args.work_dir), time.perf_counter(), os.getloadavg()[0]
+    teacher_ckpt, teacher_stats = stage_teacher(args, work)
+    evaluator, evaluator_stats = stage_evaluator(args)
+    t_distil = time.perf_counter()
+    policy, reward, steps_done = distil(args, work, teacher_ckpt)
+    distil_s = time.perf_counter() - t_distil
+    rows, nocache_s = evaluate_all(args, teacher_ckpt, policy, reward, evaluator)
     valid = TokenDataset(seq_len=args.length, split="valid", shuffle=False)
-    data_ppl = evaluator.perplexity_of_ids(collate_input_ids(valid.next_batch(min(len(valid), args.num_samples))))
+    data_ppl = evaluator.perplexity_of_ids(collate_input_ids(valid.next_batch(len(valid))))
     print_nfe_table(rows, title="DiDi-Instruct tiny: NFE table (gen-PPL under the tiny GPT-2 evaluator)")
-    result = {
-        "rows": rows,
-        "summary": summary(rows, nocache_s, data_ppl),
-        "settings": {**vars(args), "distil_seconds": distil_s, "total_seconds": time.perf_counter() - start},
-    }
+    settings = {**vars(args), **teacher_stats, **evaluator_stats, "distill_steps_done": steps_done}
+    settings.update(distil_seconds=distil_s, load_start=load_start, load_end=os.getloadavg()[0])
+    settings["total_seconds"] = time.perf_counter() - start
+    result = {"rows": rows, "summary": summarize(rows, nocache_s, data_ppl), "settings": settings}
     out = Path(args.out)
-    write_json_atomic(out / ("didi_nfe_quick.json" if args.quick else "didi_nfe.json"), result)
+    write_json_atomic(out / f"{args.name}.json", result)
+    write_markdown(out / f"{args.name}.md", result)
     print(result["summary"])
+    return result
 
 
 if __name__ == "__main__":
