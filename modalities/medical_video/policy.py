@@ -11,20 +11,29 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from toolkit.distributed import unwrap
+from toolkit.lm import (
+    TORCH_DTYPES,
+    DTypeName,
+    ReferenceMode,
+    bf16_autocast,
+    check_policy_options,
+    left_align,
+    reference_log_probs,
+    row_slices,
+    trainable_state_dict,
+    wrap_lora,
+    zero_dropout,
+)
 from toolkit.rollout import Rollout
 
-ReferenceMode = Literal["auto", "copy", "adapters_off", "none"]
-DTypeName = Literal["float32", "bfloat16", "auto"]
-_TORCH_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # LoRA on the language model's linear layers only (the vision tower stays frozen).
 LANGUAGE_LORA_TARGETS = r"^(?!.*visual).*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
 
@@ -68,12 +77,6 @@ def token_log_probs(
     return picked - normalizer, entropy
 
 
-def left_align(input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Move each row's attended tokens to the right end, order kept ([N, L] → [N, L]); undoes concat right-padding."""
-    order = torch.argsort(attention_mask.int(), dim=1, stable=True)
-    return input_ids.gather(1, order), attention_mask.gather(1, order)
-
-
 def video_batch(videos: Sequence[VideoFeatures], device: torch.device) -> dict[str, Tensor]:
     """The model's video kwargs for rows `videos` (one video per row, in row order)."""
     return {
@@ -89,12 +92,6 @@ def mm_token_types(input_ids: Tensor, video_token_id: int, image_token_id: int |
     if image_token_id is not None:
         types = types + (input_ids == image_token_id).long()
     return types
-
-
-def row_slices(num_rows: int, chunk: int) -> Iterator[slice]:
-    """Consecutive row slices of at most `chunk` rows."""
-    for start in range(0, num_rows, chunk):
-        yield slice(start, min(start + chunk, num_rows))
 
 
 class VideoVLMPolicy:
@@ -133,21 +130,10 @@ class VideoVLMPolicy:
         autocast: bool = True,
         disable_dropout: bool = True,
     ) -> None:
-        _check_choice("dtype", dtype, DTypeName)
-        _check_choice("reference", reference, ReferenceMode)
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        if micro_batch_size is not None and micro_batch_size < 1:
-            raise ValueError(f"micro_batch_size must be >= 1 or None, got {micro_batch_size}")
-        if reference == "adapters_off" and lora is None:
-            raise ValueError("reference='adapters_off' needs lora; use 'copy' or 'auto' for full fine-tuning")
+        reference_mode = check_policy_options(dtype, reference, temperature, top_p, micro_batch_size, lora is not None)
         self.temperature, self.top_p, self.top_k = float(temperature), float(top_p), top_k
         self.micro_batch_size, self.autocast, self.is_lora = micro_batch_size, autocast, lora is not None
-        self.reference_mode: ReferenceMode = (
-            ("adapters_off" if self.is_lora else "copy") if reference == "auto" else reference
-        )
+        self.reference_mode: ReferenceMode = reference_mode
         self.processor = _load_processor(processor, model)
         base: Any = _build_model(model, dtype, attn_implementation)
         if freeze_vision:
@@ -156,9 +142,11 @@ class VideoVLMPolicy:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if self.is_lora:
                 base.enable_input_require_grads()
-        self.module: nn.Module = _wrap_lora(base, lora) if lora is not None else base
+        self.module: nn.Module = (
+            wrap_lora(base, lora, {"target_modules": LANGUAGE_LORA_TARGETS}) if lora is not None else base
+        )
         if disable_dropout:
-            _zero_dropout(self.module)
+            zero_dropout(self.module)
         config = base.config
         self.video_token_id = int(config.video_token_id)
         self.image_token_id = getattr(config, "image_token_id", None)
@@ -179,9 +167,7 @@ class VideoVLMPolicy:
 
     def autocast_context(self) -> contextlib.AbstractContextManager[Any]:
         """bf16 autocast when enabled and the module is on CUDA; a no-op otherwise."""
-        if self.autocast and self.device.type == "cuda":
-            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return bf16_autocast(self.autocast, self.device)
 
     def log_probs(self, rollout: Rollout) -> Tensor:
         """[N, T] float32 log-probs of the response tokens (0 where `rollout.mask` is False)."""
@@ -194,12 +180,9 @@ class VideoVLMPolicy:
     @torch.no_grad()
     def ref_log_probs(self, rollout: Rollout) -> Tensor:
         """[N, T] float32 log-probs under the reference (adapters off or the frozen copy), no grad."""
-        if self.reference_mode == "none":
-            raise ValueError("this policy was built with reference='none'; set reference to 'auto' for a KL term")
-        if self.reference_mode == "adapters_off":
-            with self.module.disable_adapter():  # type: ignore[operator]
-                return self._score(self.module, rollout)[0]
-        return self._score(self.init_reference(), rollout)[0]
+        return reference_log_probs(
+            self.reference_mode, self.module, self.init_reference, lambda module: self._score(module, rollout)[0]
+        )
 
     def init_reference(self) -> nn.Module:
         """The module scoring the reference; in "copy" mode a frozen copy, taken before any update."""
@@ -219,10 +202,7 @@ class VideoVLMPolicy:
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
         """The weights the trainer updates: the trainable parameters with LoRA, else the full state dict."""
-        module = unwrap(self.module)
-        if not self.is_lora:
-            return module.state_dict()
-        return {name: p.detach() for name, p in module.named_parameters() if p.requires_grad}
+        return trainable_state_dict(self.module, self.is_lora)
 
     def _score(self, module: nn.Module, rollout: Rollout) -> tuple[Tensor, Tensor]:
         data, num_steps = rollout.data, rollout.num_steps
@@ -264,11 +244,6 @@ def vision_tower(model: nn.Module) -> nn.Module:
     raise ValueError(f"{type(model).__name__} has no `visual` tower; expected a Qwen2/2.5/3-VL model")
 
 
-def _check_choice(name: str, value: str, choices: Any) -> None:
-    if value not in get_args(choices):
-        raise ValueError(f"{name}={value!r} is not one of {list(get_args(choices))}")
-
-
 def _load_processor(processor: Any, model: Any) -> Any:
     if processor is None and isinstance(model, str):
         processor = model
@@ -285,28 +260,10 @@ def _build_model(model: str | nn.Module, dtype: DTypeName, attn_implementation: 
     if isinstance(model, str):
         from transformers import AutoModelForImageTextToText
 
-        kwargs: dict[str, Any] = {"dtype": _TORCH_DTYPES.get(dtype, "auto")}
+        kwargs: dict[str, Any] = {"dtype": TORCH_DTYPES.get(dtype, "auto")}
         if attn_implementation is not None:
             kwargs["attn_implementation"] = attn_implementation
         return AutoModelForImageTextToText.from_pretrained(model, **kwargs)
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a hub id/path or an nn.Module, got {type(model).__name__}")
-    return model.to(_TORCH_DTYPES[dtype]) if dtype in _TORCH_DTYPES else model
-
-
-def _wrap_lora(base: Any, lora: Mapping[str, Any]) -> nn.Module:
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(**{"task_type": "CAUSAL_LM", "target_modules": LANGUAGE_LORA_TARGETS, **dict(lora)})
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        wrapped: nn.Module = get_peft_model(base, config)
-    return wrapped
-
-
-def _zero_dropout(module: nn.Module) -> None:
-    for sub in module.modules():
-        if isinstance(sub, nn.Dropout):
-            sub.p = 0.0
-        if isinstance(getattr(sub, "attention_dropout", None), float):
-            setattr(sub, "attention_dropout", 0.0)  # noqa: B010 (HF attention modules keep a float)
+    return model.to(TORCH_DTYPES[dtype]) if dtype in TORCH_DTYPES else model

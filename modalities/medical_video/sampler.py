@@ -13,7 +13,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -21,11 +21,12 @@ from torch import Tensor, nn
 from transformers import GenerationConfig
 
 from modalities.medical_video.data import region_box
-from modalities.medical_video.policy import VideoFeatures, row_slices, video_batch
+from modalities.medical_video.policy import VideoFeatures, video_batch
 from modalities.medical_video.policy import mm_token_types as _mm_token_types
 from modalities.medical_video.video import VideoCache, VideoConfig, VideoError, load_video
 from toolkit.distributed import unwrap
 from toolkit.interfaces import Policy
+from toolkit.lm import left_pad, plain_generation_config, rng_devices, row_slices
 from toolkit.rollout import Rollout
 
 log = logging.getLogger(__name__)
@@ -167,20 +168,17 @@ class VideoSampler:
         module = unwrap(policy.module)
         device = next(module.parameters()).device
         config, eos, pad = self._generation_config(policy, module, temperature)
-        width = max(len(r) for r in rows)
-        prompt_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        prompt_mask = torch.zeros((len(rows), width), dtype=torch.bool)
-        for i, row in enumerate(rows):
-            prompt_ids[i, width - len(row) :] = torch.tensor(row)
-            prompt_mask[i, width - len(row) :] = True
-        prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+        prompt_ids, prompt_mask = left_pad(rows, pad, device)
+        width = prompt_ids.shape[1]
         video_id, image_id = int(getattr(policy, "video_token_id")), getattr(policy, "image_token_id", None)  # noqa: B009
         autocast = getattr(policy, "autocast_context", contextlib.nullcontext)
-        cuda = (
-            [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-        )
         responses = []
-        with torch.random.fork_rng(devices=cuda), torch.no_grad(), autocast(), _plain_generation_config(module):
+        with (
+            torch.random.fork_rng(devices=rng_devices(device)),
+            torch.no_grad(),
+            autocast(),
+            plain_generation_config(module),
+        ):
             torch.manual_seed(seed)
             for part in row_slices(len(rows), self.generation_batch_size or len(rows)):
                 ids = prompt_ids[part]
@@ -294,17 +292,3 @@ def _labels(rows: list[dict[str, Any]], key: str) -> list[str] | None:
     if not any(key in d for d in rows):
         return None
     return [str(d.get(key, "default")) for d in rows]
-
-
-@contextlib.contextmanager
-def _plain_generation_config(module: nn.Module) -> Iterator[None]:
-    """Give the model a default GenerationConfig while sampling, so a checkpoint's defaults (Qwen2.5-VL-Instruct's
-    repetition penalty, top-k 1, ...) cannot change the sampled distribution away from the one the policy scores."""
-    get_base = getattr(module, "get_base_model", None)
-    model: Any = get_base() if callable(get_base) else module
-    saved = getattr(model, "generation_config", None)
-    model.generation_config = GenerationConfig()
-    try:
-        yield
-    finally:
-        model.generation_config = saved

@@ -9,19 +9,28 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
-import warnings
-from collections.abc import Iterator, Mapping
-from typing import Any, Literal, get_args
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from toolkit.distributed import unwrap
+from toolkit.lm import (
+    TORCH_DTYPES,
+    DTypeName,
+    ReferenceMode,
+    bf16_autocast,
+    check_policy_options,
+    left_align,
+    reference_log_probs,
+    row_slices,
+    trainable_state_dict,
+    unwrap_model,
+    wrap_lora,
+    zero_dropout,
+)
 from toolkit.rollout import Rollout
-
-ReferenceMode = Literal["auto", "copy", "adapters_off", "none"]
-DTypeName = Literal["float32", "bfloat16", "auto"]
-_TORCH_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def token_log_probs(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> Tensor:
@@ -65,17 +74,6 @@ def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
     return positions.masked_fill(attention_mask == 0, 0)
 
 
-def left_align(input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Move each row's attended tokens to the right end, keeping their order ([N, L] -> [N, L]).
-
-    `concat_rollouts` right-pads prompts of different widths, which leaves masked columns between a
-    prompt and its response; the response's first token must be predicted from the last real
-    prompt token, so prompts are re-left-padded before the forward.
-    """
-    order = torch.argsort(attention_mask.int(), dim=1, stable=True)
-    return input_ids.gather(1, order), attention_mask.gather(1, order)
-
-
 def sequence_tensors(data: Mapping[str, Any], num_steps: int) -> tuple[Tensor, Tensor]:
     """Full sequences [N, W] and bool attention mask whose last `num_steps` columns are the response.
 
@@ -99,15 +97,6 @@ def sequence_tensors(data: Mapping[str, Any], num_steps: int) -> tuple[Tensor, T
         raise ValueError(f"response_ids has {response_ids.shape[1]} columns, rollout has T={num_steps}")
     prompt_ids, prompt_mask = left_align(prompt_ids, prompt_mask)
     return torch.cat([prompt_ids, response_ids], dim=1), torch.cat([prompt_mask, response_mask], dim=1)
-
-
-def zero_dropout(module: nn.Module) -> None:
-    """Set every dropout probability in `module` to 0 (so train-mode re-scoring equals sampling)."""
-    for sub in module.modules():
-        if isinstance(sub, nn.Dropout):
-            sub.p = 0.0
-        if isinstance(getattr(sub, "attention_dropout", None), float):
-            setattr(sub, "attention_dropout", 0.0)  # noqa: B010 (HF attention modules keep a float)
 
 
 class CausalLMPolicy:
@@ -146,34 +135,23 @@ class CausalLMPolicy:
         autocast: bool = True,
         disable_dropout: bool = True,
     ) -> None:
-        _check_choice("dtype", dtype, DTypeName)
-        _check_choice("reference", reference, ReferenceMode)
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        reference_mode = check_policy_options(dtype, reference, temperature, top_p, micro_batch_size, lora is not None)
         if top_k is not None and top_k < 0:
             raise ValueError(f"top_k must be >= 0 or None, got {top_k}")
-        if micro_batch_size is not None and micro_batch_size < 1:
-            raise ValueError(f"micro_batch_size must be >= 1 or None, got {micro_batch_size}")
-        if reference == "adapters_off" and lora is None:
-            raise ValueError("reference='adapters_off' needs lora; use 'copy' or 'auto' for full fine-tuning")
         self.temperature = float(temperature)
         self.top_p = float(top_p)
         self.top_k = top_k
         self.micro_batch_size = micro_batch_size
         self.autocast = autocast
         self.is_lora = lora is not None
-        self.reference_mode: ReferenceMode = (
-            ("adapters_off" if self.is_lora else "copy") if reference == "auto" else reference
-        )
+        self.reference_mode: ReferenceMode = reference_mode
         self.tokenizer = _load_tokenizer(tokenizer, model)
         base: Any = _build_model(model, dtype)
         if gradient_checkpointing:
             _enable_checkpointing(base)
             if self.is_lora:
                 base.enable_input_require_grads()
-        self.module: nn.Module = _wrap_lora(base, lora) if lora is not None else base
+        self.module: nn.Module = wrap_lora(base, lora) if lora is not None else base
         if disable_dropout:
             zero_dropout(self.module)
         self._reference: nn.Module | None = None
@@ -188,9 +166,7 @@ class CausalLMPolicy:
 
     def autocast_context(self) -> contextlib.AbstractContextManager[Any]:
         """bf16 autocast when enabled and the module is on CUDA; a no-op otherwise."""
-        if self.autocast and self.device.type == "cuda":
-            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return bf16_autocast(self.autocast, self.device)
 
     def log_probs(self, rollout: Rollout) -> Tensor:
         """[N, T] float32 log-probs of the response tokens (0 where `rollout.mask` is False)."""
@@ -205,12 +181,12 @@ class CausalLMPolicy:
     @torch.no_grad()
     def ref_log_probs(self, rollout: Rollout) -> Tensor:
         """[N, T] float32 log-probs under the reference weights, no grad."""
-        if self.reference_mode == "none":
-            raise ValueError("this policy was built with reference='none'; set reference to 'auto' for a KL term")
-        if self.reference_mode == "adapters_off":
-            with self.module.disable_adapter():  # type: ignore[operator]
-                return self._score(self.module, rollout, with_entropy=False)[0]
-        return self._score(self.init_reference(), rollout, with_entropy=False)[0]
+        return reference_log_probs(
+            self.reference_mode,
+            self.module,
+            self.init_reference,
+            lambda module: self._score(module, rollout, with_entropy=False)[0],
+        )
 
     def init_reference(self) -> nn.Module:
         """Create the frozen reference copy now (mode "copy"); returns the module scoring the reference.
@@ -239,10 +215,7 @@ class CausalLMPolicy:
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
         """The weights the trainer updates: LoRA adapters (trainable parameters) only, else the full state dict."""
-        module = unwrap(self.module)  # names without a DDP wrapper's "module." prefix, as Trainer.load expects
-        if not self.is_lora:
-            return module.state_dict()
-        return {name: p.detach() for name, p in module.named_parameters() if p.requires_grad}
+        return trainable_state_dict(self.module, self.is_lora)
 
     def load_trainable_state_dict(self, state: Mapping[str, Tensor]) -> None:
         """Load what `trainable_state_dict` returned (strict about missing and unexpected keys)."""
@@ -297,24 +270,6 @@ class CausalLMPolicy:
         return logits[:, -(num_steps + 1) : -1]
 
 
-def _check_choice(name: str, value: str, choices: Any) -> None:
-    allowed = get_args(choices)
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not one of {list(allowed)}")
-
-
-def row_slices(num_rows: int, chunk: int) -> Iterator[slice]:
-    """Consecutive row slices of at most `chunk` rows."""
-    for start in range(0, num_rows, chunk):
-        yield slice(start, min(start + chunk, num_rows))
-
-
-def unwrap_model(module: nn.Module) -> nn.Module:
-    """The transformers model under a peft wrapper (the module itself otherwise)."""
-    get_base = getattr(module, "get_base_model", None)
-    return get_base() if callable(get_base) else module
-
-
 def _load_tokenizer(tokenizer: Any, model: Any) -> Any:
     if tokenizer is None and isinstance(model, str):
         tokenizer = model
@@ -329,7 +284,7 @@ def _build_model(model: str | nn.Module | Mapping[str, Any], dtype: DTypeName) -
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if isinstance(model, str):
-        return AutoModelForCausalLM.from_pretrained(model, dtype=_TORCH_DTYPES.get(dtype, "auto"))
+        return AutoModelForCausalLM.from_pretrained(model, dtype=TORCH_DTYPES.get(dtype, "auto"))
     if isinstance(model, Mapping):
         if "_component_" in model:
             raise ValueError("model is an unbuilt `_component_` node; build it with the config system first")
@@ -344,7 +299,7 @@ def _build_model(model: str | nn.Module | Mapping[str, Any], dtype: DTypeName) -
         built = model
     else:
         raise ValueError(f"model must be a hub id/path, an nn.Module or a config mapping, got {type(model).__name__}")
-    return built.to(_TORCH_DTYPES[dtype]) if dtype in _TORCH_DTYPES else built
+    return built.to(TORCH_DTYPES[dtype]) if dtype in TORCH_DTYPES else built
 
 
 def _enable_checkpointing(model: Any) -> None:
@@ -354,17 +309,6 @@ def _enable_checkpointing(model: Any) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-
-
-def _wrap_lora(base: Any, lora: Mapping[str, Any]) -> nn.Module:
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(**{"task_type": "CAUSAL_LM", **dict(lora)})
-    with warnings.catch_warnings():
-        # peft reads transformers' deprecated `is_gradient_checkpointing` alias; not actionable here.
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        wrapped: nn.Module = get_peft_model(base, config)
-    return wrapped
 
 
 def _fingerprint(module: nn.Module) -> Tensor:

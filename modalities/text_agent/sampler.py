@@ -11,33 +11,19 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList, StopStringCriteria
 
-from modalities.text_agent.policy import row_slices, unwrap_model
 from toolkit.distributed import unwrap
 from toolkit.interfaces import Policy
+from toolkit.lm import left_pad, plain_generation_config, rng_devices, row_slices, unwrap_model
 from toolkit.rollout import Rollout
 
 PromptTruncation = Literal["error", "left"]
-
-
-def left_pad(
-    sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"
-) -> tuple[Tensor, Tensor]:
-    """Left-pad token lists to one width: ([N, L] int64 ids, [N, L] bool attention mask)."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.bool)
-    for row, seq in enumerate(sequences):
-        if seq:
-            ids[row, width - len(seq) :] = torch.tensor(list(seq), dtype=torch.long)
-            mask[row, width - len(seq) :] = True
-    return ids.to(device), mask.to(device)
 
 
 class _EndTracker(StoppingCriteria):
@@ -251,10 +237,12 @@ class SingleTurnSampler:
         eos_tensor = torch.tensor(eos, dtype=torch.long, device=device)
         autocast = getattr(policy, "autocast_context", contextlib.nullcontext)
         responses, ends = [], []
-        cuda = (
-            [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-        )
-        with torch.random.fork_rng(devices=cuda), torch.no_grad(), autocast(), _plain_generation_config(module):
+        with (
+            torch.random.fork_rng(devices=rng_devices(device)),
+            torch.no_grad(),
+            autocast(),
+            plain_generation_config(module),
+        ):
             torch.manual_seed(seed)
             for part in row_slices(len(rows), self.generation_batch_size or len(rows)):
                 tracker = _EndTracker(prompt_ids.shape[1], eos_tensor, stop, part.stop - part.start)
@@ -349,15 +337,3 @@ def _prompt_key(prompt: dict[str, Any]) -> str:
         return str(prompt["id"])
     content = prompt["prompt"]
     return content if isinstance(content, str) else json.dumps(content, sort_keys=True)
-
-
-@contextlib.contextmanager
-def _plain_generation_config(module: nn.Module) -> Iterator[None]:
-    """Temporarily give the model a default GenerationConfig so a checkpoint's defaults cannot leak in."""
-    model: Any = unwrap_model(module)
-    saved = getattr(model, "generation_config", None)
-    model.generation_config = GenerationConfig()
-    try:
-        yield
-    finally:
-        model.generation_config = saved

@@ -23,7 +23,6 @@ from modalities.text_agent.sampler import (
     PromptTruncation,
     SingleTurnSampler,
     _EndTracker,
-    _plain_generation_config,
     _prompt_key,
     _row_labels,
     left_pad,
@@ -44,6 +43,7 @@ from modalities.text_agent.tool_loop import (
 )
 from toolkit.distributed import unwrap
 from toolkit.interfaces import Policy
+from toolkit.lm import plain_generation_config, rng_devices
 from toolkit.rollout import Rollout
 
 TurnBoundary = Literal["action", "observation"]
@@ -165,11 +165,8 @@ class ToolLoopSampler(SingleTurnSampler):
         device = next(model.parameters()).device
         config, eos, stops = self._turn_settings(policy, tokenizer, model, temperature)
         autocast = getattr(policy, "autocast_context", contextlib.nullcontext)
-        cuda = (
-            [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-        )
         timings = {"time/generate_s": 0.0, "time/tools_s": 0.0}
-        with torch.random.fork_rng(devices=cuda), torch.no_grad(), _plain_generation_config(model):
+        with torch.random.fork_rng(devices=rng_devices(device)), torch.no_grad(), plain_generation_config(model):
             torch.manual_seed(seed)
             for turn in range(self.max_turns + 1):
                 final = turn == self.max_turns
