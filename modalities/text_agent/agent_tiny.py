@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerFast, Qwen2ForCausalLM
 
-from modalities.text_agent.tiny import PAD_TOKEN_ID, build_char_tokenizer, build_tiny_qwen2
+from modalities.text_agent.tiny import PAD_TOKEN_ID, build_char_tokenizer, build_tiny_qwen2, supervised_step
 
 # relation -> (question template, document sentence); the wording of data/text_agent/make_synthetic.py.
 RELATIONS: dict[str, tuple[str, str]] = {
@@ -159,13 +159,8 @@ def supervised_steps(
         width = max(len(ids) for ids, _ in batch)
         ids = torch.tensor([s + [PAD_TOKEN_ID] * (width - len(s)) for s, _ in batch])
         attention = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s, _ in batch])
-        weights = torch.tensor([m + [0] * (width - len(m)) for _, m in batch])[:, 1:].float()
-        logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
-        per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
-        loss = (per_token * weights).sum() / weights.sum()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        loss_mask = torch.tensor([m + [0] * (width - len(m)) for _, m in batch])
+        loss = supervised_step(model, optimizer, ids, attention, loss_mask)
     model.eval()
     return float(loss.detach())
 

@@ -19,7 +19,13 @@ import random
 import torch
 from transformers import PreTrainedTokenizerFast, Qwen2ForCausalLM
 
-from modalities.text_agent.tiny import EOS_TOKEN_ID, PAD_TOKEN_ID, build_char_tokenizer, build_tiny_qwen2
+from modalities.text_agent.tiny import (
+    EOS_TOKEN_ID,
+    PAD_TOKEN_ID,
+    build_char_tokenizer,
+    build_tiny_qwen2,
+    supervised_step,
+)
 
 
 def arithmetic_problems() -> list[dict[str, str]]:
@@ -77,13 +83,7 @@ def warm_start(
         torch.manual_seed(seed)
         for _ in range(steps):
             ids, attention, loss_mask = _batch(tokenizer, rng.choices(rows, k=batch_size), rng, max_filler)
-            logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
-            per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
-            weights = loss_mask[:, 1:].float()
-            loss = (per_token * weights).sum() / weights.sum()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss = supervised_step(model, optimizer, ids, attention, loss_mask)
     model.eval()
     return float(loss.detach())
 

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import torch
 from tokenizers import Tokenizer, decoders, models
+from torch import Tensor
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 PAD_TOKEN = "<pad>"
@@ -115,6 +116,23 @@ def build_tiny_qwen2(
     model.generation_config.pad_token_id = PAD_TOKEN_ID
     model.generation_config.eos_token_id = EOS_TOKEN_ID
     return model
+
+
+def supervised_step(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, ids: Tensor, attention: Tensor, loss_mask: Tensor
+) -> Tensor:
+    """One optimizer step of next-token cross-entropy, averaged over the tokens `loss_mask` [N, W] selects.
+
+    Used by the tiny models' supervised warm starts; returns the (pre-step) loss.
+    """
+    logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
+    per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+    weights = loss_mask[:, 1:].float()
+    loss = (per_token * weights).sum() / weights.sum()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss
 
 
 # Names for YAML `_component_` nodes: `model: {_component_: modalities.text_agent.tiny.tiny_causal_lm}`.
