@@ -62,3 +62,16 @@ def test_stateful_reward_model_is_checkpointed_but_module_rewards_are_not(tmp_pa
     reward.count = 100
     trainer.load(path)
     assert reward.count == 1
+
+
+def test_num_threads_is_applied_before_models_are_built_and_validated(tmp_path: Path) -> None:
+    import pytest
+
+    before = torch.get_num_threads()
+    try:
+        build_trainer(tiny_config(tmp_path, "trainer.num_threads=1"))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="num_threads"):
+        build_trainer(tiny_config(tmp_path, "trainer.num_threads=0"))

@@ -52,6 +52,8 @@ def build_trainer(config: Mapping[str, Any]) -> Trainer:
         validate(node, where=f"transforms[{i}]")
     if spec.critic is not None:
         validate(spec.critic, where="critic")
+    if trainer_cfg.num_threads is not None:
+        torch.set_num_threads(trainer_cfg.num_threads)
     return Trainer(
         policy=instantiate(spec.policy, where="policy"),
         sampler=instantiate(spec.sampler, where="sampler"),

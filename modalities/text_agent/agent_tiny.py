@@ -24,6 +24,7 @@ import torch
 from transformers import PreTrainedTokenizerFast, Qwen2ForCausalLM
 
 from modalities.text_agent.tiny import PAD_TOKEN_ID, build_char_tokenizer, build_tiny_qwen2, supervised_step
+from toolkit.console import ProgressBar
 
 # relation -> (question template, document sentence); the wording of data/text_agent/make_synthetic.py.
 RELATIONS: dict[str, tuple[str, str]] = {
@@ -154,13 +155,18 @@ def supervised_steps(
     rng = random.Random(seed)
     loss = torch.tensor(float("nan"))
     model.train()
-    for _ in range(steps):
+    bar = ProgressBar(steps, description="warm start", print_every=max(1, steps // 10))
+    for step in range(steps):
+        if step % 10 == 0:
+            bar.update(step)
         batch = rng.choices(examples, k=batch_size)
         width = max(len(ids) for ids, _ in batch)
         ids = torch.tensor([s + [PAD_TOKEN_ID] * (width - len(s)) for s, _ in batch])
         attention = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s, _ in batch])
         loss_mask = torch.tensor([m + [0] * (width - len(m)) for _, m in batch])
         loss = supervised_step(model, optimizer, ids, attention, loss_mask)
+    bar.update(steps)
+    bar.close()
     model.eval()
     return float(loss.detach())
 
