@@ -127,6 +127,8 @@ class Trainer:
             rollout.ref_logprobs = self.reference_log_probs(rollout)
         for transform in self.transforms:
             rollout = transform(rollout)
+        if self.transforms:  # `reward/mean` is the score the normalizer sees, not the sum of the raw components
+            rollout.metrics["reward/mean"] = nanmean(rollout.scores)
         return rollout
 
     def compute_advantages(self, rollout: Rollout) -> Rollout:
