@@ -481,3 +481,14 @@ def test_merge_missing_checkpoint_is_an_error(two_checkpoints: tuple[Path, Path]
     result = run_cli("merge", base, tmp_path / "absent", tmp_path / "out", "--density", "1")
     assert result.code == 2
     assert "absent" in result.err
+
+
+def test_summary_table_lists_reward_components_and_averages_finite_values() -> None:
+    from toolkit.cli import mean_records, summary_keys
+
+    record = {"reward/mean": 1.0, "reward/em": 0.5, "reward/em/nan_frac": 0.0, "agent/tool_calls_mean": 1.0}
+    keys = summary_keys(record)
+    assert keys[:2] == ["reward/mean", "reward/em"] and "reward/em/nan_frac" not in keys
+    assert "agent/tool_calls_mean" in keys
+    mean = mean_records([{"a": 1.0, "b": float("nan")}, {"a": 3, "b": 2.0, "c": "text"}])
+    assert mean == {"a": 2.0, "b": 2.0}

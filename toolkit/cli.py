@@ -11,10 +11,12 @@ renorm config CONFIG [key=value ...]     print the resolved config
 from __future__ import annotations
 
 import argparse
+import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import Any
 
 from toolkit.config import ConfigError
 
@@ -32,10 +34,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     records = read_metrics(trainer.run_dir)
     if records:
-        keys = [
-            k for k in ("reward/mean", "rollout/length_mean", "advantage/std", "policy/clip_frac") if k in records[0]
-        ]
-        print_before_after(records[0], records[-1], keys, title=f"{args.config}: first vs last step")
+        window = max(1, min(5, len(records) // 4))  # single steps are noisy: average a few at each end
+        first, final = mean_records(records[:window]), mean_records(records[-window:])
+        keys = [k for k in summary_keys(records[0]) if k in first and k in final]
+        title = f"{args.config}: first vs last {window} step{'s' if window > 1 else ''}"
+        print_before_after(first, final, keys, title=title)
         plots = plot_run(trainer.run_dir)
         print(f"plots: {', '.join(str(p) for p in plots)}")
     print(f"run dir: {trainer.run_dir}  last checkpoint: {last}")
@@ -135,6 +138,23 @@ def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
             continue
         register(sub)
     return parser
+
+
+def summary_keys(record: Mapping[str, Any]) -> list[str]:
+    """The metrics of the end-of-training table: the score, each reward component, tool use, length, stats."""
+    components = sorted(k for k in record if k.startswith("reward/") and k.count("/") == 1 and k != "reward/mean")
+    extra = ("agent/tool_calls_mean", "rollout/length_mean", "advantage/std", "policy/clip_frac")
+    return ["reward/mean", *components[:8], *extra]
+
+
+def mean_records(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Per-key mean of the numeric, finite values over `records`."""
+    sums: dict[str, list[float]] = {}
+    for record in records:
+        for key, value in record.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                sums.setdefault(key, []).append(float(value))
+    return {key: sum(values) / len(values) for key, values in sums.items()}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -127,7 +127,9 @@ class Trainer:
             rollout.ref_logprobs = self.reference_log_probs(rollout)
         for transform in self.transforms:
             rollout = transform(rollout)
-        if self.transforms:  # `reward/mean` is the score the normalizer sees, not the sum of the raw components
+        if (
+            self.transforms and rollout.scores is not None
+        ):  # `reward/mean` is the score the normalizer sees, not the sum of the raw components
             rollout.metrics["reward/mean"] = nanmean(rollout.scores)
         return rollout
 
