@@ -52,8 +52,7 @@ def train_stage_teacher(args: argparse.Namespace, work: Path) -> Path:
         teacher, data, args.teacher_steps, lr=1e-3, batch_size=32, run_dir=work / "teacher", warmup_steps=50
     )
     print(f"teacher: {result.step} steps, final NELBO {result.loss:.3f}")
-    assert result.checkpoint is not None
-    return Path(result.checkpoint)
+    return Path(result.checkpoint) if result.checkpoint is not None else work / "teacher"  # None: resumed a done run
 
 
 def distil(args: argparse.Namespace, work: Path, teacher_ckpt: Path) -> StudentPolicy:
