@@ -161,7 +161,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # Loading a plugin imports its modality package (torch, transformers: seconds); core commands skip it.
     core = bool(argv) and argv[0] in CORE_COMMANDS
-    args = build_parser(plugins=not core).parse_args(argv)
+    parser = build_parser(plugins=not core)
+    args, extra = parser.parse_known_args(argv)
+    # `key=value` overrides may also come after options (`eval CONFIG --checkpoint DIR a.b=c`).
+    if (
+        extra
+        and isinstance(getattr(args, "overrides", None), list)
+        and all("=" in e and not e.startswith("-") for e in extra)
+    ):
+        args.overrides.extend(extra)
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.func(args))
     except ConfigError as err:
