@@ -27,7 +27,7 @@ quality: $(STAMP)
 	$(BIN)/mypy toolkit rewards/base.py
 
 demo: $(STAMP)
-	$(BIN)/renorm train configs/demo/tiny_grpo.yaml
+	$(BIN)/renorm train configs/text_agent/tiny.yaml trainer.run_dir=runs/demo
 
 bench: $(STAMP)
 	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev,bench]"

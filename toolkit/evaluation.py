@@ -81,6 +81,9 @@ def evaluate(config: Mapping[str, Any], checkpoint: str | None = None, output: s
     validate(eval_cfg.evaluator, where="eval.evaluator")
     for name, node in (config.get("rewards") or {}).items():
         validate(node, where=f"rewards.{name}")
+    threads = (config.get("trainer") or {}).get("num_threads")
+    if threads is not None:  # same CPU threading as training (trainer.num_threads)
+        torch.set_num_threads(int(threads))
     policy = instantiate(config["policy"], where="policy")
     sampler = instantiate(config["sampler"], where="sampler")
     rewards = {k: instantiate(v, where=f"rewards.{k}") for k, v in (config.get("rewards") or {}).items()}
