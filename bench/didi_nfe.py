@@ -24,7 +24,7 @@ from torch import nn
 from modalities.diffusion_lm.didi_policy import StudentPolicy
 from modalities.diffusion_lm.evaluation import CausalLMEvaluator, build_tiny_gpt2, unigram_entropy
 from modalities.diffusion_lm.masked_diffusion import MaskedDiffusionLM
-from modalities.diffusion_lm.nfe_table import nfe_table, print_nfe_table, sample_timed, write_json_atomic
+from modalities.diffusion_lm.nfe_table import load_student, nfe_table, print_nfe_table, sample_timed, write_json_atomic
 from modalities.diffusion_lm.rgas import rgas_sample
 from modalities.diffusion_lm.teacher import evaluate_nelbo, load_teacher, train_teacher
 from modalities.diffusion_lm.text_data import TokenDataset, build_text_tokenizer, collate_input_ids
@@ -119,15 +119,15 @@ def stage_evaluator(args: argparse.Namespace) -> tuple[CausalLMEvaluator, dict[s
     return evaluator, stats
 
 
-def distil(args: argparse.Namespace, work: Path, teacher_ckpt: Path) -> tuple[StudentPolicy, Any, int]:
-    """DiDi through the generic Trainer; returns (policy, trained discriminator, steps done)."""
+def distil(args: argparse.Namespace, work: Path, teacher_ckpt: Path) -> tuple[Path, Any, int]:
+    """DiDi through the generic Trainer; returns (final checkpoint, trained discriminator reward, steps done)."""
     overrides = [
         f"trainer.run_dir={work / 'distil'}",
         f"trainer.num_steps={args.distill_steps}",
         f"trainer.lr={args.distill_lr}",
         f"trainer.prompts_per_step={args.prompts_per_step}",
         "trainer.save_every=0",
-        "trainer.resume=never",
+        "trainer.resume=auto",  # a finished run in work-dir/distil is re-evaluated, not retrained
         "trainer.progress=false",
         f"data.seq_len={args.length}",
         f"rewards.discriminator.lr={args.disc_lr}",
@@ -140,9 +140,9 @@ def distil(args: argparse.Namespace, work: Path, teacher_ckpt: Path) -> tuple[St
     for node in ("policy.student", "policy.teacher", "rewards.discriminator.discriminator.teacher"):
         overrides.append(f"{node}.checkpoint={teacher_ckpt}")
     trainer = build_trainer(load_config(ROOT / "configs" / "diffusion_lm" / "tiny.yaml", overrides))
-    fit(trainer)
-    assert isinstance(trainer.policy, StudentPolicy)
-    return trainer.policy, trainer.rewards["discriminator"], trainer.global_step
+    checkpoint = fit(trainer)
+    assert isinstance(trainer.policy, StudentPolicy) and checkpoint is not None
+    return checkpoint, trainer.rewards["discriminator"], trainer.global_step
 
 
 def rgas_row(
@@ -206,7 +206,8 @@ def write_markdown(path: Path, result: dict[str, Any]) -> None:
         f"{st['evaluator_valid_ppl']:.2f}, train {st['evaluator_train_ppl']:.2f}. Distillation: "
         f"`configs/diffusion_lm/tiny.yaml`, {st['distill_steps_done']} steps x {st['prompts_per_step']} rows x G = 4, "
         f"student lr {st['distill_lr']}, discriminator lr {st['disc_lr']} (warm-up {st['disc_warmup']}), EMA "
-        f"{st['ema_decay']}, kl_coef {st['kl_coef'] or 'config'} ({st['distil_seconds']:.0f} s). "
+        f"{st['ema_decay']}, kl_coef {st['kl_coef'] or 'config'} (distillation wall-clock in this invocation "
+        f"{st['distil_seconds']:.0f} s; ~0 when a finished run was re-evaluated). "
         f"{st['num_samples']} samples per cell, same seed, MDLM caching on; `+rgas` = RGAS (released re-ranker, "
         f"M = 4, h {st['rgas_h'][0]:g}->{st['rgas_h'][1]:g}) with the trained discriminator.",
         "",
@@ -235,14 +236,19 @@ def write_markdown(path: Path, result: dict[str, Any]) -> None:
 
 
 def evaluate_all(
-    args: argparse.Namespace, teacher_ckpt: Path, policy: StudentPolicy, reward: Any, evaluator: CausalLMEvaluator
+    args: argparse.Namespace, teacher_ckpt: Path, student_ckpt: Path, reward: Any, evaluator: CausalLMEvaluator
 ) -> tuple[list[dict[str, Any]], float]:
-    """NFE table rows (+ RGAS rows) and the uncached teacher@64 seconds."""
+    """NFE table rows (+ RGAS rows) and the uncached teacher@64 seconds.
+
+    Students are loaded from the saved checkpoint as a user would deploy them (the live Trainer-held student
+    sampled ~2x slower than the identical teacher architecture, which would distort the speed ratio).
+    """
     teacher = load_teacher(teacher_ckpt)
-    models = {"teacher": teacher, "student": policy.student, "student_ema": policy.ema_model()}
+    student = load_student(student_ckpt, teacher_ckpt, use_ema=False)
+    models = {"teacher": teacher, "student": student, "student_ema": load_student(student_ckpt, teacher_ckpt)}
     steps = {"teacher": [8, 16, 32, 64, 128], "student": [8, 16, 32, 64], "student_ema": [8]}
     rows = nfe_table(models, steps, evaluator, num_samples=args.num_samples, length=args.length, progress=False)
-    rows.append(rgas_row("student+rgas", policy.student, reward, evaluator, args))
+    rows.append(rgas_row("student+rgas", student, reward, evaluator, args))
     rows.append(rgas_row("student_ema+rgas", models["student_ema"], reward, evaluator, args))
     _, nocache_s, _ = sample_timed(teacher, args.num_samples, args.length, 64, cache=False)
     return rows, nocache_s
@@ -258,9 +264,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     teacher_ckpt, teacher_stats = stage_teacher(args, work)
     evaluator, evaluator_stats = stage_evaluator(args)
     t_distil = time.perf_counter()
-    policy, reward, steps_done = distil(args, work, teacher_ckpt)
+    student_ckpt, reward, steps_done = distil(args, work, teacher_ckpt)
     distil_s = time.perf_counter() - t_distil
-    rows, nocache_s = evaluate_all(args, teacher_ckpt, policy, reward, evaluator)
+    rows, nocache_s = evaluate_all(args, teacher_ckpt, student_ckpt, reward, evaluator)
     valid = TokenDataset(seq_len=args.length, split="valid", shuffle=False)
     data_ppl = evaluator.perplexity_of_ids(collate_input_ids(valid.next_batch(len(valid))))
     print_nfe_table(rows, title="DiDi-Instruct tiny: NFE table (gen-PPL under the tiny GPT-2 evaluator)")

@@ -29,7 +29,7 @@ def main() -> None:
     teacher = build_tiny_text_teacher(seed=0, max_length=LENGTH)
     data = TokenDataset(seq_len=LENGTH, split="train")
     result = train_teacher(teacher, data, num_steps=200, lr=2e-3, batch_size=32, run_dir=RUN / "teacher")
-    checkpoint = str(result.checkpoint)
+    checkpoint = str(result.checkpoint or RUN / "teacher")  # None when a finished run was resumed
     # 2. DiDi-Instruct: the tiny recipe pointed at the trained teacher (student, teacher and discriminator trunk).
     overrides = [f"trainer.run_dir={RUN / 'distil'}", "trainer.num_steps=60", "policy.ema_decay=0.95"]
     for node in ("policy.student", "policy.teacher", "rewards.discriminator.discriminator.teacher"):
