@@ -240,8 +240,8 @@ def evaluate_all(
 ) -> tuple[list[dict[str, Any]], float]:
     """NFE table rows (+ RGAS rows) and the uncached teacher@64 seconds.
 
-    Students are loaded from the saved checkpoint as a user would deploy them (the live Trainer-held student
-    sampled ~2x slower than the identical teacher architecture, which would distort the speed ratio).
+    Students are loaded from the saved checkpoint as a user would deploy them (outside the Trainer's wrappers),
+    so a finished run can also be re-evaluated without retraining.
     """
     teacher = load_teacher(teacher_ckpt)
     student = load_student(student_ckpt, teacher_ckpt, use_ema=False)
