@@ -93,22 +93,8 @@ def nfe_table(
 def print_nfe_table(rows: Sequence[Mapping[str, Any]], title: str = "NFE table") -> None:
     """Rich table of `nfe_table` rows."""
     from rich.console import Console
-    from rich.table import Table
 
-    table = Table(title=title)
-    for column in ("model", "steps", "nfe", "gen_ppl", "entropy", "seconds", "samples_per_s"):
-        table.add_column(column, justify="left" if column == "model" else "right")
-    for row in rows:
-        table.add_row(
-            str(row["model"]),
-            str(row["steps"]),
-            f"{row['nfe']:.1f}",
-            f"{row['gen_ppl']:.3f}",
-            f"{row['entropy']:.3f}",
-            f"{row['seconds']:.2f}",
-            f"{row['samples_per_s']:.1f}",
-        )
-    Console().print(table)
+    print_nfe_table_to(Console(), rows, title)
 
 
 def write_json_atomic(path: str | Path, payload: Any) -> None:
@@ -179,3 +165,105 @@ def cmd_nfe_table(args: Any) -> int:
     if args.out:
         write_json_atomic(args.out, {"rows": rows, "settings": {k: v for k, v in vars(args).items() if k != "func"}})
     return 0
+
+
+class NFETableReport:
+    """What `renorm eval` prints for a DiDi config: the NFE table (rows as in `nfe_table`)."""
+
+    def __init__(self, rows: list[dict[str, Any]]) -> None:
+        self.rows = rows
+
+    def table(self) -> str:
+        import io
+
+        from rich.console import Console
+
+        console = Console(record=True, width=120, file=io.StringIO())
+        print_nfe_table_to(console, self.rows)
+        return console.export_text()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"rows": self.rows}
+
+
+def print_nfe_table_to(console: Any, rows: Sequence[Mapping[str, Any]], title: str = "NFE table") -> None:
+    """`print_nfe_table` onto a given rich console."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in ("model", "steps", "nfe", "gen_ppl", "entropy", "seconds", "samples_per_s"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for row in rows:
+        values = (row["nfe"], row["gen_ppl"], row["entropy"], row["seconds"], row["samples_per_s"])
+        table.add_row(str(row["model"]), str(row["steps"]), *(f"{v:.3f}" for v in values))
+    console.print(table)
+
+
+class NFETableEvaluator:
+    """`eval.evaluator` hook: `renorm eval CONFIG --checkpoint DIR` prints teacher vs student per step count.
+
+    The policy is a `StudentPolicy`; its teacher and its student (the checkpoint's weights, or the EMA copy
+    stored in the checkpoint's policy state when `use_ema`) are sampled at every step count.
+
+    Args:
+        steps: step counts (the paper: 8, 16, 32, 64, 128).
+        num_samples, length, batch_size, seed: sequences per cell, their length, per sampler call, sampling seed.
+        evaluator_model: a causal-LM directory (`save_pretrained`) sharing the corpus tokenizer; None trains a
+            tiny GPT-2 on the shipped corpus for `evaluator_steps` steps (the CPU stand-in for GPT-2 Large).
+        use_ema: evaluate the EMA student when the checkpoint has one.
+    """
+
+    def __init__(
+        self,
+        steps: Sequence[int] = DEFAULT_STEPS,
+        num_samples: int = 64,
+        length: int = 32,
+        batch_size: int = 32,
+        seed: int = 0,
+        evaluator_model: str | None = None,
+        evaluator_steps: int = 300,
+        use_ema: bool = True,
+    ) -> None:
+        if not steps or min(steps) < 1:
+            raise ValueError(f"steps must be a non-empty list of positive step counts, got {list(steps)}")
+        self.steps, self.num_samples, self.length = list(steps), num_samples, length
+        self.batch_size, self.seed, self.use_ema = batch_size, seed, use_ema
+        self.evaluator_model, self.evaluator_steps = evaluator_model, evaluator_steps
+
+    def __call__(
+        self, policy: Any, checkpoint: str | None = None, output: str | None = None, **_: Any
+    ) -> NFETableReport:
+        import copy
+
+        models = {"teacher": policy.teacher, "student": policy.student}
+        if checkpoint is not None and self.use_ema:
+            from toolkit.checkpoint import load_checkpoint
+
+            ema = load_checkpoint(Path(checkpoint)).objects.get("policy_state", {}).get("ema")
+            if ema is not None:
+                models["student_ema"] = copy.deepcopy(policy.student)
+                models["student_ema"].backbone.load_state_dict(ema)
+        if models["teacher"] is None:
+            raise ValueError("NFETableEvaluator needs the policy's teacher (StudentPolicy(teacher=...))")
+        rows = nfe_table(
+            models, self.steps, self._evaluator(), self.num_samples, self.length, self.seed, self.batch_size
+        )
+        report = NFETableReport(rows)
+        if output:
+            write_json_atomic(output, report.to_json())
+        return report
+
+    def _evaluator(self) -> CausalLMEvaluator:
+        from modalities.diffusion_lm.evaluation import build_tiny_gpt2, train_tiny_causal_lm
+        from modalities.diffusion_lm.text_data import TokenDataset, build_text_tokenizer, collate_input_ids
+
+        tokenizer = build_text_tokenizer()
+        if self.evaluator_model:
+            from transformers import AutoModelForCausalLM
+
+            model: Any = AutoModelForCausalLM.from_pretrained(self.evaluator_model)
+        else:
+            model = build_tiny_gpt2(len(tokenizer), max_length=self.length)
+            data = TokenDataset(seq_len=self.length, tokenizer=tokenizer, seed=1)
+            train_tiny_causal_lm(model, (collate_input_ids(rows) for rows in data.batches(32)), self.evaluator_steps)
+        return CausalLMEvaluator(model, tokenizer, batch_size=64, max_length=self.length)
