@@ -344,6 +344,11 @@ def test_cli_train_teacher_and_sample(tmp_path: Path, capsys: pytest.CaptureFixt
     )
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 3 and all(len(row["input_ids"]) == 16 for row in rows)
+    table = tmp_path / "nfe.json"
+    nfe = ["dlm", "nfe-table", "--teacher", str(run_dir), "--steps", "2", "4", "--num-samples", "4", "--length", "16"]
+    assert run_dlm([*nfe, "--evaluator-steps", "2", "--out", str(table)]) == 0
+    assert "NFE table" in capsys.readouterr().out
+    assert [(r["model"], r["steps"]) for r in json.loads(table.read_text())["rows"]] == [("teacher", 2), ("teacher", 4)]
     bad = tmp_path / "bad.yaml"
     bad.write_text("# bad\nnum_step: 3\n")
     with pytest.raises(ValueError, match="did you mean 'num_steps'"):

@@ -143,20 +143,9 @@ def add_nfe_table_parser(sub: Any) -> None:
 
 def cmd_nfe_table(args: Any) -> int:
     """Build the models and the evaluator, print the NFE table, optionally write JSON."""
-    from modalities.diffusion_lm.evaluation import build_tiny_gpt2, train_tiny_causal_lm
     from modalities.diffusion_lm.teacher import load_teacher
-    from modalities.diffusion_lm.text_data import TokenDataset, build_text_tokenizer, collate_input_ids
 
-    tokenizer = build_text_tokenizer()
-    if args.evaluator:
-        from transformers import AutoModelForCausalLM
-
-        model: Any = AutoModelForCausalLM.from_pretrained(args.evaluator)
-    else:
-        model = build_tiny_gpt2(len(tokenizer), max_length=args.length)
-        data = TokenDataset(seq_len=args.length, tokenizer=tokenizer, seed=1)
-        train_tiny_causal_lm(model, (collate_input_ids(rows) for rows in data.batches(32)), args.evaluator_steps)
-    evaluator = CausalLMEvaluator(model, tokenizer, batch_size=64, max_length=args.length)
+    evaluator = build_evaluator(args.evaluator, args.length, args.evaluator_steps)
     models = {"teacher": load_teacher(args.teacher)}
     if args.student:
         models["student"] = load_student(args.student, args.teacher, use_ema=not args.no_ema)
@@ -254,16 +243,21 @@ class NFETableEvaluator:
         return report
 
     def _evaluator(self) -> CausalLMEvaluator:
-        from modalities.diffusion_lm.evaluation import build_tiny_gpt2, train_tiny_causal_lm
-        from modalities.diffusion_lm.text_data import TokenDataset, build_text_tokenizer, collate_input_ids
+        return build_evaluator(self.evaluator_model, self.length, self.evaluator_steps)
 
-        tokenizer = build_text_tokenizer()
-        if self.evaluator_model:
-            from transformers import AutoModelForCausalLM
 
-            model: Any = AutoModelForCausalLM.from_pretrained(self.evaluator_model)
-        else:
-            model = build_tiny_gpt2(len(tokenizer), max_length=self.length)
-            data = TokenDataset(seq_len=self.length, tokenizer=tokenizer, seed=1)
-            train_tiny_causal_lm(model, (collate_input_ids(rows) for rows in data.batches(32)), self.evaluator_steps)
-        return CausalLMEvaluator(model, tokenizer, batch_size=64, max_length=self.length)
+def build_evaluator(model_dir: str | None, length: int, train_steps: int) -> CausalLMEvaluator:
+    """The gen-PPL evaluator: a saved causal LM sharing the corpus tokenizer, or a tiny GPT-2 trained on the corpus."""
+    from modalities.diffusion_lm.evaluation import build_tiny_gpt2, train_tiny_causal_lm
+    from modalities.diffusion_lm.text_data import TokenDataset, build_text_tokenizer, collate_input_ids
+
+    tokenizer = build_text_tokenizer()
+    if model_dir:
+        from transformers import AutoModelForCausalLM
+
+        model: Any = AutoModelForCausalLM.from_pretrained(model_dir)
+    else:
+        model = build_tiny_gpt2(len(tokenizer), max_length=length)
+        data = TokenDataset(seq_len=length, tokenizer=tokenizer, seed=1)
+        train_tiny_causal_lm(model, (collate_input_ids(rows) for rows in data.batches(32)), train_steps)
+    return CausalLMEvaluator(model, tokenizer, batch_size=64, max_length=length)
