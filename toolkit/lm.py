@@ -52,6 +52,26 @@ def check_policy_options(
     return mode
 
 
+def check_sampler_options(
+    max_new_tokens: int,
+    temperature: float | None,
+    top_p: float | None,
+    top_k: int | None,
+    generation_batch_size: int | None,
+) -> None:
+    """Validate a token sampler's shared generation options (None = the policy's setting)."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature is not None and temperature <= 0:
+        raise ValueError(f"temperature must be > 0 (use do_sample=False for greedy), got {temperature}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"top_k must be >= 0, got {top_k}")
+    if generation_batch_size is not None and generation_batch_size < 1:
+        raise ValueError(f"generation_batch_size must be >= 1 or None, got {generation_batch_size}")
+
+
 def reference_log_probs(
     mode: ReferenceMode, module: nn.Module, reference: Callable[[], nn.Module], score: Callable[[nn.Module], Tensor]
 ) -> Tensor:

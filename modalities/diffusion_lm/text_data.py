@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
@@ -20,6 +20,7 @@ from toolkit.data import epoch_permutation
 TINY_CORPUS = Path(__file__).parent / "data" / "tiny_corpus.txt"
 PAD, UNK, BOS, EOS, MASK = "[PAD]", "[UNK]", "[BOS]", "[EOS]", "[MASK]"
 SPLITS: tuple[str, ...] = ("train", "valid", "all")
+T = TypeVar("T")
 
 
 def read_corpus(path: str | Path | None = None) -> list[str]:
@@ -78,6 +79,16 @@ def chunk_stream(stream: Sequence[int], seq_len: int, stride: int) -> list[list[
     return [list(stream[i : i + seq_len]) for i in range(0, len(stream) - seq_len + 1, stride)]
 
 
+def split_items(items: list[T], split: str, valid_fraction: float) -> list[T]:
+    """The "train" / "valid" (the last `valid_fraction`, at least one item) / "all" part of `items`."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if not 0.0 < valid_fraction < 1.0:
+        raise ValueError(f"valid_fraction must be in (0, 1), got {valid_fraction}")
+    num_valid = max(1, round(len(items) * valid_fraction))
+    return {"train": items[:-num_valid], "valid": items[-num_valid:], "all": items}[split]
+
+
 class TokenDataset:
     """An endless, seeded, resumable stream of fixed-length packed chunks {"input_ids": list[int]} (a DataSource).
 
@@ -106,14 +117,9 @@ class TokenDataset:
         shuffle: bool = True,
         seed: int = 0,
     ) -> None:
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        if not 0.0 < valid_fraction < 1.0:
-            raise ValueError(f"valid_fraction must be in (0, 1), got {valid_fraction}")
         documents = read_corpus(path)
+        chosen = split_items(documents, split, valid_fraction)
         self.tokenizer = tokenizer if tokenizer is not None else build_text_tokenizer(path)
-        num_valid = max(1, round(len(documents) * valid_fraction))
-        chosen = {"train": documents[:-num_valid], "valid": documents[-num_valid:], "all": documents}[split]
         self.chunks = chunk_stream(pack_documents(chosen, self.tokenizer), seq_len, stride or seq_len)
         if not self.chunks:
             raise ValueError(f"the {split} split of {path or TINY_CORPUS} is shorter than seq_len={seq_len}")

@@ -26,7 +26,7 @@ from modalities.medical_video.policy import mm_token_types as _mm_token_types
 from modalities.medical_video.video import VideoCache, VideoConfig, VideoError, load_video
 from toolkit.distributed import unwrap
 from toolkit.interfaces import Policy
-from toolkit.lm import left_pad, plain_generation_config, rng_devices, row_slices
+from toolkit.lm import check_sampler_options, left_pad, plain_generation_config, rng_devices, row_slices
 from toolkit.rollout import Rollout
 
 log = logging.getLogger(__name__)
@@ -62,14 +62,7 @@ class VideoSampler:
         generation_batch_size: int | None = None,
         compute_old_logprobs: bool = True,
     ) -> None:
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if temperature is not None and temperature <= 0:
-            raise ValueError(f"temperature must be > 0 (use do_sample=False for greedy), got {temperature}")
-        if top_p is not None and not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        if generation_batch_size is not None and generation_batch_size < 1:
-            raise ValueError(f"generation_batch_size must be >= 1 or None, got {generation_batch_size}")
+        check_sampler_options(max_new_tokens, temperature, top_p, top_k, generation_batch_size)
         self.video = video if isinstance(video, VideoConfig) else VideoConfig(**dict(video or {}))
         self.max_new_tokens = max_new_tokens
         self.temperature, self.top_p, self.top_k, self.do_sample = temperature, top_p, top_k, do_sample

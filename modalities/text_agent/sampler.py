@@ -20,7 +20,7 @@ from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaLis
 
 from toolkit.distributed import unwrap
 from toolkit.interfaces import Policy
-from toolkit.lm import left_pad, plain_generation_config, rng_devices, row_slices, unwrap_model
+from toolkit.lm import check_sampler_options, left_pad, plain_generation_config, rng_devices, row_slices, unwrap_model
 from toolkit.rollout import Rollout
 
 PromptTruncation = Literal["error", "left"]
@@ -93,22 +93,13 @@ class SingleTurnSampler:
         generation_batch_size: int | None = None,
         compute_old_logprobs: bool = True,
     ) -> None:
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if temperature is not None and temperature <= 0:
-            raise ValueError(f"temperature must be > 0 (use do_sample=False for greedy), got {temperature}")
-        if top_p is not None and not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        if top_k is not None and top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {top_k}")
+        check_sampler_options(max_new_tokens, temperature, top_p, top_k, generation_batch_size)
         if prompt_truncation not in get_args(PromptTruncation):
             raise ValueError(
                 f"prompt_truncation={prompt_truncation!r} is not one of {list(get_args(PromptTruncation))}"
             )
         if max_prompt_length is not None and max_prompt_length < 1:
             raise ValueError(f"max_prompt_length must be >= 1 or None, got {max_prompt_length}")
-        if generation_batch_size is not None and generation_batch_size < 1:
-            raise ValueError(f"generation_batch_size must be >= 1 or None, got {generation_batch_size}")
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
         self.top_p = top_p

@@ -21,7 +21,7 @@ from modalities.diffusion_lm.protein.tokenizer import (
     ProteinVocab,
     build_protein_tokenizer,
 )
-from modalities.diffusion_lm.text_data import SPLITS, TokenDataset, chunk_stream
+from modalities.diffusion_lm.text_data import TokenDataset, chunk_stream, split_items
 
 PROTEIN_LIKE_FASTA = Path(__file__).parent / "data" / "protein_like.fasta"
 PACKINGS: tuple[str, ...] = ("pad", "wrap", "crop")
@@ -121,13 +121,7 @@ class ProteinDataset(TokenDataset):
         shuffle: bool = True,
         seed: int = 0,
     ) -> None:
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        if not 0.0 < valid_fraction < 1.0:
-            raise ValueError(f"valid_fraction must be in (0, 1), got {valid_fraction}")
-        sequences = load_sequences(path)
-        num_valid = max(1, round(len(sequences) * valid_fraction))
-        chosen = {"train": sequences[:-num_valid], "valid": sequences[-num_valid:], "all": sequences}[split]
+        chosen = split_items(load_sequences(path), split, valid_fraction)
         self.vocab = ProteinVocab.from_layout(layout)
         self.tokenizer = build_protein_tokenizer(layout)
         self.chunks = encode_rows(chosen, self.vocab, seq_len, packing)
