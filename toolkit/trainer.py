@@ -90,7 +90,8 @@ class Trainer:
         if self.critic is not None:
             rollout.values = self.critic.record_values(rollout)
         rollout = self.compute_advantages(rollout)
-        reference_missing = rollout.ref_logprobs is None or not self._transforms_need_reference
+        # Reference log-probs were already taken before the transforms when one of them needs them.
+        reference_missing = not self._transforms_need_reference or rollout.ref_logprobs is None
         if self.objective.needs_reference and reference_missing and not isinstance(self.policy, AnalyticKLPolicy):
             rollout.ref_logprobs = self.reference_log_probs(rollout)
         metrics = self.update(rollout)
