@@ -61,3 +61,20 @@ def test_tiny_config_step_then_resume(tmp_path: Path) -> None:
         assert torch.equal(r_policy.module.state_dict()[key], value), key
     metrics, _ = resumed.step()
     assert torch.isfinite(torch.tensor(metrics["loss/policy"])) and r_reward.num_updates == 2
+
+
+def test_warmup_trains_the_discriminator_but_not_the_student(tmp_path: Path) -> None:
+    """`trainer.critic_warmup_steps` without a critic: DiDi's discriminator warm-up (student frozen, no EMA step)."""
+    torch.set_num_threads(1)
+    config = load_config(CONFIG, [f"trainer.run_dir={tmp_path}", "trainer.num_steps=2", "trainer.prompts_per_step=2",
+                                  "trainer.save_every=0", "trainer.progress=false", "data.seq_len=16",
+                                  "trainer.critic_warmup_steps=1"])  # fmt: skip
+    trainer = build_trainer(config)
+    policy, reward = _parts(trainer)
+    student0 = {k: v.clone() for k, v in policy.module.state_dict().items()}
+    trainer.step()
+    assert reward.num_updates == 1 and policy.num_updates == 0
+    assert all(torch.equal(v, student0[k]) for k, v in policy.module.state_dict().items())
+    trainer.step()  # after the warm-up the student trains
+    assert reward.num_updates == 2 and policy.num_updates == 1
+    assert any(not torch.equal(v, student0[k]) for k, v in policy.module.state_dict().items())

@@ -156,8 +156,9 @@ class Trainer:
         cfg = self.config
         totals: dict[str, list[float]] = {}
         start = time.perf_counter()
-        # During the critic warm-up the actor is neither differentiated nor stepped (its lr schedule waits too).
-        train_actor = self.critic is None or self.global_step >= cfg.critic_warmup_steps
+        # During the warm-up the actor is neither differentiated nor stepped (its lr schedule waits too); the critic
+        # and self-training reward models (the DiDi discriminator trains inside its reward call) keep learning.
+        train_actor = self.global_step >= cfg.critic_warmup_steps
         for _ in range(cfg.num_inner_epochs):
             for minibatch in rollout.minibatches(
                 cfg.num_minibatches, self.generator, cfg.shuffle_minibatches, cfg.keep_groups_in_minibatch

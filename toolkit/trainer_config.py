@@ -42,7 +42,8 @@ class TrainerConfig:
     # Critic (PPO + GAE path only, when the config has a `critic:` section).
     critic_lr: float = 1e-5
     value_clip: float | None = 0.5
-    # The first `critic_warmup_steps` steps train the critic only (verl's `critic_warmup`; PPR's official 0).
+    # The first `critic_warmup_steps` steps do not update the policy: they train the critic (verl's
+    # `critic_warmup`; PPR's official 0) and self-training reward models (DiDi's `discriminator_warmup_steps`).
     critic_warmup_steps: int = 0
     # Dynamic sampling (DAPO/DLER): drop zero-variance groups and refill, at most this many rounds.
     drop_zero_variance_groups: bool = False

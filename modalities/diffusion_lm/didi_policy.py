@@ -11,6 +11,7 @@ step and checkpointed through `state_dict()`. Simplified: the last-k trainable o
 from __future__ import annotations
 
 import copy
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
@@ -84,15 +85,27 @@ def teacher_divergence(
 
 @dataclass
 class StepInputs:
-    """The two trained steps of a rollout: inputs z [2][N, L], targets [2][N, L], times t [2][N]."""
+    """The trained steps of a rollout: inputs z [T][N, L], targets [T][N, L], times t [T][N]."""
 
-    inputs: tuple[Tensor, Tensor]
-    targets: tuple[Tensor, Tensor]
-    times: tuple[Tensor, Tensor]
+    inputs: tuple[Tensor, ...]
+    targets: tuple[Tensor, ...]
+    times: tuple[Tensor, ...]
 
 
 def rollout_steps(rollout: Rollout, mask_id: int) -> StepInputs:
-    """Step inputs/targets/times from `rollout.data` (`z_tau`, `x`, `tau` recorded by the sampler)."""
+    """Step inputs/targets/times from `rollout.data`.
+
+    Two-step rollouts record `z_tau`, `x`, `tau` (all-mask → z_τ → x); multi-step rollouts (`num_steps` > 2 in
+    `TwoStepStudentSampler`) record the whole path `z_path` [N, T+1, L] and its times `t_path` [N, T+1].
+    """
+    if "z_path" in rollout.data:
+        path, times = rollout.data["z_path"], rollout.data["t_path"]
+        count = path.shape[1] - 1
+        return StepInputs(
+            tuple(path[:, k] for k in range(count)),
+            tuple(path[:, k + 1] for k in range(count)),
+            tuple(times[:, k] for k in range(count)),
+        )
     z_tau, x, tau = rollout.data["z_tau"], rollout.data["x"], rollout.data["tau"]
     z_1 = torch.full_like(z_tau, mask_id)
     return StepInputs((z_1, z_tau), (z_tau, x), (torch.ones_like(tau), tau))
@@ -148,6 +161,9 @@ class StudentPolicy:
         if ema_decay is not None:
             self.ema = copy.deepcopy(student.backbone).requires_grad_(False).eval()
         self.num_updates = 0
+        # The student's per-step log-probs from the last log_probs call, reused once by analytic_kl on the same
+        # rollout (the Trainer asks for both in one micro-step): one student forward per step instead of two.
+        self._reuse: tuple[weakref.ref[Rollout], bool, list[Tensor]] | None = None
 
     # ------------------------------------------------------------------ forwards
     @property
@@ -171,12 +187,14 @@ class StudentPolicy:
 
     def _per_step(self, rollout: Rollout, with_entropy: bool) -> tuple[Tensor, Tensor | None]:
         steps = rollout_steps(rollout, self.mask_id)
-        logprobs, entropies = [], []
+        logprobs, entropies, forwards = [], [], []
         for z, target, t in zip(steps.inputs, steps.targets, steps.times, strict=True):
             log_probs = self.x0_log_probs(z, t)
+            forwards.append(log_probs)
             logprobs.append(step_log_probs(log_probs, z, target, self.mask_id, self.logprob_mode))
             if with_entropy:
                 entropies.append(masked_mean(categorical_entropy(log_probs), z == self.mask_id))
+        self._reuse = (weakref.ref(rollout), torch.is_grad_enabled(), forwards) if self.teacher is not None else None
         mask = rollout.mask
         out = torch.where(mask, torch.stack(logprobs, dim=1), 0.0)
         entropy = torch.where(mask, torch.stack(entropies, dim=1), 0.0) if with_entropy else None
@@ -184,23 +202,25 @@ class StudentPolicy:
 
     # ------------------------------------------------------------------ Policy protocols
     def log_probs(self, rollout: Rollout) -> Tensor:
-        """[N, 2] float32 step log-probs (0 where `rollout.mask` is False)."""
+        """[N, T] float32 step log-probs, T = 2 (or the sampler's `num_steps`); 0 where `rollout.mask` is False."""
         return self._per_step(rollout, with_entropy=False)[0]
 
     def log_probs_and_entropy(self, rollout: Rollout) -> tuple[Tensor, Tensor]:
-        """([N, 2] log-probs, [N, 2] mean entropy over each step's masked positions)."""
+        """([N, T] log-probs, [N, T] mean entropy over each step's masked positions)."""
         logprobs, entropy = self._per_step(rollout, with_entropy=True)
         assert entropy is not None
         return logprobs, entropy
 
     def analytic_kl(self, rollout: Rollout) -> Tensor:
-        """[N, 2] divergence to the teacher per step, averaged over the step's masked positions (spec §10)."""
+        """[N, T] divergence to the teacher per step, averaged over the step's masked positions (spec §10)."""
         steps = rollout_steps(rollout, self.mask_id)
+        reuse, self._reuse = self._reuse, None
+        fresh = reuse is not None and reuse[0]() is rollout and reuse[1] == torch.is_grad_enabled()
+        cached = reuse[2] if reuse is not None and fresh else None
         kls = []
-        for z, t in zip(steps.inputs, steps.times, strict=True):
-            div = teacher_divergence(
-                self.x0_log_probs(z, t), self.teacher_log_probs(z, t), self.regularization, self.beta
-            )
+        for k, (z, t) in enumerate(zip(steps.inputs, steps.times, strict=True)):
+            student = cached[k] if cached is not None else self.x0_log_probs(z, t)
+            div = teacher_divergence(student, self.teacher_log_probs(z, t), self.regularization, self.beta)
             kls.append(masked_mean(div, z == self.mask_id))
         return torch.where(rollout.mask, torch.stack(kls, dim=1), 0.0)
 
@@ -209,6 +229,7 @@ class StudentPolicy:
     def after_optimizer_step(self) -> None:
         """EMA update ema ← decay·ema + (1 − decay)·student (called by the Trainer after each step)."""
         self.num_updates += 1
+        self._reuse = None  # the weights changed: a cached forward is stale
         if self.ema is None or self.ema_decay is None:
             return
         source = _unwrap(self.module)

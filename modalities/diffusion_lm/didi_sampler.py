@@ -62,6 +62,12 @@ class TwoStepStudentSampler:
 
     Step 1 runs t = 1 → τ, step 2 τ → t0_eps with the ancestral update; `remask_prob` re-masks that share of
     step-1 unmaskings (0 in every config seen). Step 2 is a trained step only when z_τ has masked positions.
+
+    `num_steps` > 2 ([Our decision], off by default) trains on the few-step sampler the student is evaluated
+    with: N ancestral steps over linspace(1, t0_eps, N+1), log q_ν(x) = the sum of the N step log-probs (the
+    same score decomposition as §8, through N − 1 intermediate states). τ ~ π is then drawn independently of
+    the path and is only the discriminator's corruption time (the IKL estimator of §5: t ~ π, x ~ p_ν,
+    z_t ~ Q(·|x)), so ω(τ) weighting keeps its meaning. Steps that start with no masked position are masked out.
     """
 
     def __init__(
@@ -74,6 +80,7 @@ class TwoStepStudentSampler:
         t0_eps: float = 1e-3,
         remask_prob: float = 0.0,
         tokenizer: Any = None,
+        num_steps: int = 2,
     ) -> None:
         """Validate and store the config.
 
@@ -84,6 +91,7 @@ class TwoStepStudentSampler:
             t0_eps: end time of step 2 (1e-3).
             remask_prob: fraction of step-1 unmaskings put back to the mask, in [0, 1).
             tokenizer: decodes completions to text when given.
+            num_steps: trained student steps per rollout: 2 (spec §8, coupled τ) or N > 2 (the N-step grid).
         """
         if tau_mode not in get_args(TauMode):
             raise ValueError(f"tau_mode={tau_mode!r} is not one of {get_args(TauMode)}")
@@ -97,7 +105,11 @@ class TwoStepStudentSampler:
             raise ValueError(f"remask_prob={remask_prob} must be in [0, 1)")
         self.tau_mode, self.tau_a, self.tau_b = tau_mode, float(tau_a), float(tau_b)
         self.tau_low, self.tau_high, self.t0_eps = tau_min_eps, 1.0 - sampling_eps, t0_eps
-        self.remask_prob, self.tokenizer = remask_prob, tokenizer
+        if not isinstance(num_steps, int) or num_steps < 2:
+            raise ValueError(f"num_steps={num_steps!r} must be an integer >= 2")
+        if num_steps > 2 and remask_prob > 0:
+            raise ValueError("remask_prob applies to the two-step rollout only (num_steps=2)")
+        self.remask_prob, self.tokenizer, self.num_steps = remask_prob, tokenizer, num_steps
 
     def sample(self, policy: StudentPolicy, prompts: list[Any], group_size: int, generator: torch.Generator) -> Rollout:
         real = repeat_rows(prompts, group_size)
@@ -106,9 +118,17 @@ class TwoStepStudentSampler:
         density = beta_density(tau, *((1.0, 1.0) if self.tau_mode == "uniform" else (self.tau_a, self.tau_b)))
         tau = tau.to(device)
         gen = device_generator(generator, device)
+        data: dict[str, Tensor] = {"tau": tau, "tau_density": density.to(device), "real_ids": real.to(device)}
         with torch.no_grad():
-            z_tau, x, logprobs = self.trajectory(policy, n, real.shape[1], tau, gen)
-        mask = torch.stack([torch.ones(n, dtype=torch.bool, device=device), (z_tau == policy.mask_id).any(-1)], 1)
+            if self.num_steps == 2:
+                z_tau, x, logprobs = self.trajectory(policy, n, real.shape[1], tau, gen)
+                live = (z_tau == policy.mask_id).any(-1)
+                mask = torch.stack([torch.ones(n, dtype=torch.bool, device=device), live], 1)
+                data.update(z_tau=z_tau, x=x)
+            else:
+                path, times, logprobs = self.multi_step_trajectory(policy, n, real.shape[1], gen)
+                x, mask = path[:, -1], (path[:, :-1] == policy.mask_id).any(-1)
+                data.update(z_path=path, t_path=times, x=x)
         rows = [dict(prompt) for prompt in prompts for _ in range(group_size)]
         return Rollout(
             group_ids=torch.arange(n, device=device) // group_size,
@@ -116,9 +136,27 @@ class TwoStepStudentSampler:
             mask=mask,
             prompts=rows,
             completions=self.completions(x, tau),
-            data={"z_tau": z_tau, "x": x, "tau": tau, "tau_density": density.to(device), "real_ids": real.to(device)},
+            data=data,
             metrics={"rollout/tau_mean": float(tau.mean()), "rollout/masked_after_step2": _masked_frac(x, policy)},
         )
+
+    def multi_step_trajectory(
+        self, policy: StudentPolicy, n: int, length: int, generator: torch.Generator
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(path [N, T+1, L] all-mask → x, times [N, T+1], step log-probs [N, T]) on linspace(1, t0_eps, T+1)."""
+        schedule, mask_id, device = policy.student.schedule, policy.mask_id, policy.device
+        grid = torch.linspace(1.0, self.t0_eps, self.num_steps + 1, dtype=torch.float64, device=device)
+        z = torch.full((n, length), mask_id, dtype=torch.long, device=device)
+        path, logprobs = [z], []
+        for t_hi, t_lo in zip(grid[:-1], grid[1:], strict=True):
+            t = torch.full((n,), float(t_hi), device=device)
+            log_probs = policy.x0_log_probs(z, t)
+            z_next = ancestral_step(z, log_probs.exp(), schedule.alpha(t_hi), schedule.alpha(t_lo), mask_id, generator)
+            logprobs.append(step_log_probs(log_probs, z, z_next, mask_id, policy.logprob_mode))
+            path.append(z_next)
+            z = z_next
+        times = grid.float().unsqueeze(0).expand(n, -1).contiguous()
+        return torch.stack(path, 1), times, torch.stack(logprobs, 1)
 
     def trajectory(
         self, policy: StudentPolicy, n: int, length: int, tau: Tensor, generator: torch.Generator

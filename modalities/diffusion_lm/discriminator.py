@@ -145,6 +145,7 @@ def linear_warmup_decay(step: int, warmup_steps: int, total_steps: int, lr: floa
 
 
 RealSource = Literal["data", "teacher"]
+Positions = Literal["masked", "all"]
 
 
 class DiscriminatorReward:
@@ -181,14 +182,31 @@ class DiscriminatorReward:
         teacher: Any = None,
         teacher_num_steps: int = 64,
         seed: int = 0,
+        updates_per_call: int = 1,
+        reward_num_corruptions: int = 1,
+        positions: Positions = "masked",
     ) -> None:
-        """Store the config and build the optimizer (keyword names are the YAML keys; see the class docstring)."""
+        """Store the config and build the optimizer (keyword names are the YAML keys; see the class docstring).
+
+        `updates_per_call` (1 = spec) discriminator steps per reward call, each on fresh corruption masks;
+        `reward_num_corruptions` (1 = spec) averages the reward over that many independent corruptions of each
+        sample at its τ (the first is the one the update saw), a variance reduction of the same estimator.
+        Both are [Our decision] switches for small batches, where one noisy step per call lets the student outrun
+        the discriminator. `positions` = "masked" (spec §6: the BCE and the reward average over masked positions)
+        or "all" ([Our decision]: every position, so unmasked tokens are judged in context too).
+        """
         if real_source not in get_args(RealSource):
             raise ValueError(f"real_source={real_source!r} is not one of {get_args(RealSource)}")
         if real_source == "teacher" and teacher is None:
             raise ValueError("real_source='teacher' needs a teacher MaskedDiffusionLM")
         if not 0.0 <= label_smoothing < 0.5:
             raise ValueError(f"label_smoothing={label_smoothing} must be in [0, 0.5)")
+        if positions not in get_args(Positions):
+            raise ValueError(f"positions={positions!r} is not one of {get_args(Positions)}")
+        if updates_per_call < 1 or reward_num_corruptions < 1:
+            raise ValueError(
+                f"updates_per_call={updates_per_call} and reward_num_corruptions={reward_num_corruptions} must be >= 1"
+            )
         if warmup_steps < 0 or total_steps < 1 or lr <= 0 or max_grad_norm <= 0:
             raise ValueError("need warmup_steps >= 0, total_steps >= 1, lr > 0 and max_grad_norm > 0")
         from modalities.diffusion_lm.schedules import make_schedule
@@ -198,6 +216,8 @@ class DiscriminatorReward:
         self.max_grad_norm, self.label_smoothing = max_grad_norm, label_smoothing
         self.reward_clip, self.logodds_eps, self.real_source = reward_clip, logodds_eps, real_source
         self.teacher_num_steps = teacher_num_steps
+        self.updates_per_call, self.reward_num_corruptions = updates_per_call, reward_num_corruptions
+        self.positions = positions
         self.schedule = make_schedule(schedule, eps=schedule_eps)
         params = [p for p in discriminator.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=lr, betas=betas, eps=adam_eps, weight_decay=weight_decay)
@@ -215,8 +235,13 @@ class DiscriminatorReward:
         metrics: dict[str, float] = {}
         if self.train:
             real = self.real_batch(fake.shape, metadata)
-            metrics = self.update(self.corrupt(real, tau), z_fake, tau)
+            for update in range(self.updates_per_call):
+                fresh = z_fake if update == 0 else self.corrupt(fake, tau)
+                metrics = self.update(self.corrupt(real, tau), fresh, tau)
         scores = self.score_corrupted(z_fake, tau)
+        for _ in range(self.reward_num_corruptions - 1):
+            scores = scores + self.score_corrupted(self.corrupt(fake, tau), tau)
+        scores = scores / self.reward_num_corruptions
         return RewardOutput(scores=scores.cpu(), metrics=metrics)
 
     def sigma(self, tau: Tensor) -> Tensor:
@@ -246,14 +271,14 @@ class DiscriminatorReward:
 
     def update(self, z_real: Tensor, z_fake: Tensor, tau: Tensor) -> dict[str, float]:
         """One discriminator step on corrupted real and (detached) fake rows; returns its metrics."""
-        d, mask_id = self.discriminator, self.discriminator.mask_id
+        d = self.discriminator
         lr = linear_warmup_decay(self.num_updates, self.warmup_steps, self.total_steps, self.lr, self.min_lr)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         d.train()
         sigma = self.sigma(tau)
         real_logits, fake_logits = d(z_real, sigma), d(z_fake.detach(), sigma)
-        m_real, m_fake = z_real == mask_id, z_fake == mask_id
+        m_real, m_fake = self.scored(z_real), self.scored(z_fake)
         loss = discriminator_loss(real_logits, m_real, fake_logits, m_fake, self.label_smoothing)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
@@ -281,7 +306,13 @@ class DiscriminatorReward:
         self.discriminator.eval()
         logits = self.discriminator(z, self.sigma(tau))
         self.discriminator.train(was_training)
-        return sequence_reward(logits, z == self.discriminator.mask_id, self.logodds_eps, self.reward_clip)
+        return sequence_reward(logits, self.scored(z), self.logodds_eps, self.reward_clip)
+
+    def scored(self, z: Tensor) -> Tensor:
+        """[N, L] bool positions the loss and the reward average over (`positions`)."""
+        if self.positions == "all":
+            return torch.ones_like(z, dtype=torch.bool)
+        return z == self.discriminator.mask_id
 
     def score(self, tokens: Tensor, tau: Tensor) -> Tensor:
         """Standalone scorer: corrupt clean rows [N, L] at τ [N] and return their [N] rewards (no update)."""

@@ -1,0 +1,150 @@
+"""DiDi-Instruct switches for small batches: N-step student rollouts (`TwoStepStudentSampler(num_steps=N)`),
+several discriminator updates per reward call and a reward averaged over corruptions, and the trainer warm-up
+that trains only the self-training reward model (`trainer.critic_warmup_steps` without a critic)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from modalities.diffusion_lm.didi_policy import StudentPolicy
+from modalities.diffusion_lm.didi_sampler import TwoStepStudentSampler
+from modalities.diffusion_lm.discriminator import DiscriminatorReward, discriminator_from_teacher
+from tests.contracts import PolicyContract
+from tests.test_didi import _policy, _prompts, _tiny_teacher
+from toolkit.interfaces import Policy, Sampler
+
+MASK = 64
+
+
+class TestMultiStepStudentContract(PolicyContract):
+    """Re-scored log-probs of an N-step rollout equal the sampler's, for the generic contract."""
+
+    group_size = 2
+
+    def make_policy(self) -> Policy:
+        return _policy()
+
+    def make_sampler(self) -> Sampler:
+        return TwoStepStudentSampler(num_steps=5)
+
+    def make_prompts(self) -> list[Any]:
+        return _prompts()
+
+
+def test_multi_step_path_follows_the_sampling_grid() -> None:
+    policy = _policy(ema_decay=None)
+    rollout = TwoStepStudentSampler(num_steps=6).sample(policy, _prompts(3), 2, torch.Generator().manual_seed(0))
+    path, times = rollout.data["z_path"], rollout.data["t_path"]
+    assert path.shape == (6, 7, 12) and times.shape == (6, 7)
+    assert torch.all(path[:, 0] == MASK) and torch.equal(path[:, -1], rollout.data["x"])
+    torch.testing.assert_close(times[0], torch.linspace(1.0, 1e-3, 7), atol=1e-6, rtol=0)
+    for k in range(6):  # a token once unmasked never changes; masks only disappear
+        was_unmasked = path[:, k] != MASK
+        assert torch.equal(path[:, k + 1][was_unmasked], path[:, k][was_unmasked])
+    assert torch.equal(rollout.mask, (path[:, :-1] == MASK).any(-1))
+    assert rollout.old_logprobs.shape == (6, 6) and torch.all(rollout.old_logprobs[~rollout.mask] == 0)
+    # Almost everything is unmasked after the last step (α(1e-3) = 0.999): at most a stray position per row.
+    assert float((rollout.data["x"] == MASK).float().mean()) < 0.05
+    torch.testing.assert_close(policy.log_probs(rollout), rollout.old_logprobs, atol=1e-4, rtol=0)
+
+
+def test_multi_step_kl_and_entropy_have_one_column_per_step() -> None:
+    policy = StudentPolicy(_tiny_teacher(0), _tiny_teacher(1), ema_decay=None)
+    rollout = TwoStepStudentSampler(num_steps=4).sample(policy, _prompts(2), 2, torch.Generator().manual_seed(1))
+    kl = policy.analytic_kl(rollout)
+    logprobs, entropy = policy.log_probs_and_entropy(rollout)
+    assert kl.shape == entropy.shape == logprobs.shape == (4, 4)
+    assert torch.all(kl[rollout.mask] > 0)  # different teacher → a positive divergence at every live step
+    assert torch.all(entropy[rollout.mask] > 0)
+
+
+def test_sampler_rejects_bad_step_counts() -> None:
+    for bad in (1, 0, 2.5):
+        with pytest.raises(ValueError, match="num_steps"):
+            TwoStepStudentSampler(num_steps=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="remask_prob"):
+        TwoStepStudentSampler(num_steps=4, remask_prob=0.1)
+
+
+def _samples() -> tuple[list[dict[str, Any]], list[list[int]]]:
+    generator = torch.Generator().manual_seed(5)
+    fake = torch.randint(0, 64, (4, 10), generator=generator)
+    real = torch.randint(0, 64, (4, 10), generator=generator)
+    samples = [{"tokens": row, "tau": t} for row, t in zip(fake.tolist(), [0.3, 0.5, 0.7, 0.9], strict=True)]
+    return samples, real.tolist()
+
+
+def test_updates_per_call_steps_the_discriminator_that_often() -> None:
+    samples, real = _samples()
+    reward = DiscriminatorReward(
+        discriminator_from_teacher(_tiny_teacher(), 1), lr=1e-3, warmup_steps=0, total_steps=100, updates_per_call=3
+    )
+    reward([None] * 4, samples, input_ids=real)
+    assert reward.num_updates == 3 and reward.optimizer.state_dict()["state"]
+    first = next(iter(reward.optimizer.state_dict()["state"].values()))
+    assert int(first["step"]) == 3
+    with pytest.raises(ValueError, match="updates_per_call"):
+        DiscriminatorReward(discriminator_from_teacher(_tiny_teacher(), 1), updates_per_call=0)
+
+
+def test_reward_averages_independent_corruptions() -> None:
+    """K corruptions: the reward is the mean of K single-corruption scores drawn from the same generator stream."""
+    samples, _ = _samples()
+    disc = discriminator_from_teacher(_tiny_teacher(), 1)
+    averaged = DiscriminatorReward(disc, train=False, seed=3, reward_num_corruptions=4)
+    single = DiscriminatorReward(disc, train=False, seed=3)
+    got = averaged([None] * 4, samples).scores
+    draws = torch.stack([single([None] * 4, samples).scores for _ in range(4)])
+    torch.testing.assert_close(got, draws.mean(0), atol=1e-5, rtol=0)
+    assert not torch.allclose(draws[0], draws[1])  # the corruptions differ, so averaging changes the reward
+
+
+def test_kl_reuses_the_student_forward_with_identical_value_and_gradient() -> None:
+    """analytic_kl right after log_probs on the same rollout reuses the student forward: same value and gradient."""
+    policy = StudentPolicy(_tiny_teacher(0), _tiny_teacher(1), ema_decay=None)
+    rollout = TwoStepStudentSampler(num_steps=3).sample(policy, _prompts(2), 2, torch.Generator().manual_seed(2))
+    params = [p for p in policy.module.parameters() if p.requires_grad]
+    fresh = policy.analytic_kl(rollout)
+    fresh_grads = torch.autograd.grad(fresh.sum(), params, allow_unused=True)
+    calls = 0
+    original = policy.x0_log_probs
+
+    def counting(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        return original(z, t)
+
+    policy.x0_log_probs = counting  # type: ignore[method-assign]
+    logprobs = policy.log_probs(rollout)
+    reused = policy.analytic_kl(rollout)
+    assert calls == 3  # three steps, one forward each, shared by the log-probs and the KL
+    torch.testing.assert_close(reused, fresh)
+    reused_grads = torch.autograd.grad((reused.sum() + 0 * logprobs.sum()), params, allow_unused=True)
+    for a, b in zip(fresh_grads, reused_grads, strict=True):
+        if a is not None or b is not None:
+            torch.testing.assert_close(a, b)
+    with torch.no_grad():  # a no-grad forward is never reused where gradients are wanted
+        policy.log_probs(rollout)
+    assert policy.analytic_kl(rollout).requires_grad and calls == 9  # 3 reused, 3 no-grad, 3 recomputed
+
+
+def test_positions_all_scores_every_position() -> None:
+    """positions="all": the reward is the mean clamped log-odds over every position, masked or not."""
+    from modalities.diffusion_lm.discriminator import sequence_reward
+
+    samples, _ = _samples()
+    disc = discriminator_from_teacher(_tiny_teacher(), 1).eval()
+    reward = DiscriminatorReward(disc, train=False, seed=4, positions="all")
+    got = reward([None] * 4, samples).scores
+    z = DiscriminatorReward(disc, train=False, seed=4).corrupt(torch.tensor([s["tokens"] for s in samples]),
+                                                                torch.tensor([s["tau"] for s in samples]))  # fmt: skip
+    assert bool((z != MASK).any()) and bool((z == MASK).any())
+    logits = disc(z, reward.sigma(torch.tensor([s["tau"] for s in samples])))
+    torch.testing.assert_close(got, sequence_reward(logits, torch.ones_like(z, dtype=torch.bool)), atol=1e-5, rtol=0)
+    masked_only = DiscriminatorReward(disc, train=False, seed=4)([None] * 4, samples).scores
+    assert not torch.allclose(got, masked_only)
+    with pytest.raises(ValueError, match="positions"):
+        DiscriminatorReward(disc, positions="some")  # type: ignore[arg-type]
