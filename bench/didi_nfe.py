@@ -54,10 +54,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ema-decay", type=float, default=0.95, help="0.999 (paper) barely moves in a few 100 steps")
     p.add_argument("--prompts-per-step", type=int, default=8, help="rows per step (x G = 4 rollouts each)")
     p.add_argument("--kl-coef", type=float, default=None, help="override objective.kl_coef (default: the config's)")
+    p.add_argument("--student-steps", type=int, default=2, help="sampler.num_steps: 2 (spec) or the evaluated N")
+    p.add_argument("--disc-blocks", type=int, default=1, help="trainable discriminator blocks (of 3)")
+    p.add_argument("--disc-updates", type=int, default=1, help="discriminator updates per reward call")
+    p.add_argument("--disc-corruptions", type=int, default=1, help="corruptions the reward averages over")
+    p.add_argument("--disc-positions", default="masked", choices=("masked", "all"))
+    p.add_argument("--disc-pretrain", type=int, default=0, help="steps that train only the discriminator")
     p.add_argument("--rgas-h", type=float, nargs=2, default=(30.0, 40.0), help="RGAS guidance ramp h0 h1")
     p.add_argument("--num-samples", type=int, default=128)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="tiny step counts: checks the pipeline only")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra distillation config overrides")
     return p.parse_args(argv)
 
 
@@ -134,7 +141,14 @@ def distil(args: argparse.Namespace, work: Path, teacher_ckpt: Path) -> tuple[Pa
         f"rewards.discriminator.warmup_steps={args.disc_warmup}",
         f"rewards.discriminator.total_steps={args.distill_steps}",
         f"policy.ema_decay={args.ema_decay}",
+        f"sampler.num_steps={args.student_steps}",
+        f"rewards.discriminator.discriminator.num_trainable_blocks={args.disc_blocks}",
+        f"rewards.discriminator.updates_per_call={args.disc_updates}",
+        f"rewards.discriminator.reward_num_corruptions={args.disc_corruptions}",
+        f"rewards.discriminator.positions={args.disc_positions}",
+        f"trainer.critic_warmup_steps={args.disc_pretrain}",
     ]
+    overrides += args.set
     if args.kl_coef is not None:
         overrides.append(f"objective.kl_coef={args.kl_coef}")
     for node in ("policy.student", "policy.teacher", "rewards.discriminator.discriminator.teacher"):
@@ -206,7 +220,10 @@ def write_markdown(path: Path, result: dict[str, Any]) -> None:
         f"{st['evaluator_valid_ppl']:.2f}, train {st['evaluator_train_ppl']:.2f}. Distillation: "
         f"`configs/diffusion_lm/tiny.yaml`, {st['distill_steps_done']} steps x {st['prompts_per_step']} rows x G = 4, "
         f"student lr {st['distill_lr']}, discriminator lr {st['disc_lr']} (warm-up {st['disc_warmup']}), EMA "
-        f"{st['ema_decay']}, kl_coef {st['kl_coef'] or 'config'} (distillation wall-clock in this invocation "
+        f"{st['ema_decay']}, kl_coef {st['kl_coef'] or 'config'}, student rollout steps {st['student_steps']}, "
+        f"discriminator: {st['disc_blocks']} trainable blocks, {st['disc_updates']} update(s) per call, reward over "
+        f"{st['disc_corruptions']} corruption(s) at {st['disc_positions']} positions, {st['disc_pretrain']} "
+        "discriminator-only warm-up steps (distillation wall-clock in this invocation "
         f"{st['distil_seconds']:.0f} s; ~0 when a finished run was re-evaluated). "
         f"{st['num_samples']} samples per cell, same seed, MDLM caching on; `+rgas` = RGAS (released re-ranker, "
         f"M = 4, h {st['rgas_h'][0]:g}->{st['rgas_h'][1]:g}) with the trained discriminator.",

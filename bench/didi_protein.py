@@ -35,6 +35,7 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     p.add_argument("--work-dir", default=str(ROOT / "runs" / "didi_protein"))
+    p.add_argument("--name", default="didi_protein", help="result file stem under --out and distillation run name")
     p.add_argument("--length", type=int, default=48)
     p.add_argument("--teacher-steps", type=int, default=1000)
     p.add_argument("--distill-steps", type=int, default=100)
@@ -42,6 +43,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--num-samples", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="tiny step counts: checks the pipeline only")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra distillation config overrides")
     return p.parse_args()
 
 
@@ -57,7 +59,7 @@ def train_stage_teacher(args: argparse.Namespace, work: Path) -> Path:
 
 def distil(args: argparse.Namespace, work: Path, teacher_ckpt: Path) -> StudentPolicy:
     overrides = [
-        f"trainer.run_dir={work / 'distil'}",
+        f"trainer.run_dir={work / ('distil' if args.name == 'didi_protein' else f'distil_{args.name}')}",
         f"trainer.num_steps={args.distill_steps}",
         f"trainer.lr={args.distill_lr}",
         "trainer.save_every=0",
@@ -66,6 +68,7 @@ def distil(args: argparse.Namespace, work: Path, teacher_ckpt: Path) -> StudentP
         f"rewards.discriminator.total_steps={args.distill_steps}",
         "policy.ema_decay=0.95",
     ]
+    overrides += args.set
     for node in ("policy.student", "policy.teacher", "rewards.discriminator.discriminator.teacher"):
         overrides.append(f"{node}.checkpoint={teacher_ckpt}")
     trainer = build_trainer(load_config(ROOT / "configs" / "diffusion_lm" / "protein_tiny.yaml", overrides))
@@ -150,7 +153,7 @@ def main() -> None:
     }
     result = {"rows": rows, "summary": summary, "settings": settings}
     out = Path(args.out)
-    name = "didi_protein_quick" if args.quick else "didi_protein"
+    name = f"{args.name}_quick" if args.quick else args.name
     write_json_atomic(out / f"{name}.json", result)
     write_markdown(out / f"{name}.md", result)
     print(summary)
