@@ -55,6 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompts-per-step", type=int, default=8, help="rows per step (x G = 4 rollouts each)")
     p.add_argument("--kl-coef", type=float, default=None, help="override objective.kl_coef (default: the config's)")
     p.add_argument("--student-steps", type=int, default=2, help="sampler.num_steps: 2 (spec) or the evaluated N")
+    p.add_argument("--tau-per-group", action="store_true", help="sampler.tau_per_group (one τ per group)")
     p.add_argument("--disc-blocks", type=int, default=1, help="trainable discriminator blocks (of 3)")
     p.add_argument("--disc-updates", type=int, default=1, help="discriminator updates per reward call")
     p.add_argument("--disc-corruptions", type=int, default=1, help="corruptions the reward averages over")
@@ -142,6 +143,7 @@ def distil(args: argparse.Namespace, work: Path, teacher_ckpt: Path) -> tuple[Pa
         f"rewards.discriminator.total_steps={args.distill_steps}",
         f"policy.ema_decay={args.ema_decay}",
         f"sampler.num_steps={args.student_steps}",
+        f"sampler.tau_per_group={str(args.tau_per_group).lower()}",
         f"rewards.discriminator.discriminator.num_trainable_blocks={args.disc_blocks}",
         f"rewards.discriminator.updates_per_call={args.disc_updates}",
         f"rewards.discriminator.reward_num_corruptions={args.disc_corruptions}",
@@ -221,6 +223,7 @@ def write_markdown(path: Path, result: dict[str, Any]) -> None:
         f"`configs/diffusion_lm/tiny.yaml`, {st['distill_steps_done']} steps x {st['prompts_per_step']} rows x G = 4, "
         f"student lr {st['distill_lr']}, discriminator lr {st['disc_lr']} (warm-up {st['disc_warmup']}), EMA "
         f"{st['ema_decay']}, kl_coef {st['kl_coef'] or 'config'}, student rollout steps {st['student_steps']}, "
+        f"one τ per {'group' if st['tau_per_group'] else 'sample'}, "
         f"discriminator: {st['disc_blocks']} trainable blocks, {st['disc_updates']} update(s) per call, reward over "
         f"{st['disc_corruptions']} corruption(s) at {st['disc_positions']} positions, {st['disc_pretrain']} "
         "discriminator-only warm-up steps (distillation wall-clock in this invocation "

@@ -148,3 +148,17 @@ def test_positions_all_scores_every_position() -> None:
     assert not torch.allclose(got, masked_only)
     with pytest.raises(ValueError, match="positions"):
         DiscriminatorReward(disc, positions="some")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("num_steps", [2, 4])
+def test_tau_per_group_shares_one_time_within_each_group(num_steps: int) -> None:
+    policy = _policy(ema_decay=None)
+    shared = TwoStepStudentSampler(num_steps=num_steps, tau_per_group=True)
+    rollout = shared.sample(policy, _prompts(3), 4, torch.Generator().manual_seed(0))
+    tau = rollout.data["tau"].view(3, 4)
+    assert torch.all(tau == tau[:, :1]) and len(set(tau[:, 0].tolist())) == 3
+    assert [c["tau"] for c in rollout.completions or []] == pytest.approx(rollout.data["tau"].tolist())
+    per_sample = TwoStepStudentSampler(num_steps=num_steps).sample(
+        policy, _prompts(3), 4, torch.Generator().manual_seed(0)
+    )
+    assert len(set(per_sample.data["tau"].tolist())) == 12  # the spec default draws one τ per sample

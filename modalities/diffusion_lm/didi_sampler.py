@@ -81,6 +81,7 @@ class TwoStepStudentSampler:
         remask_prob: float = 0.0,
         tokenizer: Any = None,
         num_steps: int = 2,
+        tau_per_group: bool = False,
     ) -> None:
         """Validate and store the config.
 
@@ -92,6 +93,9 @@ class TwoStepStudentSampler:
             remask_prob: fraction of step-1 unmaskings put back to the mask, in [0, 1).
             tokenizer: decodes completions to text when given.
             num_steps: trained student steps per rollout: 2 (spec §8, coupled τ) or N > 2 (the N-step grid).
+            tau_per_group: one τ per group instead of one per sample (spec §11: per sample). [Our decision] The
+                reward's scale depends on τ (how much of the sample the discriminator sees), so per-sample τ puts
+                "which τ was drawn" into the group z-score; a shared τ lets the group mean remove it.
         """
         if tau_mode not in get_args(TauMode):
             raise ValueError(f"tau_mode={tau_mode!r} is not one of {get_args(TauMode)}")
@@ -110,11 +114,18 @@ class TwoStepStudentSampler:
         if num_steps > 2 and remask_prob > 0:
             raise ValueError("remask_prob applies to the two-step rollout only (num_steps=2)")
         self.remask_prob, self.tokenizer, self.num_steps = remask_prob, tokenizer, num_steps
+        self.tau_per_group = bool(tau_per_group)
 
     def sample(self, policy: StudentPolicy, prompts: list[Any], group_size: int, generator: torch.Generator) -> Rollout:
         real = repeat_rows(prompts, group_size)
         n, device = real.shape[0], policy.device
-        tau = sample_tau(n, generator, self.tau_mode, self.tau_a, self.tau_b, self.tau_low, self.tau_high)
+        if self.tau_per_group:
+            tau = sample_tau(
+                n // group_size, generator, self.tau_mode, self.tau_a, self.tau_b, self.tau_low, self.tau_high
+            )
+            tau = tau.repeat_interleave(group_size)
+        else:
+            tau = sample_tau(n, generator, self.tau_mode, self.tau_a, self.tau_b, self.tau_low, self.tau_high)
         density = beta_density(tau, *((1.0, 1.0) if self.tau_mode == "uniform" else (self.tau_a, self.tau_b)))
         tau = tau.to(device)
         gen = device_generator(generator, device)
