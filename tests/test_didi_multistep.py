@@ -162,3 +162,32 @@ def test_tau_per_group_shares_one_time_within_each_group(num_steps: int) -> None
         policy, _prompts(3), 4, torch.Generator().manual_seed(0)
     )
     assert len(set(per_sample.data["tau"].tolist())) == 12  # the spec default draws one τ per sample
+
+
+def test_teacher_pool_is_sampled_once_and_checkpointed() -> None:
+    samples, _ = _samples()
+    teacher = _tiny_teacher(2)
+    calls = 0
+    original = teacher.sample
+
+    def counting(*args: Any, **kwargs: Any) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        return original(*args, **kwargs)
+
+    teacher.sample = counting  # type: ignore[method-assign]
+    reward = DiscriminatorReward(
+        discriminator_from_teacher(_tiny_teacher(), 1), lr=1e-3, warmup_steps=0, real_source="teacher",
+        teacher=teacher, teacher_num_steps=4, teacher_pool_size=6,
+    )  # fmt: skip
+    reward([None] * 4, samples)
+    reward([None] * 4, samples)
+    assert calls == 1 and reward.teacher_pool is not None and reward.teacher_pool.shape == (6, 10)
+    real = reward.real_batch(torch.Size([4, 10]), {})
+    assert all(any(torch.equal(row, pooled) for pooled in reward.teacher_pool) for row in real)
+    other = DiscriminatorReward(discriminator_from_teacher(_tiny_teacher(), 1), real_source="teacher", teacher=teacher,
+                                teacher_pool_size=6)  # fmt: skip
+    other.load_state_dict(reward.state_dict())
+    assert other.teacher_pool is not None and torch.equal(other.teacher_pool, reward.teacher_pool)
+    with pytest.raises(ValueError, match="teacher_pool_size"):
+        DiscriminatorReward(discriminator_from_teacher(_tiny_teacher(), 1), teacher_pool_size=-1)

@@ -181,6 +181,7 @@ class DiscriminatorReward:
         real_source: RealSource = "data",
         teacher: Any = None,
         teacher_num_steps: int = 64,
+        teacher_pool_size: int = 0,
         seed: int = 0,
         updates_per_call: int = 1,
         reward_num_corruptions: int = 1,
@@ -194,6 +195,9 @@ class DiscriminatorReward:
         Both are [Our decision] switches for small batches, where one noisy step per call lets the student outrun
         the discriminator. `positions` = "masked" (spec §6: the BCE and the reward average over masked positions)
         or "all" ([Our decision]: every position, so unmasked tokens are judged in context too).
+        `teacher_pool_size` > 0 with `real_source="teacher"` samples that many teacher rows once, at the first
+        call, and draws each call's real rows from that pool ([Our decision]: a long teacher rollout per step is
+        the dominant cost otherwise); the pool is checkpointed with the discriminator.
         """
         if real_source not in get_args(RealSource):
             raise ValueError(f"real_source={real_source!r} is not one of {get_args(RealSource)}")
@@ -203,6 +207,8 @@ class DiscriminatorReward:
             raise ValueError(f"label_smoothing={label_smoothing} must be in [0, 0.5)")
         if positions not in get_args(Positions):
             raise ValueError(f"positions={positions!r} is not one of {get_args(Positions)}")
+        if teacher_pool_size < 0:
+            raise ValueError(f"teacher_pool_size={teacher_pool_size} must be >= 0")
         if updates_per_call < 1 or reward_num_corruptions < 1:
             raise ValueError(
                 f"updates_per_call={updates_per_call} and reward_num_corruptions={reward_num_corruptions} must be >= 1"
@@ -215,7 +221,8 @@ class DiscriminatorReward:
         self.lr, self.min_lr, self.warmup_steps, self.total_steps = lr, min_lr, warmup_steps, total_steps
         self.max_grad_norm, self.label_smoothing = max_grad_norm, label_smoothing
         self.reward_clip, self.logodds_eps, self.real_source = reward_clip, logodds_eps, real_source
-        self.teacher_num_steps = teacher_num_steps
+        self.teacher_num_steps, self.teacher_pool_size = teacher_num_steps, teacher_pool_size
+        self.teacher_pool: Tensor | None = None
         self.updates_per_call, self.reward_num_corruptions = updates_per_call, reward_num_corruptions
         self.positions = positions
         self.schedule = make_schedule(schedule, eps=schedule_eps)
@@ -258,6 +265,11 @@ class DiscriminatorReward:
 
     def real_batch(self, shape: torch.Size, metadata: dict[str, Any]) -> Tensor:
         """[N, L] real rows: the data rows (metadata `input_ids`) or fresh teacher samples."""
+        if self.real_source == "teacher" and self.teacher_pool_size > 0:
+            if self.teacher_pool is None or self.teacher_pool.shape[1] != shape[1]:
+                self.teacher_pool = self.sample_teacher_pool(shape[1])
+            index = torch.randint(0, self.teacher_pool.shape[0], (shape[0],), generator=self.generator)
+            return self.teacher_pool[index].to(self.device)
         if self.real_source == "teacher":
             with torch.no_grad():
                 rows = self.teacher.sample(shape[0], shape[1], self.teacher_num_steps, self.generator)
@@ -268,6 +280,26 @@ class DiscriminatorReward:
         if real.shape != shape:
             raise ValueError(f"real rows have shape {tuple(real.shape)}, the samples {tuple(shape)}")
         return real
+
+    def sample_teacher_pool(self, length: int, batch_size: int = 64) -> Tensor:
+        """[teacher_pool_size, length] teacher samples (CPU), drawn once with this reward's generator."""
+        from toolkit.console import ProgressBar
+
+        chunks: list[Tensor] = []
+        device = next(self.teacher.parameters()).device
+        generator = (
+            self.generator
+            if device.type == "cpu"
+            else torch.Generator(device=device).manual_seed(
+                int(torch.randint(0, 2**62, (1,), generator=self.generator))
+            )
+        )
+        with torch.no_grad(), ProgressBar(self.teacher_pool_size, description="teacher pool") as bar:
+            while sum(c.shape[0] for c in chunks) < self.teacher_pool_size:
+                size = min(batch_size, self.teacher_pool_size - sum(c.shape[0] for c in chunks))
+                chunks.append(self.teacher.sample(size, length, self.teacher_num_steps, generator).cpu())
+                bar.update(sum(c.shape[0] for c in chunks))
+        return torch.cat(chunks)
 
     def update(self, z_real: Tensor, z_fake: Tensor, tau: Tensor) -> dict[str, float]:
         """One discriminator step on corrupted real and (detached) fake rows; returns its metrics."""
@@ -325,6 +357,7 @@ class DiscriminatorReward:
             "optimizer": self.optimizer.state_dict(),
             "num_updates": self.num_updates,
             "generator": self.generator.get_state(),
+            "teacher_pool": self.teacher_pool,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -332,6 +365,7 @@ class DiscriminatorReward:
         self.optimizer.load_state_dict(state["optimizer"])
         self.num_updates = int(state["num_updates"])
         self.generator.set_state(state["generator"])
+        self.teacher_pool = state.get("teacher_pool")
 
 
 def stack_sample_tokens(samples: Sequence[Any]) -> Tensor:
