@@ -78,3 +78,25 @@ def test_warmup_trains_the_discriminator_but_not_the_student(tmp_path: Path) -> 
     trainer.step()  # after the warm-up the student trains
     assert reward.num_updates == 2 and policy.num_updates == 1
     assert any(not torch.equal(v, student0[k]) for k, v in policy.module.state_dict().items())
+
+
+def test_nfe_table_during_training_selects_the_best_student(tmp_path: Path) -> None:
+    """trainer.eval_every with the NFE-table hook: gen-PPL of the student and its EMA logged, best kept."""
+    torch.set_num_threads(1)
+    config = load_config(CONFIG, [f"trainer.run_dir={tmp_path}", "trainer.num_steps=2", "trainer.prompts_per_step=2",
+                                  "trainer.save_every=0", "trainer.progress=false", "data.seq_len=16",
+                                  "trainer.eval_every=1", "trainer.eval_metric=gen_ppl/student_ema@2",
+                                  "trainer.eval_mode=min", "eval.evaluator.steps=[2]", "eval.evaluator.num_samples=4",
+                                  "eval.evaluator.length=16", "eval.evaluator.evaluator_steps=2",
+                                  "+eval.evaluator.include_teacher=false"])  # fmt: skip
+    trainer = build_trainer(config)
+    fit(trainer)
+    import json
+
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval/gen_ppl/student_ema@2" in r]
+    assert [r["step"] for r in evals] == [1, 2]
+    assert all(r["eval/gen_ppl/student@2"] > 1 and "eval/gen_ppl/teacher@2" not in r for r in evals)
+    best = json.loads((tmp_path / "best" / "best.json").read_text())
+    assert best["value"] == min(r["eval/gen_ppl/student_ema@2"] for r in evals)
+    assert trainer.evaluator._built is not None  # the tiny GPT-2 evaluator was trained once and reused

@@ -16,7 +16,9 @@ import torch
 from toolkit.checkpoint import GracefulInterrupt, resolve_resume
 from toolkit.config import build_dataclass, dump_config, instantiate, validate
 from toolkit.distributed import all_reduce_sum
+from toolkit.evaluation import EvalConfig
 from toolkit.logging import MetricsLogger, ProgressBar, get_logger
+from toolkit.train_eval import BestCheckpoint, evaluate_during_training
 from toolkit.trainer import Trainer
 from toolkit.trainer_config import TrainerConfig
 
@@ -52,9 +54,18 @@ def build_trainer(config: Mapping[str, Any]) -> Trainer:
         validate(node, where=f"transforms[{i}]")
     if spec.critic is not None:
         validate(spec.critic, where="critic")
+    eval_cfg = build_dataclass(EvalConfig, spec.eval, where="eval")
+    if trainer_cfg.eval_every > 0:
+        if eval_cfg.evaluator is None:
+            raise ValueError(
+                "trainer.eval_every > 0 needs an `eval.evaluator` hook (its report's metrics() are logged as eval/*)"
+            )
+        validate(eval_cfg.evaluator, where="eval.evaluator")
+        if eval_cfg.data is not None:
+            validate(eval_cfg.data, where="eval.data")
     if trainer_cfg.num_threads is not None:
         torch.set_num_threads(trainer_cfg.num_threads)
-    return Trainer(
+    trainer = Trainer(
         policy=instantiate(spec.policy, where="policy"),
         sampler=instantiate(spec.sampler, where="sampler"),
         rewards={name: instantiate(node, where=f"rewards.{name}") for name, node in spec.rewards.items()},
@@ -66,6 +77,11 @@ def build_trainer(config: Mapping[str, Any]) -> Trainer:
         run_config=config,
         critic=instantiate(spec.critic, where="critic") if spec.critic is not None else None,
     )
+    if trainer_cfg.eval_every > 0:
+        trainer.evaluator = instantiate(eval_cfg.evaluator, where="eval.evaluator")
+        data_node = eval_cfg.data if eval_cfg.data is not None else spec.data
+        trainer.eval_data = instantiate(data_node, where="eval.data")
+    return trainer
 
 
 def fit(trainer: Trainer) -> Path | None:
@@ -84,6 +100,7 @@ def fit(trainer: Trainer) -> Path | None:
         dump_config(trainer.run_config, trainer.run_dir / "config.yaml")
     last: Path | None = resume_from
     saved_at = trainer.global_step if resume_from is not None else -1
+    best = BestCheckpoint(trainer.run_dir, cfg.eval_metric, cfg.eval_mode) if cfg.eval_metric else None
     with (
         MetricsLogger(
             trainer.run_dir,
@@ -103,6 +120,11 @@ def fit(trainer: Trainer) -> Path | None:
                 logger.log(step, metrics)
                 logger.log_samples(step, sample_rows(rollout, cfg.num_log_samples))
             bar.update(step, metrics)
+            if cfg.eval_every and step % cfg.eval_every == 0:
+                evaluated = evaluate_during_training(trainer)
+                logger.log(step, {f"eval/{name}": value for name, value in evaluated.items()})
+                if best is not None and best.update(trainer, evaluated):
+                    log.info("step %d: best %s = %.6g (saved to %s)", step, best.metric, best.value, best.directory)
             stop = stop_requested(interrupt.requested)
             if (cfg.save_every and step % cfg.save_every == 0) or stop:
                 last, saved_at = trainer.save(), step

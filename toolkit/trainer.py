@@ -80,6 +80,9 @@ class Trainer:
         self.global_step = 0
         self.checkpoints = CheckpointManager(self.run_dir, keep_last=cfg.keep_last)
         self._batches: Iterator[list[Any]] | None = None
+        # The `eval.evaluator` hook and its data for trainer.eval_every (set by toolkit.runner.build_trainer).
+        self.evaluator: Any = None
+        self.eval_data: Any = None
 
     # ---------------------------------------------------------------- stages
     def step(self) -> tuple[dict[str, float], Rollout]:

@@ -45,6 +45,13 @@ class TrainerConfig:
     # The first `critic_warmup_steps` steps do not update the policy: they train the critic (verl's
     # `critic_warmup`; PPR's official 0) and self-training reward models (DiDi's `discriminator_warmup_steps`).
     critic_warmup_steps: int = 0
+    # Evaluation during training (verl's `test_freq`, TRL's `eval_steps` + `metric_for_best_model`): every
+    # `eval_every` steps the `eval.evaluator` hook runs on the current policy and its report's metrics() are
+    # logged as eval/<name>. With `eval_metric`, the best value so far (`eval_mode`) keeps its own checkpoint
+    # in run_dir/best/ (atomic, never pruned by keep_last) and run_dir/best/best.json says which step it is.
+    eval_every: int = 0
+    eval_metric: str | None = None
+    eval_mode: Literal["min", "max"] = "max"
     # Dynamic sampling (DAPO/DLER): drop zero-variance groups and refill, at most this many rounds.
     drop_zero_variance_groups: bool = False
     max_sampling_rounds: int = 4
@@ -80,7 +87,14 @@ class TrainerConfig:
                 raise ValueError(f"trainer.{name} must be >= 1, got {getattr(self, name)}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"trainer.num_threads must be >= 1 or null, got {self.num_threads}")
-        for name in ("warmup_steps", "save_every", "reward_retries", "num_log_samples", "critic_warmup_steps"):
+        for name in (
+            "warmup_steps",
+            "save_every",
+            "reward_retries",
+            "num_log_samples",
+            "critic_warmup_steps",
+            "eval_every",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"trainer.{name} must be >= 0, got {getattr(self, name)}")
         if self.lr_schedule == "constant" and self.warmup_steps > 0:
@@ -90,6 +104,10 @@ class TrainerConfig:
             )
         if self.lr <= 0:
             raise ValueError(f"trainer.lr must be > 0, got {self.lr}")
+        if self.eval_mode not in ("min", "max"):
+            raise ValueError(f"trainer.eval_mode must be 'min' or 'max', got {self.eval_mode!r}")
+        if self.eval_metric is not None and self.eval_every == 0:
+            raise ValueError(f"trainer.eval_metric={self.eval_metric!r} needs trainer.eval_every > 0")
         n = self.prompts_per_step * self.group_size
         if self.num_minibatches * self.gradient_accumulation_steps > n:
             raise ValueError(

@@ -174,6 +174,15 @@ class NFETableReport:
     def to_json(self) -> dict[str, Any]:
         return {"rows": self.rows}
 
+    def metrics(self) -> dict[str, float]:
+        """{"gen_ppl/<model>@<steps>", "entropy/<model>@<steps>"} per row (for trainer.eval_every / eval_metric)."""
+        out: dict[str, float] = {}
+        for row in self.rows:
+            cell = f"{row['model']}@{row['steps']}"
+            out[f"gen_ppl/{cell}"] = float(row["gen_ppl"])
+            out[f"entropy/{cell}"] = float(row["entropy"])
+        return out
+
 
 def print_nfe_table_to(console: Any, rows: Sequence[Mapping[str, Any]], title: str = "NFE table") -> None:
     """`print_nfe_table` onto a given rich console."""
@@ -199,7 +208,11 @@ class NFETableEvaluator:
         num_samples, length, batch_size, seed: sequences per cell, their length, per sampler call, sampling seed.
         evaluator_model: a causal-LM directory (`save_pretrained`) sharing the corpus tokenizer; None trains a
             tiny GPT-2 on the shipped corpus for `evaluator_steps` steps (the CPU stand-in for GPT-2 Large).
-        use_ema: evaluate the EMA student when the checkpoint has one.
+        use_ema: evaluate the EMA student when the checkpoint has one (during training: the live EMA copy).
+        include_teacher: sample the teacher too (false for evaluation during training, where it never changes).
+
+    The report's metrics() give gen_ppl/<model>@<steps> and entropy/<model>@<steps>, e.g. for
+    `trainer.eval_every: 50`, `eval_metric: gen_ppl/student_ema@8`, `eval_mode: min` (checkpoint selection).
     """
 
     def __init__(
@@ -212,12 +225,15 @@ class NFETableEvaluator:
         evaluator_model: str | None = None,
         evaluator_steps: int = 300,
         use_ema: bool = True,
+        include_teacher: bool = True,
     ) -> None:
         if not steps or min(steps) < 1:
             raise ValueError(f"steps must be a non-empty list of positive step counts, got {list(steps)}")
         self.steps, self.num_samples, self.length = list(steps), num_samples, length
         self.batch_size, self.seed, self.use_ema = batch_size, seed, use_ema
         self.evaluator_model, self.evaluator_steps = evaluator_model, evaluator_steps
+        self.include_teacher = include_teacher
+        self._built: CausalLMEvaluator | None = None
 
     def __call__(
         self, policy: Any, checkpoint: str | None = None, output: str | None = None, **_: Any
@@ -225,6 +241,8 @@ class NFETableEvaluator:
         import copy
 
         models = {"teacher": policy.teacher, "student": policy.student}
+        if checkpoint is None and self.use_ema and getattr(policy, "ema", None) is not None:
+            models["student_ema"] = policy.ema_model()  # during training: the live EMA copy
         if checkpoint is not None and self.use_ema:
             from toolkit.checkpoint import load_checkpoint
 
@@ -232,7 +250,9 @@ class NFETableEvaluator:
             if ema is not None:
                 models["student_ema"] = copy.deepcopy(policy.student)
                 models["student_ema"].backbone.load_state_dict(ema)
-        if models["teacher"] is None:
+        if not self.include_teacher:
+            models.pop("teacher")
+        elif models["teacher"] is None:
             raise ValueError("NFETableEvaluator needs the policy's teacher (StudentPolicy(teacher=...))")
         rows = nfe_table(
             models, self.steps, self._evaluator(), self.num_samples, self.length, self.seed, self.batch_size
@@ -243,7 +263,9 @@ class NFETableEvaluator:
         return report
 
     def _evaluator(self) -> CausalLMEvaluator:
-        return build_evaluator(self.evaluator_model, self.length, self.evaluator_steps)
+        if self._built is None:  # trained (or loaded) once, then reused by every evaluation of a training run
+            self._built = build_evaluator(self.evaluator_model, self.length, self.evaluator_steps)
+        return self._built
 
 
 def build_evaluator(model_dir: str | None, length: int, train_steps: int) -> CausalLMEvaluator:
