@@ -31,6 +31,7 @@ from modalities.diffusion_lm.text_data import TokenDataset, build_text_tokenizer
 from modalities.diffusion_lm.tiny import build_tiny_text_teacher
 from toolkit.config import load_config
 from toolkit.runner import build_trainer, fit
+from toolkit.train_eval import BestCheckpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,6 +66,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-samples", type=int, default=128)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="tiny step counts: checks the pipeline only")
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        default=0,
+        help="select the student by gen-PPL of its EMA at 8 steps every N steps (trainer.eval_every)",
+    )
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra distillation config overrides")
     return p.parse_args(argv)
 
@@ -150,6 +157,16 @@ def distil(args: argparse.Namespace, work: Path, teacher_ckpt: Path) -> tuple[Pa
         f"rewards.discriminator.positions={args.disc_positions}",
         f"trainer.critic_warmup_steps={args.disc_pretrain}",
     ]
+    if args.eval_every > 0:  # selection uses the hook's own tiny GPT-2; the table below uses the bench's evaluator
+        overrides += [
+            f"trainer.eval_every={args.eval_every}",
+            "trainer.eval_metric=gen_ppl/student_ema@8",
+            "trainer.eval_mode=min",
+            "eval.evaluator.steps=[8]",
+            "eval.evaluator.num_samples=64",
+            f"eval.evaluator.length={args.length}",
+            "+eval.evaluator.include_teacher=false",
+        ]
     overrides += args.set
     if args.kl_coef is not None:
         overrides.append(f"objective.kl_coef={args.kl_coef}")
@@ -268,6 +285,11 @@ def evaluate_all(
     models = {"teacher": teacher, "student": student, "student_ema": load_student(student_ckpt, teacher_ckpt)}
     steps = {"teacher": [8, 16, 32, 64, 128], "student": [8, 16, 32, 64], "student_ema": [8]}
     rows = nfe_table(models, steps, evaluator, num_samples=args.num_samples, length=args.length, progress=False)
+    best = BestCheckpoint.read(student_ckpt.parent.parent)
+    if best is not None:  # trainer.eval_every selection: the best EMA student, scored by the bench's evaluator
+        selected = {"student_ema_best": load_student(best["checkpoint"], teacher_ckpt)}
+        rows += nfe_table(selected, [8], evaluator, num_samples=args.num_samples, length=args.length, progress=False)
+        rows[-1]["selected_step"] = best["step"]
     rows.append(rgas_row("student+rgas", student, reward, evaluator, args))
     rows.append(rgas_row("student_ema+rgas", models["student_ema"], reward, evaluator, args))
     _, nocache_s, _ = sample_timed(teacher, args.num_samples, args.length, 64, cache=False)
