@@ -61,6 +61,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--disc-updates", type=int, default=1, help="discriminator updates per reward call")
     p.add_argument("--disc-corruptions", type=int, default=1, help="corruptions the reward averages over")
     p.add_argument("--disc-positions", default="masked", choices=("masked", "all"))
+    p.add_argument("--real-source", default="data", choices=("data", "teacher"), help="discriminator's real side")
+    p.add_argument(
+        "--teacher-pool", type=int, default=512, help="teacher@64 samples drawn once (--real-source teacher)"
+    )
+    p.add_argument("--tau-beta", type=float, nargs=2, default=(1.0, 1.0), metavar=("A", "B"), help="τ ~ Beta(A, B)")
     p.add_argument("--disc-pretrain", type=int, default=0, help="steps that train only the discriminator")
     p.add_argument("--rgas-h", type=float, nargs=2, default=(30.0, 40.0), help="RGAS guidance ramp h0 h1")
     p.add_argument("--num-samples", type=int, default=128)
@@ -156,7 +161,16 @@ def distil(args: argparse.Namespace, work: Path, teacher_ckpt: Path) -> tuple[Pa
         f"rewards.discriminator.reward_num_corruptions={args.disc_corruptions}",
         f"rewards.discriminator.positions={args.disc_positions}",
         f"trainer.critic_warmup_steps={args.disc_pretrain}",
+        f"sampler.tau_a={args.tau_beta[0]}",
+        f"sampler.tau_b={args.tau_beta[1]}",
     ]
+    if args.real_source == "teacher":
+        overrides += [
+            "rewards.discriminator.real_source=teacher",
+            f"rewards.discriminator.teacher_pool_size={args.teacher_pool}",
+            "+rewards.discriminator.teacher._component_=modalities.diffusion_lm.tiny.build_tiny_text_teacher",
+            f"+rewards.discriminator.teacher.checkpoint={teacher_ckpt}",
+        ]
     if args.eval_every > 0:  # selection uses the hook's own tiny GPT-2; the table below uses the bench's evaluator
         overrides += [
             f"trainer.eval_every={args.eval_every}",
@@ -242,7 +256,8 @@ def write_markdown(path: Path, result: dict[str, Any]) -> None:
         f"{st['ema_decay']}, kl_coef {st['kl_coef'] or 'config'}, student rollout steps {st['student_steps']}, "
         f"one τ per {'group' if st['tau_per_group'] else 'sample'}, "
         f"discriminator: {st['disc_blocks']} trainable blocks, {st['disc_updates']} update(s) per call, reward over "
-        f"{st['disc_corruptions']} corruption(s) at {st['disc_positions']} positions, {st['disc_pretrain']} "
+        f"{st['disc_corruptions']} corruption(s) at {st['disc_positions']} positions, real side "
+        f"{st['real_source']}, τ ~ Beta{tuple(st['tau_beta'])}, {st['disc_pretrain']} "
         "discriminator-only warm-up steps (distillation wall-clock in this invocation "
         f"{st['distil_seconds']:.0f} s; ~0 when a finished run was re-evaluated). "
         f"{st['num_samples']} samples per cell, same seed, MDLM caching on; `+rgas` = RGAS (released re-ranker, "
