@@ -11,7 +11,7 @@ import torch
 
 from modalities.diffusion_lm.didi_policy import StudentPolicy
 from modalities.diffusion_lm.didi_sampler import TwoStepStudentSampler
-from modalities.diffusion_lm.discriminator import DiscriminatorReward, discriminator_from_teacher
+from modalities.diffusion_lm.discriminator import DiscriminatorReward, discriminator_from_teacher, linear_warmup_decay
 from tests.contracts import PolicyContract
 from tests.test_didi import _policy, _prompts, _tiny_teacher
 from toolkit.interfaces import Policy, Sampler
@@ -191,3 +191,16 @@ def test_teacher_pool_is_sampled_once_and_checkpointed() -> None:
     assert other.teacher_pool is not None and torch.equal(other.teacher_pool, reward.teacher_pool)
     with pytest.raises(ValueError, match="teacher_pool_size"):
         DiscriminatorReward(discriminator_from_teacher(_tiny_teacher(), 1), teacher_pool_size=-1)
+
+
+def test_lr_schedule_counts_calls_not_updates() -> None:
+    """With several updates per call the warm-up/decay still runs over `total_steps` student steps."""
+    samples, real = _samples()
+    reward = DiscriminatorReward(
+        discriminator_from_teacher(_tiny_teacher(), 1), lr=1e-3, warmup_steps=2, total_steps=10, updates_per_call=3
+    )
+    lrs = [reward([None] * 4, samples, input_ids=real).metrics["lr"] for _ in range(4)]
+    # The call index drives the schedule: calls 0, 1 warm up (5e-4, 1e-3), calls 2, 3 decay (1e-3, 8.75e-4).
+    expected = [linear_warmup_decay(c, 2, 10, 1e-3, 1e-8) for c in range(4)]
+    assert lrs == pytest.approx(expected)
+    assert lrs[1] == pytest.approx(1e-3) and lrs[3] < lrs[2] <= lrs[1]

@@ -304,7 +304,9 @@ class DiscriminatorReward:
     def update(self, z_real: Tensor, z_fake: Tensor, tau: Tensor) -> dict[str, float]:
         """One discriminator step on corrupted real and (detached) fake rows; returns its metrics."""
         d = self.discriminator
-        lr = linear_warmup_decay(self.num_updates, self.warmup_steps, self.total_steps, self.lr, self.min_lr)
+        # The schedule counts reward calls (= student steps, like `total_steps`), not discriminator updates.
+        calls = self.num_updates // self.updates_per_call
+        lr = linear_warmup_decay(calls, self.warmup_steps, self.total_steps, self.lr, self.min_lr)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         d.train()
