@@ -24,11 +24,12 @@ from torch import nn
 from modalities.diffusion_lm.didi_policy import StudentPolicy
 from modalities.diffusion_lm.evaluation import CausalLMEvaluator, build_tiny_gpt2, unigram_entropy
 from modalities.diffusion_lm.masked_diffusion import MaskedDiffusionLM
-from modalities.diffusion_lm.nfe_table import load_student, nfe_table, print_nfe_table, sample_timed, write_json_atomic
+from modalities.diffusion_lm.nfe_table import load_student, nfe_table, print_nfe_table, sample_timed
 from modalities.diffusion_lm.rgas import rgas_sample
 from modalities.diffusion_lm.teacher import evaluate_nelbo, load_teacher, train_teacher
 from modalities.diffusion_lm.text_data import TokenDataset, build_text_tokenizer, collate_input_ids
 from modalities.diffusion_lm.tiny import build_tiny_text_teacher
+from toolkit.checkpoint import write_json_atomic
 from toolkit.config import load_config
 from toolkit.runner import build_trainer, fit
 from toolkit.train_eval import BestCheckpoint
@@ -332,7 +333,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     settings["total_seconds"] = time.perf_counter() - start
     result = {"rows": rows, "summary": summarize(rows, nocache_s, data_ppl), "settings": settings}
     out = Path(args.out)
-    write_json_atomic(out / f"{args.name}.json", result)
+    write_json_atomic(out / f"{args.name}.json", result, sort_keys=True)
     write_markdown(out / f"{args.name}.md", result)
     print(result["summary"])
     return result

@@ -23,8 +23,9 @@ from modalities.diffusion_lm.masked_diffusion import MaskedDiffusionLM
 from modalities.diffusion_lm.protein.data import ProteinDataset, load_sequences
 from modalities.diffusion_lm.protein.esm_teacher import build_tiny_protein_teacher
 from modalities.diffusion_lm.protein.tokenizer import ProteinVocab
-from modalities.diffusion_lm.teacher import load_teacher, train_teacher, write_json_atomic
+from modalities.diffusion_lm.teacher import load_teacher, train_teacher
 from rewards.protein import metrics as M
+from toolkit.checkpoint import write_json_atomic
 from toolkit.config import load_config
 from toolkit.runner import build_trainer, fit
 
@@ -154,7 +155,7 @@ def main() -> None:
     result = {"rows": rows, "summary": summary, "settings": settings}
     out = Path(args.out)
     name = f"{args.name}_quick" if args.quick else args.name
-    write_json_atomic(out / f"{name}.json", result)
+    write_json_atomic(out / f"{name}.json", result, sort_keys=True)
     write_markdown(out / f"{name}.md", result)
     print(summary)
 

@@ -383,3 +383,20 @@ def test_cuda_rng_and_cuda_tensors_round_trip(tmp_path: Path) -> None:
     assert len(loaded.rng["cuda"]) == torch.cuda.device_count()
     for name, tensor in model.items():
         assert loaded.model[name].device.type == "cpu" and torch.equal(loaded.model[name], tensor.cpu())
+
+
+def test_write_json_atomic_replaces_and_leaves_no_temp_files(tmp_path: Path) -> None:
+    from toolkit.checkpoint import write_json_atomic
+
+    target = tmp_path / "deep" / "out.json"
+    write_json_atomic(target, {"b": 1, "a": [1.5, None]})
+    assert json.loads(target.read_text()) == {"b": 1, "a": [1.5, None]}
+    assert target.read_text().index('"b"') < target.read_text().index('"a"')  # insertion order by default
+    write_json_atomic(target, {"b": 2, "a": 0}, sort_keys=True)
+    assert target.read_text().index('"a"') < target.read_text().index('"b"') and target.read_text().endswith("\n")
+    assert json.loads(target.read_text()) == {"a": 0, "b": 2}
+    assert sorted(p.name for p in target.parent.iterdir()) == ["out.json"]
+    with pytest.raises(TypeError):
+        write_json_atomic(target, {"bad": object()})
+    assert json.loads(target.read_text()) == {"a": 0, "b": 2}  # a failed write keeps the old file
+    assert sorted(p.name for p in target.parent.iterdir()) == ["out.json"]

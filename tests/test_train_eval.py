@@ -36,10 +36,13 @@ class ScriptedEvaluator:
 
     def __init__(self, script: list[float] | None = None) -> None:
         self.script, self.calls = list(script or SCRIPT), 0
+        self.disturb: torch.Generator | None = None  # a generator the hook draws from (the trainer's, in a test)
 
     def __call__(self, policy: Any, **_: Any) -> ScriptedReport:
         assert not policy.module.training  # the hook sees the policy in eval mode
         torch.rand(5)  # perturbs the global RNG: training must not notice
+        if self.disturb is not None:
+            torch.randint(0, 9, (3,), generator=self.disturb)
         value = self.script[self.calls % len(self.script)]
         self.calls += 1
         weights = float(sum(p.detach().sum() for p in policy.module.parameters()))
@@ -93,6 +96,7 @@ def test_evaluation_does_not_change_training(tmp_path: Path) -> None:
     plain = build_trainer(_config(tmp_path / "plain", 3))
     fit(plain)
     evaluated = build_trainer(_config(tmp_path / "eval", 3, "trainer.eval_every=1", *_scripted()))
+    evaluated.evaluator.disturb = evaluated.generator  # the sampler and minibatch shuffles draw from it
     fit(evaluated)
     a, b = plain.policy.module.state_dict(), evaluated.policy.module.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)

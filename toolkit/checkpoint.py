@@ -162,6 +162,25 @@ def _write_text(path: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write `text` to `path` so readers never see a partial file: temp file in the same folder, fsync, rename,
+    fsync the folder (parents are created). The one atomic small-file writer of the project."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        _write_text(temp, text)
+        os.replace(temp, target)
+    finally:
+        temp.unlink(missing_ok=True)
+    _fsync_dir(target.parent)
+
+
+def write_json_atomic(path: str | Path, data: Any, sort_keys: bool = False) -> None:
+    """`write_text_atomic` of `data` as indented JSON (a trailing newline; `sort_keys` optional)."""
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=sort_keys) + "\n")
+
+
 def _check_state(state: CheckpointState) -> None:
     if not isinstance(state.step, int) or isinstance(state.step, bool) or state.step < 0:
         raise ValueError(f"CheckpointState.step must be an int >= 0, got {state.step!r}")

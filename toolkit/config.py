@@ -313,23 +313,9 @@ def format_config(config: Mapping[str, Any]) -> str:
 
 def dump_config(config: Mapping[str, Any], path: Path) -> None:
     """Write `format_config(config)` to `path` atomically (temp file, fsync, rename, fsync the directory)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = format_config(config)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    from toolkit.checkpoint import write_text_atomic
+
+    write_text_atomic(path, format_config(config))
 
 
 def _plain(value: Any, key: str) -> Any:

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
-from toolkit.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
+from toolkit.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state, write_json_atomic
 
 BEST_DIR = "best"
 BEST_FILE = "best.json"
@@ -63,10 +62,9 @@ class BestCheckpoint:
         self.metric, self.mode = metric, mode
         self.manager = CheckpointManager(self.directory, keep_last=1)
         self.value: float | None = None
-        self.step: int | None = None
         record = self.read(run_dir)
         if record is not None and record.get("metric") == metric and record.get("mode") == mode:
-            self.value, self.step = float(record["value"]), int(record["step"])
+            self.value = float(record["value"])
 
     @staticmethod
     def read(run_dir: str | Path) -> dict[str, Any] | None:
@@ -98,16 +96,7 @@ class BestCheckpoint:
             path = self.manager.save(trainer.state())
             record = {"metric": self.metric, "mode": self.mode, "value": value, "step": trainer.global_step}
             record["checkpoint"] = str(path)
-            _write_json_atomic(self.directory / BEST_FILE, record)
+            write_json_atomic(self.directory / BEST_FILE, record)
         trainer.accelerator.wait_for_everyone()
-        self.value, self.step = value, trainer.global_step
+        self.value = value
         return True
-
-
-def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(temp, "w", encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=2)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temp, path)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from modalities.diffusion_lm.didi_policy import StudentPolicy, step_log_probs
-from modalities.diffusion_lm.sampling import ancestral_step
+from modalities.diffusion_lm.sampling import ancestral_step, sampling_grid
 from modalities.diffusion_lm.time_weighting import beta_density
 from toolkit.rollout import Rollout
 
@@ -119,13 +119,9 @@ class TwoStepStudentSampler:
     def sample(self, policy: StudentPolicy, prompts: list[Any], group_size: int, generator: torch.Generator) -> Rollout:
         real = repeat_rows(prompts, group_size)
         n, device = real.shape[0], policy.device
-        if self.tau_per_group:
-            tau = sample_tau(
-                n // group_size, generator, self.tau_mode, self.tau_a, self.tau_b, self.tau_low, self.tau_high
-            )
-            tau = tau.repeat_interleave(group_size)
-        else:
-            tau = sample_tau(n, generator, self.tau_mode, self.tau_a, self.tau_b, self.tau_low, self.tau_high)
+        share = group_size if self.tau_per_group else 1
+        tau = sample_tau(n // share, generator, self.tau_mode, self.tau_a, self.tau_b, self.tau_low, self.tau_high)
+        tau = tau.repeat_interleave(share)
         density = beta_density(tau, *((1.0, 1.0) if self.tau_mode == "uniform" else (self.tau_a, self.tau_b)))
         tau = tau.to(device)
         gen = device_generator(generator, device)
@@ -156,7 +152,7 @@ class TwoStepStudentSampler:
     ) -> tuple[Tensor, Tensor, Tensor]:
         """(path [N, T+1, L] all-mask → x, times [N, T+1], step log-probs [N, T]) on linspace(1, t0_eps, T+1)."""
         schedule, mask_id, device = policy.student.schedule, policy.mask_id, policy.device
-        grid = torch.linspace(1.0, self.t0_eps, self.num_steps + 1, dtype=torch.float64, device=device)
+        grid = sampling_grid(self.num_steps, self.t0_eps, device)
         z = torch.full((n, length), mask_id, dtype=torch.long, device=device)
         path, logprobs = [z], []
         for t_hi, t_lo in zip(grid[:-1], grid[1:], strict=True):

@@ -281,25 +281,12 @@ class DiscriminatorReward:
             raise ValueError(f"real rows have shape {tuple(real.shape)}, the samples {tuple(shape)}")
         return real
 
-    def sample_teacher_pool(self, length: int, batch_size: int = 64) -> Tensor:
-        """[teacher_pool_size, length] teacher samples (CPU), drawn once with this reward's generator."""
-        from toolkit.console import ProgressBar
+    def sample_teacher_pool(self, length: int) -> Tensor:
+        """[teacher_pool_size, length] teacher samples (CPU), seeded once from this reward's generator."""
+        from modalities.diffusion_lm.masked_diffusion import sample_in_batches
 
-        chunks: list[Tensor] = []
-        device = next(self.teacher.parameters()).device
-        generator = (
-            self.generator
-            if device.type == "cpu"
-            else torch.Generator(device=device).manual_seed(
-                int(torch.randint(0, 2**62, (1,), generator=self.generator))
-            )
-        )
-        with torch.no_grad(), ProgressBar(self.teacher_pool_size, description="teacher pool") as bar:
-            while sum(c.shape[0] for c in chunks) < self.teacher_pool_size:
-                size = min(batch_size, self.teacher_pool_size - sum(c.shape[0] for c in chunks))
-                chunks.append(self.teacher.sample(size, length, self.teacher_num_steps, generator).cpu())
-                bar.update(sum(c.shape[0] for c in chunks))
-        return torch.cat(chunks)
+        seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
+        return sample_in_batches(self.teacher, self.teacher_pool_size, length, self.teacher_num_steps, seed=seed)
 
     def update(self, z_real: Tensor, z_fake: Tensor, tau: Tensor) -> dict[str, float]:
         """One discriminator step on corrupted real and (detached) fake rows; returns its metrics."""

@@ -8,8 +8,6 @@ written as JSON atomically.
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -19,6 +17,7 @@ import torch
 
 from modalities.diffusion_lm.evaluation import CausalLMEvaluator, unigram_entropy
 from modalities.diffusion_lm.masked_diffusion import MaskedDiffusionLM
+from toolkit.checkpoint import write_json_atomic
 
 DEFAULT_STEPS = (8, 16, 32, 64, 128)
 
@@ -97,15 +96,6 @@ def print_nfe_table(rows: Sequence[Mapping[str, Any]], title: str = "NFE table")
     print_nfe_table_to(Console(), rows, title)
 
 
-def write_json_atomic(path: str | Path, payload: Any) -> None:
-    """Write JSON through a temp file and a rename (readers never see a partial file)."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    temp.write_text(json.dumps(payload, indent=2, sort_keys=True), encoding="utf-8")
-    os.replace(temp, target)
-
-
 def load_student(run: str | Path, teacher_checkpoint: str | Path, use_ema: bool = True) -> MaskedDiffusionLM:
     """A DiDi student from a Trainer run (its latest checkpoint) or checkpoint directory, on the teacher's architecture.
 
@@ -152,7 +142,9 @@ def cmd_nfe_table(args: Any) -> int:
     rows = nfe_table(models, args.steps, evaluator, args.num_samples, args.length, args.seed)
     print_nfe_table(rows)
     if args.out:
-        write_json_atomic(args.out, {"rows": rows, "settings": {k: v for k, v in vars(args).items() if k != "func"}})
+        write_json_atomic(
+            args.out, {"rows": rows, "settings": {k: v for k, v in vars(args).items() if k != "func"}}, sort_keys=True
+        )
     return 0
 
 
@@ -259,7 +251,7 @@ class NFETableEvaluator:
         )
         report = NFETableReport(rows)
         if output:
-            write_json_atomic(output, report.to_json())
+            write_json_atomic(output, report.to_json(), sort_keys=True)
         return report
 
     def _evaluator(self) -> CausalLMEvaluator:

@@ -7,9 +7,7 @@ keep-last-K, resume="auto"); metrics to `run_dir/metrics.jsonl`; `summary.json` 
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +28,7 @@ from toolkit.checkpoint import (
     load_checkpoint,
     resolve_resume,
     restore_rng_state,
+    write_json_atomic,
 )
 from toolkit.console import ProgressBar
 from toolkit.interfaces import DataSource
@@ -123,13 +122,6 @@ def teacher_meta(model: MaskedDiffusionLM) -> dict[str, Any]:
     }
 
 
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """Write JSON to `path` through a temp file and rename (readers never see a partial file)."""
-    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temp.write_text(json.dumps(payload, indent=2, sort_keys=True), encoding="utf-8")
-    os.replace(temp, path)
-
-
 def train_teacher(
     model: MaskedDiffusionLM,
     data: DataSource,
@@ -194,7 +186,8 @@ def train_teacher(
                 break
     if logger is not None:
         logger.close()
-        write_json_atomic(Path(run_dir) / "summary.json", {"step": result.step, "loss": result.loss, **meta})  # type: ignore[arg-type]
+        summary = {"step": result.step, "loss": result.loss, **meta}
+        write_json_atomic(Path(run_dir) / "summary.json", summary, sort_keys=True)  # type: ignore[arg-type]
     return result
 
 

@@ -87,11 +87,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError("give either a predictions file or --config, not both or neither")
     if args.predictions is not None:
         from modalities.medical_video.evaluation import evaluate_predictions
-        from modalities.medical_video.percentiles import load_predictions, write_json_atomic
+        from modalities.medical_video.percentiles import load_predictions
+        from toolkit.checkpoint import write_json_atomic
 
         results = evaluate_predictions(load_predictions(args.predictions), args.similarity, build_judge_from_args(args))
         if args.output:
-            write_json_atomic(args.output, results.to_json(), sort_keys=False)
+            write_json_atomic(args.output, results.to_json())
     else:
         results = _eval_config(args)
     print(results.table())

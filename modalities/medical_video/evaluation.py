@@ -16,12 +16,12 @@ from typing import Any
 
 import torch
 
-from modalities.medical_video.percentiles import write_json_atomic
 from rewards.judges.medical import MedicalCaptionJudge, aggregate_rubrics
 from rewards.video import metrics as M
 from rewards.video import parsers as P
 from rewards.video.rl import build_judge, build_similarity, gt_boxes, gt_segments
 from rewards.video.similarity import SentenceSimilarity
+from toolkit.checkpoint import write_json_atomic
 
 COLUMNS = ("CVS acc", "NAP acc", "SA acc", "STG mIoU", "TAG mIoU@0.3", "TAG mIoU@0.5", "DVC F1", "DVC llm",
            "VS llm", "RC llm")  # fmt: skip
@@ -219,7 +219,7 @@ class MedVidEvaluator:
         records = self.predict(policy, sampler, data)
         results = evaluate_predictions(records, self.similarity, self.judge)
         if output:
-            write_json_atomic(output, {**results.to_json(), "predictions": records}, sort_keys=False)
+            write_json_atomic(output, {**results.to_json(), "predictions": records})
         return results
 
     def predict(self, policy: Any, sampler: Any, data: Any) -> list[dict[str, Any]]:

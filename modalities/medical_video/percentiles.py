@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from rewards.video.rl import MedVidReward
 from rewards.video.tasks import normalize_task
+from toolkit.checkpoint import write_json_atomic
 from toolkit.transforms import PercentileTable, fit_percentile_table
 
 
@@ -117,21 +116,6 @@ def fit_from_predictions(
     return fit_percentile_table(rows, interpolation=interpolation, min_count=min_count)  # type: ignore[arg-type]
 
 
-def write_json_atomic(path: str | Path, data: Any, sort_keys: bool = True) -> None:
-    """Write JSON to `path` through a temporary file in the same folder and an atomic rename."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2, sort_keys=sort_keys)
-            handle.write("\n")
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_table(table: PercentileTable, path: str | Path) -> None:
     """Save a percentile table atomically (the layout `PercentileTable.load` / LogisticDatasetNorm read)."""
-    write_json_atomic(path, table.to_dict())
+    write_json_atomic(path, table.to_dict(), sort_keys=True)

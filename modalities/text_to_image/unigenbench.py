@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from rewards.judges.unigenbench import TestpointItem, TestpointJudge
+from toolkit.checkpoint import write_json_atomic
 
 # generate(captions, k, generator) -> k PIL images per caption.
 Generate = Callable[[list[str], int, torch.Generator], list[list[Image.Image]]]
@@ -136,17 +137,6 @@ def _atomic_save(image: Image.Image, path: Path) -> Path:
     image.save(tmp, format="PNG")
     os.replace(tmp, path)
     return path
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temp file in the same folder, fsync, rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".json.tmp")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(data, handle, indent=2)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def read_results(path: Path) -> list[dict[str, Any]]:
