@@ -143,7 +143,7 @@ def stage_evaluator(args: argparse.Namespace) -> tuple[CausalLMEvaluator, dict[s
 def distil(args: argparse.Namespace, work: Path, teacher_ckpt: Path) -> tuple[Path, Any, int]:
     """DiDi through the generic Trainer; returns (final checkpoint, trained discriminator reward, steps done)."""
     overrides = [
-        f"trainer.run_dir={work / 'distil'}",
+        f"trainer.run_dir={work / ('distil' if args.name == 'didi_nfe' else f'distil_{args.name}')}",
         f"trainer.num_steps={args.distill_steps}",
         f"trainer.lr={args.distill_lr}",
         f"trainer.prompts_per_step={args.prompts_per_step}",

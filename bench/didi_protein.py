@@ -19,15 +19,17 @@ from typing import Any
 import torch
 
 from modalities.diffusion_lm.didi_policy import StudentPolicy
-from modalities.diffusion_lm.masked_diffusion import MaskedDiffusionLM
-from modalities.diffusion_lm.protein.data import ProteinDataset, load_sequences
+from modalities.diffusion_lm.nfe_table import load_student
+from modalities.diffusion_lm.protein.data import ProteinDataset, load_sequences, protein_like_perplexity
 from modalities.diffusion_lm.protein.esm_teacher import build_tiny_protein_teacher
-from modalities.diffusion_lm.protein.tokenizer import ProteinVocab
+from modalities.diffusion_lm.protein.evaluation import protein_nfe_table
 from modalities.diffusion_lm.teacher import load_teacher, train_teacher
+from modalities.diffusion_lm.text_data import split_items
 from rewards.protein import metrics as M
 from toolkit.checkpoint import write_json_atomic
 from toolkit.config import load_config
 from toolkit.runner import build_trainer, fit
+from toolkit.train_eval import BestCheckpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,7 +43,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--teacher-steps", type=int, default=1000)
     p.add_argument("--distill-steps", type=int, default=100)
     p.add_argument("--distill-lr", type=float, default=1e-4)
-    p.add_argument("--num-samples", type=int, default=128)
+    p.add_argument("--num-samples", type=int, default=512, help="sequences per cell (JS is a set statistic)")
+    p.add_argument("--eval-every", type=int, default=0, help="select the EMA student by composition JS at 8 steps")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="tiny step counts: checks the pipeline only")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra distillation config overrides")
@@ -58,9 +61,11 @@ def train_stage_teacher(args: argparse.Namespace, work: Path) -> Path:
     return Path(result.checkpoint) if result.checkpoint is not None else work / "teacher"  # None: resumed a done run
 
 
-def distil(args: argparse.Namespace, work: Path, teacher_ckpt: Path) -> StudentPolicy:
+def distil(args: argparse.Namespace, work: Path, teacher_ckpt: Path) -> tuple[StudentPolicy, Path]:
+    """DiDi through the generic Trainer; returns the final policy and the run directory."""
+    run_dir = work / ("distil" if args.name == "didi_protein" else f"distil_{args.name}")
     overrides = [
-        f"trainer.run_dir={work / ('distil' if args.name == 'didi_protein' else f'distil_{args.name}')}",
+        f"trainer.run_dir={run_dir}",
         f"trainer.num_steps={args.distill_steps}",
         f"trainer.lr={args.distill_lr}",
         "trainer.save_every=0",
@@ -69,55 +74,50 @@ def distil(args: argparse.Namespace, work: Path, teacher_ckpt: Path) -> StudentP
         f"rewards.discriminator.total_steps={args.distill_steps}",
         "policy.ema_decay=0.95",
     ]
+    if args.eval_every > 0:  # selection samples with another seed than the table below, so it cannot pick noise
+        overrides += [
+            f"trainer.eval_every={args.eval_every}",
+            "trainer.eval_metric=composition_js/student_ema@8",
+            "trainer.eval_mode=min",
+            "eval.evaluator.steps=[8]",
+            "eval.evaluator.num_samples=256",
+            "eval.evaluator.seed=1",
+            f"eval.evaluator.length={args.length}",
+            "eval.evaluator.include_teacher=false",
+        ]
     overrides += args.set
     for node in ("policy.student", "policy.teacher", "rewards.discriminator.discriminator.teacher"):
         overrides.append(f"{node}.checkpoint={teacher_ckpt}")
     trainer = build_trainer(load_config(ROOT / "configs" / "diffusion_lm" / "protein_tiny.yaml", overrides))
     fit(trainer)
     assert isinstance(trainer.policy, StudentPolicy)
-    return trainer.policy
-
-
-def evaluate(model: MaskedDiffusionLM, steps: int, args: argparse.Namespace, reference: torch.Tensor) -> dict[str, Any]:
-    """Sample `num_samples` rows with `steps` ancestral steps (timed) and score them with the CPU metrics."""
-    model.eval()
-    generator = torch.Generator().manual_seed(0)
-    start = time.perf_counter()
-    ids = torch.cat([model.sample(32, args.length, steps, generator) for _ in range(args.num_samples // 32)])
-    seconds = time.perf_counter() - start
-    sequences = ProteinVocab.from_layout("compact").decode_batch(ids)
-    standard = [s for s in sequences if any(c in M.STANDARD_AMINO_ACIDS for c in s)]
-    composition = M.amino_acid_composition(standard) if standard else torch.full_like(reference, 0.05)
-    return {
-        "steps": steps,
-        "composition_js_bits": float(M.composition_divergence(composition, reference, units="bits")),
-        "validity": M.validity_rate(sequences),
-        "mean_length": sum(map(len, sequences)) / len(sequences),
-        "mean_pairwise_identity": M.mean_pairwise_identity(sequences),
-        "distinct_3mer": M.distinct_kmer_fraction(sequences, 3),
-        "seconds": seconds,
-        "forwards": model.last_num_forward,
-    }
+    return trainer.policy, run_dir
 
 
 def write_markdown(path: Path, result: dict[str, Any]) -> None:
+    st = result["settings"]
     lines = [
         "# DiDi-Instruct on proteins (tiny CPU setup)",
         "",
-        "Generated by `bench/didi_protein.py`; composition JS = Jensen-Shannon divergence (bits) between the",
-        "pooled amino-acid composition of 128 samples and that of the training set (lower is better).",
+        "Generated by `bench/didi_protein.py`. Composition JS = Jensen-Shannon divergence (bits) between the pooled",
+        f"amino-acid composition of {st['num_samples']} samples and that of the training set (lower is better), ±",
+        "its bootstrap standard error. Generator PPL = perplexity under the exact chain that wrote the shipped set",
+        "(`protein_like_perplexity`, length included; training data: "
+        f"{result['summary']['train_data_generator_ppl']:.2f}), the protein analogue of gen-PPL.",
         "",
-        "| model | steps | composition JS | validity | mean length | pairwise identity | distinct 3-mer | seconds |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | steps | composition JS | generator PPL | validity | mean length | pairwise identity | 3-mers "
+        "| seconds |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in result["rows"]:
+        name = row["model"] + (f" (step {row['selected_step']})" if "selected_step" in row else "")
         lines.append(
-            f"| {row['model']} | {row['steps']} | {row['composition_js_bits']:.4f} | {row['validity']:.3f} | "
-            f"{row['mean_length']:.1f} | {row['mean_pairwise_identity']:.3f} | {row['distinct_3mer']:.3f} | "
-            f"{row['seconds']:.2f} |"
+            f"| {name} | {row['steps']} | {row['composition_js_bits']:.4f} ± {row['composition_js_se']:.4f} | "
+            f"{row['generator_ppl']:.2f} | {row['validity']:.3f} | {row['mean_length']:.1f} | "
+            f"{row['mean_pairwise_identity']:.3f} | {row['distinct_3mer']:.3f} | {row['seconds']:.2f} |"
         )
     lines += ["", "Summary: " + ", ".join(f"{k} = {v}" for k, v in result["summary"].items()), ""]
-    lines.append("Settings: " + ", ".join(f"{k} = {v}" for k, v in result["settings"].items()))
+    lines.append("Settings: " + ", ".join(f"{k} = {v}" for k, v in st.items()))
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
@@ -125,25 +125,42 @@ def main() -> None:
     args = parse_args()
     if args.quick:
         args.teacher_steps, args.distill_steps, args.num_samples = 20, 2, 32
+        args.eval_every = min(args.eval_every, 1)
     torch.set_num_threads(args.threads)
     work, start = Path(args.work_dir), time.perf_counter()
     teacher_ckpt = train_stage_teacher(args, work)
     t_distil = time.perf_counter()
-    policy = distil(args, work, teacher_ckpt)
+    policy, run_dir = distil(args, work, teacher_ckpt)
     distil_s = time.perf_counter() - t_distil
-    reference = M.amino_acid_composition(load_sequences()[:-12])  # the train split of ProteinDataset
-    held_out = M.amino_acid_composition(load_sequences()[-12:])
+    train_seqs, valid_seqs = split_items(load_sequences(), "train", 0.1), split_items(load_sequences(), "valid", 0.1)
+    reference = M.amino_acid_composition(train_seqs)  # what the teacher learned: the train split of ProteinDataset
     models = {"teacher": load_teacher(teacher_ckpt), "student": policy.student, "student_ema": policy.ema_model()}
     plan = {"teacher": [8, 16, 32, 64], "student": [8, 16], "student_ema": [8]}
-    rows = [{"model": name, **evaluate(models[name], n, args, reference)} for name, ns in plan.items() for n in ns]
+    best = BestCheckpoint.read(run_dir)
+    if best is not None:  # trainer.eval_every selection (seed 1), scored here on fresh samples (seed 0)
+        models["student_ema_best"] = load_student(best["checkpoint"], teacher_ckpt)
+        plan["student_ema_best"] = [8]
+    rows = protein_nfe_table(models, plan, reference, args.num_samples, args.length, generator_ppl=True)
     cell = {(r["model"], r["steps"]): r for r in rows}
-    student, teacher = cell[("student", 8)], cell[("teacher", 64)]
+    if best is not None:
+        cell[("student_ema_best", 8)]["selected_step"] = best["step"]
+    deployed = "student_ema_best" if best is not None else "student"
+    student, teacher = cell[(deployed, 8)], cell[("teacher", 64)]
     summary = {
+        "student": deployed,
         "student8_js": round(student["composition_js_bits"], 4),
+        "student8_js_se": round(student["composition_js_se"], 4),
         "teacher64_js": round(teacher["composition_js_bits"], 4),
+        "teacher64_js_se": round(teacher["composition_js_se"], 4),
         "teacher8_js": round(cell[("teacher", 8)]["composition_js_bits"], 4),
-        "held_out_data_js": round(float(M.composition_divergence(held_out, reference, units="bits")), 4),
+        "held_out_data_js": round(
+            float(M.composition_divergence(M.amino_acid_composition(valid_seqs), reference, units="bits")), 4
+        ),
         "js_goal_met": student["composition_js_bits"] <= teacher["composition_js_bits"],
+        "student8_generator_ppl": round(student["generator_ppl"], 3),
+        "teacher64_generator_ppl": round(teacher["generator_ppl"], 3),
+        "teacher8_generator_ppl": round(cell[("teacher", 8)]["generator_ppl"], 3),
+        "train_data_generator_ppl": round(protein_like_perplexity(train_seqs), 3),
         "speedup_vs_teacher64": round(teacher["seconds"] / student["seconds"], 2),
         "speed_goal_met": teacher["seconds"] / student["seconds"] >= 5.0,
     }

@@ -230,22 +230,7 @@ class NFETableEvaluator:
     def __call__(
         self, policy: Any, checkpoint: str | None = None, output: str | None = None, **_: Any
     ) -> NFETableReport:
-        import copy
-
-        models = {"teacher": policy.teacher, "student": policy.student}
-        if checkpoint is None and self.use_ema and getattr(policy, "ema", None) is not None:
-            models["student_ema"] = policy.ema_model()  # during training: the live EMA copy
-        if checkpoint is not None and self.use_ema:
-            from toolkit.checkpoint import load_checkpoint
-
-            ema = load_checkpoint(Path(checkpoint)).objects.get("policy_state", {}).get("ema")
-            if ema is not None:
-                models["student_ema"] = copy.deepcopy(policy.student)
-                models["student_ema"].backbone.load_state_dict(ema)
-        if not self.include_teacher:
-            models.pop("teacher")
-        elif models["teacher"] is None:
-            raise ValueError("NFETableEvaluator needs the policy's teacher (StudentPolicy(teacher=...))")
+        models = evaluation_models(policy, checkpoint, self.use_ema, self.include_teacher, type(self).__name__)
         rows = nfe_table(
             models, self.steps, self._evaluator(), self.num_samples, self.length, self.seed, self.batch_size
         )
@@ -258,6 +243,33 @@ class NFETableEvaluator:
         if self._built is None:  # trained (or loaded) once, then reused by every evaluation of a training run
             self._built = build_evaluator(self.evaluator_model, self.length, self.evaluator_steps)
         return self._built
+
+
+def evaluation_models(
+    policy: Any, checkpoint: str | None, use_ema: bool, include_teacher: bool, who: str = "the NFE table"
+) -> dict[str, MaskedDiffusionLM]:
+    """The models an NFE-table hook samples: teacher (unless not included), student, and the EMA student.
+
+    During training (`checkpoint` None) the EMA student is the policy's live EMA copy; from a checkpoint it is
+    the EMA weights stored in the checkpoint's policy state (when there are any).
+    """
+    import copy
+
+    models = {"teacher": policy.teacher, "student": policy.student}
+    if checkpoint is None and use_ema and getattr(policy, "ema", None) is not None:
+        models["student_ema"] = policy.ema_model()
+    if checkpoint is not None and use_ema:
+        from toolkit.checkpoint import load_checkpoint
+
+        ema = load_checkpoint(Path(checkpoint)).objects.get("policy_state", {}).get("ema")
+        if ema is not None:
+            models["student_ema"] = copy.deepcopy(policy.student)
+            models["student_ema"].backbone.load_state_dict(ema)
+    if not include_teacher:
+        models.pop("teacher")
+    elif models["teacher"] is None:
+        raise ValueError(f"{who} needs the policy's teacher (StudentPolicy(teacher=...))")
+    return models
 
 
 def build_evaluator(model_dir: str | None, length: int, train_steps: int) -> CausalLMEvaluator:
