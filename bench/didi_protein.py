@@ -45,6 +45,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--distill-lr", type=float, default=1e-4)
     p.add_argument("--num-samples", type=int, default=512, help="sequences per cell (JS is a set statistic)")
     p.add_argument("--eval-every", type=int, default=0, help="select the EMA student by composition JS at 8 steps")
+    p.add_argument("--real-source", choices=["data", "teacher"], default="data", help="discriminator's real side")
+    p.add_argument("--teacher-pool", type=int, default=512, help="teacher@64 rows drawn once (--real-source teacher)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="tiny step counts: checks the pipeline only")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra distillation config overrides")
@@ -85,8 +87,18 @@ def distil(args: argparse.Namespace, work: Path, teacher_ckpt: Path) -> tuple[St
             f"eval.evaluator.length={args.length}",
             "eval.evaluator.include_teacher=false",
         ]
+    nodes = ["policy.student", "policy.teacher", "rewards.discriminator.discriminator.teacher"]
+    if args.real_source == "teacher":
+        overrides += [
+            "rewards.discriminator.real_source=teacher",
+            f"rewards.discriminator.teacher_pool_size={args.teacher_pool}",
+            "+rewards.discriminator.teacher._component_="
+            "modalities.diffusion_lm.protein.esm_teacher.build_tiny_protein_teacher",
+            f"+rewards.discriminator.teacher.max_length={args.length}",
+        ]
+        nodes.append("+rewards.discriminator.teacher")
     overrides += args.set
-    for node in ("policy.student", "policy.teacher", "rewards.discriminator.discriminator.teacher"):
+    for node in nodes:
         overrides.append(f"{node}.checkpoint={teacher_ckpt}")
     trainer = build_trainer(load_config(ROOT / "configs" / "diffusion_lm" / "protein_tiny.yaml", overrides))
     fit(trainer)

@@ -18,7 +18,7 @@ from toolkit.config import build_dataclass, dump_config, instantiate, validate
 from toolkit.distributed import all_reduce_sum
 from toolkit.evaluation import EvalConfig
 from toolkit.logging import MetricsLogger, ProgressBar, get_logger
-from toolkit.train_eval import BestCheckpoint, evaluate_during_training
+from toolkit.train_eval import BestCheckpoint, evaluate_during_training, set_aside_stale_best
 from toolkit.trainer import Trainer
 from toolkit.trainer_config import TrainerConfig
 
@@ -98,6 +98,9 @@ def fit(trainer: Trainer) -> Path | None:
     if main:
         trainer.run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(trainer.run_config, trainer.run_dir / "config.yaml")
+        if resume_from is None:
+            set_aside_stale_best(trainer.run_dir)
+    trainer.accelerator.wait_for_everyone()
     last: Path | None = resume_from
     saved_at = trainer.global_step if resume_from is not None else -1
     best = BestCheckpoint(trainer.run_dir, cfg.eval_metric, cfg.eval_mode) if cfg.eval_metric else None

@@ -6,13 +6,16 @@ calls it (policy=, sampler=, rewards=, data=, checkpoint=None, output=None); its
 and restored after it, so evaluating never changes what training does and a resumed run stays exact. The hook
 runs on every rank (it must be deterministic, as the shipped ones are), so every rank takes the same
 best-checkpoint decision. The best checkpoint lives in `run_dir/best/checkpoints/` (written atomically, only one
-kept) with `run_dir/best/best.json` = {metric, mode, value, step, checkpoint}; a resumed run reads it back.
+kept) with `run_dir/best/best.json` = {metric, mode, value, step, checkpoint}; a resumed run reads it back, a
+fresh run in the same directory first moves an earlier run's `best/` to `best.previous/`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,24 @@ from toolkit.checkpoint import CheckpointManager, capture_rng_state, restore_rng
 
 BEST_DIR = "best"
 BEST_FILE = "best.json"
+STALE_BEST_DIR = "best.previous"
+log = logging.getLogger(__name__)
+
+
+def set_aside_stale_best(run_dir: str | Path) -> Path | None:
+    """A fresh (not resumed) run must not inherit an earlier run's best: move `best/` to `best.previous/`.
+
+    Nothing is deleted except an older `best.previous/`; returns the new location, or None when there was none.
+    """
+    best = Path(run_dir) / BEST_DIR
+    if not best.exists():
+        return None
+    previous = Path(run_dir) / STALE_BEST_DIR
+    if previous.exists():
+        shutil.rmtree(previous)
+    best.rename(previous)
+    log.warning("a fresh run in %s: moved the earlier run's best checkpoint to %s", run_dir, previous)
+    return previous
 
 
 def evaluate_during_training(trainer: Any) -> dict[str, float]:
