@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -282,7 +283,8 @@ def write_markdown(path: Path, result: dict[str, Any]) -> None:
         f"{s['speedup_vs_teacher64_cached']:.1f}x faster than the cached teacher@64, "
         f"{s['speedup_vs_teacher64_uncached']:.1f}x than the uncached one.",
         "",
-        f"Reproduce: `.venv/bin/python bench/didi_nfe.py` (total {st['total_seconds']:.0f} s here; raw rows in "
+        f"Reproduce: `{st.get('command', '.venv/bin/python bench/didi_nfe.py')}` (total {st['total_seconds']:.0f} s "
+        "here; raw rows in "
         f"`{path.stem}.json`).",
     ]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -331,6 +333,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     settings = {**vars(args), **teacher_stats, **evaluator_stats, "distill_steps_done": steps_done}
     settings.update(distil_seconds=distil_s, load_start=load_start, load_end=os.getloadavg()[0])
     settings["total_seconds"] = time.perf_counter() - start
+    passed = argv if argv is not None else sys.argv[1:]
+    settings["command"] = " ".join([".venv/bin/python bench/didi_nfe.py", *passed])
     result = {"rows": rows, "summary": summarize(rows, nocache_s, data_ppl), "settings": settings}
     out = Path(args.out)
     write_json_atomic(out / f"{args.name}.json", result, sort_keys=True)
