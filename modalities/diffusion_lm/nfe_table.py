@@ -149,30 +149,38 @@ def cmd_nfe_table(args: Any) -> int:
 
 
 class NFETableReport:
-    """What `renorm eval` prints for a DiDi config: the NFE table (rows as in `nfe_table`)."""
+    """What `renorm eval` prints for a DiDi config: the NFE table (rows as in `nfe_table`).
+
+    `METRICS` names the (metric prefix, row key) pairs metrics() reports per row; subclasses for other tables
+    change it and `print_to`.
+    """
+
+    METRICS: tuple[tuple[str, str], ...] = (("gen_ppl", "gen_ppl"), ("entropy", "entropy"))
 
     def __init__(self, rows: list[dict[str, Any]]) -> None:
         self.rows = rows
+
+    def print_to(self, console: Any) -> None:
+        print_nfe_table_to(console, self.rows)
 
     def table(self) -> str:
         import io
 
         from rich.console import Console
 
-        console = Console(record=True, width=120, file=io.StringIO())
-        print_nfe_table_to(console, self.rows)
+        console = Console(record=True, width=140, file=io.StringIO())
+        self.print_to(console)
         return console.export_text()
 
     def to_json(self) -> dict[str, Any]:
         return {"rows": self.rows}
 
     def metrics(self) -> dict[str, float]:
-        """{"gen_ppl/<model>@<steps>", "entropy/<model>@<steps>"} per row (for trainer.eval_every / eval_metric)."""
+        """{"<prefix>/<model>@<steps>"} per row and METRICS pair, e.g. gen_ppl/student_ema@8 (trainer.eval_metric)."""
         out: dict[str, float] = {}
         for row in self.rows:
             cell = f"{row['model']}@{row['steps']}"
-            out[f"gen_ppl/{cell}"] = float(row["gen_ppl"])
-            out[f"entropy/{cell}"] = float(row["entropy"])
+            out.update({f"{name}/{cell}": float(row[key]) for name, key in self.METRICS if key in row})
         return out
 
 

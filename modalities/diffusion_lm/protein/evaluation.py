@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from modalities.diffusion_lm.masked_diffusion import MaskedDiffusionLM
-from modalities.diffusion_lm.nfe_table import evaluation_models, sample_timed
+from modalities.diffusion_lm.nfe_table import NFETableReport, evaluation_models, sample_timed
 from modalities.diffusion_lm.protein.data import load_sequences, protein_like_perplexity
 from modalities.diffusion_lm.protein.tokenizer import Layout, ProteinVocab
 from modalities.diffusion_lm.text_data import split_items
@@ -106,18 +106,21 @@ def protein_nfe_table(
     return rows
 
 
-class ProteinNFEReport:
-    """What `renorm eval` prints for a protein DiDi config, and the metrics() checkpoint selection reads."""
+class ProteinNFEReport(NFETableReport):
+    """What `renorm eval` prints for a protein DiDi config, and the metrics() checkpoint selection reads.
 
+    metrics(): composition_js (bits), generator_ppl, validity and mean_length per <model>@<steps>.
+    """
+
+    METRICS = (
+        ("composition_js", "composition_js_bits"),
+        ("generator_ppl", "generator_ppl"),
+        ("validity", "validity"),
+        ("mean_length", "mean_length"),
+    )
     COLUMNS = ("composition_js_bits", "composition_js_se", "generator_ppl", "validity", "mean_length", "seconds")
 
-    def __init__(self, rows: list[dict[str, Any]]) -> None:
-        self.rows = rows
-
-    def table(self) -> str:
-        import io
-
-        from rich.console import Console
+    def print_to(self, console: Any) -> None:
         from rich.table import Table
 
         table = Table(title="protein NFE table")
@@ -126,23 +129,7 @@ class ProteinNFEReport:
             table.add_column(column, justify="left" if column == "model" else "right")
         for row in self.rows:
             table.add_row(str(row["model"]), str(row["steps"]), *(f"{row.get(c, float('nan')):.4f}" for c in columns))
-        console = Console(record=True, width=140, file=io.StringIO())
         console.print(table)
-        return console.export_text()
-
-    def to_json(self) -> dict[str, Any]:
-        return {"rows": self.rows}
-
-    def metrics(self) -> dict[str, float]:
-        """{"<metric>/<model>@<steps>"} for composition_js (bits), generator_ppl, validity and mean_length."""
-        out: dict[str, float] = {}
-        for row in self.rows:
-            cell = f"{row['model']}@{row['steps']}"
-            out[f"composition_js/{cell}"] = float(row["composition_js_bits"])
-            for key in ("generator_ppl", "validity", "mean_length"):
-                if key in row:
-                    out[f"{key}/{cell}"] = float(row[key])
-        return out
 
 
 class ProteinNFEEvaluator:
