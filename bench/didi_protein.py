@@ -144,7 +144,8 @@ def main() -> None:
     t_distil = time.perf_counter()
     policy, run_dir = distil(args, work, teacher_ckpt)
     distil_s = time.perf_counter() - t_distil
-    train_seqs, valid_seqs = split_items(load_sequences(), "train", 0.1), split_items(load_sequences(), "valid", 0.1)
+    sequences = load_sequences()
+    train_seqs, valid_seqs = split_items(sequences, "train", 0.1), split_items(sequences, "valid", 0.1)
     reference = M.amino_acid_composition(train_seqs)  # what the teacher learned: the train split of ProteinDataset
     models = {"teacher": load_teacher(teacher_ckpt), "student": policy.student, "student_ema": policy.ema_model()}
     plan = {"teacher": [8, 16, 32, 64], "student": [8, 16], "student_ema": [8]}

@@ -97,6 +97,19 @@ def test_composition_bootstrap() -> None:
     assert value_small > value and se_small > se  # fewer sequences: further off and noisier
     assert composition_js_bootstrap(["XXX"], reference) == (1.0, 0.0)  # no standard residue: the maximum
     assert math.isnan(composition_js_bootstrap(sequences, reference, num_resamples=0)[1])
+    # a resample drawing only the residue-free sequence scores the maximum (1 bit) too, about a quarter of them here
+    value_one, se_mixed = composition_js_bootstrap(["XXX", sequences[0]], reference, num_resamples=400)
+    assert value_one < 0.5 and se_mixed > 0.3
+
+
+def test_generator_ppl_only_by_default_for_the_shipped_set(tmp_path: Path) -> None:
+    from modalities.diffusion_lm.protein.fasta import FastaRecord, write_fasta
+
+    fasta = tmp_path / "real.fasta"
+    write_fasta(fasta, [FastaRecord(id=f"p{i}", sequence=s) for i, s in enumerate(load_sequences()[:20])])
+    assert ProteinNFEEvaluator().generator_ppl is True
+    assert ProteinNFEEvaluator(reference_path=str(fasta)).generator_ppl is False
+    assert ProteinNFEEvaluator(reference_path=str(fasta), generator_ppl=True).generator_ppl is True
 
 
 def test_protein_eval_prints_the_table_and_selects_by_composition(tmp_path: Path) -> None:

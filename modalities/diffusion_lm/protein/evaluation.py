@@ -45,8 +45,8 @@ def composition_js_bootstrap(
     picks = torch.randint(len(sequences), (num_resamples, len(sequences)), generator=generator)
     pooled = counts[picks].sum(1)  # [B, 20]
     totals = pooled.sum(-1, keepdim=True)
-    pooled = torch.where(totals > 0, pooled / totals.clamp_min(1), reference.expand_as(pooled))
-    resampled = M.composition_divergence(pooled, reference, units="bits")
+    resampled = M.composition_divergence(pooled / totals.clamp_min(1), reference, units="bits")
+    resampled = torch.where(totals[:, 0] > 0, resampled, torch.ones_like(resampled))  # no residue: 1 bit, as above
     return value, float(resampled.std())
 
 
@@ -141,7 +141,8 @@ class ProteinNFEEvaluator:
         layout: the protein vocabulary layout of the models ("compact" or "esm").
         reference_path: FASTA of the reference set whose composition is the target (default: the shipped set);
             `reference_split` picks its "train" part (what the teacher learned), "valid" or "all".
-        generator_ppl: also report the generator perplexity (only meaningful on the shipped protein-like set).
+        generator_ppl: also report the generator perplexity; None (default) reports it only for the shipped
+            protein-like set (no `reference_path`), the only data whose generating chain is known.
         num_resamples: bootstrap resamples of the composition JS standard error.
         use_ema, include_teacher: as in `NFETableEvaluator`.
     """
@@ -156,7 +157,7 @@ class ProteinNFEEvaluator:
         layout: Layout = "compact",
         reference_path: str | None = None,
         reference_split: str = "train",
-        generator_ppl: bool = True,
+        generator_ppl: bool | None = None,
         num_resamples: int = 200,
         use_ema: bool = True,
         include_teacher: bool = True,
@@ -166,7 +167,8 @@ class ProteinNFEEvaluator:
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         self.steps, self.num_samples, self.length, self.batch_size = list(steps), num_samples, length, batch_size
-        self.seed, self.layout, self.generator_ppl = seed, layout, generator_ppl
+        self.seed, self.layout = seed, layout
+        self.generator_ppl = reference_path is None if generator_ppl is None else generator_ppl
         self.num_resamples, self.use_ema, self.include_teacher = num_resamples, use_ema, include_teacher
         self.reference = M.amino_acid_composition(split_items(load_sequences(reference_path), reference_split, 0.1))
 
