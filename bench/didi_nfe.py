@@ -32,6 +32,7 @@ from modalities.diffusion_lm.text_data import TokenDataset, build_text_tokenizer
 from modalities.diffusion_lm.tiny import build_tiny_text_teacher
 from toolkit.checkpoint import write_json_atomic
 from toolkit.config import load_config
+from toolkit.logging import read_metrics
 from toolkit.runner import build_trainer, fit
 from toolkit.train_eval import BestCheckpoint
 
@@ -66,6 +67,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--real-source", default="data", choices=("data", "teacher"), help="discriminator's real side")
     p.add_argument(
         "--teacher-pool", type=int, default=512, help="teacher@64 samples drawn once (--real-source teacher)"
+    )
+    p.add_argument(
+        "--teacher-pool-refresh", type=int, default=0, help="pooled rows replaced by fresh teacher samples per step"
+    )
+    p.add_argument(
+        "--teacher-holdout",
+        type=int,
+        default=256,
+        help="held-out teacher rows the discriminator is checked on (memorisation monitor; training unchanged)",
     )
     p.add_argument("--tau-beta", type=float, nargs=2, default=(1.0, 1.0), metavar=("A", "B"), help="τ ~ Beta(A, B)")
     p.add_argument("--disc-pretrain", type=int, default=0, help="steps that train only the discriminator")
@@ -170,6 +180,8 @@ def distil(args: argparse.Namespace, work: Path, teacher_ckpt: Path) -> tuple[Pa
         overrides += [
             "rewards.discriminator.real_source=teacher",
             f"rewards.discriminator.teacher_pool_size={args.teacher_pool}",
+            f"rewards.discriminator.teacher_pool_refresh={args.teacher_pool_refresh}",
+            f"rewards.discriminator.teacher_holdout_size={args.teacher_holdout}",
             "+rewards.discriminator.teacher._component_=modalities.diffusion_lm.tiny.build_tiny_text_teacher",
             f"+rewards.discriminator.teacher.checkpoint={teacher_ckpt}",
         ]
@@ -192,6 +204,22 @@ def distil(args: argparse.Namespace, work: Path, teacher_ckpt: Path) -> tuple[Pa
     checkpoint = fit(trainer)
     assert isinstance(trainer.policy, StudentPolicy) and checkpoint is not None
     return checkpoint, trainer.rewards["discriminator"], trainer.global_step
+
+
+DISC_KEYS = ("acc_real", "acc_real_holdout", "acc_fake", "reward_real", "reward_real_holdout")
+
+
+def discriminator_at_end(run_dir: Path, last: int = 50) -> dict[str, float]:
+    """Mean of the discriminator's metrics over the run's last `last` logged steps (those it logged)."""
+    if not (run_dir / "metrics.jsonl").exists():
+        return {}
+    rows = read_metrics(run_dir)[-last:]
+    out = {}
+    for key in DISC_KEYS:
+        values = [r[f"reward/discriminator/{key}"] for r in rows if f"reward/discriminator/{key}" in r]
+        if values:
+            out[key] = sum(values) / len(values)
+    return out
 
 
 def rgas_row(
@@ -274,6 +302,15 @@ def write_markdown(path: Path, result: dict[str, Any]) -> None:
             f"{r['seconds']:.2f} | {r['samples_per_s']:.1f} |"
         )
     verdict = "met" if s["ppl_goal_met"] else "NOT met"
+    end = st.get("discriminator_end") or {}
+    if "acc_real_holdout" in end:
+        lines += [
+            "",
+            f"Discriminator over the last 50 steps: accuracy on its real rows {end['acc_real']:.2f}, on held-out "
+            f"teacher rows {end['acc_real_holdout']:.2f}, on student rows {end['acc_fake']:.2f}; mean reward of its "
+            f"real rows {end['reward_real']:.2f} against {end['reward_real_holdout']:.2f} for held-out teacher rows "
+            "(a gap is memorisation of the real side).",
+        ]
     lines += [
         "",
         f"* gen-PPL goal **{verdict}**: student@8 {s['student8_gen_ppl']:.2f} vs teacher@64 "
@@ -329,9 +366,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows, nocache_s = evaluate_all(args, teacher_ckpt, student_ckpt, reward, evaluator)
     valid = TokenDataset(seq_len=args.length, split="valid", shuffle=False)
     data_ppl = evaluator.perplexity_of_ids(collate_input_ids(valid.next_batch(len(valid))))
+    disc_end = discriminator_at_end(student_ckpt.parent.parent)
     print_nfe_table(rows, title="DiDi-Instruct tiny: NFE table (gen-PPL under the tiny GPT-2 evaluator)")
     settings = {**vars(args), **teacher_stats, **evaluator_stats, "distill_steps_done": steps_done}
-    settings.update(distil_seconds=distil_s, load_start=load_start, load_end=os.getloadavg()[0])
+    settings.update(
+        discriminator_end=disc_end, distil_seconds=distil_s, load_start=load_start, load_end=os.getloadavg()[0]
+    )
     settings["total_seconds"] = time.perf_counter() - start
     passed = argv if argv is not None else sys.argv[1:]
     settings["command"] = " ".join([".venv/bin/python bench/didi_nfe.py", *passed])

@@ -4,6 +4,7 @@ that trains only the self-training reward model (`trainer.critic_warmup_steps` w
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 import pytest
@@ -191,6 +192,72 @@ def test_teacher_pool_is_sampled_once_and_checkpointed() -> None:
     assert other.teacher_pool is not None and torch.equal(other.teacher_pool, reward.teacher_pool)
     with pytest.raises(ValueError, match="teacher_pool_size"):
         DiscriminatorReward(discriminator_from_teacher(_tiny_teacher(), 1), teacher_pool_size=-1)
+
+
+def _pooled_reward(**kwargs: Any) -> DiscriminatorReward:
+    options: dict[str, Any] = dict(lr=1e-3, warmup_steps=0, real_source="teacher", teacher=_tiny_teacher(2),
+                                   teacher_num_steps=4, teacher_pool_size=6, seed=1)  # fmt: skip
+    torch.manual_seed(0)  # the new head's init
+    return DiscriminatorReward(discriminator_from_teacher(_tiny_teacher(), 1), **(options | kwargs))
+
+
+def _through_disk(state: dict[str, Any]) -> dict[str, Any]:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)  # type: ignore[no-any-return]
+
+
+def test_pool_refresh_replaces_the_oldest_rows_with_fresh_teacher_samples() -> None:
+    samples, _ = _samples()
+    reward = _pooled_reward(teacher_pool_refresh=4)
+    reward([None] * 4, samples)  # first call: samples the pool, no refresh
+    assert reward.teacher_pool is not None
+    first = reward.teacher_pool.clone()
+    reward([None] * 4, samples)
+    second = reward.teacher_pool.clone()
+    changed = [not torch.equal(a, b) for a, b in zip(first, second, strict=True)]
+    assert changed[4:] == [False, False] and sum(changed[:4]) >= 3  # rows 0-3 replaced (a redraw may repeat one)
+    assert reward.pool_cursor == 4
+    reward([None] * 4, samples)  # the ring wraps: rows 4, 5, then 0, 1
+    third = reward.teacher_pool
+    assert torch.equal(third[2:4], second[2:4]) and reward.pool_cursor == 2
+    resumed = _pooled_reward(teacher_pool_refresh=4)
+    resumed.load_state_dict(reward.state_dict())
+    assert resumed.pool_cursor == 2 and torch.equal(resumed.teacher_pool, third)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="teacher_pool_refresh"):
+        _pooled_reward(teacher_pool_refresh=7)
+    with pytest.raises(ValueError, match="real_source"):
+        DiscriminatorReward(discriminator_from_teacher(_tiny_teacher(), 1), teacher_holdout_size=4)
+
+
+def test_holdout_monitor_does_not_change_training() -> None:
+    samples, _ = _samples()
+    plain, watched = _pooled_reward(), _pooled_reward(teacher_holdout_size=5)
+    for _ in range(3):
+        a, b = plain([None] * 4, samples), watched([None] * 4, samples)
+        torch.testing.assert_close(a.scores, b.scores, rtol=0, atol=0)
+        assert {k: v for k, v in b.metrics.items() if k in a.metrics} == a.metrics
+    assert {"acc_real_holdout", "reward_real_holdout", "reward_real"} <= set(b.metrics)
+    assert watched.teacher_holdout is not None and watched.teacher_holdout.shape == (5, 10)
+    resumed = _pooled_reward(teacher_holdout_size=5)
+    resumed.load_state_dict(_through_disk(watched.state_dict()))  # a live optimizer state would be shared
+    assert torch.equal(resumed.teacher_holdout, watched.teacher_holdout)  # type: ignore[arg-type]
+    assert resumed([None] * 4, samples).metrics == watched([None] * 4, samples).metrics
+
+
+def test_holdout_monitor_exposes_a_memorised_pool() -> None:
+    """The fakes are fresh draws of the teacher itself (a perfect student), so the only thing a discriminator
+    drilled on a 2-row pool can learn is those two rows: it calls them real and held-out teacher rows not."""
+    reward = _pooled_reward(lr=3e-3, teacher_pool_size=2, teacher_holdout_size=16, updates_per_call=4)
+    source, generator = _tiny_teacher(2), torch.Generator().manual_seed(9)
+    history = []
+    for _ in range(40):
+        fake = source.sample(4, 10, 4, generator)
+        history.append(reward([None] * 4, [{"tokens": row, "tau": 0.3} for row in fake.tolist()]).metrics)
+    last = {key: sum(m[key] for m in history[-10:]) / 10 for key in history[-1]}
+    assert last["reward_real"] > last["reward_real_holdout"] + 1.0
+    assert last["acc_real"] > last["acc_real_holdout"] + 0.2
 
 
 def test_lr_schedule_counts_calls_not_updates() -> None:

@@ -158,7 +158,8 @@ class DiscriminatorReward:
     Both sides are corrupted at the same τ with fresh masks (coupled time); the discriminator sees the real
     σ_τ = −log α_τ. The update uses its own AdamW, linear warm-up + linear decay, `nan_to_num` on the
     gradients and norm clipping. The reward is computed after the update, under no_grad in float32.
-    With `train=False` it is a plain scorer. Metrics: `loss`, `acc_real`, `acc_fake`, `grad_norm`, `lr`.
+    With `train=False` it is a plain scorer. Metrics: `loss`, `acc_real`, `acc_fake`, `grad_norm`, `lr` (and the
+    held-out monitor's `acc_real_holdout`, `reward_real_holdout`, `reward_real` with `teacher_holdout_size`).
     """
 
     def __init__(
@@ -182,6 +183,8 @@ class DiscriminatorReward:
         teacher: Any = None,
         teacher_num_steps: int = 64,
         teacher_pool_size: int = 0,
+        teacher_pool_refresh: int = 0,
+        teacher_holdout_size: int = 0,
         seed: int = 0,
         updates_per_call: int = 1,
         reward_num_corruptions: int = 1,
@@ -197,7 +200,16 @@ class DiscriminatorReward:
         or "all" ([Our decision]: every position, so unmasked tokens are judged in context too).
         `teacher_pool_size` > 0 with `real_source="teacher"` samples that many teacher rows once, at the first
         call, and draws each call's real rows from that pool ([Our decision]: a long teacher rollout per step is
-        the dominant cost otherwise); the pool is checkpointed with the discriminator.
+        the dominant cost otherwise); the pool is checkpointed with the discriminator. A small pool gets memorised:
+        the discriminator then rewards "is one of the pooled rows", not "looks like the teacher".
+        `teacher_pool_refresh` > 0 replaces that many pooled rows (oldest first) with fresh teacher samples at
+        every training call: each real row is then seen about (rows per call) / refresh times, whatever the pool
+        size (refresh = rows per call is the paper's fresh teacher samples at the pool's memory cost).
+        `teacher_holdout_size` > 0 (real side "teacher") samples that many teacher rows that never train the
+        discriminator and logs, at every training call, its accuracy and mean reward on them next to the same on
+        the call's real rows (`acc_real_holdout`, `reward_real_holdout`, `reward_real`): a gap between the two is
+        memorisation, as a gap between train and validation loss is overfitting. The monitor has its own
+        generator, so switching it on does not change training.
         """
         if real_source not in get_args(RealSource):
             raise ValueError(f"real_source={real_source!r} is not one of {get_args(RealSource)}")
@@ -209,6 +221,17 @@ class DiscriminatorReward:
             raise ValueError(f"positions={positions!r} is not one of {get_args(Positions)}")
         if teacher_pool_size < 0:
             raise ValueError(f"teacher_pool_size={teacher_pool_size} must be >= 0")
+        if not 0 <= teacher_pool_refresh <= teacher_pool_size:
+            raise ValueError(
+                f"teacher_pool_refresh={teacher_pool_refresh} must be in [0, teacher_pool_size={teacher_pool_size}]"
+            )
+        if teacher_holdout_size < 0:
+            raise ValueError(f"teacher_holdout_size={teacher_holdout_size} must be >= 0")
+        if (teacher_pool_refresh or teacher_holdout_size) and real_source != "teacher":
+            raise ValueError(
+                "teacher_pool_refresh and teacher_holdout_size need real_source='teacher' "
+                f"(got real_source={real_source!r})"
+            )
         if updates_per_call < 1 or reward_num_corruptions < 1:
             raise ValueError(
                 f"updates_per_call={updates_per_call} and reward_num_corruptions={reward_num_corruptions} must be >= 1"
@@ -223,6 +246,10 @@ class DiscriminatorReward:
         self.reward_clip, self.logodds_eps, self.real_source = reward_clip, logodds_eps, real_source
         self.teacher_num_steps, self.teacher_pool_size = teacher_num_steps, teacher_pool_size
         self.teacher_pool: Tensor | None = None
+        self.teacher_pool_refresh, self.teacher_holdout_size = teacher_pool_refresh, teacher_holdout_size
+        self.pool_cursor = 0
+        self.teacher_holdout: Tensor | None = None
+        self.monitor_generator = torch.Generator().manual_seed(seed + 1)
         self.updates_per_call, self.reward_num_corruptions = updates_per_call, reward_num_corruptions
         self.positions = positions
         self.schedule = make_schedule(schedule, eps=schedule_eps)
@@ -245,6 +272,8 @@ class DiscriminatorReward:
             for update in range(self.updates_per_call):
                 fresh = z_fake if update == 0 else self.corrupt(fake, tau)
                 metrics = self.update(self.corrupt(real, tau), fresh, tau)
+            if self.teacher_holdout_size > 0:
+                metrics |= self.holdout_metrics(real, tau)
         scores = self.score_corrupted(z_fake, tau)
         for _ in range(self.reward_num_corruptions - 1):
             scores = scores + self.score_corrupted(self.corrupt(fake, tau), tau)
@@ -268,6 +297,8 @@ class DiscriminatorReward:
         if self.real_source == "teacher" and self.teacher_pool_size > 0:
             if self.teacher_pool is None or self.teacher_pool.shape[1] != shape[1]:
                 self.teacher_pool = self.sample_teacher_pool(shape[1])
+            elif self.teacher_pool_refresh > 0:
+                self.refresh_pool()
             index = torch.randint(0, self.teacher_pool.shape[0], (shape[0],), generator=self.generator)
             return self.teacher_pool[index].to(self.device)
         if self.real_source == "teacher":
@@ -287,6 +318,46 @@ class DiscriminatorReward:
 
         seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
         return sample_in_batches(self.teacher, self.teacher_pool_size, length, self.teacher_num_steps, seed=seed)
+
+    def refresh_pool(self) -> None:
+        """Replace the `teacher_pool_refresh` oldest pooled rows (a ring) with fresh teacher samples."""
+        assert self.teacher_pool is not None
+        size, n = self.teacher_pool.shape[0], self.teacher_pool_refresh
+        with torch.no_grad():
+            rows = self.teacher.sample(n, self.teacher_pool.shape[1], self.teacher_num_steps, self.generator)
+        slots = (self.pool_cursor + torch.arange(n)) % size
+        self.teacher_pool[slots] = rows.to(self.teacher_pool.device)
+        self.pool_cursor = int((self.pool_cursor + n) % size)
+
+    @torch.no_grad()
+    def holdout_metrics(self, real: Tensor, tau: Tensor) -> dict[str, float]:
+        """Accuracy and mean reward on held-out teacher rows against the same on this call's real rows.
+
+        Both sides are corrupted at this call's τ with the monitor's own generator (training's stream is untouched);
+        the held-out rows are sampled once, at the first call, like the pool.
+        """
+        from modalities.diffusion_lm.masked_diffusion import corrupt, sample_in_batches
+
+        if self.teacher_holdout is None or self.teacher_holdout.shape[1] != real.shape[1]:
+            seed = int(torch.randint(0, 2**62, (1,), generator=self.monitor_generator))
+            self.teacher_holdout = sample_in_batches(
+                self.teacher, self.teacher_holdout_size, real.shape[1], self.teacher_num_steps, seed=seed
+            )
+        index = torch.randint(0, self.teacher_holdout.shape[0], (real.shape[0],), generator=self.monitor_generator)
+        alpha = self.schedule.alpha(tau.double()).float().cpu()
+        out: dict[str, float] = {}
+        for name, rows in (("real", real.cpu()), ("real_holdout", self.teacher_holdout[index])):
+            z, _ = corrupt(rows, alpha, self.discriminator.mask_id, self.monitor_generator)
+            z = z.to(self.device)
+            was_training = self.discriminator.training
+            self.discriminator.eval()
+            logits = self.discriminator(z, self.sigma(tau))
+            self.discriminator.train(was_training)
+            scored = self.scored(z)
+            out[f"reward_{name}"] = float(sequence_reward(logits, scored, self.logodds_eps, self.reward_clip).mean())
+            if name == "real_holdout":
+                out["acc_real_holdout"] = float(((logits > 0) & scored).sum() / scored.sum().clamp_min(1))
+        return out
 
     def update(self, z_real: Tensor, z_fake: Tensor, tau: Tensor) -> dict[str, float]:
         """One discriminator step on corrupted real and (detached) fake rows; returns its metrics."""
@@ -347,6 +418,9 @@ class DiscriminatorReward:
             "num_updates": self.num_updates,
             "generator": self.generator.get_state(),
             "teacher_pool": self.teacher_pool,
+            "pool_cursor": self.pool_cursor,
+            "teacher_holdout": self.teacher_holdout,
+            "monitor_generator": self.monitor_generator.get_state(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -355,6 +429,10 @@ class DiscriminatorReward:
         self.num_updates = int(state["num_updates"])
         self.generator.set_state(state["generator"])
         self.teacher_pool = state.get("teacher_pool")
+        self.pool_cursor = int(state.get("pool_cursor", 0))
+        self.teacher_holdout = state.get("teacher_holdout")
+        if "monitor_generator" in state:
+            self.monitor_generator.set_state(state["monitor_generator"])
 
 
 def stack_sample_tokens(samples: Sequence[Any]) -> Tensor:
