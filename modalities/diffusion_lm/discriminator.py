@@ -349,11 +349,7 @@ class DiscriminatorReward:
         for name, rows in (("real", real.cpu()), ("real_holdout", self.teacher_holdout[index])):
             z, _ = corrupt(rows, alpha, self.discriminator.mask_id, self.monitor_generator)
             z = z.to(self.device)
-            was_training = self.discriminator.training
-            self.discriminator.eval()
-            logits = self.discriminator(z, self.sigma(tau))
-            self.discriminator.train(was_training)
-            scored = self.scored(z)
+            logits, scored = self.eval_logits(z, tau), self.scored(z)
             out[f"reward_{name}"] = float(sequence_reward(logits, scored, self.logodds_eps, self.reward_clip).mean())
             if name == "real_holdout":
                 out["acc_real_holdout"] = float(((logits > 0) & scored).sum() / scored.sum().clamp_min(1))
@@ -394,11 +390,15 @@ class DiscriminatorReward:
     @torch.no_grad()
     def score_corrupted(self, z: Tensor, tau: Tensor) -> Tensor:
         """[N] clamped log-odds rewards of already-corrupted rows z [N, L] at times τ (fp32, no grad)."""
+        return sequence_reward(self.eval_logits(z, tau), self.scored(z), self.logodds_eps, self.reward_clip)
+
+    def eval_logits(self, z: Tensor, tau: Tensor) -> Tensor:
+        """[N, L] discriminator logits of corrupted rows in eval mode (its train/eval mode is restored)."""
         was_training = self.discriminator.training
         self.discriminator.eval()
         logits = self.discriminator(z, self.sigma(tau))
         self.discriminator.train(was_training)
-        return sequence_reward(logits, self.scored(z), self.logodds_eps, self.reward_clip)
+        return logits  # type: ignore[no-any-return]
 
     def scored(self, z: Tensor) -> Tensor:
         """[N, L] bool positions the loss and the reward average over (`positions`)."""
