@@ -338,12 +338,18 @@ def test_graceful_interrupt_in_process_flags_then_second_sigint_raises_and_resto
     before_int, before_term = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     with GracefulInterrupt() as interrupt:
         assert signal.getsignal(signal.SIGTERM) is not before_term
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.01)
+        # To the main thread itself: a process-directed signal may land on a helper thread (torch's pools) and
+        # reach the Python handler only later, which made a fixed short sleep flaky under load.
+        main = threading.main_thread().ident
+        assert main is not None
+        signal.pthread_kill(main, signal.SIGINT)
+        deadline = time.monotonic() + 10
+        while not interrupt.requested and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert interrupt.requested and interrupt.received is signal.SIGINT
         with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(1)
+            signal.pthread_kill(main, signal.SIGINT)
+            time.sleep(5)
     assert signal.getsignal(signal.SIGINT) is before_int
     assert signal.getsignal(signal.SIGTERM) is before_term
 
