@@ -284,12 +284,12 @@ class DiscriminatorReward:
         """σ_τ = −log α_τ [N] (the discriminator sees the real σ)."""
         return -torch.log(self.schedule.alpha(tau.double())).float()
 
-    def corrupt(self, tokens: Tensor, tau: Tensor) -> Tensor:
-        """Absorbing corruption of [N, L] ids at per-row times τ [N], with this reward's own generator."""
+    def corrupt(self, tokens: Tensor, tau: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Absorbing corruption of [N, L] ids at per-row times τ [N], with this reward's own generator by default."""
         from modalities.diffusion_lm.masked_diffusion import corrupt
 
         alpha = self.schedule.alpha(tau.double()).float()
-        noisy, _ = corrupt(tokens.cpu(), alpha.cpu(), self.discriminator.mask_id, self.generator)
+        noisy, _ = corrupt(tokens.cpu(), alpha.cpu(), self.discriminator.mask_id, generator or self.generator)
         return noisy.to(tokens.device)
 
     def real_batch(self, shape: torch.Size, metadata: dict[str, Any]) -> Tensor:
@@ -314,10 +314,14 @@ class DiscriminatorReward:
 
     def sample_teacher_pool(self, length: int) -> Tensor:
         """[teacher_pool_size, length] teacher samples (CPU), seeded once from this reward's generator."""
+        return self.sample_teacher_rows(self.teacher_pool_size, length, self.generator)
+
+    def sample_teacher_rows(self, count: int, length: int, generator: torch.Generator) -> Tensor:
+        """[count, length] teacher samples (CPU) with `teacher_num_steps` steps, seeded from `generator`."""
         from modalities.diffusion_lm.masked_diffusion import sample_in_batches
 
-        seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
-        return sample_in_batches(self.teacher, self.teacher_pool_size, length, self.teacher_num_steps, seed=seed)
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        return sample_in_batches(self.teacher, count, length, self.teacher_num_steps, seed=seed)
 
     def refresh_pool(self) -> None:
         """Replace the `teacher_pool_refresh` oldest pooled rows (a ring) with fresh teacher samples."""
@@ -336,19 +340,14 @@ class DiscriminatorReward:
         Both sides are corrupted at this call's τ with the monitor's own generator (training's stream is untouched);
         the held-out rows are sampled once, at the first call, like the pool.
         """
-        from modalities.diffusion_lm.masked_diffusion import corrupt, sample_in_batches
-
         if self.teacher_holdout is None or self.teacher_holdout.shape[1] != real.shape[1]:
-            seed = int(torch.randint(0, 2**62, (1,), generator=self.monitor_generator))
-            self.teacher_holdout = sample_in_batches(
-                self.teacher, self.teacher_holdout_size, real.shape[1], self.teacher_num_steps, seed=seed
+            self.teacher_holdout = self.sample_teacher_rows(
+                self.teacher_holdout_size, real.shape[1], self.monitor_generator
             )
         index = torch.randint(0, self.teacher_holdout.shape[0], (real.shape[0],), generator=self.monitor_generator)
-        alpha = self.schedule.alpha(tau.double()).float().cpu()
         out: dict[str, float] = {}
-        for name, rows in (("real", real.cpu()), ("real_holdout", self.teacher_holdout[index])):
-            z, _ = corrupt(rows, alpha, self.discriminator.mask_id, self.monitor_generator)
-            z = z.to(self.device)
+        for name, rows in (("real", real), ("real_holdout", self.teacher_holdout[index].to(real.device))):
+            z = self.corrupt(rows, tau, self.monitor_generator)
             logits, scored = self.eval_logits(z, tau), self.scored(z)
             out[f"reward_{name}"] = float(sequence_reward(logits, scored, self.logodds_eps, self.reward_clip).mean())
             if name == "real_holdout":
