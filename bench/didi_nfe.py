@@ -72,10 +72,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--teacher-pool-refresh", type=int, default=0, help="pooled rows replaced by fresh teacher samples per step"
     )
     p.add_argument(
+        "--holdout",
         "--teacher-holdout",
+        dest="holdout",
         type=int,
         default=256,
-        help="held-out teacher rows the discriminator is checked on (memorisation monitor; training unchanged)",
+        help="held-out real rows the discriminator is checked on: teacher samples, or the corpus's valid split with "
+        "--real-source data (memorisation monitor; training unchanged; 0 = off)",
     )
     p.add_argument("--tau-beta", type=float, nargs=2, default=(1.0, 1.0), metavar=("A", "B"), help="τ ~ Beta(A, B)")
     p.add_argument("--disc-pretrain", type=int, default=0, help="steps that train only the discriminator")
@@ -181,9 +184,16 @@ def distil(args: argparse.Namespace, work: Path, teacher_ckpt: Path) -> tuple[Pa
             "rewards.discriminator.real_source=teacher",
             f"rewards.discriminator.teacher_pool_size={args.teacher_pool}",
             f"rewards.discriminator.teacher_pool_refresh={args.teacher_pool_refresh}",
-            f"rewards.discriminator.teacher_holdout_size={args.teacher_holdout}",
+            f"rewards.discriminator.teacher_holdout_size={args.holdout}",
             "+rewards.discriminator.teacher._component_=modalities.diffusion_lm.tiny.build_tiny_text_teacher",
             f"+rewards.discriminator.teacher.checkpoint={teacher_ckpt}",
+        ]
+    elif args.holdout > 0:
+        overrides += [
+            "+rewards.discriminator.data_holdout._component_=modalities.diffusion_lm.text_data.TokenDataset",
+            f"+rewards.discriminator.data_holdout.seq_len={args.length}",
+            "+rewards.discriminator.data_holdout.split=valid",
+            f"+rewards.discriminator.data_holdout_size={args.holdout}",
         ]
     if args.eval_every > 0:  # selection uses the hook's own tiny GPT-2; the table below uses the bench's evaluator
         overrides += [
@@ -304,11 +314,12 @@ def write_markdown(path: Path, result: dict[str, Any]) -> None:
     verdict = "met" if s["ppl_goal_met"] else "NOT met"
     end = st.get("discriminator_end") or {}
     if "acc_real_holdout" in end:
+        side = "teacher rows" if st["real_source"] == "teacher" else "rows of the corpus's valid split"
         lines += [
             "",
             f"Discriminator over the last 50 steps: accuracy on its real rows {end['acc_real']:.2f}, on held-out "
-            f"teacher rows {end['acc_real_holdout']:.2f}, on student rows {end['acc_fake']:.2f}; mean reward of its "
-            f"real rows {end['reward_real']:.2f} against {end['reward_real_holdout']:.2f} for held-out teacher rows "
+            f"{side} {end['acc_real_holdout']:.2f}, on student rows {end['acc_fake']:.2f}; mean reward of its "
+            f"real rows {end['reward_real']:.2f} against {end['reward_real_holdout']:.2f} for held-out {side} "
             "(a gap is memorisation of the real side).",
         ]
     lines += [

@@ -100,3 +100,26 @@ def test_nfe_table_during_training_selects_the_best_student(tmp_path: Path) -> N
     best = json.loads((tmp_path / "best" / "best.json").read_text())
     assert best["value"] == min(r["eval/gen_ppl/student_ema@2"] for r in evals)
     assert trainer.evaluator._built is not None  # the tiny GPT-2 evaluator was trained once and reused
+
+
+def test_data_holdout_from_the_config_monitors_the_valid_split(tmp_path: Path) -> None:
+    """`data_holdout` as a YAML component: the corpus's valid split, never the rows the discriminator trains on."""
+    torch.set_num_threads(1)
+    config = load_config(CONFIG, [f"trainer.run_dir={tmp_path}", "trainer.num_steps=1", "trainer.prompts_per_step=2",
+                                  "trainer.save_every=0", "trainer.progress=false", "data.seq_len=16",
+                                  "+rewards.discriminator.data_holdout._component_="
+                                  "modalities.diffusion_lm.text_data.TokenDataset",
+                                  "+rewards.discriminator.data_holdout.seq_len=16",
+                                  "+rewards.discriminator.data_holdout.split=valid",
+                                  "+rewards.discriminator.data_holdout_size=8"])  # fmt: skip
+    trainer = build_trainer(config)
+    metrics, _ = trainer.step()
+    _, reward = _parts(trainer)
+    assert {"reward/discriminator/acc_real_holdout", "reward/discriminator/reward_real_holdout"} <= set(metrics)
+    from modalities.diffusion_lm.text_data import TokenDataset
+
+    train = {tuple(chunk) for chunk in TokenDataset(seq_len=16, split="train").chunks}
+    valid = {tuple(chunk) for chunk in TokenDataset(seq_len=16, split="valid").chunks}
+    assert reward.holdout_rows is not None and reward.holdout_rows.shape == (8, 16)
+    held = {tuple(row) for row in reward.holdout_rows.tolist()}
+    assert held <= valid and not held & train

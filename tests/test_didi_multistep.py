@@ -239,10 +239,10 @@ def test_holdout_monitor_does_not_change_training() -> None:
         torch.testing.assert_close(a.scores, b.scores, rtol=0, atol=0)
         assert {k: v for k, v in b.metrics.items() if k in a.metrics} == a.metrics
     assert {"acc_real_holdout", "reward_real_holdout", "reward_real"} <= set(b.metrics)
-    assert watched.teacher_holdout is not None and watched.teacher_holdout.shape == (5, 10)
+    assert watched.holdout_rows is not None and watched.holdout_rows.shape == (5, 10)
     resumed = _pooled_reward(teacher_holdout_size=5)
     resumed.load_state_dict(_through_disk(watched.state_dict()))  # a live optimizer state would be shared
-    assert torch.equal(resumed.teacher_holdout, watched.teacher_holdout)  # type: ignore[arg-type]
+    assert torch.equal(resumed.holdout_rows, watched.holdout_rows)  # type: ignore[arg-type]
     assert resumed([None] * 4, samples).metrics == watched([None] * 4, samples).metrics
 
 
@@ -255,6 +255,76 @@ def test_holdout_monitor_exposes_a_memorised_pool() -> None:
     for _ in range(40):
         fake = source.sample(4, 10, 4, generator)
         history.append(reward([None] * 4, [{"tokens": row, "tau": 0.3} for row in fake.tolist()]).metrics)
+    last = {key: sum(m[key] for m in history[-10:]) / 10 for key in history[-1]}
+    assert last["reward_real"] > last["reward_real_holdout"] + 1.0
+    assert last["acc_real"] > last["acc_real_holdout"] + 0.2
+
+
+class _Rows:
+    """A stand-in held-out dataset: `next_batch(n)` returns its first n rows {"input_ids": [L]}."""
+
+    def __init__(self, rows: torch.Tensor) -> None:
+        self.rows, self.calls = rows, 0
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def next_batch(self, count: int) -> list[dict[str, Any]]:
+        self.calls += 1
+        return [{"input_ids": row} for row in self.rows[:count].tolist()]
+
+
+def _data_reward(**kwargs: Any) -> DiscriminatorReward:
+    torch.manual_seed(0)  # the new head's init
+    options: dict[str, Any] = dict(lr=1e-3, warmup_steps=0, seed=1)
+    return DiscriminatorReward(discriminator_from_teacher(_tiny_teacher(), 1), **(options | kwargs))
+
+
+def test_data_holdout_monitor_does_not_change_training_and_is_checkpointed() -> None:
+    samples, real = _samples()
+    held_out = _Rows(torch.randint(0, 64, (12, 10), generator=torch.Generator().manual_seed(3)))
+    plain, watched = _data_reward(), _data_reward(data_holdout=held_out, data_holdout_size=5)
+    for _ in range(3):
+        a, b = plain([None] * 4, samples, input_ids=real), watched([None] * 4, samples, input_ids=real)
+        torch.testing.assert_close(a.scores, b.scores, rtol=0, atol=0)
+        assert {k: v for k, v in b.metrics.items() if k in a.metrics} == a.metrics
+    assert {"acc_real_holdout", "reward_real_holdout", "reward_real"} <= set(b.metrics)
+    assert held_out.calls == 1 and watched.holdout_rows is not None
+    assert torch.equal(watched.holdout_rows, held_out.rows[:5])  # drawn once, the first data_holdout_size rows
+    resumed = _data_reward(data_holdout=_Rows(held_out.rows.flip(0)), data_holdout_size=5)
+    resumed.load_state_dict(_through_disk(watched.state_dict()))
+    assert torch.equal(resumed.holdout_rows, held_out.rows[:5])  # type: ignore[arg-type]
+    assert resumed([None] * 4, samples, input_ids=real).metrics == watched([None] * 4, samples, input_ids=real).metrics
+    small = _data_reward(data_holdout=_Rows(held_out.rows[:3]), data_holdout_size=5)
+    small([None] * 4, samples, input_ids=real)
+    assert small.holdout_rows is not None and small.holdout_rows.shape == (3, 10)  # capped at the dataset's size
+
+
+def test_data_holdout_errors_name_the_field() -> None:
+    samples, real = _samples()
+    rows = _Rows(torch.zeros(4, 10, dtype=torch.long))
+    with pytest.raises(ValueError, match="data_holdout needs real_source='data'"):
+        _data_reward(data_holdout=rows, real_source="teacher", teacher=_tiny_teacher(2))
+    with pytest.raises(ValueError, match="next_batch"):
+        _data_reward(data_holdout=[[0] * 10])
+    with pytest.raises(ValueError, match="data_holdout_size"):
+        _data_reward(data_holdout=rows, data_holdout_size=0)
+    with pytest.raises(ValueError, match=r"length\(s\) \[7\], the samples 10"):
+        _data_reward(data_holdout=_Rows(torch.zeros(4, 7, dtype=torch.long)))([None] * 4, samples, input_ids=real)
+
+
+def test_data_holdout_monitor_exposes_memorised_data_rows() -> None:
+    """Data, fakes and held-out rows are all uniform random rows (a perfect student of that "corpus"); the
+    discriminator drilled on the same 2 data rows can only learn those: it calls them real and held-out rows not."""
+    generator = torch.Generator().manual_seed(11)
+    train_rows = torch.randint(0, 64, (2, 10), generator=generator)
+    held_out = _Rows(torch.randint(0, 64, (16, 10), generator=generator))
+    reward = _data_reward(lr=3e-3, updates_per_call=4, data_holdout=held_out, data_holdout_size=16)
+    history = []
+    for _ in range(40):
+        fake = torch.randint(0, 64, (4, 10), generator=generator)
+        samples = [{"tokens": row, "tau": 0.3} for row in fake.tolist()]
+        history.append(reward([None] * 4, samples, input_ids=train_rows.repeat(2, 1).tolist()).metrics)
     last = {key: sum(m[key] for m in history[-10:]) / 10 for key in history[-1]}
     assert last["reward_real"] > last["reward_real_holdout"] + 1.0
     assert last["acc_real"] > last["acc_real_holdout"] + 0.2

@@ -159,7 +159,8 @@ class DiscriminatorReward:
     σ_τ = −log α_τ. The update uses its own AdamW, linear warm-up + linear decay, `nan_to_num` on the
     gradients and norm clipping. The reward is computed after the update, under no_grad in float32.
     With `train=False` it is a plain scorer. Metrics: `loss`, `acc_real`, `acc_fake`, `grad_norm`, `lr` (and the
-    held-out monitor's `acc_real_holdout`, `reward_real_holdout`, `reward_real` with `teacher_holdout_size`).
+    held-out monitor's `acc_real_holdout`, `reward_real_holdout`, `reward_real` with `teacher_holdout_size` or
+    `data_holdout`).
     """
 
     def __init__(
@@ -185,6 +186,8 @@ class DiscriminatorReward:
         teacher_pool_size: int = 0,
         teacher_pool_refresh: int = 0,
         teacher_holdout_size: int = 0,
+        data_holdout: Any = None,
+        data_holdout_size: int = 256,
         seed: int = 0,
         updates_per_call: int = 1,
         reward_num_corruptions: int = 1,
@@ -209,7 +212,9 @@ class DiscriminatorReward:
         discriminator and logs, at every training call, its accuracy and mean reward on them next to the same on
         the call's real rows (`acc_real_holdout`, `reward_real_holdout`, `reward_real`): a gap between the two is
         memorisation, as a gap between train and validation loss is overfitting. The monitor has its own
-        generator, so switching it on does not change training.
+        generator, so switching it on does not change training. `data_holdout` (real side "data") is the same
+        monitor for data rows: a dataset the discriminator never trains on (e.g. the corpus's "valid" split, a
+        `TokenDataset` or `ProteinDataset`), of which the first `data_holdout_size` rows are held out.
         """
         if real_source not in get_args(RealSource):
             raise ValueError(f"real_source={real_source!r} is not one of {get_args(RealSource)}")
@@ -230,8 +235,19 @@ class DiscriminatorReward:
         if (teacher_pool_refresh or teacher_holdout_size) and real_source != "teacher":
             raise ValueError(
                 "teacher_pool_refresh and teacher_holdout_size need real_source='teacher' "
-                f"(got real_source={real_source!r})"
+                f"(got real_source={real_source!r}; data_holdout is the monitor for real_source='data')"
             )
+        if data_holdout is not None and real_source != "data":
+            raise ValueError(
+                f"data_holdout needs real_source='data' (got real_source={real_source!r}; "
+                "teacher_holdout_size is the monitor for real_source='teacher')"
+            )
+        if data_holdout is not None and not hasattr(data_holdout, "next_batch"):
+            raise ValueError(
+                f"data_holdout must be a dataset with next_batch(n) (e.g. TokenDataset), got {type(data_holdout)}"
+            )
+        if data_holdout_size < 1:
+            raise ValueError(f"data_holdout_size={data_holdout_size} must be >= 1")
         if updates_per_call < 1 or reward_num_corruptions < 1:
             raise ValueError(
                 f"updates_per_call={updates_per_call} and reward_num_corruptions={reward_num_corruptions} must be >= 1"
@@ -248,7 +264,8 @@ class DiscriminatorReward:
         self.teacher_pool: Tensor | None = None
         self.teacher_pool_refresh, self.teacher_holdout_size = teacher_pool_refresh, teacher_holdout_size
         self.pool_cursor = 0
-        self.teacher_holdout: Tensor | None = None
+        self.data_holdout, self.data_holdout_size = data_holdout, data_holdout_size
+        self.holdout_rows: Tensor | None = None
         self.monitor_generator = torch.Generator().manual_seed(seed + 1)
         self.updates_per_call, self.reward_num_corruptions = updates_per_call, reward_num_corruptions
         self.positions = positions
@@ -272,7 +289,7 @@ class DiscriminatorReward:
             for update in range(self.updates_per_call):
                 fresh = z_fake if update == 0 else self.corrupt(fake, tau)
                 metrics = self.update(self.corrupt(real, tau), fresh, tau)
-            if self.teacher_holdout_size > 0:
+            if self.teacher_holdout_size > 0 or self.data_holdout is not None:
                 metrics |= self.holdout_metrics(real, tau)
         scores = self.score_corrupted(z_fake, tau)
         for _ in range(self.reward_num_corruptions - 1):
@@ -333,20 +350,31 @@ class DiscriminatorReward:
         self.teacher_pool[slots] = rows.to(self.teacher_pool.device)
         self.pool_cursor = int((self.pool_cursor + n) % size)
 
+    def held_out_rows(self, length: int) -> Tensor:
+        """[H, length] rows that never train the discriminator: teacher samples or the `data_holdout` rows."""
+        if self.data_holdout is None:
+            return self.sample_teacher_rows(self.teacher_holdout_size, length, self.monitor_generator)
+        count = self.data_holdout_size
+        if hasattr(self.data_holdout, "__len__"):
+            count = min(count, len(self.data_holdout))
+        rows = [row["input_ids"] if isinstance(row, Mapping) else row for row in self.data_holdout.next_batch(count)]
+        lengths = sorted({len(row) for row in rows})
+        if lengths != [length]:
+            raise ValueError(f"data_holdout rows have length(s) {lengths}, the samples {length} (set its seq_len)")
+        return torch.tensor(rows, dtype=torch.long)
+
     @torch.no_grad()
     def holdout_metrics(self, real: Tensor, tau: Tensor) -> dict[str, float]:
-        """Accuracy and mean reward on held-out teacher rows against the same on this call's real rows.
+        """Accuracy and mean reward on held-out rows against the same on this call's real rows.
 
         Both sides are corrupted at this call's τ with the monitor's own generator (training's stream is untouched);
-        the held-out rows are sampled once, at the first call, like the pool.
+        the held-out rows are drawn once, at the first call, like the pool, and checkpointed.
         """
-        if self.teacher_holdout is None or self.teacher_holdout.shape[1] != real.shape[1]:
-            self.teacher_holdout = self.sample_teacher_rows(
-                self.teacher_holdout_size, real.shape[1], self.monitor_generator
-            )
-        index = torch.randint(0, self.teacher_holdout.shape[0], (real.shape[0],), generator=self.monitor_generator)
+        if self.holdout_rows is None or self.holdout_rows.shape[1] != real.shape[1]:
+            self.holdout_rows = self.held_out_rows(real.shape[1])
+        index = torch.randint(0, self.holdout_rows.shape[0], (real.shape[0],), generator=self.monitor_generator)
         out: dict[str, float] = {}
-        for name, rows in (("real", real), ("real_holdout", self.teacher_holdout[index].to(real.device))):
+        for name, rows in (("real", real), ("real_holdout", self.holdout_rows[index].to(real.device))):
             z = self.corrupt(rows, tau, self.monitor_generator)
             logits, scored = self.eval_logits(z, tau), self.scored(z)
             out[f"reward_{name}"] = float(sequence_reward(logits, scored, self.logodds_eps, self.reward_clip).mean())
@@ -418,7 +446,7 @@ class DiscriminatorReward:
             "generator": self.generator.get_state(),
             "teacher_pool": self.teacher_pool,
             "pool_cursor": self.pool_cursor,
-            "teacher_holdout": self.teacher_holdout,
+            "holdout_rows": self.holdout_rows,
             "monitor_generator": self.monitor_generator.get_state(),
         }
 
@@ -429,7 +457,7 @@ class DiscriminatorReward:
         self.generator.set_state(state["generator"])
         self.teacher_pool = state.get("teacher_pool")
         self.pool_cursor = int(state.get("pool_cursor", 0))
-        self.teacher_holdout = state.get("teacher_holdout")
+        self.holdout_rows = state.get("holdout_rows", state.get("teacher_holdout"))  # the key before data_holdout
         if "monitor_generator" in state:
             self.monitor_generator.set_state(state["monitor_generator"])
 
