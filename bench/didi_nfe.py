@@ -232,6 +232,20 @@ def discriminator_at_end(run_dir: Path, last: int = 50) -> dict[str, float]:
     return out
 
 
+def holdout_lines(end: dict[str, float], real_source: str) -> list[str]:
+    """The report's memorisation line from `discriminator_at_end` (nothing when the monitor was off)."""
+    if "acc_real_holdout" not in end:
+        return []
+    side = "teacher rows" if real_source == "teacher" else "rows of the valid split"
+    return [
+        "",
+        f"Discriminator over the last 50 steps: accuracy on its real rows {end['acc_real']:.2f}, on held-out "
+        f"{side} {end['acc_real_holdout']:.2f}, on student rows {end['acc_fake']:.2f}; mean reward of its "
+        f"real rows {end['reward_real']:.2f} against {end['reward_real_holdout']:.2f} for held-out {side} "
+        "(a gap is memorisation of the real side).",
+    ]
+
+
 def rgas_row(
     name: str, student: MaskedDiffusionLM, reward: Any, evaluator: CausalLMEvaluator, args: argparse.Namespace
 ) -> dict[str, Any]:
@@ -312,16 +326,7 @@ def write_markdown(path: Path, result: dict[str, Any]) -> None:
             f"{r['seconds']:.2f} | {r['samples_per_s']:.1f} |"
         )
     verdict = "met" if s["ppl_goal_met"] else "NOT met"
-    end = st.get("discriminator_end") or {}
-    if "acc_real_holdout" in end:
-        side = "teacher rows" if st["real_source"] == "teacher" else "rows of the corpus's valid split"
-        lines += [
-            "",
-            f"Discriminator over the last 50 steps: accuracy on its real rows {end['acc_real']:.2f}, on held-out "
-            f"{side} {end['acc_real_holdout']:.2f}, on student rows {end['acc_fake']:.2f}; mean reward of its "
-            f"real rows {end['reward_real']:.2f} against {end['reward_real_holdout']:.2f} for held-out {side} "
-            "(a gap is memorisation of the real side).",
-        ]
+    lines += holdout_lines(st.get("discriminator_end") or {}, st["real_source"])
     lines += [
         "",
         f"* gen-PPL goal **{verdict}**: student@8 {s['student8_gen_ppl']:.2f} vs teacher@64 "

@@ -12,6 +12,7 @@ the sampling wall-clock to bench/results/didi_protein.{json,md}.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,10 @@ from toolkit.config import load_config
 from toolkit.runner import build_trainer, fit
 from toolkit.train_eval import BestCheckpoint
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from didi_nfe import discriminator_at_end, holdout_lines  # noqa: E402  (the text bench's memorisation report)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -47,6 +52,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=0, help="select the EMA student by composition JS at 8 steps")
     p.add_argument("--real-source", choices=["data", "teacher"], default="data", help="discriminator's real side")
     p.add_argument("--teacher-pool", type=int, default=512, help="teacher@64 rows drawn once (--real-source teacher)")
+    p.add_argument(
+        "--holdout",
+        type=int,
+        default=64,
+        help="held-out real rows the discriminator is checked on: the valid split (data) or teacher samples "
+        "(memorisation monitor; training unchanged; 0 = off)",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="tiny step counts: checks the pipeline only")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra distillation config overrides")
@@ -95,8 +107,16 @@ def distil(args: argparse.Namespace, work: Path, teacher_ckpt: Path) -> tuple[St
             "+rewards.discriminator.teacher._component_="
             "modalities.diffusion_lm.protein.esm_teacher.build_tiny_protein_teacher",
             f"+rewards.discriminator.teacher.max_length={args.length}",
+            f"rewards.discriminator.teacher_holdout_size={args.holdout}",
         ]
         nodes.append("+rewards.discriminator.teacher")
+    elif args.holdout > 0:
+        overrides += [
+            "+rewards.discriminator.data_holdout._component_=modalities.diffusion_lm.protein.data.ProteinDataset",
+            f"+rewards.discriminator.data_holdout.seq_len={args.length}",
+            "+rewards.discriminator.data_holdout.split=valid",
+            f"+rewards.discriminator.data_holdout_size={args.holdout}",
+        ]
     overrides += args.set
     for node in nodes:
         overrides.append(f"{node}.checkpoint={teacher_ckpt}")
@@ -128,6 +148,7 @@ def write_markdown(path: Path, result: dict[str, Any]) -> None:
             f"{row['generator_ppl']:.2f} | {row['validity']:.3f} | {row['mean_length']:.1f} | "
             f"{row['mean_pairwise_identity']:.3f} | {row['distinct_3mer']:.3f} | {row['seconds']:.2f} |"
         )
+    lines += holdout_lines(st.get("discriminator_end") or {}, st["real_source"])
     lines += ["", "Summary: " + ", ".join(f"{k} = {v}" for k, v in result["summary"].items()), ""]
     lines.append("Settings: " + ", ".join(f"{k} = {v}" for k, v in st.items()))
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -180,6 +201,7 @@ def main() -> None:
     settings = {
         **vars(args),
         "distil_seconds": round(distil_s, 1),
+        "discriminator_end": discriminator_at_end(run_dir),
         "total_seconds": round(time.perf_counter() - start, 1),
     }
     result = {"rows": rows, "summary": summary, "settings": settings}
