@@ -347,14 +347,13 @@ def write_markdown(path: Path, result: dict[str, Any]) -> None:
         f"* speed goal **{'met' if s['speed_goal_met'] else 'NOT met'}**: student@8 is "
         f"{s['speedup_vs_teacher64_cached']:.1f}x faster than the cached teacher@64, "
         f"{s['speedup_vs_teacher64_uncached']:.1f}x than the uncached one.",
-        *(
-            [
-                f"* fewest student steps matching teacher@64's gen-PPL: {s['fewest_student_steps_matching_teacher64']} "
-                f"({s['its_speedup_vs_teacher64']:.1f}x faster than the cached teacher@64)."
-            ]
-            if s.get("fewest_student_steps_matching_teacher64")
-            else []
-        ),
+    ]
+    if s.get("fewest_student_steps_matching_teacher64"):
+        lines.append(
+            f"* fewest student steps matching teacher@64's gen-PPL: {s['fewest_student_steps_matching_teacher64']} "
+            f"({s['its_speedup_vs_teacher64']:.1f}x faster than the cached teacher@64)."
+        )
+    lines += [
         "",
         f"Reproduce: `{st.get('command', '.venv/bin/python bench/didi_nfe.py')}` (total {st['total_seconds']:.0f} s "
         "here; raw rows in "

@@ -354,14 +354,17 @@ class DiscriminatorReward:
         """[H, length] rows that never train the discriminator: teacher samples or the `data_holdout` rows."""
         if self.data_holdout is None:
             return self.sample_teacher_rows(self.teacher_holdout_size, length, self.monitor_generator)
+        from modalities.diffusion_lm.text_data import collate_input_ids
+
         count = self.data_holdout_size
         if hasattr(self.data_holdout, "__len__"):
             count = min(count, len(self.data_holdout))
-        rows = [row["input_ids"] if isinstance(row, Mapping) else row for row in self.data_holdout.next_batch(count)]
-        lengths = sorted({len(row) for row in rows})
-        if lengths != [length]:
-            raise ValueError(f"data_holdout rows have length(s) {lengths}, the samples {length} (set its seq_len)")
-        return torch.tensor(rows, dtype=torch.long)
+        rows = collate_input_ids(self.data_holdout.next_batch(count))
+        if rows.shape[1] != length:
+            raise ValueError(
+                f"data_holdout rows have length(s) [{rows.shape[1]}], the samples {length} (set its seq_len)"
+            )
+        return rows
 
     @torch.no_grad()
     def holdout_metrics(self, real: Tensor, tau: Tensor) -> dict[str, float]:
