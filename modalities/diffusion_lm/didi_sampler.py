@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from modalities.diffusion_lm.didi_policy import StudentPolicy, step_log_probs
-from modalities.diffusion_lm.sampling import ancestral_step, sampling_grid
+from modalities.diffusion_lm.sampling import TIME_GRIDS, ancestral_step, sampling_grid
 from modalities.diffusion_lm.time_weighting import beta_density
 from toolkit.rollout import Rollout
 
@@ -68,6 +68,8 @@ class TwoStepStudentSampler:
     same score decomposition as §8, through N − 1 intermediate states). τ ~ π is then drawn independently of
     the path and is only the discriminator's corruption time (the IKL estimator of §5: t ~ π, x ~ p_ν,
     z_t ~ Q(·|x)), so ω(τ) weighting keeps its meaning. Steps that start with no masked position are masked out.
+    `time_grid` = "cosine" ([Our decision], N > 2 only) rolls out on the cosine grid instead (`sampling_grid`):
+    train on the grid the student will be sampled with.
     """
 
     def __init__(
@@ -82,6 +84,7 @@ class TwoStepStudentSampler:
         tokenizer: Any = None,
         num_steps: int = 2,
         tau_per_group: bool = False,
+        time_grid: str = "uniform",
     ) -> None:
         """Validate and store the config.
 
@@ -96,6 +99,7 @@ class TwoStepStudentSampler:
             tau_per_group: one τ per group instead of one per sample (spec §11: per sample). [Our decision] The
                 reward's scale depends on τ (how much of the sample the discriminator sees), so per-sample τ puts
                 "which τ was drawn" into the group z-score; a shared τ lets the group mean remove it.
+            time_grid: the N-step rollout's grid, "uniform" (linspace) or "cosine" (N > 2 only).
         """
         if tau_mode not in get_args(TauMode):
             raise ValueError(f"tau_mode={tau_mode!r} is not one of {get_args(TauMode)}")
@@ -113,7 +117,15 @@ class TwoStepStudentSampler:
             raise ValueError(f"num_steps={num_steps!r} must be an integer >= 2")
         if num_steps > 2 and remask_prob > 0:
             raise ValueError("remask_prob applies to the two-step rollout only (num_steps=2)")
+        if time_grid not in TIME_GRIDS:
+            raise ValueError(f"time_grid={time_grid!r} is not one of {TIME_GRIDS}")
+        if time_grid != "uniform" and num_steps == 2:
+            raise ValueError(
+                f"time_grid={time_grid!r} applies to N-step rollouts (num_steps > 2); the two-step "
+                "rollout's times are 1 → τ → t0_eps"
+            )
         self.remask_prob, self.tokenizer, self.num_steps = remask_prob, tokenizer, num_steps
+        self.time_grid = time_grid
         self.tau_per_group = bool(tau_per_group)
 
     def sample(self, policy: StudentPolicy, prompts: list[Any], group_size: int, generator: torch.Generator) -> Rollout:
@@ -150,9 +162,9 @@ class TwoStepStudentSampler:
     def multi_step_trajectory(
         self, policy: StudentPolicy, n: int, length: int, generator: torch.Generator
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """(path [N, T+1, L] all-mask → x, times [N, T+1], step log-probs [N, T]) on linspace(1, t0_eps, T+1)."""
+        """(path [N, T+1, L] all-mask → x, times [N, T+1], step log-probs [N, T]) on the T-step grid to t0_eps."""
         schedule, mask_id, device = policy.student.schedule, policy.mask_id, policy.device
-        grid = sampling_grid(self.num_steps, self.t0_eps, device)
+        grid = sampling_grid(self.num_steps, self.t0_eps, device, self.time_grid)
         z = torch.full((n, length), mask_id, dtype=torch.long, device=device)
         path, logprobs = [z], []
         for t_hi, t_lo in zip(grid[:-1], grid[1:], strict=True):

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from modalities.diffusion_lm.backbone import DenoiserBackbone
+from modalities.diffusion_lm.sampling import TIME_GRIDS
 from rewards.base import RewardOutput
 
 
@@ -183,6 +184,7 @@ class DiscriminatorReward:
         real_source: RealSource = "data",
         teacher: Any = None,
         teacher_num_steps: int = 64,
+        teacher_time_grid: str = "uniform",
         teacher_pool_size: int = 0,
         teacher_pool_refresh: int = 0,
         teacher_holdout_size: int = 0,
@@ -208,6 +210,8 @@ class DiscriminatorReward:
         `teacher_pool_refresh` > 0 replaces that many pooled rows (oldest first) with fresh teacher samples at
         every training call: each real row is then seen about (rows per call) / refresh times, whatever the pool
         size (refresh = rows per call is the paper's fresh teacher samples at the pool's memory cost).
+        `teacher_time_grid` is the time grid of every teacher sample (pool, refresh, held-out rows and fresh rows):
+        "uniform" (the spec's) or "cosine" (`sampling.sampling_grid`).
         `teacher_holdout_size` > 0 (real side "teacher") samples that many teacher rows that never train the
         discriminator and logs, at every training call, its accuracy and mean reward on them next to the same on
         the call's real rows (`acc_real_holdout`, `reward_real_holdout`, `reward_real`): a gap between the two is
@@ -224,6 +228,8 @@ class DiscriminatorReward:
             raise ValueError(f"label_smoothing={label_smoothing} must be in [0, 0.5)")
         if positions not in get_args(Positions):
             raise ValueError(f"positions={positions!r} is not one of {get_args(Positions)}")
+        if teacher_time_grid not in TIME_GRIDS:
+            raise ValueError(f"teacher_time_grid={teacher_time_grid!r} is not one of {TIME_GRIDS}")
         if teacher_pool_size < 0:
             raise ValueError(f"teacher_pool_size={teacher_pool_size} must be >= 0")
         if not 0 <= teacher_pool_refresh <= teacher_pool_size:
@@ -261,6 +267,7 @@ class DiscriminatorReward:
         self.max_grad_norm, self.label_smoothing = max_grad_norm, label_smoothing
         self.reward_clip, self.logodds_eps, self.real_source = reward_clip, logodds_eps, real_source
         self.teacher_num_steps, self.teacher_pool_size = teacher_num_steps, teacher_pool_size
+        self.teacher_time_grid = teacher_time_grid
         self.teacher_pool: Tensor | None = None
         self.teacher_pool_refresh, self.teacher_holdout_size = teacher_pool_refresh, teacher_holdout_size
         self.pool_cursor = 0
@@ -320,7 +327,9 @@ class DiscriminatorReward:
             return self.teacher_pool[index].to(self.device)
         if self.real_source == "teacher":
             with torch.no_grad():
-                rows = self.teacher.sample(shape[0], shape[1], self.teacher_num_steps, self.generator)
+                rows = self.teacher.sample(
+                    shape[0], shape[1], self.teacher_num_steps, self.generator, time_grid=self.teacher_time_grid
+                )
             return rows.to(self.device)  # type: ignore[no-any-return]
         if "input_ids" not in metadata:
             raise ValueError("real_source='data' needs per-row `input_ids` metadata (the sampler's data rows)")
@@ -338,14 +347,18 @@ class DiscriminatorReward:
         from modalities.diffusion_lm.masked_diffusion import sample_in_batches
 
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-        return sample_in_batches(self.teacher, count, length, self.teacher_num_steps, seed=seed)
+        return sample_in_batches(
+            self.teacher, count, length, self.teacher_num_steps, seed=seed, time_grid=self.teacher_time_grid
+        )
 
     def refresh_pool(self) -> None:
         """Replace the `teacher_pool_refresh` oldest pooled rows (a ring) with fresh teacher samples."""
         assert self.teacher_pool is not None
         size, n = self.teacher_pool.shape[0], self.teacher_pool_refresh
         with torch.no_grad():
-            rows = self.teacher.sample(n, self.teacher_pool.shape[1], self.teacher_num_steps, self.generator)
+            rows = self.teacher.sample(
+                n, self.teacher_pool.shape[1], self.teacher_num_steps, self.generator, time_grid=self.teacher_time_grid
+            )
         slots = (self.pool_cursor + torch.arange(n)) % size
         self.teacher_pool[slots] = rows.to(self.teacher_pool.device)
         self.pool_cursor = int((self.pool_cursor + n) % size)

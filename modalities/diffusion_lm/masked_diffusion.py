@@ -139,6 +139,7 @@ class MaskedDiffusionLM(nn.Module):
         cache: bool = True,
         prefix: Tensor | None = None,
         device: torch.device | str | None = None,
+        time_grid: str = "uniform",
     ) -> Tensor:
         """Ancestral samples [num_samples, length] over linspace(1, 1e-5, N+1) plus noise removal (spec §3).
 
@@ -148,6 +149,7 @@ class MaskedDiffusionLM(nn.Module):
             block_size: semi-autoregressive blocks of this many positions, left to right.
             cache: skip the forward when nothing changed (ignored with time conditioning, where σ changes).
             prefix: ids [P] or [num_samples, P] fixed at the first P positions (never changed).
+            time_grid: "uniform" (the spec's linspace) or "cosine" (`sampling.sampling_grid`).
         """
         device = torch.device(device) if device is not None else next(self.backbone.parameters()).device
         z = torch.full((num_samples, length), self.mask_id, dtype=torch.long, device=device)
@@ -157,7 +159,13 @@ class MaskedDiffusionLM(nn.Module):
                 raise ValueError(f"prefix of {prefix.shape[-1]} tokens is longer than length={length}")
             z[:, : prefix.shape[-1]] = prefix
         sampler = AncestralSampler(
-            self.log_probs_x0, self.schedule, self.mask_id, cache and not self.time_conditioning, self.final, T_MIN
+            self.log_probs_x0,
+            self.schedule,
+            self.mask_id,
+            cache and not self.time_conditioning,
+            self.final,
+            T_MIN,
+            time_grid,
         )
         out = sampler.sample(z, num_steps, generator, block_size)
         self.last_num_forward = sampler.num_forward

@@ -17,6 +17,7 @@ import torch
 
 from modalities.diffusion_lm.evaluation import CausalLMEvaluator, unigram_entropy
 from modalities.diffusion_lm.masked_diffusion import MaskedDiffusionLM
+from modalities.diffusion_lm.sampling import TIME_GRIDS
 from toolkit.checkpoint import write_json_atomic
 
 DEFAULT_STEPS = (8, 16, 32, 64, 128)
@@ -30,6 +31,7 @@ def sample_timed(
     seed: int = 0,
     batch_size: int = 32,
     cache: bool = True,
+    time_grid: str = "uniform",
 ) -> tuple[torch.Tensor, float, int]:
     """(ids [num_samples, length], sampling seconds, denoiser forwards) of ancestral sampling with `model`."""
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
@@ -38,7 +40,7 @@ def sample_timed(
     start = time.perf_counter()
     for first in range(0, num_samples, batch_size):
         count = min(batch_size, num_samples - first)
-        rows.append(model.sample(count, length, num_steps, generator, cache=cache).cpu())
+        rows.append(model.sample(count, length, num_steps, generator, cache=cache, time_grid=time_grid).cpu())
         forwards += model.last_num_forward
     return torch.cat(rows), time.perf_counter() - start, forwards
 
@@ -53,6 +55,7 @@ def nfe_table(
     batch_size: int = 32,
     cache: bool = True,
     progress: bool = True,
+    time_grid: str = "uniform",
 ) -> list[dict[str, Any]]:
     """One row per (model, steps): gen_ppl, entropy, seconds, samples_per_s, nfe (denoiser forwards per sample).
 
@@ -65,6 +68,7 @@ def nfe_table(
         batch_size: sequences per sampler call.
         cache: skip forwards when nothing changed (MDLM caching; it lowers the teacher's real NFE).
         progress: show a progress bar.
+        time_grid: every cell's sampling grid, "uniform" (the spec's) or "cosine"; each row records it.
     """
     from rich.progress import Progress
 
@@ -73,7 +77,9 @@ def nfe_table(
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task("NFE table", total=len(plan))
         for name, num_steps in plan:
-            ids, seconds, forwards = sample_timed(models[name], num_samples, length, num_steps, seed, batch_size, cache)
+            ids, seconds, forwards = sample_timed(
+                models[name], num_samples, length, num_steps, seed, batch_size, cache, time_grid
+            )
             rows.append(
                 {
                     "model": name,
@@ -83,6 +89,7 @@ def nfe_table(
                     "seconds": seconds,
                     "samples_per_s": num_samples / seconds,
                     "nfe": forwards / max(1, -(-num_samples // batch_size)),
+                    "time_grid": time_grid,
                 }
             )
             bar.update(task, advance=1, description=f"NFE table: {name} @ {num_steps}")
@@ -128,6 +135,7 @@ def add_nfe_table_parser(sub: Any) -> None:
     p.add_argument("--num-samples", type=int, default=64)
     p.add_argument("--length", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--time-grid", default="uniform", choices=TIME_GRIDS, help="sampling time grid (spec: uniform)")
     p.add_argument("--out", help="write the rows as JSON here")
 
 
@@ -139,8 +147,8 @@ def cmd_nfe_table(args: Any) -> int:
     models = {"teacher": load_teacher(args.teacher)}
     if args.student:
         models["student"] = load_student(args.student, args.teacher, use_ema=not args.no_ema)
-    rows = nfe_table(models, args.steps, evaluator, args.num_samples, args.length, args.seed)
-    print_nfe_table(rows)
+    rows = nfe_table(models, args.steps, evaluator, args.num_samples, args.length, args.seed, time_grid=args.time_grid)
+    print_nfe_table(rows, title=f"NFE table ({args.time_grid} time grid)")
     if args.out:
         write_json_atomic(
             args.out, {"rows": rows, "settings": {k: v for k, v in vars(args).items() if k != "func"}}, sort_keys=True
@@ -210,6 +218,8 @@ class NFETableEvaluator:
             tiny GPT-2 on the shipped corpus for `evaluator_steps` steps (the CPU stand-in for GPT-2 Large).
         use_ema: evaluate the EMA student when the checkpoint has one (during training: the live EMA copy).
         include_teacher: sample the teacher too (false for evaluation during training, where it never changes).
+        time_grid: the sampling grid, "uniform" (the spec's) or "cosine"; match `sampler.time_grid` when the
+            student is trained on the cosine grid.
 
     The report's metrics() give gen_ppl/<model>@<steps> and entropy/<model>@<steps>, e.g. for
     `trainer.eval_every: 50`, `eval_metric: gen_ppl/student_ema@8`, `eval_mode: min` (checkpoint selection).
@@ -226,9 +236,13 @@ class NFETableEvaluator:
         evaluator_steps: int = 300,
         use_ema: bool = True,
         include_teacher: bool = True,
+        time_grid: str = "uniform",
     ) -> None:
         if not steps or min(steps) < 1:
             raise ValueError(f"steps must be a non-empty list of positive step counts, got {list(steps)}")
+        if time_grid not in TIME_GRIDS:
+            raise ValueError(f"time_grid={time_grid!r} is not one of {TIME_GRIDS}")
+        self.time_grid = time_grid
         self.steps, self.num_samples, self.length = list(steps), num_samples, length
         self.batch_size, self.seed, self.use_ema = batch_size, seed, use_ema
         self.evaluator_model, self.evaluator_steps = evaluator_model, evaluator_steps
@@ -240,7 +254,14 @@ class NFETableEvaluator:
     ) -> NFETableReport:
         models = evaluation_models(policy, checkpoint, self.use_ema, self.include_teacher, type(self).__name__)
         rows = nfe_table(
-            models, self.steps, self._evaluator(), self.num_samples, self.length, self.seed, self.batch_size
+            models,
+            self.steps,
+            self._evaluator(),
+            self.num_samples,
+            self.length,
+            self.seed,
+            self.batch_size,
+            time_grid=self.time_grid,
         )
         report = NFETableReport(rows)
         if output:

@@ -17,7 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from modalities.diffusion_lm.sampling import T_MIN, ancestral_q, ancestral_step, denoise_final, sample_categorical
+from modalities.diffusion_lm.sampling import (
+    T_MIN,
+    ancestral_q,
+    ancestral_step,
+    denoise_final,
+    sample_categorical,
+    sampling_grid,
+)
 from modalities.diffusion_lm.schedules import MaskingSchedule
 
 Reranker = Literal["released", "dev"]
@@ -26,7 +33,7 @@ StudentSigma = Literal["real", "zero"]
 
 @dataclass
 class RGASSchedule:
-    """Step plan of RGAS: times [N+1] float64, step size, tilting-step count K and the h of each step [N]."""
+    """Step plan of RGAS: times [N+1] float64, mean step size, tilting-step count K and the h of each step [N]."""
 
     timesteps: Tensor
     dt: float
@@ -41,6 +48,7 @@ def rgas_schedule(
     h_end: float = 40.0,
     reranker: Reranker = "released",
     t_min: float = T_MIN,
+    time_grid: str = "uniform",
 ) -> RGASSchedule:
     """RGAS time grid and guidance ramp (spec §12, E7: N = 8, ρ = 0.5 → K = 4, h = [30, 33.33, 36.67, 40]).
 
@@ -53,6 +61,7 @@ def rgas_schedule(
         h_start, h_end: h0, h1.
         reranker: "released" or "dev".
         t_min: last time of the grid (1e-5).
+        time_grid: "uniform" (the spec's linspace) or "cosine" (`sampling.sampling_grid`).
     """
     if reranker not in get_args(Reranker):
         raise ValueError(f"reranker={reranker!r} is not one of {get_args(Reranker)}")
@@ -63,7 +72,7 @@ def rgas_schedule(
         guidance = [h_start + i / max(1, k - 1) * (h_end - h_start) if i < k else 0.0 for i in range(num_steps)]
     else:
         guidance = [h_start + i / max(1, num_steps - 1) * (h_end - h_start) for i in range(num_steps)]
-    timesteps = torch.linspace(1.0, t_min, num_steps + 1, dtype=torch.float64)
+    timesteps = sampling_grid(num_steps, t_min, kind=time_grid)
     return RGASSchedule(timesteps, (1.0 - t_min) / num_steps, k, guidance)
 
 
@@ -115,6 +124,7 @@ def rgas_sample(
     student_sigma: StudentSigma = "real",
     final_denoiser: nn.Module | None = None,
     final_mode: str = "sample",
+    time_grid: str = "uniform",
 ) -> Tensor:
     """Generate from x [B, L] (all masks, or a prefix + masks) with RGAS; unmasked tokens never change.
 
@@ -128,11 +138,12 @@ def rgas_sample(
         student_sigma: "real" feeds σ_t = −log α_t (released numbers), "zero" the σ = 0 of training.
         final_denoiser: backbone for the final noise removal (σ = 0, SUBS); default `student`.
         final_mode: `denoise_final` mode.
+        time_grid: the sampling grid, "uniform" (spec) or "cosine".
     """
     if student_sigma not in get_args(StudentSigma):
         raise ValueError(f"student_sigma={student_sigma!r} is not one of {get_args(StudentSigma)}")
     mask_id: int = student.mask_id  # type: ignore[assignment]  # a DenoiserBackbone attribute
-    plan = rgas_schedule(num_steps, rerank_ratio, h_start, h_end, reranker)
+    plan = rgas_schedule(num_steps, rerank_ratio, h_start, h_end, reranker, time_grid=time_grid)
     alphas = schedule.alpha(plan.timesteps).to(x.device)
     rows = x.shape[0]
     for i in range(num_steps):

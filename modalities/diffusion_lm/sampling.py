@@ -19,6 +19,8 @@ from modalities.diffusion_lm.schedules import MaskingSchedule
 LogProbsFn = Callable[[Tensor, Tensor], Tensor]
 FinalMode = Literal["sample", "argmax", "none"]
 FINAL_MODES: tuple[str, ...] = ("sample", "argmax", "none")
+TimeGrid = Literal["uniform", "cosine"]
+TIME_GRIDS: tuple[str, ...] = ("uniform", "cosine")
 T_MIN = 1e-5
 
 
@@ -28,11 +30,26 @@ def _rows(value: Tensor | float, like: Tensor) -> Tensor:
     return value.reshape(-1, 1, 1).to(torch.float32) if value.dim() else value.to(torch.float32)
 
 
-def sampling_grid(num_steps: int, t_min: float = T_MIN, device: torch.device | None = None) -> Tensor:
-    """The time grid linspace(1, t_min, N+1) [N+1] float64 (step size (1 − t_min)/N; spec §3, E7)."""
+def sampling_grid(
+    num_steps: int, t_min: float = T_MIN, device: torch.device | None = None, kind: str = "uniform"
+) -> Tensor:
+    """The N-step time grid [N+1] float64 from 1 down to t_min.
+
+    "uniform" is the spec's linspace(1, t_min, N+1) (step size (1 − t_min)/N; §3, E7). "cosine" ([Our decision],
+    MaskGIT's schedule) is t_i = t_min + (1 − t_min)·cos(π/2 · i/N): under the log-linear schedule the masked
+    fraction follows cos(π/2 · i/N), so the first steps unmask few tokens and the last steps, which see the most
+    context, unmask the most.
+    """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    return torch.linspace(1.0, t_min, num_steps + 1, dtype=torch.float64, device=device)
+    if kind not in TIME_GRIDS:
+        raise ValueError(f"time_grid={kind!r} is not one of {TIME_GRIDS}")
+    if kind == "uniform":
+        return torch.linspace(1.0, t_min, num_steps + 1, dtype=torch.float64, device=device)
+    s = torch.arange(num_steps + 1, dtype=torch.float64, device=device) / num_steps
+    grid = t_min + (1.0 - t_min) * torch.cos(torch.pi / 2 * s)
+    grid[-1] = t_min  # cos(π/2) is 6e-17, not 0
+    return grid
 
 
 def ancestral_q(p_x0: Tensor, alpha_t: Tensor | float, alpha_s: Tensor | float, mask_id: int) -> Tensor:
@@ -111,7 +128,8 @@ class AncestralSampler:
     not change since the last call (valid only for a denoiser that ignores t, e.g. MDLM teachers with σ
     zeroed); cached and uncached runs give identical samples for one generator seed. With `block_size`,
     blocks are generated left to right, each over the full N-step grid with later blocks still masked.
-    `num_forward` counts denoiser calls of the last `sample` (the NFE).
+    `time_grid` picks the grid (`sampling_grid`: "uniform", the spec's, or "cosine"). `num_forward` counts
+    denoiser calls of the last `sample` (the NFE).
     """
 
     def __init__(
@@ -122,9 +140,13 @@ class AncestralSampler:
         cache: bool = True,
         final: str = "sample",
         t_min: float = T_MIN,
+        time_grid: str = "uniform",
     ) -> None:
         if final not in FINAL_MODES:
             raise ValueError(f"final must be one of {FINAL_MODES}, got {final!r}")
+        if time_grid not in TIME_GRIDS:
+            raise ValueError(f"time_grid={time_grid!r} is not one of {TIME_GRIDS}")
+        self.time_grid = time_grid
         self.log_probs_fn, self.schedule, self.mask_id = log_probs_fn, schedule, mask_id
         self.cache, self.final, self.t_min = cache, final, t_min
         self.num_forward = 0
@@ -144,7 +166,7 @@ class AncestralSampler:
     ) -> Tensor:
         """Denoise z [B, L] (masks and any fixed prefix tokens) into ids [B, L] with N steps per block."""
         self.num_forward, self._cached = 0, None
-        grid = sampling_grid(num_steps, self.t_min, z.device)
+        grid = sampling_grid(num_steps, self.t_min, z.device, self.time_grid)
         alphas = self.schedule.alpha(grid)
         for start, end in block_bounds(z.shape[1], block_size):
             active = torch.zeros_like(z, dtype=torch.bool)
