@@ -146,3 +146,36 @@ def test_tiny_config_trains_and_evaluates_on_the_cosine_grid(tmp_path: Path) -> 
     assert rows and {r["time_grid"] for r in rows} == {"cosine"}
     with pytest.raises(ValueError, match="time_grid"):
         build_trainer(load_config(CONFIG, [*overrides[:4], "sampler.time_grid=linear"]))
+
+
+def test_protein_table_samples_on_the_grid() -> None:
+    from modalities.diffusion_lm.protein.esm_teacher import build_tiny_protein_teacher
+    from modalities.diffusion_lm.protein.evaluation import ProteinNFEEvaluator, protein_nfe_table
+
+    teacher = build_tiny_protein_teacher(max_length=12)
+    grids: list[Any] = []
+    original = teacher.sample
+
+    def recording(*args: Any, **kwargs: Any) -> torch.Tensor:
+        grids.append(kwargs.get("time_grid"))
+        return original(*args, **kwargs)
+
+    teacher.sample = recording  # type: ignore[method-assign]
+    reference = torch.full((20,), 1 / 20)
+    rows = {
+        kind: protein_nfe_table(
+            {"teacher": teacher},
+            [4],
+            reference,
+            num_samples=4,
+            length=12,
+            num_resamples=2,
+            progress=False,
+            time_grid=kind,
+        )[0]  # fmt: skip
+        for kind in ("uniform", "cosine")
+    }
+    assert rows["cosine"]["time_grid"] == "cosine" and rows["uniform"]["time_grid"] == "uniform"
+    assert grids == ["uniform", "cosine"]
+    with pytest.raises(ValueError, match="time_grid"):
+        ProteinNFEEvaluator(time_grid="linear")

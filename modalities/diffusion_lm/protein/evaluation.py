@@ -20,6 +20,7 @@ from modalities.diffusion_lm.masked_diffusion import MaskedDiffusionLM
 from modalities.diffusion_lm.nfe_table import NFETableReport, evaluation_models, sample_timed
 from modalities.diffusion_lm.protein.data import load_sequences, protein_like_perplexity
 from modalities.diffusion_lm.protein.tokenizer import Layout, ProteinVocab
+from modalities.diffusion_lm.sampling import TIME_GRIDS
 from modalities.diffusion_lm.text_data import split_items
 from rewards.protein import metrics as M
 from toolkit.checkpoint import write_json_atomic
@@ -80,8 +81,9 @@ def protein_nfe_table(
     generator_ppl: bool = False,
     num_resamples: int = 200,
     progress: bool = True,
+    time_grid: str = "uniform",
 ) -> list[dict[str, Any]]:
-    """One row per (model, steps): the `protein_row` metrics, seconds, samples_per_s, nfe."""
+    """One row per (model, steps): the `protein_row` metrics, seconds, samples_per_s, nfe, on `time_grid`."""
     from rich.progress import Progress
 
     vocab = ProteinVocab.from_layout(layout)
@@ -90,7 +92,9 @@ def protein_nfe_table(
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task("protein NFE table", total=len(plan))
         for name, num_steps in plan:
-            ids, seconds, forwards = sample_timed(models[name], num_samples, length, num_steps, seed, batch_size)
+            ids, seconds, forwards = sample_timed(
+                models[name], num_samples, length, num_steps, seed, batch_size, time_grid=time_grid
+            )
             sequences = vocab.decode_batch(ids)
             rows.append(
                 {
@@ -100,6 +104,7 @@ def protein_nfe_table(
                     "seconds": seconds,
                     "samples_per_s": num_samples / seconds,
                     "nfe": forwards / max(1, -(-num_samples // batch_size)),
+                    "time_grid": time_grid,
                 }
             )
             bar.update(task, advance=1, description=f"protein NFE table: {name} @ {num_steps}")
@@ -144,7 +149,7 @@ class ProteinNFEEvaluator:
         generator_ppl: also report the generator perplexity; None (default) reports it only for the shipped
             protein-like set (no `reference_path`), the only data whose generating chain is known.
         num_resamples: bootstrap resamples of the composition JS standard error.
-        use_ema, include_teacher: as in `NFETableEvaluator`.
+        use_ema, include_teacher, time_grid: as in `NFETableEvaluator`.
     """
 
     def __init__(
@@ -161,9 +166,13 @@ class ProteinNFEEvaluator:
         num_resamples: int = 200,
         use_ema: bool = True,
         include_teacher: bool = True,
+        time_grid: str = "uniform",
     ) -> None:
         if not steps or min(steps) < 1:
             raise ValueError(f"steps must be a non-empty list of positive step counts, got {list(steps)}")
+        if time_grid not in TIME_GRIDS:
+            raise ValueError(f"time_grid={time_grid!r} is not one of {TIME_GRIDS}")
+        self.time_grid = time_grid
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         self.steps, self.num_samples, self.length, self.batch_size = list(steps), num_samples, length, batch_size
@@ -187,6 +196,7 @@ class ProteinNFEEvaluator:
             self.batch_size,
             self.generator_ppl,
             self.num_resamples,
+            time_grid=self.time_grid,
         )
         report = ProteinNFEReport(rows)
         if output:
