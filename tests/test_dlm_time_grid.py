@@ -97,17 +97,23 @@ def test_student_rollout_follows_the_cosine_grid_and_rescores_exactly() -> None:
     torch.testing.assert_close(policy.log_probs(rollout), rollout.old_logprobs, atol=1e-4, rtol=0)
 
 
-def test_teacher_real_rows_use_the_teacher_time_grid() -> None:
-    samples, _ = _samples()
-    teacher = _tiny_teacher(2)
+def _record_time_grids(model: Any) -> list[Any]:
+    """Wrap model.sample to record the time_grid of every call; returns the (growing) list."""
     grids: list[Any] = []
-    original = teacher.sample
+    original = model.sample
 
     def recording(*args: Any, **kwargs: Any) -> torch.Tensor:
         grids.append(kwargs.get("time_grid"))
         return original(*args, **kwargs)
 
-    teacher.sample = recording  # type: ignore[method-assign]
+    model.sample = recording
+    return grids
+
+
+def test_teacher_real_rows_use_the_teacher_time_grid() -> None:
+    samples, _ = _samples()
+    teacher = _tiny_teacher(2)
+    grids = _record_time_grids(teacher)
     reward = DiscriminatorReward(
         discriminator_from_teacher(_tiny_teacher(), 1), lr=1e-3, warmup_steps=0, real_source="teacher",
         teacher=teacher, teacher_num_steps=4, teacher_pool_size=6, teacher_pool_refresh=2, teacher_holdout_size=3,
@@ -153,14 +159,7 @@ def test_protein_table_samples_on_the_grid() -> None:
     from modalities.diffusion_lm.protein.evaluation import ProteinNFEEvaluator, protein_nfe_table
 
     teacher = build_tiny_protein_teacher(max_length=12)
-    grids: list[Any] = []
-    original = teacher.sample
-
-    def recording(*args: Any, **kwargs: Any) -> torch.Tensor:
-        grids.append(kwargs.get("time_grid"))
-        return original(*args, **kwargs)
-
-    teacher.sample = recording  # type: ignore[method-assign]
+    grids = _record_time_grids(teacher)
     reference = torch.full((20,), 1 / 20)
     rows = {
         kind: protein_nfe_table(
