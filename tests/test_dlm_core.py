@@ -336,8 +336,10 @@ def test_cli_train_teacher_and_sample(tmp_path: Path, capsys: pytest.CaptureFixt
     assert run_dlm(["dlm", "train-teacher", str(run_dir), *flags.split(), "--num-steps", "2", "--no-progress"]) == 0
     assert "held-out NELBO" in capsys.readouterr().out
     assert (run_dir / "summary.json").is_file() and (run_dir / "checkpoints" / "step_00000002").is_dir()
-    assert run_dlm(["dlm", "sample", str(run_dir), "--num-samples", "2", "--length", "8", "--num-steps", "4"]) == 0
-    assert len(capsys.readouterr().out.strip().splitlines()) == 2
+    for grid in ("uniform", "cosine"):
+        sample = ["dlm", "sample", str(run_dir), "--num-samples", "2", "--length", "8", "--num-steps", "4"]
+        assert run_dlm([*sample, "--time-grid", grid]) == 0
+        assert len(capsys.readouterr().out.strip().splitlines()) == 2
     out = tmp_path / "samples.jsonl"
     assert (
         run_dlm(["dlm", "sample", str(run_dir), "--num-samples", "3", "--batch-size", "2", "--output", str(out)]) == 0
@@ -349,6 +351,9 @@ def test_cli_train_teacher_and_sample(tmp_path: Path, capsys: pytest.CaptureFixt
     assert run_dlm([*nfe, "--evaluator-steps", "2", "--out", str(table)]) == 0
     assert "NFE table" in capsys.readouterr().out
     assert [(r["model"], r["steps"]) for r in json.loads(table.read_text())["rows"]] == [("teacher", 2), ("teacher", 4)]
+    assert run_dlm([*nfe, "--evaluator-steps", "2", "--out", str(table), "--time-grid", "cosine"]) == 0
+    assert "cosine time grid" in capsys.readouterr().out
+    assert {r["time_grid"] for r in json.loads(table.read_text())["rows"]} == {"cosine"}
     bad = tmp_path / "bad.yaml"
     bad.write_text("# bad\nnum_step: 3\n")
     with pytest.raises(ValueError, match="did you mean 'num_steps'"):

@@ -79,6 +79,8 @@ def _add_train_teacher(sub: Any) -> None:
 
 
 def _add_sample(sub: Any) -> None:
+    from modalities.diffusion_lm.sampling import TIME_GRIDS
+
     p = sub.add_parser("sample", help="Sample text from a teacher trained with train-teacher.")
     p.set_defaults(func=cmd_sample)
     p.add_argument("teacher", help="train-teacher run directory or checkpoint directory")
@@ -86,6 +88,7 @@ def _add_sample(sub: Any) -> None:
     p.add_argument("--length", type=int, default=None, help="default: the teacher's max_length")
     p.add_argument("--num-steps", type=int, default=64)
     p.add_argument("--block-size", type=int, default=None)
+    p.add_argument("--time-grid", default="uniform", choices=TIME_GRIDS, help="sampling time grid (spec: uniform)")
     p.add_argument("--batch-size", type=int, default=64, help="sequences per sampler call")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--corpus", default=None, help="corpus whose vocabulary the teacher was trained with")
@@ -189,6 +192,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         args.seed,
         progress=args.progress and args.output is not None,
         block_size=args.block_size,
+        time_grid=args.time_grid,
     ).tolist()
     texts = [str(tokenizer.decode(row)) for row in ids]
     if args.output is None:
