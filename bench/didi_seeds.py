@@ -1,0 +1,124 @@
+"""Student@8 against teacher@64 over several sampling seeds: is a finished `didi_nfe.py` run's gap real or noise?
+
+One 128-sample NFE table moves by ±0.3–0.5 gen-PPL between seeds, about the size of the gaps it is read for. This
+re-samples the final student (raw and EMA) at 8 steps and the teacher at 64 steps on both time grids, with the
+same `--num-samples` per seed and several seeds, and reports per-seed values, means and the paired per-seed
+differences (each seed samples every model with the same generator seed).
+
+    .venv/bin/python bench/didi_seeds.py X11 --time-grid cosine      # ~7 min on 2 threads
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from didi_nfe import ROOT, stage_evaluator, stage_teacher  # noqa: E402
+from didi_nfe import parse_args as nfe_args  # noqa: E402
+
+from modalities.diffusion_lm.nfe_table import load_student, nfe_table  # noqa: E402
+from modalities.diffusion_lm.teacher import load_teacher  # noqa: E402
+from toolkit.checkpoint import write_json_atomic  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    p.add_argument("name", help="the didi_nfe.py run name (its run is work-dir/distil_NAME)")
+    p.add_argument("--time-grid", default="uniform", choices=("uniform", "cosine"), help="the student's grid")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--num-samples", type=int, default=512)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    return p.parse_args(argv)
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    """(mean, standard error of the mean); se is 0 for a single value."""
+    se = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0
+    return statistics.mean(values), se
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    base = nfe_args([])  # the bench's teacher and evaluator settings
+    teacher_ckpt = stage_teacher(base, Path(base.work_dir))[0]
+    evaluator, _ = stage_evaluator(base)
+    run = Path(base.work_dir) / f"distil_{args.name}"
+    models = {
+        "teacher": load_teacher(teacher_ckpt),
+        "student": load_student(run, teacher_ckpt, use_ema=False),
+        "student_ema": load_student(run, teacher_ckpt),
+    }
+    cells = [("student", 8, args.time_grid), ("student_ema", 8, args.time_grid)]
+    cells += [("teacher", 64, grid) for grid in dict.fromkeys((args.time_grid, "uniform", "cosine"))]
+    rows: list[dict[str, Any]] = []
+    for seed in args.seeds:
+        for name, steps, grid in cells:
+            row = nfe_table({name: models[name]}, [steps], evaluator, args.num_samples, base.length, seed,
+                            progress=False, time_grid=grid)[0]  # fmt: skip
+            rows.append(row | {"seed": seed})
+            print(f"seed {seed} {name}@{steps} {grid}: gen-PPL {row['gen_ppl']:.3f} entropy {row['entropy']:.3f}")
+    per_cell = {cell: [r for r in rows if (r["model"], r["steps"], r["time_grid"]) == cell] for cell in cells}
+    summary = []
+    for (name, steps, grid), cell_rows in per_cell.items():
+        m, se = mean_se([r["gen_ppl"] for r in cell_rows])
+        entropy = statistics.mean(r["entropy"] for r in cell_rows)
+        summary.append({"model": name, "steps": steps, "time_grid": grid, "gen_ppl": m, "se": se, "entropy": entropy})
+    paired = []
+    for student in ("student", "student_ema"):
+        for grid in dict.fromkeys((args.time_grid, "uniform", "cosine")):
+            diffs = [
+                s["gen_ppl"] - t["gen_ppl"]
+                for s, t in zip(per_cell[(student, 8, args.time_grid)], per_cell[("teacher", 64, grid)], strict=True)
+            ]
+            m, se = mean_se(diffs)
+            paired.append({"student": student, "teacher_grid": grid, "mean_diff": m, "se": se, "diffs": diffs})
+    result = {"rows": rows, "summary": summary, "paired": paired, "settings": vars(args)}
+    out = Path(args.out)
+    write_json_atomic(out / f"didi_seeds_{args.name.lower()}.json", result, sort_keys=True)
+    write_markdown(out / f"didi_seeds_{args.name.lower()}.md", result)
+    return result
+
+
+def write_markdown(path: Path, result: dict[str, Any]) -> None:
+    st = result["settings"]
+    lines = [
+        f"# Student@8 against teacher@64 over sampling seeds: run {st['name']} (bench/didi_seeds.py)",
+        "",
+        f"{st['num_samples']} samples per cell and seed, seeds {st['seeds']}; the student on the {st['time_grid']} "
+        "grid, the teacher on each grid. Gen-PPL under the bench's tiny GPT-2 evaluator.",
+        "",
+        "| model | steps | time grid | per seed | mean ± se | entropy |",
+        "|---|---|---|---|---|---|",
+    ]
+    for s in result["summary"]:
+        values = [r["gen_ppl"] for r in result["rows"] if (r["model"], r["steps"], r["time_grid"]) ==
+                  (s["model"], s["steps"], s["time_grid"])]  # fmt: skip
+        lines.append(
+            f"| {s['model']} | {s['steps']} | {s['time_grid']} | {', '.join(f'{v:.2f}' for v in values)} | "
+            f"{s['gen_ppl']:.2f} ± {s['se']:.2f} | {s['entropy']:.3f} |"
+        )
+    lines += ["", "Paired per-seed difference, student@8 − teacher@64 (negative: the student is better):", ""]
+    for p in result["paired"]:
+        lines.append(
+            f"* {p['student']} − teacher@64 ({p['teacher_grid']} grid): {p['mean_diff']:+.2f} ± {p['se']:.2f} "
+            f"(per seed {', '.join(f'{d:+.2f}' for d in p['diffs'])})"
+        )
+    command = " ".join(
+        [".venv/bin/python bench/didi_seeds.py", st["name"], "--time-grid", st["time_grid"], "--seeds"]
+        + [str(s) for s in st["seeds"]]
+        + ["--num-samples", str(st["num_samples"])]
+    )
+    lines += ["", f"Reproduce: `{command}`."]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
