@@ -141,7 +141,7 @@ class MaskedDiffusionLM(nn.Module):
         device: torch.device | str | None = None,
         time_grid: str = "uniform",
     ) -> Tensor:
-        """Ancestral samples [num_samples, length] over linspace(1, 1e-5, N+1) plus noise removal (spec §3).
+        """Ancestral samples [num_samples, length] over an N-step time grid plus noise removal (spec §3).
 
         Args:
             num_steps: N ancestral steps (per block when `block_size` is set).
