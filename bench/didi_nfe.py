@@ -27,6 +27,7 @@ from modalities.diffusion_lm.evaluation import CausalLMEvaluator, build_tiny_gpt
 from modalities.diffusion_lm.masked_diffusion import MaskedDiffusionLM
 from modalities.diffusion_lm.nfe_table import load_student, nfe_table, print_nfe_table, sample_timed
 from modalities.diffusion_lm.rgas import rgas_sample
+from modalities.diffusion_lm.sampling import TIME_GRIDS
 from modalities.diffusion_lm.teacher import evaluate_nelbo, load_teacher, train_teacher
 from modalities.diffusion_lm.text_data import TokenDataset, build_text_tokenizer, collate_input_ids
 from modalities.diffusion_lm.tiny import build_tiny_text_teacher
@@ -95,7 +96,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--time-grid",
         default="uniform",
-        choices=("uniform", "cosine"),
+        choices=TIME_GRIDS,
         help="the grid the student is trained, selected and evaluated on, and the teacher's real side sampled with; "
         "with cosine the teacher is also evaluated on the uniform grid and the goal compares against its better one",
     )
@@ -298,10 +299,10 @@ def summarize(
     The student is the one sampled on `grid`; teacher@64 is its best time grid among the rows (a student on the
     cosine grid is held against the teacher on whichever grid serves it better).
     """
-    cell = {(r["model"], r["steps"], r.get("time_grid", "uniform")): r for r in rows}
+    cell = {(r["model"], r["steps"], r["time_grid"]): r for r in rows}
     student = cell[("student", 8, grid)]
     teacher = min((r for r in rows if r["model"] == "teacher" and r["steps"] == 64), key=lambda r: r["gen_ppl"])
-    own = [r for r in rows if r.get("time_grid", "uniform") == grid]
+    own = [r for r in rows if r["time_grid"] == grid]
     best8 = min((r for r in own if r["steps"] == 8 and r["model"] != "teacher"), key=lambda r: r["gen_ppl"])
     matching = [r for r in own if r["model"] == "student" and r["gen_ppl"] <= teacher["gen_ppl"]]
     fewest = min(matching, key=lambda r: r["steps"]) if matching else None
@@ -310,7 +311,7 @@ def summarize(
         "best_student8_variant": best8["model"],
         "best_student8_gen_ppl": best8["gen_ppl"],
         "teacher64_gen_ppl": teacher["gen_ppl"],
-        "teacher64_time_grid": teacher.get("time_grid", "uniform"),
+        "teacher64_time_grid": teacher["time_grid"],
         "teacher8_gen_ppl": cell[("teacher", 8, grid)]["gen_ppl"],
         "data_valid_gen_ppl": data_ppl,
         "ppl_goal_met": student["gen_ppl"] <= teacher["gen_ppl"],
@@ -340,7 +341,7 @@ def write_markdown(path: Path, result: dict[str, Any]) -> None:
         f"`configs/diffusion_lm/tiny.yaml`, {st['distill_steps_done']} steps x {st['prompts_per_step']} rows x G = 4, "
         f"student lr {st['distill_lr']}, discriminator lr {st['disc_lr']} (warm-up {st['disc_warmup']}), EMA "
         f"{st['ema_decay']}, kl_coef {st['kl_coef'] or 'config'}, student rollout steps {st['student_steps']} "
-        f"({st.get('time_grid', 'uniform')} time grid), "
+        f"({st['time_grid']} time grid), "
         f"one τ per {'group' if st['tau_per_group'] else 'sample'}, "
         f"discriminator: {st['disc_blocks']} trainable blocks, {st['disc_updates']} update(s) per call, reward over "
         f"{st['disc_corruptions']} corruption(s) at {st['disc_positions']} positions, real side "
@@ -355,7 +356,7 @@ def write_markdown(path: Path, result: dict[str, Any]) -> None:
     ]
     for r in result["rows"]:
         lines.append(
-            f"| {r['model']} | {r['steps']} | {r.get('time_grid', 'uniform')} | {r['nfe']:.1f} | {r['gen_ppl']:.2f} | "
+            f"| {r['model']} | {r['steps']} | {r['time_grid']} | {r['nfe']:.1f} | {r['gen_ppl']:.2f} | "
             f"{r['entropy']:.3f} | "
             f"{r['seconds']:.2f} | {r['samples_per_s']:.1f} |"
         )
@@ -363,9 +364,9 @@ def write_markdown(path: Path, result: dict[str, Any]) -> None:
     lines += holdout_lines(st.get("discriminator_end") or {}, st["real_source"])
     lines += [
         "",
-        f"* gen-PPL goal **{verdict}**: student@8 ({st.get('time_grid', 'uniform')} grid) "
+        f"* gen-PPL goal **{verdict}**: student@8 ({st['time_grid']} grid) "
         f"{s['student8_gen_ppl']:.2f} vs teacher@64 {s['teacher64_gen_ppl']:.2f} "
-        f"({s.get('teacher64_time_grid', 'uniform')} grid, the teacher's best; teacher@8 "
+        f"({s['teacher64_time_grid']} grid, the teacher's best; teacher@8 "
         f"{s['teacher8_gen_ppl']:.2f}; best 8-step student variant {s['best_student8_variant']} "
         f"{s['best_student8_gen_ppl']:.2f}; held-out data {s['data_valid_gen_ppl']:.2f}).",
         f"* speed goal **{'met' if s['speed_goal_met'] else 'NOT met'}**: student@8 is "
@@ -398,19 +399,19 @@ def evaluate_all(
     student = load_student(student_ckpt, teacher_ckpt, use_ema=False)
     models = {"teacher": teacher, "student": student, "student_ema": load_student(student_ckpt, teacher_ckpt)}
     steps = {"teacher": [8, 16, 32, 64, 128], "student": sorted({8, *args.student_nfe}), "student_ema": [8]}
-    common = {"num_samples": args.num_samples, "length": args.length, "progress": False}
-    rows = nfe_table(models, steps, evaluator, time_grid=args.time_grid, **common)  # type: ignore[arg-type]
+    common: dict[str, Any] = {"num_samples": args.num_samples, "length": args.length, "progress": False}
+    rows = nfe_table(models, steps, evaluator, time_grid=args.time_grid, **common)
     best = BestCheckpoint.read(student_ckpt.parent.parent)
     if best is not None:  # trainer.eval_every selection: the best EMA student, scored by the bench's evaluator
         selected = {"student_ema_best": load_student(best["checkpoint"], teacher_ckpt)}
-        rows += nfe_table(selected, [8], evaluator, time_grid=args.time_grid, **common)  # type: ignore[arg-type]
+        rows += nfe_table(selected, [8], evaluator, time_grid=args.time_grid, **common)
         rows[-1]["selected_step"] = best["step"]
     rows.append(rgas_row("student+rgas", student, reward, evaluator, args))
     rows.append(rgas_row("student_ema+rgas", models["student_ema"], reward, evaluator, args))
     if args.time_grid != "uniform":  # the spec's grid too: the goal holds the student against the teacher's better one
         spec_grid = {"teacher": teacher, "student": student}
         other = {"teacher": [8, 64, 128], "student": [8]}
-        rows += nfe_table(spec_grid, other, evaluator, time_grid="uniform", **common)  # type: ignore[arg-type]
+        rows += nfe_table(spec_grid, other, evaluator, time_grid="uniform", **common)
     teacher64 = min((r for r in rows if r["model"] == "teacher" and r["steps"] == 64), key=lambda r: r["gen_ppl"])
     _, nocache_s, _ = sample_timed(
         teacher, args.num_samples, args.length, 64, cache=False, time_grid=teacher64["time_grid"]

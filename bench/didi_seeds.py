@@ -23,6 +23,7 @@ from didi_nfe import ROOT, stage_evaluator, stage_teacher  # noqa: E402
 from didi_nfe import parse_args as nfe_args  # noqa: E402
 
 from modalities.diffusion_lm.nfe_table import load_student, nfe_table  # noqa: E402
+from modalities.diffusion_lm.sampling import TIME_GRIDS  # noqa: E402
 from modalities.diffusion_lm.teacher import load_teacher  # noqa: E402
 from toolkit.checkpoint import write_json_atomic  # noqa: E402
 
@@ -30,7 +31,7 @@ from toolkit.checkpoint import write_json_atomic  # noqa: E402
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("name", help="the didi_nfe.py run name (its run is work-dir/distil_NAME)")
-    p.add_argument("--time-grid", default="uniform", choices=("uniform", "cosine"), help="the student's grid")
+    p.add_argument("--time-grid", default="uniform", choices=TIME_GRIDS, help="the student's grid")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--num-samples", type=int, default=512)
     p.add_argument("--threads", type=int, default=2)

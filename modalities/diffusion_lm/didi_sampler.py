@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from modalities.diffusion_lm.didi_policy import StudentPolicy, step_log_probs
-from modalities.diffusion_lm.sampling import TIME_GRIDS, ancestral_step, sampling_grid
+from modalities.diffusion_lm.sampling import ancestral_step, check_time_grid, sampling_grid
 from modalities.diffusion_lm.time_weighting import beta_density
 from toolkit.rollout import Rollout
 
@@ -117,9 +117,7 @@ class TwoStepStudentSampler:
             raise ValueError(f"num_steps={num_steps!r} must be an integer >= 2")
         if num_steps > 2 and remask_prob > 0:
             raise ValueError("remask_prob applies to the two-step rollout only (num_steps=2)")
-        if time_grid not in TIME_GRIDS:
-            raise ValueError(f"time_grid={time_grid!r} is not one of {TIME_GRIDS}")
-        if time_grid != "uniform" and num_steps == 2:
+        if check_time_grid(time_grid) != "uniform" and num_steps == 2:
             raise ValueError(
                 f"time_grid={time_grid!r} applies to N-step rollouts (num_steps > 2); the two-step "
                 "rollout's times are 1 → τ → t0_eps"

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from modalities.diffusion_lm.backbone import DenoiserBackbone
-from modalities.diffusion_lm.sampling import TIME_GRIDS
+from modalities.diffusion_lm.sampling import check_time_grid
 from rewards.base import RewardOutput
 
 
@@ -228,8 +228,6 @@ class DiscriminatorReward:
             raise ValueError(f"label_smoothing={label_smoothing} must be in [0, 0.5)")
         if positions not in get_args(Positions):
             raise ValueError(f"positions={positions!r} is not one of {get_args(Positions)}")
-        if teacher_time_grid not in TIME_GRIDS:
-            raise ValueError(f"teacher_time_grid={teacher_time_grid!r} is not one of {TIME_GRIDS}")
         if teacher_pool_size < 0:
             raise ValueError(f"teacher_pool_size={teacher_pool_size} must be >= 0")
         if not 0 <= teacher_pool_refresh <= teacher_pool_size:
@@ -267,7 +265,7 @@ class DiscriminatorReward:
         self.max_grad_norm, self.label_smoothing = max_grad_norm, label_smoothing
         self.reward_clip, self.logodds_eps, self.real_source = reward_clip, logodds_eps, real_source
         self.teacher_num_steps, self.teacher_pool_size = teacher_num_steps, teacher_pool_size
-        self.teacher_time_grid = teacher_time_grid
+        self.teacher_time_grid = check_time_grid(teacher_time_grid, "teacher_time_grid")
         self.teacher_pool: Tensor | None = None
         self.teacher_pool_refresh, self.teacher_holdout_size = teacher_pool_refresh, teacher_holdout_size
         self.pool_cursor = 0
@@ -326,11 +324,7 @@ class DiscriminatorReward:
             index = torch.randint(0, self.teacher_pool.shape[0], (shape[0],), generator=self.generator)
             return self.teacher_pool[index].to(self.device)
         if self.real_source == "teacher":
-            with torch.no_grad():
-                rows = self.teacher.sample(
-                    shape[0], shape[1], self.teacher_num_steps, self.generator, time_grid=self.teacher_time_grid
-                )
-            return rows.to(self.device)  # type: ignore[no-any-return]
+            return self.sample_teacher(shape[0], shape[1]).to(self.device)
         if "input_ids" not in metadata:
             raise ValueError("real_source='data' needs per-row `input_ids` metadata (the sampler's data rows)")
         real = torch.as_tensor(metadata["input_ids"], dtype=torch.long, device=self.device)
@@ -351,14 +345,20 @@ class DiscriminatorReward:
             self.teacher, count, length, self.teacher_num_steps, seed=seed, time_grid=self.teacher_time_grid
         )
 
+    @torch.no_grad()
+    def sample_teacher(self, count: int, length: int) -> Tensor:
+        """[count, length] fresh teacher samples (`teacher_num_steps` steps on `teacher_time_grid`, this reward's
+        generator): the real rows of a call without a pool, and a pool's refreshed rows."""
+        rows: Tensor = self.teacher.sample(
+            count, length, self.teacher_num_steps, self.generator, time_grid=self.teacher_time_grid
+        )
+        return rows
+
     def refresh_pool(self) -> None:
         """Replace the `teacher_pool_refresh` oldest pooled rows (a ring) with fresh teacher samples."""
         assert self.teacher_pool is not None
         size, n = self.teacher_pool.shape[0], self.teacher_pool_refresh
-        with torch.no_grad():
-            rows = self.teacher.sample(
-                n, self.teacher_pool.shape[1], self.teacher_num_steps, self.generator, time_grid=self.teacher_time_grid
-            )
+        rows = self.sample_teacher(n, self.teacher_pool.shape[1])
         slots = (self.pool_cursor + torch.arange(n)) % size
         self.teacher_pool[slots] = rows.to(self.teacher_pool.device)
         self.pool_cursor = int((self.pool_cursor + n) % size)

@@ -17,7 +17,7 @@ import torch
 
 from modalities.diffusion_lm.evaluation import CausalLMEvaluator, unigram_entropy
 from modalities.diffusion_lm.masked_diffusion import MaskedDiffusionLM
-from modalities.diffusion_lm.sampling import TIME_GRIDS
+from modalities.diffusion_lm.sampling import TIME_GRIDS, check_time_grid
 from toolkit.checkpoint import write_json_atomic
 
 DEFAULT_STEPS = (8, 16, 32, 64, 128)
@@ -240,9 +240,7 @@ class NFETableEvaluator:
     ) -> None:
         if not steps or min(steps) < 1:
             raise ValueError(f"steps must be a non-empty list of positive step counts, got {list(steps)}")
-        if time_grid not in TIME_GRIDS:
-            raise ValueError(f"time_grid={time_grid!r} is not one of {TIME_GRIDS}")
-        self.time_grid = time_grid
+        self.time_grid = check_time_grid(time_grid)
         self.steps, self.num_samples, self.length = list(steps), num_samples, length
         self.batch_size, self.seed, self.use_ema = batch_size, seed, use_ema
         self.evaluator_model, self.evaluator_steps = evaluator_model, evaluator_steps

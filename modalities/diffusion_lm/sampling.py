@@ -19,9 +19,15 @@ from modalities.diffusion_lm.schedules import MaskingSchedule
 LogProbsFn = Callable[[Tensor, Tensor], Tensor]
 FinalMode = Literal["sample", "argmax", "none"]
 FINAL_MODES: tuple[str, ...] = ("sample", "argmax", "none")
-TimeGrid = Literal["uniform", "cosine"]
 TIME_GRIDS: tuple[str, ...] = ("uniform", "cosine")
 T_MIN = 1e-5
+
+
+def check_time_grid(value: str, field: str = "time_grid") -> str:
+    """`value` if it is one of TIME_GRIDS, else a ValueError naming `field` (the config key that set it)."""
+    if value not in TIME_GRIDS:
+        raise ValueError(f"{field}={value!r} is not one of {TIME_GRIDS}")
+    return value
 
 
 def _rows(value: Tensor | float, like: Tensor) -> Tensor:
@@ -42,9 +48,7 @@ def sampling_grid(
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    if kind not in TIME_GRIDS:
-        raise ValueError(f"time_grid={kind!r} is not one of {TIME_GRIDS}")
-    if kind == "uniform":
+    if check_time_grid(kind) == "uniform":
         return torch.linspace(1.0, t_min, num_steps + 1, dtype=torch.float64, device=device)
     s = torch.arange(num_steps + 1, dtype=torch.float64, device=device) / num_steps
     grid = t_min + (1.0 - t_min) * torch.cos(torch.pi / 2 * s)
@@ -144,9 +148,7 @@ class AncestralSampler:
     ) -> None:
         if final not in FINAL_MODES:
             raise ValueError(f"final must be one of {FINAL_MODES}, got {final!r}")
-        if time_grid not in TIME_GRIDS:
-            raise ValueError(f"time_grid={time_grid!r} is not one of {TIME_GRIDS}")
-        self.time_grid = time_grid
+        self.time_grid = check_time_grid(time_grid)
         self.log_probs_fn, self.schedule, self.mask_id = log_probs_fn, schedule, mask_id
         self.cache, self.final, self.t_min = cache, final, t_min
         self.num_forward = 0

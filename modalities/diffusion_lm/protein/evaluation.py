@@ -20,7 +20,7 @@ from modalities.diffusion_lm.masked_diffusion import MaskedDiffusionLM
 from modalities.diffusion_lm.nfe_table import NFETableReport, evaluation_models, sample_timed
 from modalities.diffusion_lm.protein.data import load_sequences, protein_like_perplexity
 from modalities.diffusion_lm.protein.tokenizer import Layout, ProteinVocab
-from modalities.diffusion_lm.sampling import TIME_GRIDS
+from modalities.diffusion_lm.sampling import check_time_grid
 from modalities.diffusion_lm.text_data import split_items
 from rewards.protein import metrics as M
 from toolkit.checkpoint import write_json_atomic
@@ -170,9 +170,7 @@ class ProteinNFEEvaluator:
     ) -> None:
         if not steps or min(steps) < 1:
             raise ValueError(f"steps must be a non-empty list of positive step counts, got {list(steps)}")
-        if time_grid not in TIME_GRIDS:
-            raise ValueError(f"time_grid={time_grid!r} is not one of {TIME_GRIDS}")
-        self.time_grid = time_grid
+        self.time_grid = check_time_grid(time_grid)
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         self.steps, self.num_samples, self.length, self.batch_size = list(steps), num_samples, length, batch_size
