@@ -3,6 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+VENV_GIB := 7
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
@@ -13,6 +14,8 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	@$(PY) -c "import shutil; free = shutil.disk_usage('.').free / 2**30; \
+	free < $(VENV_GIB) and print(f'WARNING: {free:.1f} GiB free here; the venv needs about $(VENV_GIB) GiB (torch with CUDA libraries). pip will fail with \"No space left on device\" if it runs out.')"
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -c constraints.txt torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev]"
