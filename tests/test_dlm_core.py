@@ -354,6 +354,13 @@ def test_cli_train_teacher_and_sample(tmp_path: Path, capsys: pytest.CaptureFixt
     assert run_dlm([*nfe, "--evaluator-steps", "2", "--out", str(table), "--time-grid", "cosine"]) == 0
     assert "cosine time grid" in capsys.readouterr().out
     assert {r["time_grid"] for r in json.loads(table.read_text())["rows"]} == {"cosine"}
+    assert run_dlm([*nfe, "--evaluator-steps", "2", "--out", str(table), "--teacher-temperature", "0.7"]) == 0
+    assert "teacher T=0.7" in capsys.readouterr().out
+    assert {r["temperature"] for r in json.loads(table.read_text())["rows"]} == {0.7}
+    assert run_dlm([*sample, "--temperature", "0.5"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 2
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+        run_dlm([*sample, "--temperature", "0"])
     bad = tmp_path / "bad.yaml"
     bad.write_text("# bad\nnum_step: 3\n")
     with pytest.raises(ValueError, match="did you mean 'num_steps'"):

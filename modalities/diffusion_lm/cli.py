@@ -89,6 +89,7 @@ def _add_sample(sub: Any) -> None:
     p.add_argument("--num-steps", type=int, default=64)
     p.add_argument("--block-size", type=int, default=None)
     p.add_argument("--time-grid", default="uniform", choices=TIME_GRIDS, help="sampling time grid (spec: uniform)")
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax(log x_θ / T) (spec: 1)")
     p.add_argument("--batch-size", type=int, default=64, help="sequences per sampler call")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--corpus", default=None, help="corpus whose vocabulary the teacher was trained with")
@@ -193,6 +194,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         progress=args.progress and args.output is not None,
         block_size=args.block_size,
         time_grid=args.time_grid,
+        temperature=args.temperature,
     ).tolist()
     texts = [str(tokenizer.decode(row)) for row in ids]
     if args.output is None:

@@ -140,6 +140,7 @@ class MaskedDiffusionLM(nn.Module):
         prefix: Tensor | None = None,
         device: torch.device | str | None = None,
         time_grid: str = "uniform",
+        temperature: float = 1.0,
     ) -> Tensor:
         """Ancestral samples [num_samples, length] over an N-step time grid plus noise removal (spec §3).
 
@@ -150,6 +151,7 @@ class MaskedDiffusionLM(nn.Module):
             cache: skip the forward when nothing changed (ignored with time conditioning, where σ changes).
             prefix: ids [P] or [num_samples, P] fixed at the first P positions (never changed).
             time_grid: "uniform" (the spec's linspace) or "cosine" (`sampling.sampling_grid`).
+            temperature: x_θ tempered as softmax(log x_θ / T) (`sampling.temper`); 1, the spec's, leaves it as is.
         """
         device = torch.device(device) if device is not None else next(self.backbone.parameters()).device
         z = torch.full((num_samples, length), self.mask_id, dtype=torch.long, device=device)
@@ -166,6 +168,7 @@ class MaskedDiffusionLM(nn.Module):
             self.final,
             T_MIN,
             time_grid,
+            temperature,
         )
         out = sampler.sample(z, num_steps, generator, block_size)
         self.last_num_forward = sampler.num_forward

@@ -32,6 +32,7 @@ def sample_timed(
     batch_size: int = 32,
     cache: bool = True,
     time_grid: str = "uniform",
+    temperature: float = 1.0,
 ) -> tuple[torch.Tensor, float, int]:
     """(ids [num_samples, length], sampling seconds, denoiser forwards) of ancestral sampling with `model`."""
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
@@ -40,7 +41,10 @@ def sample_timed(
     start = time.perf_counter()
     for first in range(0, num_samples, batch_size):
         count = min(batch_size, num_samples - first)
-        rows.append(model.sample(count, length, num_steps, generator, cache=cache, time_grid=time_grid).cpu())
+        ids = model.sample(
+            count, length, num_steps, generator, cache=cache, time_grid=time_grid, temperature=temperature
+        )
+        rows.append(ids.cpu())
         forwards += model.last_num_forward
     return torch.cat(rows), time.perf_counter() - start, forwards
 
@@ -56,6 +60,7 @@ def nfe_table(
     cache: bool = True,
     progress: bool = True,
     time_grid: str = "uniform",
+    temperature: float | Mapping[str, float] = 1.0,
 ) -> list[dict[str, Any]]:
     """One row per (model, steps): gen_ppl, entropy, seconds, samples_per_s, nfe (denoiser forwards per sample).
 
@@ -69,16 +74,20 @@ def nfe_table(
         cache: skip forwards when nothing changed (MDLM caching; it lowers the teacher's real NFE).
         progress: show a progress bar.
         time_grid: every cell's sampling grid, "uniform" (the spec's) or "cosine"; each row records it.
+        temperature: sampling temperature for every model, or per model name (missing names: 1, the spec's);
+            each row records it. E.g. {"teacher": 0.9} compares a student with a teacher of matched entropy.
     """
     from rich.progress import Progress
 
     plan = [(name, n) for name in models for n in (steps[name] if isinstance(steps, Mapping) else steps)]
+    temperatures = {name: temperature.get(name, 1.0) if isinstance(temperature, Mapping) else temperature
+                    for name in models}  # fmt: skip
     rows: list[dict[str, Any]] = []
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task("NFE table", total=len(plan))
         for name, num_steps in plan:
             ids, seconds, forwards = sample_timed(
-                models[name], num_samples, length, num_steps, seed, batch_size, cache, time_grid
+                models[name], num_samples, length, num_steps, seed, batch_size, cache, time_grid, temperatures[name]
             )
             rows.append(
                 {
@@ -90,6 +99,7 @@ def nfe_table(
                     "samples_per_s": num_samples / seconds,
                     "nfe": forwards / max(1, -(-num_samples // batch_size)),
                     "time_grid": time_grid,
+                    "temperature": temperatures[name],
                 }
             )
             bar.update(task, advance=1, description=f"NFE table: {name} @ {num_steps}")
@@ -136,6 +146,10 @@ def add_nfe_table_parser(sub: Any) -> None:
     p.add_argument("--length", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--time-grid", default="uniform", choices=TIME_GRIDS, help="sampling time grid (spec: uniform)")
+    p.add_argument("--temperature", type=float, default=1.0, help="every model's sampling temperature (spec: 1)")
+    p.add_argument(
+        "--teacher-temperature", type=float, help="the teacher's alone (default: --temperature), e.g. to match entropy"
+    )
     p.add_argument("--out", help="write the rows as JSON here")
 
 
@@ -147,8 +161,15 @@ def cmd_nfe_table(args: Any) -> int:
     models = {"teacher": load_teacher(args.teacher)}
     if args.student:
         models["student"] = load_student(args.student, args.teacher, use_ema=not args.no_ema)
-    rows = nfe_table(models, args.steps, evaluator, args.num_samples, args.length, args.seed, time_grid=args.time_grid)
-    print_nfe_table(rows, title=f"NFE table ({args.time_grid} time grid)")
+    temperature = {name: args.temperature for name in models}
+    if args.teacher_temperature is not None:
+        temperature["teacher"] = args.teacher_temperature
+    rows = nfe_table(
+        models, args.steps, evaluator, args.num_samples, args.length, args.seed,
+        time_grid=args.time_grid, temperature=temperature,
+    )  # fmt: skip
+    temps = ", ".join(f"{name} T={t:g}" for name, t in temperature.items())
+    print_nfe_table(rows, title=f"NFE table ({args.time_grid} time grid; {temps})")
     if args.out:
         write_json_atomic(
             args.out, {"rows": rows, "settings": {k: v for k, v in vars(args).items() if k != "func"}}, sort_keys=True

@@ -8,6 +8,7 @@ samples argmax(q / E), E ~ Exp(1). All step math is float32 (the schedule float6
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Literal
 
@@ -28,6 +29,23 @@ def check_time_grid(value: str, field: str = "time_grid") -> str:
     if value not in TIME_GRIDS:
         raise ValueError(f"{field}={value!r} is not one of {TIME_GRIDS}")
     return value
+
+
+def check_temperature(value: float, field: str = "temperature") -> float:
+    """`value` as a float if it is finite and > 0, else a ValueError naming `field`."""
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{field} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def temper(log_probs: Tensor, temperature: float) -> Tensor:
+    """log softmax(log x_θ / T) [..., V]: x_θ sharpened (T < 1) or flattened (T > 1); unchanged at T = 1.
+
+    [Our decision] The spec samples x_θ as is (T = 1). The mask's −inf log-probability (SUBS) stays −inf.
+    """
+    if temperature == 1.0:
+        return log_probs
+    return torch.log_softmax(log_probs.float() / temperature, dim=-1)
 
 
 def _rows(value: Tensor | float, like: Tensor) -> Tensor:
@@ -132,8 +150,8 @@ class AncestralSampler:
     not change since the last call (valid only for a denoiser that ignores t, e.g. MDLM teachers with σ
     zeroed); cached and uncached runs give identical samples for one generator seed. With `block_size`,
     blocks are generated left to right, each over the full N-step grid with later blocks still masked.
-    `time_grid` picks the grid (`sampling_grid`: "uniform", the spec's, or "cosine"). `num_forward` counts
-    denoiser calls of the last `sample` (the NFE).
+    `time_grid` picks the grid (`sampling_grid`: "uniform", the spec's, or "cosine"); `temperature` tempers x_θ
+    (`temper`; 1, the spec's, leaves it as is). `num_forward` counts denoiser calls of the last `sample` (the NFE).
     """
 
     def __init__(
@@ -145,10 +163,12 @@ class AncestralSampler:
         final: str = "sample",
         t_min: float = T_MIN,
         time_grid: str = "uniform",
+        temperature: float = 1.0,
     ) -> None:
         if final not in FINAL_MODES:
             raise ValueError(f"final must be one of {FINAL_MODES}, got {final!r}")
         self.time_grid = check_time_grid(time_grid)
+        self.temperature = check_temperature(temperature)
         self.log_probs_fn, self.schedule, self.mask_id = log_probs_fn, schedule, mask_id
         self.cache, self.final, self.t_min = cache, final, t_min
         self.num_forward = 0
@@ -158,7 +178,7 @@ class AncestralSampler:
         if self.cache and self._cached is not None and torch.equal(self._cached[0], z):
             return self._cached[1]
         self.num_forward += 1
-        p_x0 = self.log_probs_fn(z, t.to(torch.float32).expand(z.shape[0])).exp()
+        p_x0 = temper(self.log_probs_fn(z, t.to(torch.float32).expand(z.shape[0])), self.temperature).exp()
         self._cached = (z, p_x0)
         return p_x0
 
