@@ -106,3 +106,5 @@ def test_nfe_table_takes_a_per_model_temperature() -> None:
     assert by_model["teacher"]["temperature"] == 0.3 and by_model["student"]["temperature"] == 1.0
     # the same weights and seed: only the temperature separates the two cells
     assert by_model["teacher"]["entropy"] < by_model["student"]["entropy"]
+    with pytest.raises(ValueError, match=r"temperature names \['techer'\]"):
+        nfe_table(models, [4], _CountingEvaluator(), 4, 12, progress=False, temperature={"techer": 0.3})  # type: ignore[arg-type]

@@ -80,6 +80,8 @@ def nfe_table(
     from rich.progress import Progress
 
     plan = [(name, n) for name in models for n in (steps[name] if isinstance(steps, Mapping) else steps)]
+    if isinstance(temperature, Mapping) and set(temperature) - set(models):
+        raise ValueError(f"temperature names {sorted(set(temperature) - set(models))}, not models {sorted(models)}")
     temperatures = {name: temperature.get(name, 1.0) if isinstance(temperature, Mapping) else temperature
                     for name in models}  # fmt: skip
     rows: list[dict[str, Any]] = []
