@@ -5,7 +5,12 @@ re-samples the final student (raw and EMA) at 8 steps and the teacher at 64 step
 same `--num-samples` per seed and several seeds, and reports per-seed values, means and the paired per-seed
 differences (each seed samples every model with the same generator seed).
 
+`--teacher-temperatures` adds teacher@64 cells on the student's grid at those sampling temperatures: a cooler
+teacher has a lower unigram entropy and a lower gen-PPL, so the student is also held against the teacher
+interpolated (gen-PPL against entropy, per seed) to the student's own entropy: the diversity-matched comparison.
+
     .venv/bin/python bench/didi_seeds.py X11 --time-grid cosine      # ~7 min on 2 threads
+    .venv/bin/python bench/didi_seeds.py X11 --time-grid cosine --teacher-temperatures 0.97 0.94
 """
 
 from __future__ import annotations
@@ -33,6 +38,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("name", help="the didi_nfe.py run name (its run is work-dir/distil_NAME)")
     p.add_argument("--time-grid", default="uniform", choices=TIME_GRIDS, help="the student's grid")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument(
+        "--teacher-temperatures", type=float, nargs="*", default=[],
+        help="extra teacher@64 cells on the student's grid at these temperatures (< 1: lower entropy)",
+    )  # fmt: skip
     p.add_argument("--num-samples", type=int, default=512)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
@@ -43,6 +52,25 @@ def mean_se(values: list[float]) -> tuple[float, float]:
     """(mean, standard error of the mean); se is 0 for a single value."""
     se = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0
     return statistics.mean(values), se
+
+
+def cell_of(row: dict[str, Any]) -> tuple[str, int, str, float]:
+    """(model, steps, time_grid, temperature) of an nfe_table row."""
+    return row["model"], row["steps"], row["time_grid"], row["temperature"]
+
+
+def paired_stats(diffs: list[float]) -> dict[str, Any]:
+    m, se = mean_se(diffs)
+    return {"mean_diff": m, "se": se, "diffs": diffs}
+
+
+def interpolate(points: list[tuple[float, float]], x: float) -> float:
+    """y at x on the piecewise-linear curve through `points` (sorted by x), extended linearly past either end."""
+    if len(points) < 2:
+        raise ValueError("interpolation needs at least two points")
+    i = next((k for k in range(1, len(points) - 1) if x <= points[k][0]), len(points) - 1)
+    (x0, y0), (x1, y1) = points[i - 1], points[i]
+    return y0 + (y1 - y0) * (x - x0) / (x1 - x0) if x1 != x0 else (y0 + y1) / 2
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -57,30 +85,44 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "student": load_student(run, teacher_ckpt, use_ema=False),
         "student_ema": load_student(run, teacher_ckpt),
     }
-    cells = [("student", 8, args.time_grid), ("student_ema", 8, args.time_grid)]
-    cells += [("teacher", 64, grid) for grid in dict.fromkeys((args.time_grid, "uniform", "cosine"))]
+    grids = list(dict.fromkeys((args.time_grid, "uniform", "cosine")))
+    cells = [("student", 8, args.time_grid, 1.0), ("student_ema", 8, args.time_grid, 1.0)]
+    cells += [("teacher", 64, grid, 1.0) for grid in grids]
+    cells += [("teacher", 64, args.time_grid, t) for t in args.teacher_temperatures if t != 1.0]
     rows: list[dict[str, Any]] = []
     for seed in args.seeds:
-        for name, steps, grid in cells:
+        for name, steps, grid, temperature in cells:
             row = nfe_table({name: models[name]}, [steps], evaluator, args.num_samples, base.length, seed,
-                            progress=False, time_grid=grid)[0]  # fmt: skip
+                            progress=False, time_grid=grid, temperature=temperature)[0]  # fmt: skip
             rows.append(row | {"seed": seed})
-            print(f"seed {seed} {name}@{steps} {grid}: gen-PPL {row['gen_ppl']:.3f} entropy {row['entropy']:.3f}")
-    per_cell = {cell: [r for r in rows if (r["model"], r["steps"], r["time_grid"]) == cell] for cell in cells}
+            print(
+                f"seed {seed} {name}@{steps} {grid} T={temperature:g}: "
+                f"gen-PPL {row['gen_ppl']:.3f} entropy {row['entropy']:.3f}"
+            )
+    per_cell = {cell: [r for r in rows if cell_of(r) == cell] for cell in cells}
     summary = []
-    for (name, steps, grid), cell_rows in per_cell.items():
+    for (name, steps, grid, temperature), cell_rows in per_cell.items():
         m, se = mean_se([r["gen_ppl"] for r in cell_rows])
         entropy = statistics.mean(r["entropy"] for r in cell_rows)
-        summary.append({"model": name, "steps": steps, "time_grid": grid, "gen_ppl": m, "se": se, "entropy": entropy})
+        summary.append({"model": name, "steps": steps, "time_grid": grid, "temperature": temperature,
+                        "gen_ppl": m, "se": se, "entropy": entropy})  # fmt: skip
     paired = []
     for student in ("student", "student_ema"):
-        for grid in dict.fromkeys((args.time_grid, "uniform", "cosine")):
+        ours = per_cell[(student, 8, args.time_grid, 1.0)]
+        for grid in grids:
             diffs = [
-                s["gen_ppl"] - t["gen_ppl"]
-                for s, t in zip(per_cell[(student, 8, args.time_grid)], per_cell[("teacher", 64, grid)], strict=True)
+                s["gen_ppl"] - t["gen_ppl"] for s, t in zip(ours, per_cell[("teacher", 64, grid, 1.0)], strict=True)
             ]
-            m, se = mean_se(diffs)
-            paired.append({"student": student, "teacher_grid": grid, "mean_diff": m, "se": se, "diffs": diffs})
+            paired.append({"student": student, "teacher_grid": grid, **paired_stats(diffs)})
+        teachers = [cell for cell in cells if cell[0] == "teacher" and cell[2] == args.time_grid]
+        if len(teachers) > 1:  # per seed: the teacher's gen-PPL at the student's entropy, over its temperatures
+            diffs = []
+            for i, row in enumerate(ours):
+                points = sorted((per_cell[cell][i]["entropy"], per_cell[cell][i]["gen_ppl"]) for cell in teachers)
+                diffs.append(row["gen_ppl"] - interpolate(points, row["entropy"]))
+            paired.append(
+                {"student": student, "teacher_grid": f"{args.time_grid}, entropy-matched", **paired_stats(diffs)}
+            )
     result = {"rows": rows, "summary": summary, "paired": paired, "settings": vars(args)}
     out = Path(args.out)
     write_json_atomic(out / f"didi_seeds_{args.name.lower()}.json", result, sort_keys=True)
@@ -96,15 +138,15 @@ def write_markdown(path: Path, result: dict[str, Any]) -> None:
         f"{st['num_samples']} samples per cell and seed, seeds {st['seeds']}; the student on the {st['time_grid']} "
         "grid, the teacher on each grid. Gen-PPL under the bench's tiny GPT-2 evaluator.",
         "",
-        "| model | steps | time grid | per seed | mean ± se | entropy |",
-        "|---|---|---|---|---|---|",
+        "| model | steps | time grid | temperature | per seed | mean ± se | entropy |",
+        "|---|---|---|---|---|---|---|",
     ]
     for s in result["summary"]:
-        values = [r["gen_ppl"] for r in result["rows"] if (r["model"], r["steps"], r["time_grid"]) ==
-                  (s["model"], s["steps"], s["time_grid"])]  # fmt: skip
+        key = (s["model"], s["steps"], s["time_grid"], s["temperature"])
+        values = [r["gen_ppl"] for r in result["rows"] if cell_of(r) == key]
         lines.append(
-            f"| {s['model']} | {s['steps']} | {s['time_grid']} | {', '.join(f'{v:.2f}' for v in values)} | "
-            f"{s['gen_ppl']:.2f} ± {s['se']:.2f} | {s['entropy']:.3f} |"
+            f"| {s['model']} | {s['steps']} | {s['time_grid']} | {s['temperature']:g} | "
+            f"{', '.join(f'{v:.2f}' for v in values)} | {s['gen_ppl']:.2f} ± {s['se']:.2f} | {s['entropy']:.3f} |"
         )
     lines += ["", "Paired per-seed difference, student@8 − teacher@64 (negative: the student is better):", ""]
     for p in result["paired"]:
@@ -116,6 +158,11 @@ def write_markdown(path: Path, result: dict[str, Any]) -> None:
         [".venv/bin/python bench/didi_seeds.py", st["name"], "--time-grid", st["time_grid"], "--seeds"]
         + [str(s) for s in st["seeds"]]
         + ["--num-samples", str(st["num_samples"])]
+        + (
+            ["--teacher-temperatures"] + [f"{t:g}" for t in st["teacher_temperatures"]]
+            if st["teacher_temperatures"]
+            else []
+        )
     )
     lines += ["", f"Reproduce: `{command}`."]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
