@@ -5,12 +5,14 @@ re-samples the final student (raw and EMA) at 8 steps and the teacher at 64 step
 same `--num-samples` per seed and several seeds, and reports per-seed values, means and the paired per-seed
 differences (each seed samples every model with the same generator seed).
 
-`--teacher-temperatures` adds teacher@64 cells on the student's grid at those sampling temperatures: a cooler
-teacher has a lower unigram entropy and a lower gen-PPL, so the student is also held against the teacher
-interpolated (gen-PPL against entropy, per seed) to the student's own entropy: the diversity-matched comparison.
+`--teacher-temperatures` and `--student-temperatures` add teacher@64 and raw student@8 cells on the student's grid
+at those sampling temperatures: a cooler sampler has a lower unigram entropy and a lower gen-PPL, so one gen-PPL
+says little without its entropy. With a sweep the student is also compared at equal entropy (the diversity-matched
+comparison, per seed, gen-PPL interpolated linearly in entropy along the sweep), and the gen-PPL-against-entropy
+curves are drawn to didi_seeds_<run>.png.
 
     .venv/bin/python bench/didi_seeds.py X11 --time-grid cosine      # ~7 min on 2 threads
-    .venv/bin/python bench/didi_seeds.py X11 --time-grid cosine --teacher-temperatures 0.97 0.94
+    .venv/bin/python bench/didi_seeds.py X11 --time-grid cosine --teacher-temperatures 0.8 --student-temperatures 1.1
 """
 
 from __future__ import annotations
@@ -41,6 +43,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--teacher-temperatures", type=float, nargs="*", default=[],
         help="extra teacher@64 cells on the student's grid at these temperatures (< 1: lower entropy)",
+    )  # fmt: skip
+    p.add_argument(
+        "--student-temperatures", type=float, nargs="*", default=[],
+        help="extra raw student@8 cells at these temperatures (> 1: higher entropy)",
     )  # fmt: skip
     p.add_argument("--num-samples", type=int, default=512)
     p.add_argument("--threads", type=int, default=2)
@@ -73,6 +79,40 @@ def interpolate(points: list[tuple[float, float]], x: float) -> float:
     return y0 + (y1 - y0) * (x - x0) / (x1 - x0) if x1 != x0 else (y0 + y1) / 2
 
 
+def sweep(per_cell: dict[Any, list[dict[str, Any]]], model: str, grid: str) -> list[list[dict[str, Any]]]:
+    """The rows (one per seed) of every temperature cell of `model` on `grid`."""
+    return [cell_rows for (name, _, g, _), cell_rows in per_cell.items() if name == model and g == grid]
+
+
+def at_entropy(cells: list[list[dict[str, Any]]], seed_index: int, entropy: float) -> float:
+    """Gen-PPL of a temperature sweep's cells for one seed, interpolated to `entropy`."""
+    return interpolate(sorted((c[seed_index]["entropy"], c[seed_index]["gen_ppl"]) for c in cells), entropy)
+
+
+def plot_frontier(path: Path, result: dict[str, Any]) -> None:
+    """Gen-PPL (mean ± se over seeds) against unigram entropy, one line per (model, steps, grid) over temperatures."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5), dpi=100, layout="constrained")
+    ax = fig.add_subplot()
+    series: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
+    for s in result["summary"]:
+        series.setdefault((s["model"], s["steps"], s["time_grid"]), []).append(s)
+    for (model, steps, grid), points in series.items():
+        points.sort(key=lambda p: p["entropy"])
+        xs, ys = [p["entropy"] for p in points], [p["gen_ppl"] for p in points]
+        ax.errorbar(xs, ys, yerr=[p["se"] for p in points], marker="o", capsize=3, label=f"{model}@{steps} ({grid})")
+        for p in points:
+            ax.annotate(f"T={p['temperature']:g}", (p["entropy"], p["gen_ppl"]), fontsize=7,
+                        textcoords="offset points", xytext=(4, -10))  # fmt: skip
+    ax.set_xlabel("unigram entropy (nats, mean per sample)")
+    ax.set_ylabel("gen-PPL (tiny GPT-2 evaluator)")
+    ax.set_title(f"Run {result['settings']['name']}: gen-PPL against entropy over sampling temperatures")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.savefig(path, format="png")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -89,6 +129,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cells = [("student", 8, args.time_grid, 1.0), ("student_ema", 8, args.time_grid, 1.0)]
     cells += [("teacher", 64, grid, 1.0) for grid in grids]
     cells += [("teacher", 64, args.time_grid, t) for t in args.teacher_temperatures if t != 1.0]
+    cells += [("student", 8, args.time_grid, t) for t in args.student_temperatures if t != 1.0]
     rows: list[dict[str, Any]] = []
     for seed in args.seeds:
         for name, steps, grid, temperature in cells:
@@ -113,20 +154,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             diffs = [
                 s["gen_ppl"] - t["gen_ppl"] for s, t in zip(ours, per_cell[("teacher", 64, grid, 1.0)], strict=True)
             ]
-            paired.append({"student": student, "teacher_grid": grid, **paired_stats(diffs)})
-        teachers = [cell for cell in cells if cell[0] == "teacher" and cell[2] == args.time_grid]
-        if len(teachers) > 1:  # per seed: the teacher's gen-PPL at the student's entropy, over its temperatures
-            diffs = []
-            for i, row in enumerate(ours):
-                points = sorted((per_cell[cell][i]["entropy"], per_cell[cell][i]["gen_ppl"]) for cell in teachers)
-                diffs.append(row["gen_ppl"] - interpolate(points, row["entropy"]))
-            paired.append(
-                {"student": student, "teacher_grid": f"{args.time_grid}, entropy-matched", **paired_stats(diffs)}
-            )
+            label = f"{student} − teacher@64 ({grid} grid)"
+            paired.append({"student": student, "teacher_grid": grid, "label": label, **paired_stats(diffs)})
+        teacher_sweep = sweep(per_cell, "teacher", args.time_grid)
+        if len(teacher_sweep) > 1:  # per seed: the teacher's gen-PPL at the student's entropy
+            diffs = [row["gen_ppl"] - at_entropy(teacher_sweep, i, row["entropy"]) for i, row in enumerate(ours)]
+            label = f"{student} − teacher@64 at the student's entropy ({args.time_grid} grid)"
+            paired.append({"student": student, "teacher_grid": args.time_grid, "label": label, **paired_stats(diffs)})
+    student_sweep = sweep(per_cell, "student", args.time_grid)
+    if len(student_sweep) > 1:  # per seed: the raw student's gen-PPL at the T = 1 teacher's entropy
+        teacher = per_cell[("teacher", 64, args.time_grid, 1.0)]
+        diffs = [at_entropy(student_sweep, i, row["entropy"]) - row["gen_ppl"] for i, row in enumerate(teacher)]
+        label = f"student at the T = 1 teacher's entropy − teacher@64 ({args.time_grid} grid)"
+        paired.append({"student": "student", "teacher_grid": args.time_grid, "label": label, **paired_stats(diffs)})
     result = {"rows": rows, "summary": summary, "paired": paired, "settings": vars(args)}
     out = Path(args.out)
     write_json_atomic(out / f"didi_seeds_{args.name.lower()}.json", result, sort_keys=True)
     write_markdown(out / f"didi_seeds_{args.name.lower()}.md", result)
+    if args.teacher_temperatures or args.student_temperatures:
+        plot_frontier(out / f"didi_seeds_{args.name.lower()}.png", result)
     return result
 
 
@@ -151,18 +197,18 @@ def write_markdown(path: Path, result: dict[str, Any]) -> None:
     lines += ["", "Paired per-seed difference, student@8 − teacher@64 (negative: the student is better):", ""]
     for p in result["paired"]:
         lines.append(
-            f"* {p['student']} − teacher@64 ({p['teacher_grid']} grid): {p['mean_diff']:+.2f} ± {p['se']:.2f} "
+            f"* {p['label']}: {p['mean_diff']:+.2f} ± {p['se']:.2f} "
             f"(per seed {', '.join(f'{d:+.2f}' for d in p['diffs'])})"
         )
     command = " ".join(
         [".venv/bin/python bench/didi_seeds.py", st["name"], "--time-grid", st["time_grid"], "--seeds"]
         + [str(s) for s in st["seeds"]]
         + ["--num-samples", str(st["num_samples"])]
-        + (
-            ["--teacher-temperatures"] + [f"{t:g}" for t in st["teacher_temperatures"]]
-            if st["teacher_temperatures"]
-            else []
-        )
+        + [
+            f"--{who}-temperatures " + " ".join(f"{t:g}" for t in st[f"{who}_temperatures"])
+            for who in ("teacher", "student")
+            if st[f"{who}_temperatures"]
+        ]  # fmt: skip
     )
     lines += ["", f"Reproduce: `{command}`."]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
