@@ -51,6 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-samples", type=int, default=512)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    p.add_argument("--from-json", help="no sampling: rebuild the summary, markdown and plot from this result JSON")
     return p.parse_args(argv)
 
 
@@ -58,6 +59,11 @@ def mean_se(values: list[float]) -> tuple[float, float]:
     """(mean, standard error of the mean); se is 0 for a single value."""
     se = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0
     return statistics.mean(values), se
+
+
+def grids_of(time_grid: str) -> list[str]:
+    """The student's grid first, then the others: the teacher@64 cells at T = 1."""
+    return list(dict.fromkeys((time_grid, "uniform", "cosine")))
 
 
 def cell_of(row: dict[str, Any]) -> tuple[str, int, str, float]:
@@ -84,9 +90,10 @@ def sweep(per_cell: dict[Any, list[dict[str, Any]]], model: str, grid: str) -> l
     return [cell_rows for (name, _, g, _), cell_rows in per_cell.items() if name == model and g == grid]
 
 
-def at_entropy(cells: list[list[dict[str, Any]]], seed_index: int, entropy: float) -> float:
-    """Gen-PPL of a temperature sweep's cells for one seed, interpolated to `entropy`."""
-    return interpolate(sorted((c[seed_index]["entropy"], c[seed_index]["gen_ppl"]) for c in cells), entropy)
+def at_entropy(cells: list[list[dict[str, Any]]], seed_index: int, entropy: float) -> tuple[float, bool]:
+    """(gen-PPL of a temperature sweep's cells for one seed at `entropy`, whether that lies outside the sweep)."""
+    points = sorted((c[seed_index]["entropy"], c[seed_index]["gen_ppl"]) for c in cells)
+    return interpolate(points, entropy), not points[0][0] <= entropy <= points[-1][0]
 
 
 def plot_frontier(path: Path, result: dict[str, Any]) -> None:
@@ -113,8 +120,71 @@ def plot_frontier(path: Path, result: dict[str, Any]) -> None:
     fig.savefig(path, format="png")
 
 
+def summarize(
+    rows: list[dict[str, Any]], cells: list[tuple[str, int, str, float]], time_grid: str
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Per-cell mean ± se and entropy, and the paired per-seed differences (equal-entropy ones when swept)."""
+    grids = grids_of(time_grid)
+    per_cell = {cell: [r for r in rows if cell_of(r) == cell] for cell in cells}
+    summary = []
+    for (name, steps, grid, temperature), cell_rows in per_cell.items():
+        m, se = mean_se([r["gen_ppl"] for r in cell_rows])
+        entropy = statistics.mean(r["entropy"] for r in cell_rows)
+        summary.append({"model": name, "steps": steps, "time_grid": grid, "temperature": temperature,
+                        "gen_ppl": m, "se": se, "entropy": entropy})  # fmt: skip
+    paired = []
+    for student in ("student", "student_ema"):
+        ours = per_cell[(student, 8, time_grid, 1.0)]
+        for grid in grids:
+            diffs = [
+                s["gen_ppl"] - t["gen_ppl"] for s, t in zip(ours, per_cell[("teacher", 64, grid, 1.0)], strict=True)
+            ]
+            label = f"{student} − teacher@64 ({grid} grid)"
+            paired.append({"student": student, "teacher_grid": grid, "label": label, **paired_stats(diffs)})
+        teacher_sweep = sweep(per_cell, "teacher", time_grid)
+        if len(teacher_sweep) > 1:  # per seed: the teacher's gen-PPL at the student's entropy
+            matched = [at_entropy(teacher_sweep, i, row["entropy"]) for i, row in enumerate(ours)]
+            diffs = [row["gen_ppl"] - m for row, (m, _) in zip(ours, matched, strict=True)]
+            label = f"{student} − teacher@64 at the student's entropy ({time_grid} grid)"
+            paired.append({"student": student, "teacher_grid": time_grid, "label": label, **paired_stats(diffs),
+                           "extrapolated": sum(out for _, out in matched)})  # fmt: skip
+    student_sweep = sweep(per_cell, "student", time_grid)
+    if len(student_sweep) > 1:  # per seed: the raw student's gen-PPL at the T = 1 teacher's entropy
+        teacher = per_cell[("teacher", 64, time_grid, 1.0)]
+        matched = [at_entropy(student_sweep, i, row["entropy"]) for i, row in enumerate(teacher)]
+        diffs = [m - row["gen_ppl"] for row, (m, _) in zip(teacher, matched, strict=True)]
+        label = f"student at the T = 1 teacher's entropy − teacher@64 ({time_grid} grid)"
+        paired.append({"student": "student", "teacher_grid": time_grid, "label": label, **paired_stats(diffs),
+                       "extrapolated": sum(out for _, out in matched)})  # fmt: skip
+    return summary, paired
+
+
+def write_result(out: Path, result: dict[str, Any]) -> None:
+    settings = result["settings"]
+    stem = f"didi_seeds_{settings['name'].lower()}"
+    write_json_atomic(out / f"{stem}.json", result, sort_keys=True)
+    write_markdown(out / f"{stem}.md", result)
+    if settings["teacher_temperatures"] or settings["student_temperatures"]:
+        plot_frontier(out / f"{stem}.png", result)
+
+
+def rebuild(path: Path, out: Path) -> dict[str, Any]:
+    """Summary, paired differences, markdown and plot again from a saved result's rows (no sampling)."""
+    import json
+
+    result = json.loads(path.read_text(encoding="utf-8"))
+    settings = {"student_temperatures": [], "teacher_temperatures": [], **result["settings"]}
+    cells = list(dict.fromkeys(cell_of(r) for r in result["rows"]))
+    summary, paired = summarize(result["rows"], cells, settings["time_grid"])
+    result = {"rows": result["rows"], "summary": summary, "paired": paired, "settings": settings}
+    write_result(out, result)
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.from_json:
+        return rebuild(Path(args.from_json), Path(args.out))
     torch.set_num_threads(args.threads)
     base = nfe_args([])  # the bench's teacher and evaluator settings
     teacher_ckpt = stage_teacher(base, Path(base.work_dir))[0]
@@ -125,8 +195,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "student": load_student(run, teacher_ckpt, use_ema=False),
         "student_ema": load_student(run, teacher_ckpt),
     }
-    grids = list(dict.fromkeys((args.time_grid, "uniform", "cosine")))
-    cells = [("student", 8, args.time_grid, 1.0), ("student_ema", 8, args.time_grid, 1.0)]
+    grids = grids_of(args.time_grid)
+    cells: list[tuple[str, int, str, float]] = [
+        ("student", 8, args.time_grid, 1.0),
+        ("student_ema", 8, args.time_grid, 1.0),
+    ]
     cells += [("teacher", 64, grid, 1.0) for grid in grids]
     cells += [("teacher", 64, args.time_grid, t) for t in args.teacher_temperatures if t != 1.0]
     cells += [("student", 8, args.time_grid, t) for t in args.student_temperatures if t != 1.0]
@@ -140,39 +213,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"seed {seed} {name}@{steps} {grid} T={temperature:g}: "
                 f"gen-PPL {row['gen_ppl']:.3f} entropy {row['entropy']:.3f}"
             )
-    per_cell = {cell: [r for r in rows if cell_of(r) == cell] for cell in cells}
-    summary = []
-    for (name, steps, grid, temperature), cell_rows in per_cell.items():
-        m, se = mean_se([r["gen_ppl"] for r in cell_rows])
-        entropy = statistics.mean(r["entropy"] for r in cell_rows)
-        summary.append({"model": name, "steps": steps, "time_grid": grid, "temperature": temperature,
-                        "gen_ppl": m, "se": se, "entropy": entropy})  # fmt: skip
-    paired = []
-    for student in ("student", "student_ema"):
-        ours = per_cell[(student, 8, args.time_grid, 1.0)]
-        for grid in grids:
-            diffs = [
-                s["gen_ppl"] - t["gen_ppl"] for s, t in zip(ours, per_cell[("teacher", 64, grid, 1.0)], strict=True)
-            ]
-            label = f"{student} − teacher@64 ({grid} grid)"
-            paired.append({"student": student, "teacher_grid": grid, "label": label, **paired_stats(diffs)})
-        teacher_sweep = sweep(per_cell, "teacher", args.time_grid)
-        if len(teacher_sweep) > 1:  # per seed: the teacher's gen-PPL at the student's entropy
-            diffs = [row["gen_ppl"] - at_entropy(teacher_sweep, i, row["entropy"]) for i, row in enumerate(ours)]
-            label = f"{student} − teacher@64 at the student's entropy ({args.time_grid} grid)"
-            paired.append({"student": student, "teacher_grid": args.time_grid, "label": label, **paired_stats(diffs)})
-    student_sweep = sweep(per_cell, "student", args.time_grid)
-    if len(student_sweep) > 1:  # per seed: the raw student's gen-PPL at the T = 1 teacher's entropy
-        teacher = per_cell[("teacher", 64, args.time_grid, 1.0)]
-        diffs = [at_entropy(student_sweep, i, row["entropy"]) - row["gen_ppl"] for i, row in enumerate(teacher)]
-        label = f"student at the T = 1 teacher's entropy − teacher@64 ({args.time_grid} grid)"
-        paired.append({"student": "student", "teacher_grid": args.time_grid, "label": label, **paired_stats(diffs)})
-    result = {"rows": rows, "summary": summary, "paired": paired, "settings": vars(args)}
-    out = Path(args.out)
-    write_json_atomic(out / f"didi_seeds_{args.name.lower()}.json", result, sort_keys=True)
-    write_markdown(out / f"didi_seeds_{args.name.lower()}.md", result)
-    if args.teacher_temperatures or args.student_temperatures:
-        plot_frontier(out / f"didi_seeds_{args.name.lower()}.png", result)
+    summary, paired = summarize(rows, cells, args.time_grid)
+    settings = {k: v for k, v in vars(args).items() if k != "from_json"}
+    result = {"rows": rows, "summary": summary, "paired": paired, "settings": settings}
+    write_result(Path(args.out), result)
     return result
 
 
@@ -199,6 +243,11 @@ def write_markdown(path: Path, result: dict[str, Any]) -> None:
         lines.append(
             f"* {p['label']}: {p['mean_diff']:+.2f} ± {p['se']:.2f} "
             f"(per seed {', '.join(f'{d:+.2f}' for d in p['diffs'])})"
+            + (
+                f"; **extrapolated** past the sweep's entropies in {p['extrapolated']} of {len(p['diffs'])} seeds"
+                if p.get("extrapolated")
+                else ""
+            )  # fmt: skip
         )
     command = " ".join(
         [".venv/bin/python bench/didi_seeds.py", st["name"], "--time-grid", st["time_grid"], "--seeds"]
