@@ -52,6 +52,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     p.add_argument("--from-json", help="no sampling: rebuild the summary, markdown and plot from this result JSON")
+    p.add_argument(
+        "--reuse", help="a result JSON of the same run and --num-samples: its cells are taken, not sampled again "
+        "(sampling is deterministic per seed), so a sweep can be widened cheaply",
+    )  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -77,7 +81,8 @@ def paired_stats(diffs: list[float]) -> dict[str, Any]:
 
 
 def interpolate(points: list[tuple[float, float]], x: float) -> float:
-    """y at x on the piecewise-linear curve through `points` (sorted by x), extended linearly past either end."""
+    """y at x on the piecewise-linear curve through `points` (sorted by x), extended linearly past either end
+    (`at_entropy` says when; the report does not read such values)."""
     if len(points) < 2:
         raise ValueError("interpolation needs at least two points")
     i = next((k for k in range(1, len(points) - 1) if x <= points[k][0]), len(points) - 1)
@@ -159,6 +164,21 @@ def summarize(
     return summary, paired
 
 
+def reusable_rows(args: argparse.Namespace) -> dict[tuple[str, int, str, float, int], dict[str, Any]]:
+    """(model, steps, grid, temperature, seed) → row of `--reuse`'s result; checks it is the same run and size."""
+    if not args.reuse:
+        return {}
+    import json
+
+    old = json.loads(Path(args.reuse).read_text(encoding="utf-8"))
+    for key in ("name", "num_samples"):
+        if old["settings"][key] != getattr(args, key):
+            raise ValueError(
+                f"--reuse {args.reuse}: {key}={old['settings'][key]!r}, this run has {getattr(args, key)!r}"
+            )
+    return {(*cell_of(r), r["seed"]): r for r in old["rows"]}
+
+
 def write_result(out: Path, result: dict[str, Any]) -> None:
     settings = result["settings"]
     stem = f"didi_seeds_{settings['name'].lower()}"
@@ -204,8 +224,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cells += [("teacher", 64, args.time_grid, t) for t in args.teacher_temperatures if t != 1.0]
     cells += [("student", 8, args.time_grid, t) for t in args.student_temperatures if t != 1.0]
     rows: list[dict[str, Any]] = []
+    done = reusable_rows(args)
     for seed in args.seeds:
         for name, steps, grid, temperature in cells:
+            if (name, steps, grid, temperature, seed) in done:
+                rows.append(done[(name, steps, grid, temperature, seed)])
+                continue
             row = nfe_table({name: models[name]}, [steps], evaluator, args.num_samples, base.length, seed,
                             progress=False, time_grid=grid, temperature=temperature)[0]  # fmt: skip
             rows.append(row | {"seed": seed})
@@ -214,7 +238,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"gen-PPL {row['gen_ppl']:.3f} entropy {row['entropy']:.3f}"
             )
     summary, paired = summarize(rows, cells, args.time_grid)
-    settings = {k: v for k, v in vars(args).items() if k != "from_json"}
+    settings = {k: v for k, v in vars(args).items() if k not in ("from_json", "reuse")}
     result = {"rows": rows, "summary": summary, "paired": paired, "settings": settings}
     write_result(Path(args.out), result)
     return result
@@ -240,14 +264,15 @@ def write_markdown(path: Path, result: dict[str, Any]) -> None:
         )
     lines += ["", "Paired per-seed difference, student@8 − teacher@64 (negative: the student is better):", ""]
     for p in result["paired"]:
+        if p.get("extrapolated"):  # a straight line far past the sweep's ends reads as anything: not reported
+            lines.append(
+                f"* {p['label']}: not read, the entropy lies outside the temperature sweep in {p['extrapolated']} "
+                f"of {len(p['diffs'])} seeds (widen the sweep)"
+            )
+            continue
         lines.append(
             f"* {p['label']}: {p['mean_diff']:+.2f} ± {p['se']:.2f} "
             f"(per seed {', '.join(f'{d:+.2f}' for d in p['diffs'])})"
-            + (
-                f"; **extrapolated** past the sweep's entropies in {p['extrapolated']} of {len(p['diffs'])} seeds"
-                if p.get("extrapolated")
-                else ""
-            )  # fmt: skip
         )
     command = " ".join(
         [".venv/bin/python bench/didi_seeds.py", st["name"], "--time-grid", st["time_grid"], "--seeds"]
