@@ -53,8 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     p.add_argument("--from-json", help="no sampling: rebuild the summary, markdown and plot from this result JSON")
     p.add_argument(
-        "--reuse", help="a result JSON of the same run and --num-samples: its cells are taken, not sampled again "
-        "(sampling is deterministic per seed), so a sweep can be widened cheaply",
+        "--reuse", help="a result JSON at the same --num-samples: its teacher cells (and its student cells, if it is "
+        "the same run) are taken, not sampled again (sampling is deterministic per seed)",
     )  # fmt: skip
     return p.parse_args(argv)
 
@@ -165,18 +165,17 @@ def summarize(
 
 
 def reusable_rows(args: argparse.Namespace) -> dict[tuple[str, int, str, float, int], dict[str, Any]]:
-    """(model, steps, grid, temperature, seed) → row of `--reuse`'s result; checks it is the same run and size."""
+    """(model, steps, grid, temperature, seed) → row of `--reuse`'s result at the same --num-samples: its teacher
+    rows (every run of the bench shares the teacher), and its student rows when it is the same run."""
     if not args.reuse:
         return {}
     import json
 
     old = json.loads(Path(args.reuse).read_text(encoding="utf-8"))
-    for key in ("name", "num_samples"):
-        if old["settings"][key] != getattr(args, key):
-            raise ValueError(
-                f"--reuse {args.reuse}: {key}={old['settings'][key]!r}, this run has {getattr(args, key)!r}"
-            )
-    return {(*cell_of(r), r["seed"]): r for r in old["rows"]}
+    if old["settings"]["num_samples"] != args.num_samples:
+        raise ValueError(f"--reuse {args.reuse}: num_samples={old['settings']['num_samples']}, not {args.num_samples}")
+    same_run = old["settings"]["name"] == args.name
+    return {(*cell_of(r), r["seed"]): r for r in old["rows"] if same_run or r["model"] == "teacher"}
 
 
 def write_result(out: Path, result: dict[str, Any]) -> None:
