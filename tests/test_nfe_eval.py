@@ -35,6 +35,10 @@ def test_eval_prints_the_nfe_table_with_the_ema_student(tmp_path: Path) -> None:
         (m, n) for m in ("teacher", "student", "student_ema") for n in (2, 4)
     }
     assert all(r["gen_ppl"] > 1.0 and r["seconds"] > 0 for r in rows)
+    assert {r["temperature"] for r in rows} == {1.0}  # the spec's sampler unless asked
+    cooled = load_config(CONFIG, [f"trainer.run_dir={tmp_path}", *SMALL, "eval.evaluator.teacher_temperature=0.5"])
+    rows = evaluate(cooled, checkpoint=str(checkpoint), output=str(out)).rows
+    assert {(r["model"], r["temperature"]) for r in rows} == {("teacher", 0.5), ("student", 1.0), ("student_ema", 1.0)}
 
 
 def test_bad_step_list_is_rejected() -> None:
@@ -42,3 +46,5 @@ def test_bad_step_list_is_rejected() -> None:
 
     with pytest.raises(ValueError, match="steps"):
         NFETableEvaluator(steps=[])
+    with pytest.raises(ValueError, match="teacher_temperature must be a finite number > 0"):
+        NFETableEvaluator(teacher_temperature=0.0)

@@ -17,7 +17,7 @@ import torch
 
 from modalities.diffusion_lm.evaluation import CausalLMEvaluator, unigram_entropy
 from modalities.diffusion_lm.masked_diffusion import MaskedDiffusionLM
-from modalities.diffusion_lm.sampling import TIME_GRIDS, check_time_grid
+from modalities.diffusion_lm.sampling import TIME_GRIDS, check_temperature, check_time_grid
 from toolkit.checkpoint import write_json_atomic
 
 DEFAULT_STEPS = (8, 16, 32, 64, 128)
@@ -243,6 +243,8 @@ class NFETableEvaluator:
         include_teacher: sample the teacher too (false for evaluation during training, where it never changes).
         time_grid: the sampling grid, "uniform" (the spec's) or "cosine"; match `sampler.time_grid` when the
             student is trained on the cosine grid.
+        temperature: every model's sampling temperature (`sampling.temper`; 1, the spec's, samples x_θ as is).
+        teacher_temperature: the teacher's alone (None: `temperature`), e.g. to sample it at the student's entropy.
 
     The report's metrics() give gen_ppl/<model>@<steps> and entropy/<model>@<steps>, e.g. for
     `trainer.eval_every: 50`, `eval_metric: gen_ppl/student_ema@8`, `eval_mode: min` (checkpoint selection).
@@ -260,10 +262,18 @@ class NFETableEvaluator:
         use_ema: bool = True,
         include_teacher: bool = True,
         time_grid: str = "uniform",
+        temperature: float = 1.0,
+        teacher_temperature: float | None = None,
     ) -> None:
         if not steps or min(steps) < 1:
             raise ValueError(f"steps must be a non-empty list of positive step counts, got {list(steps)}")
         self.time_grid = check_time_grid(time_grid)
+        self.temperature = check_temperature(temperature)
+        self.teacher_temperature = (
+            self.temperature
+            if teacher_temperature is None
+            else check_temperature(teacher_temperature, "teacher_temperature")
+        )
         self.steps, self.num_samples, self.length = list(steps), num_samples, length
         self.batch_size, self.seed, self.use_ema = batch_size, seed, use_ema
         self.evaluator_model, self.evaluator_steps = evaluator_model, evaluator_steps
@@ -283,6 +293,7 @@ class NFETableEvaluator:
             self.seed,
             self.batch_size,
             time_grid=self.time_grid,
+            temperature={name: self.teacher_temperature if name == "teacher" else self.temperature for name in models},
         )
         report = NFETableReport(rows)
         if output:
