@@ -49,6 +49,15 @@ def sample_timed(
     return torch.cat(rows), time.perf_counter() - start, forwards
 
 
+def teacher_apart(names: Sequence[str], temperature: float, teacher_temperature: float | None) -> dict[str, float]:
+    """Per-model temperatures for `nfe_table`: `temperature` for every name, `teacher_temperature` (when set) for
+    "teacher"."""
+    chosen = {name: temperature for name in names}
+    if teacher_temperature is not None and "teacher" in chosen:
+        chosen["teacher"] = teacher_temperature
+    return chosen
+
+
 def nfe_table(
     models: Mapping[str, MaskedDiffusionLM],
     steps: Mapping[str, Sequence[int]] | Sequence[int],
@@ -163,9 +172,7 @@ def cmd_nfe_table(args: Any) -> int:
     models = {"teacher": load_teacher(args.teacher)}
     if args.student:
         models["student"] = load_student(args.student, args.teacher, use_ema=not args.no_ema)
-    temperature = {name: args.temperature for name in models}
-    if args.teacher_temperature is not None:
-        temperature["teacher"] = args.teacher_temperature
+    temperature = teacher_apart(list(models), args.temperature, args.teacher_temperature)
     rows = nfe_table(
         models, args.steps, evaluator, args.num_samples, args.length, args.seed,
         time_grid=args.time_grid, temperature=temperature,
@@ -270,9 +277,7 @@ class NFETableEvaluator:
         self.time_grid = check_time_grid(time_grid)
         self.temperature = check_temperature(temperature)
         self.teacher_temperature = (
-            self.temperature
-            if teacher_temperature is None
-            else check_temperature(teacher_temperature, "teacher_temperature")
+            None if teacher_temperature is None else check_temperature(teacher_temperature, "teacher_temperature")
         )
         self.steps, self.num_samples, self.length = list(steps), num_samples, length
         self.batch_size, self.seed, self.use_ema = batch_size, seed, use_ema
@@ -293,7 +298,7 @@ class NFETableEvaluator:
             self.seed,
             self.batch_size,
             time_grid=self.time_grid,
-            temperature={name: self.teacher_temperature if name == "teacher" else self.temperature for name in models},
+            temperature=teacher_apart(list(models), self.temperature, self.teacher_temperature),
         )
         report = NFETableReport(rows)
         if output:
