@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -80,16 +81,6 @@ def paired_stats(diffs: list[float]) -> dict[str, Any]:
     return {"mean_diff": m, "se": se, "diffs": diffs}
 
 
-def interpolate(points: list[tuple[float, float]], x: float) -> float:
-    """y at x on the piecewise-linear curve through `points` (sorted by x), extended linearly past either end
-    (`at_entropy` says when; the report does not read such values)."""
-    if len(points) < 2:
-        raise ValueError("interpolation needs at least two points")
-    i = next((k for k in range(1, len(points) - 1) if x <= points[k][0]), len(points) - 1)
-    (x0, y0), (x1, y1) = points[i - 1], points[i]
-    return y0 + (y1 - y0) * (x - x0) / (x1 - x0) if x1 != x0 else (y0 + y1) / 2
-
-
 def sweep(per_cell: dict[Any, list[dict[str, Any]]], model: str, grid: str) -> list[list[dict[str, Any]]]:
     """The rows (one per seed) of every temperature cell of `model` on `grid`."""
     return [cell_rows for (name, _, g, _), cell_rows in per_cell.items() if name == model and g == grid]
@@ -97,8 +88,8 @@ def sweep(per_cell: dict[Any, list[dict[str, Any]]], model: str, grid: str) -> l
 
 def at_entropy(cells: list[list[dict[str, Any]]], seed_index: int, entropy: float) -> tuple[float, bool]:
     """(gen-PPL of a temperature sweep's cells for one seed at `entropy`, whether that lies outside the sweep)."""
-    points = sorted((c[seed_index]["entropy"], c[seed_index]["gen_ppl"]) for c in cells)
-    return interpolate(points, entropy), not points[0][0] <= entropy <= points[-1][0]
+    xs, ys = zip(*sorted((c[seed_index]["entropy"], c[seed_index]["gen_ppl"]) for c in cells), strict=True)
+    return float(np.interp(entropy, xs, ys)), not xs[0] <= entropy <= xs[-1]  # outside: clamped, flagged, not read
 
 
 def plot_frontier(path: Path, result: dict[str, Any]) -> None:
