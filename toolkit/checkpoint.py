@@ -1,17 +1,26 @@
 """Checkpoints: atomic save, keep-last-K, complete-only resume, RNG capture, graceful SIGINT/SIGTERM.
 
 Layout: `run_dir/checkpoints/step_{step:08d}/` holding `model.safetensors`, `objects.pt` (optimizer,
-scheduler, normalizer and data state), `rng.pt`, `meta.json` and a `COMPLETE` manifest written last.
-A checkpoint is written into a hidden temp directory and renamed into place, so a crash mid-write leaves
-the previous checkpoints untouched; only directories with `COMPLETE` count. One writer (rank 0) per run.
+scheduler, normalizer and data state), `rng.pt`, `meta.json` and a `COMPLETE` manifest written last with
+every file's size and SHA-256. A checkpoint is written into a hidden temp directory and renamed into place,
+so a crash mid-write leaves the previous checkpoints untouched; only directories with `COMPLETE` count.
+One writer (rank 0) per run.
+
+Loading never runs code from a file: `objects.pt` and `rng.pt` are unpickled with
+`torch.load(weights_only=True)` (tensors, numbers, strings and plain containers only), and every file is
+checked against its manifest checksum first. `resume="auto"` skips a latest checkpoint that fails the check
+(moved aside as `checkpoints/corrupt-step_*`, never deleted) and falls back to the newest one that verifies.
 """
 
 from __future__ import annotations
 
 import builtins
 import difflib
+import hashlib
 import json
+import logging
 import os
+import pickle
 import random
 import re
 import shutil
@@ -34,10 +43,14 @@ MODEL_FILE = "model.safetensors"
 OBJECTS_FILE = "objects.pt"
 RNG_FILE = "rng.pt"
 META_FILE = "meta.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: sizes only; 2: sizes and SHA-256 per file
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _TEMP_PREFIX = ".tmp-"
 _TRASH_PREFIX = ".trash-"
+CORRUPT_PREFIX = "corrupt-"
+_HASH_CHUNK = 1 << 20
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):
@@ -149,10 +162,22 @@ def _write_checkpoint(state: CheckpointState, directory: Path) -> None:
     _write_pickle(state.objects, directory / OBJECTS_FILE)
     _write_pickle(state.rng, directory / RNG_FILE)
     _write_text(directory / META_FILE, json.dumps(state.meta, indent=2, allow_nan=True))
-    sizes = {name: (directory / name).stat().st_size for name in (MODEL_FILE, OBJECTS_FILE, RNG_FILE, META_FILE)}
-    manifest = {"format_version": FORMAT_VERSION, "step": state.step, "files": sizes}
+    files = {
+        name: {"size": (directory / name).stat().st_size, "sha256": file_sha256(directory / name)}
+        for name in (MODEL_FILE, OBJECTS_FILE, RNG_FILE, META_FILE)
+    }
+    manifest = {"format_version": FORMAT_VERSION, "step": state.step, "files": files}
     _write_text(directory / COMPLETE, json.dumps(manifest, indent=2))
     _fsync_dir(directory)
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks (checkpoints can be tens of GB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_HASH_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -214,13 +239,18 @@ class CheckpointManager:
         self._remove_stale()
         final = self.path_for(state.step)
         temp = self.directory / f"{_TEMP_PREFIX}{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        temp.mkdir()
         try:
+            temp.mkdir()
             _write_checkpoint(state, temp)
             if final.exists():  # same step again: a crash between the renames falls back to an older step
                 self._discard(final)
             os.replace(temp, final)
             _fsync_dir(self.directory)
+        except OSError as e:  # disk full, read-only, quota: the earlier checkpoints are untouched
+            reason = e.strerror or str(e)
+            raise CheckpointError(
+                f"could not write checkpoint {final}: {reason} (earlier checkpoints are intact)"
+            ) from e
         finally:
             if temp.exists():
                 shutil.rmtree(temp, ignore_errors=True)
@@ -250,9 +280,27 @@ class CheckpointManager:
         checkpoints = self.list()
         return checkpoints[-1] if checkpoints else None
 
-    def load(self, path: str | Path, weights_only: bool = False) -> CheckpointState:
+    def load(self, path: str | Path) -> CheckpointState:
         """Load a checkpoint directory (tensors on CPU); see `load_checkpoint`."""
-        return load_checkpoint(path, weights_only=weights_only)
+        return load_checkpoint(path)
+
+    def latest_verified(self, quarantine: bool = False) -> Path | None:
+        """The newest complete checkpoint whose files match their manifest, or None.
+
+        A newer one that fails the check is reported (a warning naming the file) and skipped; with `quarantine`
+        it is renamed to `corrupt-step_*` beside the others (kept for inspection, out of the listing).
+        """
+        for path in reversed(self.list()):
+            try:
+                verify_checkpoint(path)
+                return path
+            except CheckpointError as error:
+                aside = self.directory / f"{CORRUPT_PREFIX}{path.name}-{uuid.uuid4().hex[:8]}"
+                if quarantine:
+                    os.replace(path, aside)
+                where = f"moved to {aside}" if quarantine else "left in place"
+                log.warning("skipping checkpoint %s (%s): %s; trying the one before", path.name, where, error)
+        return None
 
     def _prune(self, keep: Path) -> None:
         if self.keep_last is None:
@@ -299,29 +347,59 @@ def _writer_alive(name: str) -> bool:
 # ---------------------------------------------------------------------------------------------- loading
 
 
-def load_checkpoint(path: str | Path, weights_only: bool = False) -> CheckpointState:
+def load_checkpoint(path: str | Path) -> CheckpointState:
     """Load a complete checkpoint directory written by `CheckpointManager.save` (tensors on CPU).
 
-    `weights_only=True` restricts unpickling of objects.pt and rng.pt to tensors and plain containers
-    (use it for checkpoints you did not write). Raises CheckpointError naming the missing/corrupt file.
+    Every file is checked against the manifest (size, and SHA-256 from format 2 on) before it is read;
+    `objects.pt` and `rng.pt` are unpickled with `torch.load(weights_only=True)`, so a crafted file cannot run
+    code: anything beyond tensors, numbers, strings and plain containers is refused.
+
+    Raises:
+        CheckpointError: naming the missing, corrupt or refused file.
+    """
+    directory = Path(path)
+    manifest = verify_checkpoint(directory)
+    return CheckpointState(
+        step=int(manifest["step"]),
+        model=_read(directory / MODEL_FILE, lambda p: safetensors.torch.load_file(str(p), device="cpu")),
+        objects=_read(directory / OBJECTS_FILE, safe_torch_load),
+        rng=_read(directory / RNG_FILE, safe_torch_load),
+        meta=_read(directory / META_FILE, lambda p: json.loads(p.read_text(encoding="utf-8"))),
+    )
+
+
+def verify_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Check every file of a checkpoint directory against its `COMPLETE` manifest; returns the manifest.
+
+    Raises:
+        CheckpointError: the directory, the manifest or a file is missing, or a file's size or SHA-256 differs.
     """
     directory = Path(path)
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint directory not found: {directory}")
     manifest = _read_manifest(directory)
-    for name, size in manifest["files"].items():
+    for name, expected in manifest["files"].items():
         file = directory / name
         if not file.is_file():
             raise CheckpointError(f"checkpoint file missing: {file}")
+        size, digest = (expected, None) if isinstance(expected, int) else (expected["size"], expected["sha256"])
         if file.stat().st_size != size:
             raise CheckpointError(f"checkpoint file corrupt: {file} has {file.stat().st_size} bytes, expected {size}")
-    return CheckpointState(
-        step=int(manifest["step"]),
-        model=_read(directory / MODEL_FILE, lambda p: safetensors.torch.load_file(str(p), device="cpu")),
-        objects=_read(directory / OBJECTS_FILE, lambda p: torch.load(p, map_location="cpu", weights_only=weights_only)),
-        rng=_read(directory / RNG_FILE, lambda p: torch.load(p, map_location="cpu", weights_only=weights_only)),
-        meta=_read(directory / META_FILE, lambda p: json.loads(p.read_text(encoding="utf-8"))),
-    )
+        if digest is not None and file_sha256(file) != digest:
+            raise CheckpointError(f"checkpoint file corrupt: {file}: SHA-256 differs from the manifest's")
+    return manifest
+
+
+def safe_torch_load(path: str | Path) -> Any:
+    """`torch.load(weights_only=True)` on CPU: refuses (CheckpointError) any pickle that would import or call code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"refusing to load {path}: it holds pickled objects beyond tensors, numbers, strings and plain "
+            f"containers, and loading them could run code from the file ({first_line})"
+        ) from e
 
 
 def _read_manifest(directory: Path) -> dict[str, Any]:
@@ -331,7 +409,11 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
     try:
         manifest: dict[str, Any] = json.loads(marker.read_text(encoding="utf-8"))
         int(manifest["step"])
-        dict(manifest["files"])
+        for name, expected in dict(manifest["files"]).items():
+            if Path(name).name != name or name in ("", ".", ".."):
+                raise ValueError(f"file name {name!r} is not a plain name inside the checkpoint")
+            if not isinstance(expected, int):
+                int(expected["size"]), str(expected["sha256"])
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"checkpoint file corrupt: {marker}: {e}") from e
     return manifest
@@ -340,25 +422,29 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
 def _read(path: Path, reader: Any) -> Any:
     try:
         return reader(path)
+    except CheckpointError:
+        raise
     except Exception as e:
         raise CheckpointError(f"checkpoint file corrupt: {path}: {type(e).__name__}: {e}") from e
 
 
-def resolve_resume(resume: str, run_dir: str | Path) -> Path | None:
+def resolve_resume(resume: str, run_dir: str | Path, quarantine: bool = False) -> Path | None:
     """Which checkpoint to resume from.
 
     Args:
-        resume: "auto" (the latest complete checkpoint of `run_dir`, or None for a fresh start),
+        resume: "auto" (the latest complete checkpoint of `run_dir` that verifies, or None for a fresh
+            start; newer ones that fail their checksums are skipped with a warning),
             "never" (None), or a path: a checkpoint directory (must be complete) or a run directory
             (its latest checkpoint; one must exist). A relative name is also looked up in
             `run_dir/checkpoints/` (so `step_00000100` works).
         run_dir: this run's directory.
+        quarantine: with "auto", rename a skipped corrupt checkpoint to `corrupt-step_*` (the main process).
 
     Raises:
         CheckpointError: the path is missing, incomplete or holds no checkpoint.
     """
     if resume == "auto":
-        return CheckpointManager(run_dir).latest()
+        return CheckpointManager(run_dir).latest_verified(quarantine=quarantine)
     if resume == "never":
         return None
     if not isinstance(resume, str) or not resume:

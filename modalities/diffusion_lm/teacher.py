@@ -247,7 +247,7 @@ def load_teacher(
     resolved = resolve_resume(str(path), Path(path))
     if resolved is None:
         raise ValueError(f"no teacher checkpoint at {path}")
-    state = load_checkpoint(resolved, weights_only=True)
+    state = load_checkpoint(resolved)
     if state.meta.get("kind") != TEACHER_KIND or not state.meta.get("dit_config"):
         raise ValueError(f"{resolved} is not a DiT teacher checkpoint written by train_teacher (meta kind/dit_config)")
     names = {"LogLinearSchedule": "loglinear", "LinearSchedule": "linear", "CosineSchedule": "cosine"}

@@ -276,7 +276,7 @@ class ReasoningEvaluator:
 
 def load_weights(policy: Policy, checkpoint: str) -> None:
     """Load a renorm checkpoint directory's weights into the policy (strict about unknown names)."""
-    state = load_checkpoint(checkpoint, weights_only=True)
+    state = load_checkpoint(checkpoint)
     loaded = unwrap(policy.module).load_state_dict(state.model, strict=False)
     if loaded.unexpected_keys:
         raise ValueError(f"checkpoint {checkpoint} has weights the policy does not: {loaded.unexpected_keys[:5]}")
