@@ -1,9 +1,15 @@
-"""Search tools (BM25, dense with the real MiniLM, corpus handling, observation format) and the calculator tool."""
+"""Search tools (BM25, dense with the real MiniLM, corpus handling, observation format), the calculator tool,
+the HTTP client against a misbehaving loopback server, and the search rewards of failed searches."""
 
 from __future__ import annotations
 
+import gzip
 import importlib.util
+import inspect
 import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -12,14 +18,19 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from modalities.text_agent.agent_metrics import FAILED_SEARCH, answered, answered_after_search, searched
+from modalities.text_agent.tool_loop import ToolRequest, Trajectory, run_tools
+from modalities.text_agent.tool_sampler import ToolLoopSampler
 from modalities.text_agent.tools import (
     BM25Search,
     Calculator,
     DenseSearch,
     Document,
     JsonlCorpus,
+    RetrieverClient,
     SearchHit,
     Tool,
+    ToolError,
     evaluate_expression,
     format_hits,
 )
@@ -237,3 +248,128 @@ def test_calculator_batch_is_independent_per_query() -> None:
 def test_calculator_integer_arithmetic_is_exact(a: int, b: int) -> None:
     assert evaluate_expression(f"{a} + ({b})") == a + b
     assert evaluate_expression(f"{a} * ({b})") == a * b
+
+
+# --- the HTTP client against a misbehaving server: every bad answer is a counted ToolError naming the URL ---
+
+
+class CannedHandler(BaseHTTPRequestHandler):
+    """Answers every POST with the server's `canned` (body, extra headers)."""
+
+    server: Any
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        body, headers = self.server.canned
+        self.send_response(200)
+        for key, value in {"Content-Type": "application/json", **headers}.items():
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def canned() -> Iterator[Any]:
+    server: Any = ThreadingHTTPServer(("127.0.0.1", 0), CannedHandler)
+    server.daemon_threads = True
+    server.url = f"http://127.0.0.1:{server.server_address[1]}/retrieve"
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=10)
+
+
+def hits_body(score: Any = 1.5, document: Any = None) -> bytes:
+    document = {"id": "7", "contents": '"Zed"\nZed is blue.'} if document is None else document
+    return json.dumps({"result": [[{"document": document, "score": score}]]}).encode()
+
+
+GOOD = hits_body()
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "message"),
+    [
+        (gzip.compress(GOOD), {"Content-Encoding": "gzip"}, "sent a 'gzip'-encoded body"),
+        (gzip.compress(GOOD), {}, "not UTF-8"),
+        (GOOD.replace(b"blue", b"bl\xe9u"), {}, r"not UTF-8 \(invalid continuation byte at byte \d+\)"),
+        (b"<html>busy</html>", {}, "not JSON"),
+        (b"[" * 100_000, {}, "nested too deeply|not JSON"),
+        (hits_body(score="high"), {}, r"result 0, item 0: 'score' must be a finite number, got 'high'"),
+        (hits_body(score=None), {}, "'score' must be a finite number, got None"),
+        (hits_body(score=True), {}, "'score' must be a finite number, got True"),
+        (GOOD.replace(b"1.5", b"NaN"), {}, "'score' must be a finite number, got nan"),
+        (GOOD.replace(b"1.5", b"1" + b"0" * 400), {}, "'score' must be a finite number"),
+        (hits_body(document=["7", "Zed"]), {}, "result 0, item 0: expected a JSON object"),
+        (json.dumps({"results": []}).encode(), {}, "sent no 'result' list with 1 entries"),
+        (json.dumps({"result": ["Doc 1"]}).encode(), {}, "result 0 is not a list"),
+    ],
+    ids=[
+        "gzip",
+        "gzip-unlabelled",
+        "latin-1",
+        "html",
+        "deep",
+        "score-text",
+        "score-null",
+        "score-bool",
+        "score-nan",
+        "score-huge",
+        "document-list",
+        "no-result",
+        "row-not-list",
+    ],
+)
+def test_bad_retriever_responses_are_counted_tool_errors(
+    canned: Any, body: bytes, headers: dict[str, str], message: str
+) -> None:
+    canned.canned = (body, headers)
+    client = RetrieverClient(canned.url, max_retries=2, backoff_s=0.0, timeout_s=5)
+    with pytest.raises(ToolError, match=f"retriever at {canned.url}.*({message})"):
+        client(["Zed"])
+    assert client.num_requests == 1 and client.num_failures == 1  # not retried: the server answered, badly
+
+
+def test_good_response_and_response_size_cap(canned: Any) -> None:
+    canned.canned = (GOOD, {"Content-Encoding": "identity"})
+    assert RetrieverClient(canned.url).retrieve(["Zed"]) == [[SearchHit(Document("7", '"Zed"\nZed is blue.'), 1.5)]]
+    client = RetrieverClient(canned.url, max_response_bytes=len(GOOD) - 1)
+    with pytest.raises(ToolError, match=f"retriever at {canned.url} sent more than max_response_bytes={len(GOOD) - 1}"):
+        client(["Zed"])
+    with pytest.raises(ValueError, match="max_response_bytes must be >= 1, got 0"):
+        RetrieverClient(max_response_bytes=0)
+
+
+def sampler_default(name: str) -> str:
+    default: str = inspect.signature(ToolLoopSampler.__init__).parameters[name].default
+    return default
+
+
+def test_failed_search_earns_no_search_reward(canned: Any, bm25: BM25Search) -> None:
+    """The observation the tool loop writes for a ToolError (a gzip answer here) counts as no search."""
+    canned.canned = (gzip.compress(GOOD), {"Content-Encoding": "gzip"})
+    row = Trajectory(prompt_ids=[], budget=100)
+    message = sampler_default("tool_error_message")
+    client = RetrieverClient(canned.url)
+    ((failure, failed),) = run_tools({"search": client}, [ToolRequest(row, "search", "Zed")], message)
+    assert failed and failure.startswith(FAILED_SEARCH) and canned.url in failure
+
+    def observe(text: str) -> str:
+        return sampler_default("observation_template").format(text)
+
+    query = "<search>capital of Zorvania</search>"
+    success = bm25(["capital of Zorvania"])[0]
+    answer = "<answer>Quellport</answer>"
+    failed_only = query + observe(failure) + answer
+    assert searched(None, failed_only) == 0.0 and answered_after_search(None, failed_only) == 0.0
+    assert answered(None, failed_only) == 1.0
+    for text in (query + observe(success) + answer, query + observe(failure) + query + observe(success) + answer):
+        assert searched(None, text) == 1.0 and answered_after_search(None, text) == 1.0  # as before this change
+    assert answered_after_search(None, query + observe(success) + query + observe(failure) + answer) == 1.0
+    assert answered_after_search(None, query + observe(failure) + answer + query + observe(success)) == 0.0

@@ -3,7 +3,8 @@
 `searched` / `answered` read a tool-loop trajectory text (the sampler's `rollout.completions`): they
 are lenient on purpose (stray text or tags elsewhere do not matter), unlike `rewards.text.qa.FormatReward`,
 so a random-init tiny model gets a signal before it writes whole well-formed trajectories; a query or an
-answer must still hold a letter or digit (a tag alone is no query).
+answer must still hold a letter or digit (a tag alone is no query). A failed search (the tool raised
+`ToolError`, so the observation is the tool loop's error message, `FAILED_SEARCH`) earns nothing.
 `rule_judge_reply` stands in for the PPR judge model in CPU configs and tests (with
 `rewards.judges.client.FakeJudgeClient`): a deterministic reply in the judge's output format.
 """
@@ -14,7 +15,10 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-_SEARCH_CALL = re.compile(r"<search>(.*?)</search>\s*<information>", re.DOTALL)
+# How the tool loop's observation of a failed search starts: `ToolLoopSampler`'s default
+# `tool_error_message` ("The {name} tool failed: {error}") for the tool named "search".
+FAILED_SEARCH = "The search tool failed:"
+_SEARCH_CALL = re.compile(rf"<search>(.*?)</search>\s*<information>(\s*{re.escape(FAILED_SEARCH)})?", re.DOTALL)
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _RESPONSE = re.compile(r"\*\*Response\*\*:(.*)", re.DOTALL)
 _QUERY = re.compile(r"\*\*Query\*\*:(.*?)\*\*Response\*\*:", re.DOTALL)
@@ -28,9 +32,17 @@ def has_text(content: str) -> bool:
     return bool(_TEXT.search(_TAG.sub("", content)))
 
 
+def successful_searches(text: str) -> list[re.Match[str]]:
+    """The search calls with a query (see `has_text`) whose observation is not a failure message, in order.
+
+    Each match ends where the observation text begins (after `<information>`).
+    """
+    return [m for m in _SEARCH_CALL.finditer(text) if has_text(m.group(1)) and m.group(2) is None]
+
+
 def searched(prompt: Any, completion: str | None, **_: Any) -> float:
-    """1.0 when the trajectory called the search tool with a query (see `has_text`) and got an observation back."""
-    return float(any(has_text(match.group(1)) for match in _SEARCH_CALL.finditer(completion or "")))
+    """1.0 when the trajectory called the search tool with a query and got results back (not a failure message)."""
+    return float(bool(successful_searches(completion or "")))
 
 
 def answered(prompt: Any, completion: str | None, **_: Any) -> float:
@@ -39,15 +51,16 @@ def answered(prompt: Any, completion: str | None, **_: Any) -> float:
 
 
 def answered_after_search(prompt: Any, completion: str | None, **_: Any) -> float:
-    """1.0 when an answer with text follows the observation of the first search with a query, else 0.0.
+    """1.0 when an answer with text follows the observation of the first successful search, else 0.0.
 
-    Unlike `answered`, an answer given without searching earns nothing, so a policy that answers at
-    once (which ends the episode) is not a cheaper optimum than searching first.
+    Unlike `answered`, an answer given without searching (or after failed searches only) earns nothing,
+    so a policy that answers at once (which ends the episode) is not a cheaper optimum than searching first.
     """
     text = completion or ""
-    call = next((m for m in _SEARCH_CALL.finditer(text) if has_text(m.group(1))), None)
-    if call is None:
+    calls = successful_searches(text)
+    if not calls:
         return 0.0
+    call = calls[0]
     rest = text[call.end() :]
     closing = rest.find("</information>")
     return answered(prompt, rest[closing:] if closing >= 0 else "")

@@ -6,6 +6,7 @@ Registered through the `renorm.commands` entry-point group; `toolkit.cli` calls 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from typing import Any
 
@@ -34,6 +35,13 @@ def register(subparsers: Any) -> None:
     p.add_argument("--passage-prefix", default="passage: ", help="dense: text before each passage")
     p.add_argument("--batch-size", type=int, default=64, help="dense: texts per encoder call")
     p.add_argument("--device", default="cpu", help="dense: encoder device")
+    p.add_argument("--max-queries", type=int, default=512, help="queries per request (more: 413)")
+    p.add_argument("--max-top-k", type=int, default=100, help="largest topk a request may ask (more: 400)")
+    p.add_argument("--timeout-s", type=float, default=30.0, help="per-connection socket timeout (idle: closed)")
+    p.add_argument("--max-connections", type=int, default=1024, help="open connections at once (more: 503)")
+    p.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"], help="INFO: one access-log line a request"
+    )
 
 
 def build_retriever(args: argparse.Namespace) -> Any:
@@ -64,8 +72,17 @@ def cmd_serve_retriever(args: argparse.Namespace) -> int:
     """Build the retriever, then serve until Ctrl-C."""
     from modalities.text_agent.tools.retriever_server import make_server
 
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     retriever = build_retriever(args)
-    server = make_server(retriever, args.host, args.port)
+    server = make_server(
+        retriever,
+        args.host,
+        args.port,
+        max_queries=args.max_queries,
+        max_top_k=args.max_top_k,
+        timeout_s=args.timeout_s,
+        max_connections=args.max_connections,
+    )
     print(f"serving {len(retriever)} documents ({args.backend}) at {server.url}", flush=True)
     try:
         server.serve_forever()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import math
 import time
 import urllib.error
 import urllib.request
@@ -49,6 +50,11 @@ class BM25Search(SearchTool):
         build_index: False makes a missing index in `index_dir` an error instead of building it.
         name: the action tag the model uses.
     """
+
+    # Safe to call from several threads once built (the retriever server then skips its lock): bm25s
+    # itself scores a batch on a thread pool over the same read-only index, tokenization builds fresh
+    # objects per call, and `JsonlCorpus.get` opens its own file handle per call.
+    concurrent_retrieve = True
 
     def __init__(
         self,
@@ -158,7 +164,10 @@ class RetrieverClient(SearchTool):
     `{"result": [[{"document": {"id", "contents"}, "score": s}, ...], ...]}` (plain document dicts,
     as sent when `return_scores` is false, are accepted too). Connection errors, timeouts, 429 and
     5xx answers are retried `max_retries` times with exponential backoff; other 4xx answers and
-    malformed responses fail at once. Counts: `num_requests`, `num_retries`, `num_failures`.
+    malformed responses (compressed, not UTF-8, not JSON, over `max_response_bytes`, the wrong schema,
+    a score that is not a finite number) fail at once. Every failure is a `ToolError` naming the URL
+    and what was wrong, which the tool loop turns into a counted error observation.
+    Counts: `num_requests`, `num_retries`, `num_failures`.
 
     Args:
         url: the full endpoint, e.g. "http://127.0.0.1:8000/retrieve".
@@ -166,6 +175,7 @@ class RetrieverClient(SearchTool):
         timeout_s: per-attempt timeout.
         max_retries: extra attempts after the first.
         backoff_s: retry r = 1, 2, ... first sleeps `backoff_s * 2**(r - 1)`.
+        max_response_bytes: a longer response body is a malformed response.
         name: the action tag the model uses.
     """
 
@@ -176,6 +186,7 @@ class RetrieverClient(SearchTool):
         timeout_s: float = 30.0,
         max_retries: int = 3,
         backoff_s: float = 0.5,
+        max_response_bytes: int = 256 * 1024 * 1024,
         name: str = "search",
     ) -> None:
         if not url.startswith(("http://", "https://")):
@@ -184,11 +195,14 @@ class RetrieverClient(SearchTool):
             raise ValueError(
                 f"need timeout_s > 0, max_retries >= 0, backoff_s >= 0; got {timeout_s}, {max_retries}, {backoff_s}"
             )
+        if max_response_bytes < 1:
+            raise ValueError(f"max_response_bytes must be >= 1, got {max_response_bytes}")
         self.url = url
         self.top_k = check_top_k(top_k)
         self.timeout_s = timeout_s
         self.max_retries = max_retries
         self.backoff_s = backoff_s
+        self.max_response_bytes = max_response_bytes
         self.name = name
         self.num_requests = 0
         self.num_retries = 0
@@ -221,19 +235,38 @@ class RetrieverClient(SearchTool):
             )
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                    return json.loads(response.read())
+                    encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+                    raw = response.read(self.max_response_bytes + 1)
             except urllib.error.HTTPError as error:
-                detail = error.read()[:300].decode("utf-8", "replace")
+                detail = error.read(300).decode("utf-8", "replace")
                 last_error = f"HTTP {error.code}: {detail}"
                 if error.code != 429 and error.code < 500:
                     break
-            except json.JSONDecodeError as error:
-                last_error = f"response is not JSON ({error.msg})"
-                break
             except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException, OSError) as error:
                 last_error = f"{type(error).__name__}: {getattr(error, 'reason', error)}"
+            else:
+                return self._decode(raw, encoding)
         self.num_failures += 1
         raise ToolError(f"retriever at {self.url} failed after {attempts} attempt(s): {last_error}")
+
+    def _decode(self, raw: bytes, encoding: str) -> Any:
+        """The JSON value of a response body; ToolError (counted, not retried) when it is not plain UTF-8 JSON."""
+        problem = None
+        if encoding not in ("", "identity"):
+            problem = f"sent a {encoding!r}-encoded body; expected plain JSON (no Content-Encoding)"
+        elif len(raw) > self.max_response_bytes:
+            problem = f"sent more than max_response_bytes={self.max_response_bytes}"
+        else:
+            try:
+                return json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as error:
+                problem = f"sent a body that is not UTF-8 ({error.reason} at byte {error.start})"
+            except RecursionError:
+                problem = "sent JSON nested too deeply to parse"
+            except ValueError as error:  # JSONDecodeError, an over-long integer
+                problem = f"sent a body that is not JSON ({getattr(error, 'msg', error)}): {raw[:80]!r}"
+        self.num_failures += 1
+        raise ToolError(f"retriever at {self.url} {problem}")
 
     def _parse(self, body: Any, num_queries: int) -> list[list[SearchHit]]:
         result = body.get("result") if isinstance(body, dict) else None
@@ -242,23 +275,29 @@ class RetrieverClient(SearchTool):
             raise ToolError(
                 f"retriever at {self.url} sent no 'result' list with {num_queries} entries: {str(body)[:200]}"
             )
-        hits = []
-        for qi, items in enumerate(result):
-            if not isinstance(items, list):
-                self.num_failures += 1
-                raise ToolError(f"retriever at {self.url}: result {qi} is not a list")
-            row = []
-            for di, item in enumerate(items):
-                scored = isinstance(item, dict) and "document" in item
-                record = item["document"] if scored else item
-                try:
-                    doc = document_from_record(record, str(di), f"retriever at {self.url}, result {qi}, item {di}")
-                except ValueError as error:
-                    self.num_failures += 1
-                    raise ToolError(str(error)) from error
-                row.append(SearchHit(doc, float(item.get("score", 0.0)) if scored else 0.0))
-            hits.append(row)
-        return hits
+        try:
+            return [self._parse_row(items, qi) for qi, items in enumerate(result)]
+        except ValueError as error:
+            self.num_failures += 1
+            raise ToolError(str(error)) from error
+
+    def _parse_row(self, items: Any, qi: int) -> list[SearchHit]:
+        """One query's hits; ValueError naming the URL, result and item when one is malformed."""
+        if not isinstance(items, list):
+            raise ValueError(f"retriever at {self.url}: result {qi} is not a list")
+        row = []
+        for di, item in enumerate(items):
+            where = f"retriever at {self.url}, result {qi}, item {di}"
+            scored = isinstance(item, dict) and "document" in item
+            doc = document_from_record(item["document"] if scored else item, str(di), where)
+            score = item.get("score", 0.0) if scored else 0.0
+            value = float("nan")
+            if isinstance(score, (int, float)) and not isinstance(score, bool):
+                value = float(score) if abs(score) < 1e300 else float("inf")  # a huge int overflows float()
+            if not math.isfinite(value):
+                raise ValueError(f"{where}: 'score' must be a finite number, got {score!r:.80}")
+            row.append(SearchHit(doc, value))
+        return row
 
 
 def quiet_bm25s() -> None:
