@@ -8,6 +8,7 @@ constant groups → exact zeros, counted. Batch-wide statistics go through `gath
 
 from __future__ import annotations
 
+import math
 from dataclasses import fields
 from typing import Any, Literal, NamedTuple, get_args
 
@@ -37,13 +38,21 @@ def check_option(name: str, value: object, allowed: object) -> None:
 
 
 def check_clip(clip: float | None) -> None:
-    if clip is not None and not clip > 0:
-        raise ValueError(f"clip={clip!r} must be a positive float or None")
+    """`clip` bounds |A|: a finite number > 0 (0 would zero every advantage), or None for no clipping."""
+    if clip is not None and not (math.isfinite(clip) and clip > 0):
+        raise ValueError(f"clip={clip!r} must be a finite number > 0 (or None for no clipping)")
 
 
 def check_nonnegative(name: str, value: float) -> None:
-    if not value >= 0:
-        raise ValueError(f"{name}={value!r} must be >= 0")
+    """ValueError naming `name` and `value` unless it is a finite number >= 0."""
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name}={value!r} must be a finite number >= 0")
+
+
+def check_positive(name: str, value: float) -> None:
+    """ValueError naming `name` and `value` unless it is a finite number > 0."""
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name}={value!r} must be a finite number > 0")
 
 
 def rollout_scores(rollout: Rollout) -> Tensor:
@@ -253,7 +262,8 @@ class NormalizerConfig:
         ):
             if hasattr(self, name):
                 check_option(name, getattr(self, name), kind)
-        for name in ("eps", "std_floor", "restandardize_eps"):
+        # eps 0 is allowed: constant groups get exact zeros and a non-finite advantage raises (finish_advantages).
+        for name in ("eps", "restandardize_eps", "std_floor"):
             if hasattr(self, name):
                 check_nonnegative(name, getattr(self, name))
         check_clip(self.clip)

@@ -8,9 +8,10 @@ text was not available; defaults follow the official code plus the spec's edge-c
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -20,6 +21,7 @@ from toolkit.advantage_stats import (
     check_clip,
     check_nonnegative,
     check_option,
+    check_positive,
     checked_scores,
     finish_advantages,
     group_index,
@@ -172,6 +174,7 @@ class BetaNormalizer:
     is normalized with the range (`r_min`, `r_max`).
     """
 
+    needs_groups: ClassVar[bool] = True  # p̂ is a per-prompt success rate: trainer.group_size >= 2
     r_min: float = 0.0
     r_max: float = 1.0
     components: dict[str, tuple[float, float]] | None = None
@@ -186,13 +189,14 @@ class BetaNormalizer:
     def __post_init__(self) -> None:
         check_option("variance", self.variance, StdMode)
         check_option("decomposition_reduce", self.decomposition_reduce, DecompositionReduce)
-        check_nonnegative("w_max", self.w_max)
+        check_positive("ab_min", self.ab_min)  # α, β <= 0 is no Beta density
+        check_positive("w_max", self.w_max)  # 0 would zero every advantage
         check_nonnegative("var_floor", self.var_floor)
         check_clip(self.clip)
         ranges = [(self.r_min, self.r_max), *(self.components or {}).values()]
         for lo, hi in (tuple(r) for r in ranges):
-            if not hi > lo:
-                raise ValueError(f"reward range needs max > min, got ({lo}, {hi})")
+            if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
+                raise ValueError(f"reward range needs finite max > min, got ({lo}, {hi})")
         if self.components is not None and not self.components:
             raise ValueError("components must name at least one reward component, or be None")
 

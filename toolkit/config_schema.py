@@ -13,6 +13,7 @@ import functools
 import importlib
 import inspect
 import pkgutil
+import re
 import types
 import typing
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -235,7 +236,17 @@ def build_dataclass(cls: type[T], mapping: Mapping[str, Any] | None, where: str 
     except ConfigError:
         raise
     except ValueError as e:
-        raise ConfigError(where, f"{cls.__name__} rejected its fields: {e}", source_of(section)) from e
+        message = f"{cls.__name__} rejected its fields: {e}"
+        raise ConfigError(where, message, _source_named_in(str(e), section, where)) from e
+
+
+def _source_named_in(message: str, section: Mapping[str, Any], where: str) -> str | None:
+    """Where the first key whose dotted path (`trainer.lr`) the message names was set; else the section's source."""
+    if where:
+        for key in section:
+            if re.search(rf"(?<![\w.]){re.escape(join_key(where, key))}(?![\w])", message):
+                return source_of(section, key)
+    return source_of(section)
 
 
 def _coerce(value: Any, annotation: Any, key: str, source: str | None) -> Any:

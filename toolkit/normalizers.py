@@ -15,7 +15,7 @@ import math
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -281,6 +281,7 @@ class GroupNormalizer(NormalizerConfig):
     (unbiased, 1e-8, clip 5), DiDi-Instruct (unbiased, 1e-8, clip 3), MedGRPO (unbiased, 1e-6).
     """
 
+    needs_groups: ClassVar[bool] = True  # trainer.group_size >= 2 (toolkit.trainer_config.check_group_size)
     scale_by_std: bool = True
     std: StdMode = "unbiased"
     eps: float = 1e-6
@@ -301,6 +302,7 @@ class GroupNormalizer(NormalizerConfig):
 class LeaveOneOutNormalizer(NormalizerConfig):
     """RLOO leave-one-out baseline (arXiv:2402.14740). Reads `rollout.scores`."""
 
+    needs_groups: ClassVar[bool] = True
     singleton_groups: SingletonPolicy = "zero"
     clip: float | None = None
 
@@ -331,6 +333,11 @@ class BatchWhitenNormalizer(NormalizerConfig):
     singleton_groups: SingletonPolicy = "raw"
     zero_constant_groups: bool = True
     clip: float | None = None
+
+    @classmethod
+    def needs_groups(cls, kwargs: Mapping[str, Any]) -> bool:
+        """A group-mean baseline needs trainer.group_size >= 2 (with one response it is the reward itself)."""
+        return bool(kwargs.get("baseline", cls.baseline) == "group_mean")
 
     def __post_init__(self) -> None:
         self._validate()
@@ -366,6 +373,7 @@ class MultiRewardNormalizer(NormalizerConfig):
     `restandardize=True`. TRL GDPO: `eps=1e-4, restandardize=True, restandardize_eps=1e-4`.
     """
 
+    needs_groups: ClassVar[bool] = True
     weights: dict[str, float] | None = None
     scale_by_std: bool = True
     std: StdMode = "unbiased"
@@ -379,6 +387,9 @@ class MultiRewardNormalizer(NormalizerConfig):
 
     def __post_init__(self) -> None:
         self._validate()
+        for name, weight in (self.weights or {}).items():
+            if not math.isfinite(weight):
+                raise ValueError(f"weights[{name!r}]={weight!r} must be a finite number")
 
     def __call__(self, rollout: Rollout) -> Advantages:
         weights = self.weights if self.weights is not None else dict.fromkeys(rollout.rewards, 1.0)
@@ -408,6 +419,11 @@ class PromptHistoryNormalizer(NormalizerConfig):
     clip: float | None = None
     _history: dict[int, deque[float]] = field(default_factory=dict, init=False, repr=False)
     _num_calls: int = field(default=0, init=False, repr=False)
+
+    @classmethod
+    def needs_groups(cls, kwargs: Mapping[str, Any]) -> bool:
+        """History cleared every call (reset_every=1) holds one reward per prompt unless group_size >= 2."""
+        return bool(kwargs.get("reset_every", cls.reset_every) == 1)
 
     def __post_init__(self) -> None:
         self._validate()

@@ -10,6 +10,7 @@ With PPR's ReNorm step rewards (`toolkit.transforms.ReNorm`) this is the GRPO-fa
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -95,6 +96,9 @@ class TurnGroupNormalizer(NormalizerConfig):
     (unbiased std, eps 1e-6 added to the std).
     """
 
+    # With one trajectory per group its normalized step rewards sum to 0: the first token's advantage is 0 and
+    # the outcome carries no signal, so trainer.group_size >= 2.
+    needs_groups: ClassVar[bool] = True
     scale_by_std: bool = True
     std: StdMode = "unbiased"
     eps: float = 1e-6
