@@ -18,7 +18,15 @@ from typing import Any
 import yaml
 
 from toolkit.config_schema import build_dataclass, import_object, instantiate, validate
-from toolkit.config_types import COMPONENT_KEY, ConfigError, check_keys, closest, join_key, show_value
+from toolkit.config_types import (
+    COMPONENT_KEY,
+    ConfigError,
+    check_keys,
+    closest,
+    join_key,
+    read_text_file,
+    show_value,
+)
 
 __all__ = [
     "ConfigDict",
@@ -111,7 +119,11 @@ def _read_file(path: Path, key: str, included_from: str | None) -> ConfigDict:
     if not path.is_file():
         message = f"config file not found: {name}" if path.name else "empty config path"
         raise ConfigError(key, message, included_from)
-    data = _parse_yaml(path.read_text(encoding="utf-8"), name)
+    try:
+        text = read_text_file(path, name)
+    except ValueError as e:
+        raise ConfigError(key, str(e), included_from) from e
+    data = _parse_yaml(text, name)
     if data is None:
         return ConfigDict()
     if not isinstance(data, ConfigDict):
@@ -278,7 +290,8 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, An
     then the file itself on top), then the CLI `overrides` (see `apply_overrides`).
 
     Returns a `ConfigDict` tree (a dict) with provenance. Raises ConfigError for malformed YAML (file
-    and line), a missing file (and the file that included it), a base cycle or a bad override.
+    and line), a file that is not UTF-8 (file, byte offset and line), a missing file (and the file that
+    included it), a base cycle or a bad override.
     """
     config = _load_tree(Path(path).expanduser(), (), "", None)
     return apply_overrides(config, overrides)

@@ -4,6 +4,7 @@ Checked: bool, int, float (ints accepted), str, Path-like (str accepted), Litera
 list/Sequence/tuple, dict/Mapping, and YAML scalars against plain classes (a string is never a Tensor).
 Anything else (protocols, callables, type variables) is not checked. `_component_` nodes are not
 checked against the annotation of the argument they fill: their type is known only once built.
+`read_text_file` reads a user-supplied text file (config or data) so that a decode error names the file.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import os
 import types
 import typing
 from collections.abc import Collection, Mapping, Sequence
-from pathlib import PurePath
+from pathlib import Path, PurePath
 from typing import Any, Literal, Union
 
 COMPONENT_KEY = "_component_"
@@ -245,3 +246,35 @@ def check_value(value: Any, annotation: Any, key: str, source: str | None) -> No
     choices = [c for c in literal_choices(annotation) if isinstance(c, str)]
     suggestion = closest(value, choices) if isinstance(value, str) else None
     raise ConfigError(key, problem, source, suggestion)
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+_UTF16_MARKS = (b"\xff\xfe", b"\xfe\xff")
+
+
+def read_text_file(path: str | os.PathLike[str], name: str | None = None) -> str:
+    """The text of a user-supplied UTF-8 file (config, prompt data, corpus).
+
+    Args:
+        path: the file.
+        name: how messages show the file (default: `path` as given).
+
+    Raises:
+        ValueError: the bytes are not UTF-8; the message names the file, the first bad byte, its offset and
+            line, e.g. "configs/x.yaml is not valid UTF-8 (byte 0xff at offset 12, line 2)".
+    """
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(decode_error_message(name if name is not None else str(path), data, error)) from error
+
+
+def decode_error_message(name: str, data: bytes, error: UnicodeDecodeError) -> str:
+    """The message "<name> is not valid UTF-8 (byte 0x.. at offset O, line L)", with a hint for UTF-16 files."""
+    line = data.count(b"\n", 0, error.start) + 1
+    message = f"{name} is not valid UTF-8 (byte 0x{data[error.start]:02x} at offset {error.start}, line {line})"
+    if data.startswith(_UTF16_MARKS):
+        message += "; it starts with a UTF-16 byte-order mark"
+    return message + "; save it as UTF-8"

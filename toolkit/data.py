@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from toolkit.config_types import read_text_file as read_text_file  # re-exported for the modality loaders
+
 _MIX_SEED = 0x9E3779B97F4A7C15
 _MIX_EPOCH = 0xBF58476D1CE4E5B9
 
@@ -30,12 +32,13 @@ def load_records(path: str | Path) -> list[dict[str, Any]]:
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: a malformed line (with its line number) or a record that is not an object.
+        ValueError: bytes that are not UTF-8 (with the offset and line), a malformed line (with its line
+            number) or a record that is not an object.
     """
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"prompt file not found: {file}")
-    text = file.read_text(encoding="utf-8")
+    text = read_text_file(file)
     if file.suffix == ".json":
         try:
             data = json.loads(text)

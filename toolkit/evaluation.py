@@ -19,6 +19,7 @@ import torch
 
 from rewards.base import RewardModel
 from toolkit.config import ConfigError, build_dataclass, import_object, instantiate, load_config, validate
+from toolkit.config_types import read_text_file
 from toolkit.scoring import nanmean, score_rollout
 
 
@@ -171,7 +172,7 @@ def score_file(reward_spec: str, input_path: Path, output_path: Path | None, bat
     if not input_path.exists():
         raise FileNotFoundError(f"input file not found: {input_path}")
     rows = []
-    for number, line in enumerate(input_path.read_text().splitlines(), start=1):
+    for number, line in enumerate(read_text_file(input_path).splitlines(), start=1):
         if line.strip():
             try:
                 rows.append(json.loads(line))

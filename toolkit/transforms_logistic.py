@@ -18,6 +18,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from toolkit.config_types import read_text_file
 from toolkit.rollout import Rollout
 from toolkit.transforms_common import check_choice, reject_inf, safe_mean
 
@@ -116,7 +117,7 @@ class PercentileTable:
                 "fit_percentile_table(...).save(path)"
             )
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(read_text_file(path))
         except json.JSONDecodeError as err:
             raise ValueError(f"percentile table {str(path)!r} is not valid JSON: {err}") from err
         return cls.from_dict(data)

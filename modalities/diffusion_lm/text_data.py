@@ -15,7 +15,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from toolkit.data import epoch_permutation
+from toolkit.data import epoch_permutation, read_text_file
 
 TINY_CORPUS = Path(__file__).parent / "data" / "tiny_corpus.txt"
 PAD, UNK, BOS, EOS, MASK = "[PAD]", "[UNK]", "[BOS]", "[EOS]", "[MASK]"
@@ -28,7 +28,7 @@ def read_corpus(path: str | Path | None = None) -> list[str]:
     file = Path(path) if path is not None else TINY_CORPUS
     if not file.is_file():
         raise ValueError(f"corpus file not found: {file}")
-    lines = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = [line.strip() for line in read_text_file(file).splitlines() if line.strip()]
     if not lines:
         raise ValueError(f"corpus file {file} has no text")
     return lines

@@ -19,6 +19,7 @@ from typing import Any
 from rewards.video.rl import MedVidReward
 from rewards.video.tasks import normalize_task
 from toolkit.checkpoint import write_json_atomic
+from toolkit.config_types import read_text_file
 from toolkit.transforms import PercentileTable, fit_percentile_table
 
 
@@ -58,7 +59,7 @@ def load_predictions(path: str | Path) -> list[dict[str, Any]]:
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"predictions file not found: {file}")
-    text = file.read_text()
+    text = read_text_file(file)
     raw: Iterable[tuple[str, Any]]
     try:
         data = json.loads(text)

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from toolkit.data import PromptDataset
+from toolkit.data import PromptDataset, read_text_file
 
 # Our wording of Search-R1's "base" instruction structure (ppr.md §2). It holds exactly one
 # `<answer>...</answer>` match, which the official EM rule (>= 2 matches in prompt + response) assumes.
@@ -89,7 +89,7 @@ def read_rows(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
         return _read_parquet(file)
     if file.suffix == ".json":
         try:
-            data = json.loads(file.read_text(encoding="utf-8"))
+            data = json.loads(read_text_file(file))
         except json.JSONDecodeError as error:
             raise ValueError(f"{file}: malformed JSON at line {error.lineno}: {error.msg}") from error
         if not isinstance(data, list):
@@ -97,7 +97,7 @@ def read_rows(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
         located = [(f"{file}, record {i}", row) for i, row in enumerate(data)]
     else:
         located = []
-        for lineno, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
+        for lineno, line in enumerate(read_text_file(file).splitlines(), start=1):
             if line.strip():
                 try:
                     located.append((f"{file}, line {lineno}", json.loads(line)))

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from modalities.text_to_image.policy import FlowMatchingPolicy
 from modalities.text_to_image.sde import Reduce, StepMode, sde_step, sigma_schedule, trained_steps
+from toolkit.config_types import read_text_file
 from toolkit.rollout import Rollout
 
 
@@ -218,7 +219,7 @@ def read_captions(path: str, column: str | None = None) -> list[dict[str, Any]]:
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"caption file not found: {file}")
-    text = file.read_text(encoding="utf-8")
+    text = read_text_file(file)
     if file.suffix == ".txt":
         records = [{"prompt": line.strip()} for line in text.splitlines() if line.strip()]
     elif file.suffix == ".csv":

@@ -12,6 +12,7 @@ invalid after re-asks are left out of the counts and reported. Results are resum
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import tempfile
@@ -25,6 +26,7 @@ from PIL import Image
 
 from rewards.judges.unigenbench import TestpointItem, TestpointJudge
 from toolkit.checkpoint import write_json_atomic
+from toolkit.config_types import read_text_file
 
 # generate(captions, k, generator) -> k PIL images per caption.
 Generate = Callable[[list[str], int, torch.Generator], list[list[Image.Image]]]
@@ -47,12 +49,11 @@ def load_unigenbench_csv(path: str | Path, language: str = "en") -> list[BenchPr
     Raises ValueError naming the file and row on a missing column, bad JSON or unequal testpoint lists.
     """
     prompt_col, dims_col = f"prompt_{language}", f"sub_dims_{language}"
-    with open(path, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        missing = {"index", prompt_col, dims_col} - set(reader.fieldnames or [])
-        if missing:
-            raise ValueError(f"{path}: missing columns {sorted(missing)}; found {reader.fieldnames}")
-        return [_bench_prompt(row, prompt_col, dims_col, f"{path}:{line}") for line, row in enumerate(reader, 2)]
+    reader = csv.DictReader(io.StringIO(read_text_file(path), newline=""))
+    missing = {"index", prompt_col, dims_col} - set(reader.fieldnames or [])
+    if missing:
+        raise ValueError(f"{path}: missing columns {sorted(missing)}; found {reader.fieldnames}")
+    return [_bench_prompt(row, prompt_col, dims_col, f"{path}:{line}") for line, row in enumerate(reader, 2)]
 
 
 def _bench_prompt(row: Mapping[str, str], prompt_col: str, dims_col: str, where: str) -> BenchPrompt:

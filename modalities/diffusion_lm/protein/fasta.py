@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from modalities.diffusion_lm.protein.tokenizer import STANDARD_AMINO_ACIDS
+from toolkit.config_types import read_text_file
 
 EXTENDED_AMINO_ACIDS = STANDARD_AMINO_ACIDS + "XBUZO"
 
@@ -110,7 +111,7 @@ def read_fasta(
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"FASTA file not found: {file}")
-    records = parse_fasta(file.read_text(encoding="utf-8"), source=str(file))
+    records = parse_fasta(read_text_file(file), source=str(file))
     if not records:
         raise ValueError(f"{file}: no FASTA records")
     if alphabet is not None:
