@@ -118,18 +118,22 @@ def test_resume_keeps_the_best_value(tmp_path: Path) -> None:
 
 def test_a_fresh_run_does_not_inherit_an_earlier_best(tmp_path: Path) -> None:
     torch.set_num_threads(1)
-    first = build_trainer(_config(tmp_path, 2, "trainer.eval_every=1", "trainer.eval_metric=score",
+    run = tmp_path / "run"
+    first = build_trainer(_config(run, 2, "trainer.eval_every=1", "trainer.eval_metric=score",
                                   "trainer.eval_mode=max", *_scripted()))  # fmt: skip
     fit(first)  # best 0.9 at step 2
-    again = build_trainer(_config(tmp_path, 1, "trainer.resume=never", "trainer.eval_every=1",
+    again = build_trainer(_config(run, 1, "trainer.resume=never", "trainer.overwrite=true", "trainer.eval_every=1",
                                   "trainer.eval_metric=score", "trainer.eval_mode=max", *_scripted()))  # fmt: skip
     fit(again)  # scores 0.3 at step 1: worse than the old run's 0.9, but the old run is not this one
-    best = json.loads((tmp_path / "best" / "best.json").read_text())
+    best = json.loads((run / "best" / "best.json").read_text())
     assert best["step"] == 1 and best["value"] == pytest.approx(0.3)
-    previous = json.loads((tmp_path / "best.previous" / "best.json").read_text())  # moved aside, not deleted
+    [old] = tmp_path.glob("run.old-*")
+    previous = json.loads((old / "best" / "best.json").read_text())  # moved aside with its run, not deleted
     assert previous["step"] == 2 and previous["value"] == pytest.approx(0.9)
-    fit(build_trainer(_config(tmp_path, 1, "trainer.resume=never")))  # no selection: no best at all
-    assert BestCheckpoint.read(tmp_path) is None
+    (run / "checkpoints").rename(tmp_path / "kept")  # a best/ with no checkpoint to resume: a fresh run's start
+    fit(build_trainer(_config(run, 1)))  # no selection: no best at all, the stale one set aside
+    assert json.loads((run / "best.previous" / "best.json").read_text())["step"] == 1
+    assert BestCheckpoint.read(run) is None
 
 
 def test_bad_settings_fail_clearly(tmp_path: Path) -> None:

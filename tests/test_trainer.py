@@ -12,6 +12,7 @@ import torch
 from rewards.base import FunctionReward
 from toolkit.config import load_config
 from toolkit.logging import read_metrics
+from toolkit.run_dir import RunDirError
 from toolkit.runner import build_trainer, fit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,11 +70,20 @@ def test_resume_is_bitwise_exact(tmp_path: Path) -> None:
     )
 
 
-def test_resume_never_starts_over(tmp_path: Path) -> None:
-    fit(build_trainer(tiny_config(tmp_path, "trainer.num_steps=1")))
-    again = build_trainer(tiny_config(tmp_path, "trainer.num_steps=1", "trainer.resume=never"))
+def test_resume_never_refuses_a_run_dir_holding_a_run_and_overwrite_moves_it_aside(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    fit(build_trainer(tiny_config(run_dir, "trainer.num_steps=2")))
+    before = read_metrics(run_dir)
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    with pytest.raises(RunDirError, match=r"resume=never but run dir .*run already holds a run.*--overwrite"):
+        fit(build_trainer(tiny_config(run_dir, "trainer.num_steps=1", "trainer.resume=never")))
+    assert read_metrics(run_dir) == before  # nothing lost
+    again = build_trainer(tiny_config(run_dir, "trainer.num_steps=1", "trainer.resume=never", "trainer.overwrite=true"))
     fit(again)
-    assert [r["step"] for r in read_metrics(tmp_path)] == [1]
+    assert [r["step"] for r in read_metrics(run_dir)] == [1]
+    [old] = tmp_path.glob("run.old-*")
+    assert read_metrics(old) == before and sorted(p.name for p in (old / "checkpoints").iterdir()) == checkpoints
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step_00000001"]
 
 
 def test_raising_reward_is_retried_then_counted(tmp_path: Path) -> None:

@@ -27,7 +27,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from toolkit.plotting import plot_run
     from toolkit.runner import build_trainer, fit
 
-    config = load_config(args.config, args.overrides)
+    overrides = [*args.overrides, "trainer.overwrite=true"] if args.overwrite else args.overrides
+    config = load_config(args.config, overrides)
     trainer = build_trainer(config)
     last = fit(trainer)
     if not trainer.accelerator.is_main_process:
@@ -81,8 +82,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def cmd_config(args: argparse.Namespace) -> int:
     from toolkit.config import format_config, load_config
+    from toolkit.redaction import redact
 
-    print(format_config(load_config(args.config, args.overrides)))
+    print(format_config(redact(load_config(args.config, args.overrides))))
     return 0
 
 
@@ -104,6 +106,11 @@ def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
     p = command("train", cmd_train, "Train from a YAML config; key=value pairs override it (e.g. trainer.lr=1e-5).")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="with trainer.resume=never on a run dir that holds a run: move that run aside (RUN_DIR.old-*) first",
+    )
     p = command("eval", cmd_eval, "Sample from the policy on the eval prompts and report rewards per dataset/task.")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", metavar="key=value")
@@ -182,11 +189,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except RuntimeError as err:
         from toolkit.checkpoint import CheckpointError  # lazy: `import toolkit.cli` stays free of torch
+        from toolkit.run_dir import RunDirError
 
+        if isinstance(err, RunDirError):
+            print(f"renorm: run dir error: {err}", file=sys.stderr)
+            return 2
         if not isinstance(err, CheckpointError):
             raise
         print(f"renorm: checkpoint error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # disk full, read-only, permission: one line naming the file, no traceback
+        where = f" ({err.filename})" if err.filename and str(err.filename) not in str(err) else ""
+        print(f"renorm: error: {err}{where}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

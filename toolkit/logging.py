@@ -334,16 +334,21 @@ class MetricsLogger:
     def _append(self, name: str, text: str) -> None:
         if self._closed:
             raise RuntimeError(f"MetricsLogger for {self.run_dir} is closed")
-        f = self._files.get(name)
-        if f is None:
-            path = self.run_dir / name
-            new = not path.exists()
-            f = self._files[name] = open(path, "ab")  # noqa: SIM115 - kept open across calls, closed in close()
-            if new:
-                _fsync_dir(self.run_dir)
-        f.write(text.encode("utf-8"))
-        f.flush()
-        os.fsync(f.fileno())
+        try:
+            f = self._files.get(name)
+            if f is None:
+                path = self.run_dir / name
+                new = not path.exists()
+                f = self._files[name] = open(path, "ab")  # noqa: SIM115 - kept open across calls, closed in close()
+                if new:
+                    _fsync_dir(self.run_dir)
+            f.write(text.encode("utf-8"))
+            f.flush()
+            os.fsync(f.fileno())
+        except OSError as error:  # disk full, read-only: name the file (the rows written so far are intact)
+            from toolkit.run_dir import RunDirError, describe_os_error
+
+            raise RunDirError(describe_os_error(error, "append to", self.run_dir / name)) from error
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
         """Append `{"step": step, **metrics}` to metrics.jsonl (durably) and forward to the trackers."""

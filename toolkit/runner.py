@@ -18,9 +18,11 @@ from toolkit.config import build_dataclass, dump_config, instantiate, validate
 from toolkit.distributed import all_reduce_sum
 from toolkit.evaluation import EvalConfig
 from toolkit.logging import MetricsLogger, ProgressBar, get_logger
+from toolkit.redaction import redact, register_secrets
+from toolkit.run_dir import RunDirError, RunDirLock, prepare_run_dir
 from toolkit.train_eval import BestCheckpoint, evaluate_during_training, set_aside_stale_best
 from toolkit.trainer import Trainer
-from toolkit.trainer_config import TrainerConfig
+from toolkit.trainer_config import TrainerConfig, check_group_size
 
 log = get_logger(__name__)
 
@@ -44,6 +46,7 @@ class RunSpec:
 
 def build_trainer(config: Mapping[str, Any]) -> Trainer:
     """Validate every section, then build the objects and the Trainer."""
+    register_secrets(config)  # before any component logs: its keys are scrubbed from every log line
     spec = build_dataclass(RunSpec, config)
     trainer_cfg = build_dataclass(TrainerConfig, spec.trainer, where="trainer")
     for name in ("policy", "sampler", "normalizer", "objective", "data"):
@@ -63,14 +66,18 @@ def build_trainer(config: Mapping[str, Any]) -> Trainer:
         validate(eval_cfg.evaluator, where="eval.evaluator")
         if eval_cfg.data is not None:
             validate(eval_cfg.data, where="eval.data")
+    check_group_size(trainer_cfg.group_size, {"normalizer": spec.normalizer, "transforms": spec.transforms})
     if trainer_cfg.num_threads is not None:
         torch.set_num_threads(trainer_cfg.num_threads)
+    # The cheap objects first, so that their argument range errors come before any model is built.
+    normalizer = instantiate(spec.normalizer, where="normalizer")
+    objective = instantiate(spec.objective, where="objective")
     trainer = Trainer(
         policy=instantiate(spec.policy, where="policy"),
         sampler=instantiate(spec.sampler, where="sampler"),
         rewards={name: instantiate(node, where=f"rewards.{name}") for name, node in spec.rewards.items()},
-        normalizer=instantiate(spec.normalizer, where="normalizer"),
-        objective=instantiate(spec.objective, where="objective"),
+        normalizer=normalizer,
+        objective=objective,
         data=instantiate(spec.data, where="data"),
         transforms=[instantiate(node, where=f"transforms[{i}]") for i, node in enumerate(spec.transforms)],
         config=trainer_cfg,
@@ -87,17 +94,47 @@ def build_trainer(config: Mapping[str, Any]) -> Trainer:
 def fit(trainer: Trainer) -> Path | None:
     """Run `trainer` to `num_steps` (resuming per `trainer.resume`); returns the last checkpoint.
 
+    The main process holds the run dir's lock for the whole run (a second trainer on it is refused).
     SIGINT/SIGTERM finish the current step, save a checkpoint and return normally.
     """
+    register_secrets(trainer.run_config)  # scrubbed from every log line from here on
+    lock = claim_run_dir(trainer)
+    try:
+        return _fit_locked(trainer)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def claim_run_dir(trainer: Trainer) -> RunDirLock | None:
+    """The main process locks and prepares the run dir; every rank raises when it could not (so none hangs)."""
+    cfg, main = trainer.config, trainer.accelerator.is_main_process
+    lock: RunDirLock | None = None
+    error: RunDirError | None = None
+    if main:
+        try:
+            lock = RunDirLock(trainer.run_dir).acquire()
+            moved = prepare_run_dir(trainer.run_dir, cfg.resume, cfg.overwrite)
+            if moved is not None:
+                log.warning("trainer.overwrite: moved the earlier run in %s to %s", trainer.run_dir, moved)
+        except RunDirError as raised:
+            error = raised
+            if lock is not None:
+                lock.release()
+    if all_reduce_sum(torch.tensor(float(error is not None))) > 0:
+        raise error or RunDirError(f"the main process could not claim run dir {trainer.run_dir}")
+    return lock
+
+
+def _fit_locked(trainer: Trainer) -> Path | None:
     cfg = trainer.config
-    resume_from = resolve_resume(cfg.resume, trainer.run_dir)
+    main = trainer.accelerator.is_main_process
+    resume_from = resolve_resume(cfg.resume, trainer.run_dir, quarantine=main)
     if resume_from is not None:
         trainer.load(resume_from)
         log.info("resumed from %s at step %d", resume_from, trainer.global_step)
-    main = trainer.accelerator.is_main_process
     if main:
-        trainer.run_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(trainer.run_config, trainer.run_dir / "config.yaml")
+        dump_config(redact(trainer.run_config), trainer.run_dir / "config.yaml")
         if resume_from is None:
             set_aside_stale_best(trainer.run_dir)
     trainer.accelerator.wait_for_everyone()
@@ -109,7 +146,7 @@ def fit(trainer: Trainer) -> Path | None:
             trainer.run_dir,
             trackers=cfg.trackers,
             accelerator=trainer.accelerator,
-            config=trainer.run_config,
+            config=redact(trainer.run_config),
             resume_step=trainer.global_step,
             is_main_process=main,
         ) as logger,

@@ -27,6 +27,7 @@ from toolkit.critic import RETURNS_KEY, Critic, CriticUpdater
 from toolkit.filters import refill
 from toolkit.interfaces import AnalyticKLPolicy, DataSource, EntropyPolicy, Normalizer, Policy, RewardTransform, Sampler
 from toolkit.objectives import ObjectiveOutput, PolicyObjective, loss_denominators
+from toolkit.redaction import redact
 from toolkit.rollout import Rollout
 from toolkit.scoring import nanmean, score_rollout
 from toolkit.trainer_config import TrainerConfig
@@ -247,7 +248,7 @@ class Trainer:
         for name, part in self.stateful_parts():
             if hasattr(part, "state_dict"):
                 objects[name] = part.state_dict()
-        meta = {"step": self.global_step, "config": self.run_config}
+        meta = {"step": self.global_step, "config": redact(self.run_config)}
         return CheckpointState(
             step=self.global_step, model=dict(weights), objects=objects, rng=capture_rng_state(), meta=meta
         )

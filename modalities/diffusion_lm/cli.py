@@ -12,6 +12,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from toolkit.config_types import read_text_file
+
 DEFAULT_TEACHER_CONFIG = Path(__file__).parent / "data" / "teacher_tiny.yaml"
 _TEACHER_DEFAULTS: dict[str, Any] = {
     "preset": "tiny",
@@ -75,6 +77,9 @@ def _add_train_teacher(sub: Any) -> None:
     p.add_argument("--mixed-precision", dest="mixed_precision", choices=["no", "bf16"], default=None)
     p.add_argument("--time-conditioning", dest="time_conditioning", action="store_true", default=None)
     p.add_argument("--resume", default=None, help="auto (default), never, or a checkpoint path")
+    p.add_argument(
+        "--overwrite", action="store_true", help="with --resume never on a run dir holding a run: move it aside first"
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
@@ -106,7 +111,7 @@ def resolve_teacher_settings(args: argparse.Namespace) -> dict[str, Any]:
 
     settings = dict(_TEACHER_DEFAULTS)
     if args.config:
-        loaded = yaml.safe_load(Path(args.config).read_text(encoding="utf-8")) or {}
+        loaded = yaml.safe_load(read_text_file(args.config)) or {}
         for key, value in loaded.items():
             if key not in settings:
                 hint = difflib.get_close_matches(key, list(settings), n=1)
@@ -162,6 +167,7 @@ def cmd_train_teacher(args: argparse.Namespace) -> int:
         save_every=s["save_every"],
         resume=s["resume"],
         progress=args.progress,
+        overwrite=args.overwrite,
     )
     after = evaluate_nelbo(model, valid.chunks)
     print(

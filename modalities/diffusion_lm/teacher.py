@@ -33,6 +33,7 @@ from toolkit.checkpoint import (
 from toolkit.console import ProgressBar
 from toolkit.interfaces import DataSource
 from toolkit.logging import MetricsLogger
+from toolkit.run_dir import RunDirLock, prepare_run_dir
 
 TEACHER_KIND = "dlm_teacher"
 
@@ -140,6 +141,7 @@ def train_teacher(
     resume: str = "auto",
     log_every: int = 10,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> TeacherResult:
     """Minimise the MDLM NELBO of `model` on `data` for `num_steps` optimizer steps (resumable).
 
@@ -150,8 +152,9 @@ def train_teacher(
         lr_schedule: after the linear warm-up: "constant" (MDLM), "linear" or "cosine" decay to
             `min_lr_ratio`·lr at `num_steps`.
         save_every: checkpoint every this many steps (0: only at the end and on SIGINT/SIGTERM).
-        resume: "auto" (latest checkpoint of run_dir), "never", or a checkpoint path.
+        resume: "auto" (latest checkpoint of run_dir that verifies), "never", or a checkpoint path.
         progress: show a progress bar with the running loss.
+        overwrite: with resume="never" on a run_dir holding a run, move that run aside instead of failing.
     """
     if num_steps < 1 or batch_size < 1 or lr <= 0:
         raise ValueError(f"need num_steps >= 1, batch_size >= 1, lr > 0; got {num_steps}, {batch_size}, {lr}")
@@ -163,32 +166,39 @@ def train_teacher(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, warmup_steps, num_steps, lr_schedule, min_lr_ratio)
     )
-    manager = CheckpointManager(run_dir, keep_last=keep_last) if run_dir is not None else None
-    start = _maybe_resume(manager, resume, model, optimizer, scheduler, data, generator)
-    meta = teacher_meta(model)
-    logger = MetricsLogger(run_dir, resume_step=start) if run_dir is not None else None
-    result = TeacherResult(step=start, loss=math.nan, checkpoint=None)
-    batches = data.batches(batch_size, generator)
-    model.train()
-    with GracefulInterrupt() as interrupt, ProgressBar(num_steps, start, progress, description="teacher") as bar:
-        for step in range(start + 1, num_steps + 1):
-            loss = _train_step(model, optimizer, scheduler, next(batches), grad_clip, generator, device)
-            result.step, result.loss = step, loss
-            result.history.append(loss)
-            bar.update(step, {"loss": loss})
-            if logger is not None and (step % log_every == 0 or step == num_steps):
-                logger.log(step, {"loss/nelbo": loss, "optim/lr": float(scheduler.get_last_lr()[0])})
-            stop = interrupt.requested
-            if manager is not None and (stop or step == num_steps or (save_every and step % save_every == 0)):
-                result.checkpoint = _save(manager, step, model, optimizer, scheduler, data, generator, meta)
-            if stop:
-                result.interrupted = True
-                break
-    if logger is not None:
-        logger.close()
-        summary = {"step": result.step, "loss": result.loss, **meta}
-        write_json_atomic(Path(run_dir) / "summary.json", summary, sort_keys=True)  # type: ignore[arg-type]
-    return result
+    lock = RunDirLock(run_dir).acquire() if run_dir is not None else None  # one trainer per run dir
+    try:
+        if run_dir is not None:
+            prepare_run_dir(run_dir, resume, overwrite)
+        manager = CheckpointManager(run_dir, keep_last=keep_last) if run_dir is not None else None
+        start = _maybe_resume(manager, resume, model, optimizer, scheduler, data, generator)
+        meta = teacher_meta(model)
+        logger = MetricsLogger(run_dir, resume_step=start) if run_dir is not None else None
+        result = TeacherResult(step=start, loss=math.nan, checkpoint=None)
+        batches = data.batches(batch_size, generator)
+        model.train()
+        with GracefulInterrupt() as interrupt, ProgressBar(num_steps, start, progress, description="teacher") as bar:
+            for step in range(start + 1, num_steps + 1):
+                loss = _train_step(model, optimizer, scheduler, next(batches), grad_clip, generator, device)
+                result.step, result.loss = step, loss
+                result.history.append(loss)
+                bar.update(step, {"loss": loss})
+                if logger is not None and (step % log_every == 0 or step == num_steps):
+                    logger.log(step, {"loss/nelbo": loss, "optim/lr": float(scheduler.get_last_lr()[0])})
+                stop = interrupt.requested
+                if manager is not None and (stop or step == num_steps or (save_every and step % save_every == 0)):
+                    result.checkpoint = _save(manager, step, model, optimizer, scheduler, data, generator, meta)
+                if stop:
+                    result.interrupted = True
+                    break
+        if logger is not None:
+            logger.close()
+            summary = {"step": result.step, "loss": result.loss, **meta}
+            write_json_atomic(Path(run_dir) / "summary.json", summary, sort_keys=True)  # type: ignore[arg-type]
+        return result
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _train_step(
