@@ -27,9 +27,10 @@ import didi_nfe  # noqa: E402  (the bench's evaluator recipe)
 
 from modalities.diffusion_lm.masked_diffusion import sample_in_batches  # noqa: E402
 from modalities.diffusion_lm.nfe_table import load_student  # noqa: E402
-from toolkit.checkpoint import load_checkpoint, resolve_resume, write_json_atomic  # noqa: E402
 from toolkit.config import load_config  # noqa: E402
-from toolkit.config_schema import instantiate  # noqa: E402
+from toolkit.config.schema import instantiate  # noqa: E402
+from toolkit.io.atomic import write_json_atomic
+from toolkit.io.checkpoint import load_checkpoint, resolve_resume
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -31,11 +31,11 @@ from modalities.diffusion_lm.sampling import TIME_GRIDS
 from modalities.diffusion_lm.teacher import evaluate_nelbo, load_teacher, train_teacher
 from modalities.diffusion_lm.text_data import TokenDataset, build_text_tokenizer, collate_input_ids
 from modalities.diffusion_lm.tiny import build_tiny_text_teacher
-from toolkit.checkpoint import write_json_atomic
 from toolkit.config import load_config
-from toolkit.logging import read_metrics
-from toolkit.runner import build_trainer, fit
-from toolkit.train_eval import BestCheckpoint
+from toolkit.io.atomic import write_json_atomic
+from toolkit.io.logging import read_metrics
+from toolkit.train.eval_hook import BestCheckpoint
+from toolkit.train.runner import build_trainer, fit
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -28,10 +28,10 @@ from modalities.diffusion_lm.sampling import TIME_GRIDS
 from modalities.diffusion_lm.teacher import load_teacher, train_teacher
 from modalities.diffusion_lm.text_data import split_items
 from rewards.protein import metrics as M
-from toolkit.checkpoint import write_json_atomic
 from toolkit.config import load_config
-from toolkit.runner import build_trainer, fit
-from toolkit.train_eval import BestCheckpoint
+from toolkit.io.atomic import write_json_atomic
+from toolkit.train.eval_hook import BestCheckpoint
+from toolkit.train.runner import build_trainer, fit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 

@@ -33,7 +33,7 @@ from didi_nfe import parse_args as nfe_args  # noqa: E402
 from modalities.diffusion_lm.nfe_table import load_student, nfe_table  # noqa: E402
 from modalities.diffusion_lm.sampling import TIME_GRIDS  # noqa: E402
 from modalities.diffusion_lm.teacher import load_teacher  # noqa: E402
-from toolkit.checkpoint import write_json_atomic  # noqa: E402
+from toolkit.io.atomic import write_json_atomic
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

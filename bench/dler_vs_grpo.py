@@ -33,7 +33,7 @@ RUN_ROOT = ROOT / "runs" / "bench" / "dler_vs_grpo"  # run directories with chec
 def train(name: str, config_file: str, args: argparse.Namespace) -> tuple[Path, float]:
     """Train one recipe for `args.steps` steps, saving every `args.eval_every`; returns (run dir, seconds)."""
     from toolkit.config import load_config
-    from toolkit.runner import build_trainer, fit
+    from toolkit.train.runner import build_trainer, fit
 
     run_dir = RUN_ROOT / name
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run: checkpoints of an earlier one would be evaluated too
@@ -55,8 +55,8 @@ def train(name: str, config_file: str, args: argparse.Namespace) -> tuple[Path, 
 def evaluate(config_file: str, run_dir: Path, args: argparse.Namespace) -> dict[str, dict[str, dict[str, float]]]:
     """pass@1 / length / truncation of the start weights and of every checkpoint, on the eval problems."""
     from modalities.text_agent.reasoning_eval import ReasoningEvaluator
-    from toolkit.checkpoint import CheckpointManager
     from toolkit.config import instantiate, load_config
+    from toolkit.io.checkpoint import CheckpointManager
 
     config = load_config(ROOT / "configs" / "text_reasoning" / config_file)
     checkpoints = [str(p) for p in CheckpointManager(run_dir).list()]
@@ -89,7 +89,7 @@ def write_curves(name: str, results: dict[str, dict[str, dict[str, float]]]) -> 
 
 def training_curve(run_dir: Path, key: str, every: int) -> list[tuple[int, float]]:
     """Mean of `key` over consecutive windows of `every` training steps."""
-    from toolkit.logging import read_metrics
+    from toolkit.io.logging import read_metrics
 
     records = [r for r in read_metrics(run_dir) if isinstance(r.get(key), (int, float))]
     out = []
@@ -127,7 +127,7 @@ def main() -> None:
     import torch
 
     from modalities.text_agent.reasoning_eval import plot_accuracy_vs_length
-    from toolkit.plotting import plot_compare
+    from toolkit.io.plotting import plot_compare
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()

@@ -98,9 +98,9 @@ def renorm_config(args: argparse.Namespace, run_dir: str) -> dict[str, Any]:
             "eos_token_ids": [],
         },
         "rewards": {"letters": {"_component_": "rewards.text.toy.TargetCharReward"}},
-        "normalizer": {"_component_": "toolkit.normalizers.GroupNormalizer", "std": "unbiased", "eps": ADV_EPS},
+        "normalizer": {"_component_": "toolkit.advantages.GroupNormalizer", "std": "unbiased", "eps": ADV_EPS},
         "objective": {
-            "_component_": "toolkit.objectives.PolicyObjective",
+            "_component_": "toolkit.objective.PolicyObjective",
             "clip_low": CLIP,
             "clip_high": CLIP,
             "kl_coef": 0.0,
@@ -112,7 +112,7 @@ def renorm_config(args: argparse.Namespace, run_dir: str) -> dict[str, Any]:
 
 def run_renorm(args: argparse.Namespace) -> dict[str, Any]:
     """Time `trainer.step()` (sample + re-score + reward + advantages + update) after warm-up steps."""
-    from toolkit.runner import build_trainer
+    from toolkit.train.runner import build_trainer
 
     rows: dict[str, list[float]] = {key: [] for key in ("wall_s", "cpu_s", *RENORM_ROWS)}
     profiler = cProfile.Profile(time.process_time) if args.profile else None

@@ -16,7 +16,7 @@ from modalities.diffusion_lm.teacher import load_teacher, train_teacher
 from modalities.diffusion_lm.text_data import TokenDataset, build_text_tokenizer, collate_input_ids
 from modalities.diffusion_lm.tiny import build_tiny_text_teacher
 from toolkit.config import load_config
-from toolkit.runner import build_trainer, fit
+from toolkit.train.runner import build_trainer, fit
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ROOT / "runs" / "example_diffusion_lm"

@@ -21,7 +21,7 @@ from modalities.medical_video.sampler import VideoSampler
 from modalities.medical_video.synthetic import make_synthetic_medvidbench
 from rewards.video.rl import MedVidReward
 from toolkit.config import load_config
-from toolkit.runner import build_trainer, fit
+from toolkit.train.runner import build_trainer, fit
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ROOT / "runs" / "medical_video_example"

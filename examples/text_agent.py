@@ -24,7 +24,7 @@ import torch
 
 from toolkit.config import load_config
 from toolkit.evaluation import EvalResult, evaluate
-from toolkit.runner import build_trainer
+from toolkit.train.runner import build_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data" / "text_agent"

@@ -20,7 +20,7 @@ import torch
 
 from modalities.text_agent.reasoning_eval import ReasoningEvaluator, format_table
 from toolkit.config import instantiate, load_config
-from toolkit.runner import build_trainer
+from toolkit.train.runner import build_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 

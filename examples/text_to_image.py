@@ -27,9 +27,9 @@ import torch
 from PIL import Image
 
 from toolkit.config import load_config
-from toolkit.runner import build_trainer
-from toolkit.scoring import score_rollout
-from toolkit.trainer import Trainer
+from toolkit.train.runner import build_trainer
+from toolkit.train.scoring import score_rollout
+from toolkit.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 CAPTIONS = ["a red apple on a white table", "a blue car parked by the sea"]

@@ -10,9 +10,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from toolkit.beta import BetaNormalizer, fit_beta, inverse_beta_density
+from toolkit.advantages.beta import BetaNormalizer, fit_beta, inverse_beta_density
+from toolkit.advantages.group import GroupNormalizer
 from toolkit.interfaces import Normalizer
-from toolkit.normalizers import GroupNormalizer
 from toolkit.rollout import Rollout
 
 ATOL = 1e-5

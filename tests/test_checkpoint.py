@@ -1,4 +1,4 @@
-"""Tests for toolkit.checkpoint: round trip, RNG, pruning, atomicity under SIGKILL, resume modes, signals."""
+"""Tests for toolkit.io.checkpoint: round trip, RNG, pruning, atomicity under SIGKILL, resume modes, signals."""
 
 from __future__ import annotations
 
@@ -19,17 +19,17 @@ import pytest
 import torch
 from torch import nn
 
-from toolkit.checkpoint import (
+from toolkit.io.checkpoint import (
     COMPLETE,
     CheckpointError,
     CheckpointManager,
     CheckpointState,
-    GracefulInterrupt,
     capture_rng_state,
     load_checkpoint,
     resolve_resume,
     restore_rng_state,
 )
+from toolkit.train.interrupt import GracefulInterrupt
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -239,7 +239,7 @@ def test_resolve_resume_modes(tmp_path: Path) -> None:
 _SLOW_SAVE_CHILD = """
     import io, os, sys, time
     import torch
-    from toolkit.checkpoint import CheckpointManager, CheckpointState
+    from toolkit.io.checkpoint import CheckpointManager, CheckpointState
 
     real_save = torch.save
 
@@ -288,7 +288,8 @@ def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path: Path) -> None:
 _LOOP_CHILD = """
     import sys, time
     import torch
-    from toolkit.checkpoint import CheckpointManager, CheckpointState, GracefulInterrupt
+    from toolkit.io.checkpoint import CheckpointManager, CheckpointState
+    from toolkit.train.interrupt import GracefulInterrupt
 
     step = 0
     with GracefulInterrupt() as interrupt:
@@ -396,7 +397,7 @@ def test_cuda_rng_and_cuda_tensors_round_trip(tmp_path: Path) -> None:
 
 
 def test_write_json_atomic_replaces_and_leaves_no_temp_files(tmp_path: Path) -> None:
-    from toolkit.checkpoint import write_json_atomic
+    from toolkit.io.atomic import write_json_atomic
 
     target = tmp_path / "deep" / "out.json"
     write_json_atomic(target, {"b": 1, "a": [1.5, None]})

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tests.demo_run import DEMO, FAST, run_cli, tiny_config
-from toolkit.checkpoint import (
+from toolkit.io.checkpoint import (
     COMPLETE,
     CORRUPT_PREFIX,
     CheckpointError,
@@ -24,7 +24,7 @@ from toolkit.checkpoint import (
     load_checkpoint,
     resolve_resume,
 )
-from toolkit.runner import build_trainer, fit
+from toolkit.train.runner import build_trainer, fit
 
 # ---------------------------------------------------------------------------------------------- malicious pickles
 
@@ -132,7 +132,7 @@ def test_a_manifest_naming_a_file_outside_the_checkpoint_is_corrupt(tmp_path: Pa
 def test_a_full_disk_while_saving_names_the_checkpoint_and_keeps_the_old_ones(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import toolkit.checkpoint as checkpoint
+    import toolkit.io.checkpoint as checkpoint
 
     manager = CheckpointManager(tmp_path)
     first = manager.save(CheckpointState(step=1, model={"w": torch.ones(2)}))
@@ -140,7 +140,7 @@ def test_a_full_disk_while_saving_names_the_checkpoint_and_keeps_the_old_ones(
     def full(*_: Any, **__: Any) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(checkpoint, "_write_text", full)
+    monkeypatch.setattr(checkpoint, "write_text_synced", full)
     with pytest.raises(CheckpointError, match=r"could not write checkpoint .*step_00000002: No space left"):
         manager.save(CheckpointState(step=2, model={"w": torch.ones(2)}))
     assert manager.list() == [first] and not [p for p in manager.directory.iterdir() if p.name.startswith(".")]

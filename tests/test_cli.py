@@ -23,8 +23,8 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from toolkit.checkpoint import CheckpointManager, CheckpointState, load_checkpoint
 from toolkit.cli import build_parser, main
+from toolkit.io.checkpoint import CheckpointManager, CheckpointState, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "demo" / "tiny_grpo.yaml"
@@ -206,7 +206,7 @@ def test_missing_config_file(tmp_path: Path, model_spy: list[dict[str, Any]]) ->
 
 
 def test_component_pointing_at_a_missing_class(tmp_path: Path, model_spy: list[dict[str, Any]]) -> None:
-    bad = "objective._component_=toolkit.objectives.PolicyObjectiv"
+    bad = "objective._component_=toolkit.objective.policy_objective.PolicyObjectiv"
     result = run_cli("train", CONFIG, *FAST, f"trainer.run_dir={tmp_path}", bad)
     assert_config_error(result, "objective._component_", "PolicyObjectiv", "did you mean 'PolicyObjective'")
     assert not model_spy
@@ -235,7 +235,7 @@ def test_config_prints_resolved_values() -> None:
     assert printed["trainer"]["lr"] == 0.5
     assert printed["eval"] == {"num_prompts": 3}
     assert printed["objective"]["clip_high"] == 0.28
-    assert printed["objective"]["_component_"] == "toolkit.objectives.PolicyObjective"
+    assert printed["objective"]["_component_"] == "toolkit.objective.PolicyObjective"
     original = yaml.safe_load(CONFIG.read_text())
     assert printed["trainer"]["seed"] == original["trainer"]["seed"]  # untouched keys survive
 

@@ -15,8 +15,8 @@ import pytest
 import yaml
 
 from toolkit.config import ConfigError, build_dataclass, check_keys, load_config, validate
-from toolkit.runner import RunSpec
-from toolkit.trainer_config import TrainerConfig
+from toolkit.train.runner import RunSpec
+from toolkit.train.trainer_config import TrainerConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 ACCELERATE = CONFIGS / "accelerate"

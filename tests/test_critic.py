@@ -10,14 +10,14 @@ from modalities.text_agent.critic import CausalLMCritic
 from modalities.text_agent.tiny import build_tiny_qwen2
 from tests.test_trainer import tiny_config
 from toolkit.rollout import Rollout
-from toolkit.runner import build_trainer, fit
+from toolkit.train.runner import build_trainer, fit
 
 CRITIC = [
     "+critic._component_=modalities.text_agent.critic.CausalLMCritic",
     "+critic.model._component_=modalities.text_agent.tiny.build_tiny_qwen2",
     "critic.model.seed=1",
     "critic.head_init_std=0.01",
-    "normalizer._component_=toolkit.gae.GAENormalizer",
+    "normalizer._component_=toolkit.advantages.GAENormalizer",
     "~normalizer.std",
     "~normalizer.eps",
     "+normalizer.score_at_last_step=true",

@@ -16,7 +16,7 @@ from modalities.diffusion_lm.text_data import read_corpus
 from modalities.text_agent.qa_data import read_rows
 from toolkit.cli import main
 from toolkit.config import ConfigError, load_config
-from toolkit.config_types import read_text_file
+from toolkit.config.types import read_text_file
 from toolkit.data import PromptDataset, load_records
 
 LATIN1 = "prompt: café\n".encode("latin-1")  # é is 0xe9 in Latin-1, not a UTF-8 sequence
@@ -131,7 +131,7 @@ def test_more_user_files_are_named_on_a_decode_error(tmp_path: Path, name: str, 
     from modalities.text_to_image.sampler import read_captions
     from modalities.text_to_image.unigenbench import load_unigenbench_csv
     from toolkit.evaluation import score_file
-    from toolkit.transforms_logistic import PercentileTable
+    from toolkit.reward_transforms.medgrpo import PercentileTable
 
     file = write(tmp_path / name, b"ok\n\xe9\n")
     call = {

@@ -29,9 +29,9 @@ from modalities.diffusion_lm.schedules import LogLinearSchedule
 from modalities.diffusion_lm.time_weighting import TimeWeightedNormalizer, beta_density, omega_weight, time_weights
 from modalities.diffusion_lm.tiny import build_tiny_teacher
 from tests.contracts import PolicyContract
+from toolkit.advantages.group import GroupNormalizer, group_normalized_advantages
 from toolkit.interfaces import Policy, Sampler
-from toolkit.normalizers import GroupNormalizer, group_normalized_advantages
-from toolkit.objectives import PolicyObjective
+from toolkit.objective.policy_objective import PolicyObjective
 
 ATOL = 1e-5
 

@@ -10,7 +10,7 @@ import torch
 from modalities.diffusion_lm.didi_policy import StudentPolicy
 from modalities.diffusion_lm.discriminator import DiscriminatorReward
 from toolkit.config import load_config
-from toolkit.runner import build_trainer, fit
+from toolkit.train.runner import build_trainer, fit
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "diffusion_lm" / "tiny.yaml"
 

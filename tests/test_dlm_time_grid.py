@@ -20,7 +20,7 @@ from tests.test_didi import _policy, _prompts, _tiny_teacher
 from tests.test_didi_multistep import _samples
 from toolkit.config import load_config
 from toolkit.evaluation import evaluate
-from toolkit.runner import build_trainer, fit
+from toolkit.train.runner import build_trainer, fit
 
 MASK = 64
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "diffusion_lm" / "tiny.yaml"

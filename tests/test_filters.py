@@ -10,7 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from toolkit.filters import (
+from toolkit.rollout import Rollout
+from toolkit.train.filters import (
     OverlongFilter,
     RefillCapError,
     ZeroVarianceFilter,
@@ -20,7 +21,6 @@ from toolkit.filters import (
     refill,
     zero_variance_groups,
 )
-from toolkit.rollout import Rollout
 
 nan = math.nan
 

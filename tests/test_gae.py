@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from toolkit.gae import GAENormalizer, gae_advantages, masked_whiten
+from toolkit.advantages.gae import GAENormalizer, gae_advantages, masked_whiten
 from toolkit.interfaces import Normalizer
 from toolkit.rollout import Rollout
 

@@ -57,7 +57,7 @@ def test_modalities_do_not_import_each_other(path: Path) -> None:
 
 def test_import_toolkit_stays_light() -> None:
     code = (
-        "import sys, toolkit, toolkit.trainer, toolkit.runner, toolkit.cli, rewards.base\n"
+        "import sys, toolkit, toolkit.train.trainer, toolkit.train.runner, toolkit.cli, rewards.base\n"
         f"heavy = [m for m in {HEAVY!r} if m in sys.modules]\n"
         "print(','.join(heavy))"
     )

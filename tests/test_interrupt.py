@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from toolkit.checkpoint import CheckpointManager, load_checkpoint, resolve_resume
 from toolkit.cli import main
+from toolkit.io.checkpoint import CheckpointManager, load_checkpoint, resolve_resume
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "demo" / "tiny_grpo.yaml"
@@ -69,7 +69,7 @@ def start(run_dir: Path, *extra: str) -> Child:
 def children(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Child]]:
     base = tmp_path_factory.mktemp("interrupt")
     started = {"sigterm": start(base / "sigterm", *SIGTERM_RUN), "kill": start(base / "kill", *KILL_RUN)}
-    import toolkit.runner  # noqa: F401  (this process's heavy imports for the resumes, while the children start)
+    import toolkit.train.runner  # noqa: F401  (this process's heavy imports for the resumes, while the children start)
 
     yield started
     for child in started.values():

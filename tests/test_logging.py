@@ -1,4 +1,4 @@
-"""Tests for toolkit.logging: durable JSONL, resume truncation, trackers, progress lines and tables."""
+"""Tests for toolkit.io.logging: durable JSONL, resume truncation, trackers, progress lines and tables."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ import pytest
 import torch
 from rich.console import Console
 
-import toolkit.console as console_mod
-import toolkit.logging as tlog
-from toolkit.logging import (
+import toolkit.io.console as console_mod
+import toolkit.io.logging as tlog
+from toolkit.io.logging import (
     MetricsLogger,
     ProgressBar,
     first_last,

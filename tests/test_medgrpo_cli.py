@@ -18,8 +18,8 @@ from modalities.medical_video.percentiles import load_predictions, normalize_rec
 from rewards.judges.client import FakeJudgeClient
 from rewards.judges.medical import MedicalCaptionJudge
 from toolkit.cli import main
+from toolkit.reward_transforms.medgrpo import LogisticDatasetNorm, PercentileTable
 from toolkit.rollout import Rollout
-from toolkit.transforms import LogisticDatasetNorm, PercentileTable
 
 TOL = 1e-5
 RUBRIC = "R2: 4\nR3: 3\nR8: 5\nR5: 4\nR4: 5"

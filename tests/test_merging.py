@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from toolkit.merging import kth_largest, merge_checkpoints, num_kept, update_selective_merge
+from toolkit.io.merging import kth_largest, merge_checkpoints, num_kept, update_selective_merge
 
 ATOL = 1e-5
 

@@ -9,7 +9,7 @@ import pytest
 
 from toolkit.config import load_config
 from toolkit.evaluation import evaluate
-from toolkit.runner import build_trainer, fit
+from toolkit.train.runner import build_trainer, fit
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "diffusion_lm" / "tiny.yaml"
 SMALL = [

@@ -15,15 +15,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from toolkit.advantages.batch import BatchWhitenNormalizer, GroupMeanBatchStdNormalizer
+from toolkit.advantages.group import GroupNormalizer, LeaveOneOutNormalizer
+from toolkit.advantages.history import PromptHistoryNormalizer
+from toolkit.advantages.multi_reward import MultiRewardNormalizer
 from toolkit.interfaces import Normalizer, StatefulNormalizer
-from toolkit.normalizers import (
-    BatchWhitenNormalizer,
-    GroupMeanBatchStdNormalizer,
-    GroupNormalizer,
-    LeaveOneOutNormalizer,
-    MultiRewardNormalizer,
-    PromptHistoryNormalizer,
-)
 from toolkit.rollout import Rollout
 
 ATOL = 1e-5
@@ -534,9 +530,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from toolkit.beta import BetaNormalizer
-from toolkit.gae import GAENormalizer
-from toolkit.normalizers import GroupMeanBatchStdNormalizer, MultiRewardNormalizer, PromptHistoryNormalizer
+from toolkit.advantages.beta import BetaNormalizer
+from toolkit.advantages.gae import GAENormalizer
+from toolkit.advantages import GroupMeanBatchStdNormalizer, MultiRewardNormalizer, PromptHistoryNormalizer
 from toolkit.rollout import Rollout
 
 

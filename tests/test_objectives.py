@@ -1,4 +1,5 @@
-"""Tests for the GRPO-family objective (`toolkit.objectives`) and the KL estimators (`toolkit.kl`).
+"""Tests for the GRPO-family objective (`toolkit.objective.policy_objective`) and the KL estimators
+(`toolkit.objective.kl`).
 
 Spec oracles: pref_grpo.md P5 (clipped loss) and P8 (1/(4·14) loss scale), medgrpo.md §6 (clip-higher
 0.2/0.3, token mean), dler.md §4 / bnpo.md §8 (clip-higher + dual clip 10, seq-mean-token-sum),
@@ -16,8 +17,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from toolkit.kl import gaussian_mean_kl, kl_estimate, kl_k1, kl_k2, kl_k3
-from toolkit.objectives import (
+from toolkit.objective.kl import gaussian_mean_kl, kl_estimate, kl_k1, kl_k2, kl_k3
+from toolkit.objective.policy_objective import (
     PolicyObjective,
     aggregate_loss,
     loss_denominators,

@@ -23,9 +23,9 @@ from rewards.judges.pairwise import (
     parse_preference,
 )
 from tests.test_judge_client import FakeServer, chat_reply, make_client, server  # noqa: F401
-from toolkit.normalizers import group_normalized_advantages
+from toolkit.advantages.group import group_normalized_advantages
+from toolkit.reward_transforms.pref_grpo import PairwiseWinRate, win_rates
 from toolkit.rollout import Rollout
-from toolkit.transforms_pairwise import PairwiseWinRate, win_rates
 
 # P1: winner of each pair (i, j), i < j; None = tie.
 P1_WINNERS: dict[tuple[int, int], int | None] = {(0, 1): 0, (0, 2): 2, (0, 3): 0, (1, 2): 2, (1, 3): None, (2, 3): 2}

@@ -1,4 +1,4 @@
-"""Tests for toolkit.plotting: per-family PNGs, smoothing, comparisons and error messages."""
+"""Tests for toolkit.io.plotting: per-family PNGs, smoothing, comparisons and error messages."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from toolkit.logging import MetricsLogger
-from toolkit.plotting import group_metrics, moving_average, plot_compare, plot_run
+from toolkit.io.logging import MetricsLogger
+from toolkit.io.plotting import group_metrics, moving_average, plot_compare, plot_run
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -116,7 +116,7 @@ def test_plot_compare(tmp_path: Path) -> None:
 
 
 def test_import_does_not_load_matplotlib() -> None:
-    code = "import sys, toolkit.logging, toolkit.plotting; print('matplotlib' in sys.modules)"
+    code = "import sys, toolkit.io.logging, toolkit.io.plotting; print('matplotlib' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
 

@@ -26,8 +26,8 @@ from rewards.judges import (
     split_trajectory,
 )
 from rewards.judges.ppr import REASK_PROMPT, question_text
+from toolkit.reward_transforms.ppr import ReNorm
 from toolkit.rollout import Rollout
-from toolkit.transforms import ReNorm
 
 SEARCH_1 = ("<think>need the capital</think><search>capital of France</search>", "Doc 1(Title: France) Paris.")
 SEARCH_2 = ("<search>population of Paris</search>", "<information>Doc 1(Title: Paris) 2.1M</information>")

@@ -324,7 +324,7 @@ def test_protein_dit_teacher_trains_a_step() -> None:
 
 def test_protein_tiny_config_trains_a_step(tmp_path: Path) -> None:
     from toolkit.config import load_config
-    from toolkit.runner import build_trainer
+    from toolkit.train.runner import build_trainer
 
     config = load_config(
         Path(__file__).resolve().parents[1] / "configs" / "diffusion_lm" / "protein_tiny.yaml",
@@ -342,7 +342,7 @@ def test_protein_tiny_config_trains_a_step(tmp_path: Path) -> None:
 def test_protein_dplm_recipe_runs_with_a_tiny_esm_stand_in(tmp_path: Path) -> None:
     """The GPU recipe's wiring (ESM teacher, student and discriminator trunk; crop rows) on a tiny random ESM."""
     from toolkit.config import load_config
-    from toolkit.runner import build_trainer
+    from toolkit.train.runner import build_trainer
 
     config = load_config(
         Path(__file__).resolve().parents[1] / "configs" / "diffusion_lm" / "protein_dplm.yaml",

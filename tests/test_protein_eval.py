@@ -115,8 +115,8 @@ def test_generator_ppl_only_by_default_for_the_shipped_set(tmp_path: Path) -> No
 def test_protein_eval_prints_the_table_and_selects_by_composition(tmp_path: Path) -> None:
     from toolkit.config import load_config
     from toolkit.evaluation import evaluate
-    from toolkit.runner import build_trainer, fit
-    from toolkit.train_eval import BestCheckpoint
+    from toolkit.train.eval_hook import BestCheckpoint
+    from toolkit.train.runner import build_trainer, fit
 
     small = ["eval.evaluator.steps=[2,4]", "eval.evaluator.num_samples=8", "eval.evaluator.batch_size=8"]
     config = load_config(

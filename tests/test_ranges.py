@@ -16,21 +16,17 @@ from typing import Any
 import pytest
 
 import modalities.text_agent.tiny as text_tiny
-from toolkit.advantage_boost import CorrectSampleBoost
-from toolkit.beta import BetaNormalizer
+from toolkit.advantages.batch import BatchWhitenNormalizer, GroupMeanBatchStdNormalizer
+from toolkit.advantages.beta import BetaNormalizer
+from toolkit.advantages.boost import CorrectSampleBoost
+from toolkit.advantages.group import GroupNormalizer, LeaveOneOutNormalizer
+from toolkit.advantages.history import PromptHistoryNormalizer
+from toolkit.advantages.multi_reward import MultiRewardNormalizer
+from toolkit.advantages.turn import TurnGroupNormalizer
 from toolkit.config import ConfigError, build_dataclass, load_config
-from toolkit.normalizers import (
-    BatchWhitenNormalizer,
-    GroupMeanBatchStdNormalizer,
-    GroupNormalizer,
-    LeaveOneOutNormalizer,
-    MultiRewardNormalizer,
-    PromptHistoryNormalizer,
-)
-from toolkit.objectives import PolicyObjective
-from toolkit.runner import RunSpec, build_trainer
-from toolkit.trainer_config import TrainerConfig, check_group_size, groups_needed_by
-from toolkit.turn_normalizer import TurnGroupNormalizer
+from toolkit.objective.policy_objective import PolicyObjective
+from toolkit.train.runner import RunSpec, build_trainer
+from toolkit.train.trainer_config import TrainerConfig, check_group_size, groups_needed_by
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -224,7 +220,7 @@ def _node(cls: type, **kwargs: Any) -> dict[str, Any]:
         (_node(BatchWhitenNormalizer, baseline="group_mean"), True),
         (_node(PromptHistoryNormalizer), True),  # history cleared every call: one reward per prompt
         (_node(PromptHistoryNormalizer, reset_every=None), False),  # history across steps is the baseline
-        ({"_component_": "toolkit.gae.GAENormalizer"}, False),  # the critic is the baseline
+        ({"_component_": "toolkit.advantages.GAENormalizer"}, False),  # the critic is the baseline
         (_node(CorrectSampleBoost, inner=_node(GroupMeanBatchStdNormalizer)), True),  # a wrapper inherits
         (_node(CorrectSampleBoost, inner=_node(BatchWhitenNormalizer)), False),
     ],
@@ -276,7 +272,7 @@ def test_group_size_one_with_a_group_normalizer_fails_before_any_model(model_bui
         build_trainer(config)
     message = str(raised.value)
     assert "trainer.group_size: must be >= 2" in message and "got trainer.group_size=1" in message
-    assert "normalizer toolkit.normalizers.GroupNormalizer (set at configs/demo/tiny_grpo.yaml:37)" in message
+    assert "normalizer toolkit.advantages.GroupNormalizer (set at configs/demo/tiny_grpo.yaml:37)" in message
     assert model_builds == [], "the check must run before the policy's model is built"
     assert time.perf_counter() - start < 5.0
 

@@ -24,8 +24,8 @@ from modalities.text_agent.reasoning_eval import (
     summarize,
 )
 from rewards.text.math import MathAccuracyReward
-from toolkit.checkpoint import CheckpointManager, CheckpointState
 from toolkit.cli import main as renorm
+from toolkit.io.checkpoint import CheckpointManager, CheckpointState
 from toolkit.rollout import Rollout
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,16 +14,17 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import toolkit.beta as beta_module
-from toolkit.advantage_boost import CorrectSampleBoost
-from toolkit.beta import BetaNormalizer
+import toolkit.advantages.beta as beta_module
+from toolkit.advantages.batch import GroupMeanBatchStdNormalizer
+from toolkit.advantages.beta import BetaNormalizer
+from toolkit.advantages.boost import CorrectSampleBoost
+from toolkit.advantages.group import GroupNormalizer
 from toolkit.cli import main as renorm
 from toolkit.config import instantiate, load_config, merge_configs
-from toolkit.filters import RefillCapError
-from toolkit.normalizers import GroupMeanBatchStdNormalizer, GroupNormalizer
+from toolkit.reward_transforms.dler import DifficultyTiers, TruncationPenalty
 from toolkit.rollout import Rollout
-from toolkit.runner import build_trainer
-from toolkit.transforms import DifficultyTiers, TruncationPenalty
+from toolkit.train.filters import RefillCapError
+from toolkit.train.runner import build_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "configs" / "text_reasoning"

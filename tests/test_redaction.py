@@ -14,11 +14,11 @@ import torch
 
 from rewards.base import RewardOutput
 from tests.demo_run import DEMO, tiny_config
-from toolkit import logging as run_logging
-from toolkit.checkpoint import CheckpointManager
 from toolkit.cli import main
-from toolkit.redaction import REDACTED, is_secret_key, redact, register_secrets, secret_values
-from toolkit.runner import build_trainer, fit
+from toolkit.io import logging as run_logging
+from toolkit.io.checkpoint import CheckpointManager
+from toolkit.io.redaction import REDACTED, is_secret_key, redact, register_secrets, secret_values
+from toolkit.train.runner import build_trainer, fit
 
 SECRET = "sk-test-0123456789abcdef"
 ENV_SECRET = "hf_env_secret_987654321"

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from tests.demo_run import DEMO, FAST, ROOT, run_cli, tiny_config
-from toolkit import logging as run_logging
-from toolkit.checkpoint import CheckpointManager
-from toolkit.run_dir import LOCK_FILE, RunDirError, RunDirLock
-from toolkit.runner import build_trainer, fit
+from toolkit.io import logging as run_logging
+from toolkit.io.checkpoint import CheckpointManager
+from toolkit.io.run_dir import LOCK_FILE, RunDirError, RunDirLock
+from toolkit.train.runner import build_trainer, fit
 
 # ---------------------------------------------------------------------------------------------- run-dir ownership
 
@@ -29,7 +29,7 @@ def test_a_second_trainer_on_the_same_run_dir_is_refused(tmp_path: Path) -> None
 
 
 def test_a_stale_lock_of_a_killed_trainer_does_not_block(tmp_path: Path) -> None:
-    code = f"from toolkit.run_dir import RunDirLock; import os; RunDirLock({str(tmp_path)!r}).acquire(); os._exit(9)"
+    code = f"from toolkit.io.run_dir import RunDirLock; import os; RunDirLock({str(tmp_path)!r}).acquire(); os._exit(9)"
     child = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert child.returncode == 9 and (tmp_path / LOCK_FILE).read_text()  # the file stays, naming the dead holder
     with RunDirLock(tmp_path) as lock:

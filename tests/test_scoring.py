@@ -10,7 +10,7 @@ import torch
 from rewards.base import FunctionReward, RewardOutput
 from rewards.text.toy import TargetCharReward
 from toolkit.rollout import Rollout
-from toolkit.scoring import score_rollout
+from toolkit.train.scoring import score_rollout
 
 
 def rollout(completions: list[str], targets: list[str]) -> Rollout:
@@ -81,7 +81,7 @@ def test_no_reward_models_leaves_scores_to_a_transform() -> None:
 
 def test_trainer_without_rewards_or_transforms_is_an_error(tmp_path) -> None:
     from tests.test_trainer import tiny_config
-    from toolkit.runner import build_trainer
+    from toolkit.train.runner import build_trainer
 
     with pytest.raises(ValueError, match="no reward models and no reward transforms"):
         build_trainer(tiny_config(tmp_path, "rewards={}", "transforms=[]"))

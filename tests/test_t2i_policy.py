@@ -20,9 +20,9 @@ from rewards.judges.client import FakeJudgeClient
 from rewards.judges.pairwise import PairwisePreferenceJudge
 from tests.contracts import PolicyContract
 from toolkit.config import load_config
+from toolkit.reward_transforms.pref_grpo import PairwiseWinRate
 from toolkit.rollout import Rollout
-from toolkit.runner import build_trainer
-from toolkit.transforms import PairwiseWinRate
+from toolkit.train.runner import build_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = [{"prompt": "a red apple", "id": "p0"}, {"prompt": "a blue car", "id": "p1"}]
@@ -255,11 +255,11 @@ def test_tiny_yaml_trains_a_step_and_resumes(tmp_path: Path) -> None:
 def test_pref_grpo_step_end_to_end_with_a_fake_judge(tmp_path: Path) -> None:
     """Pref-GRPO path: judge transform -> win rates -> v1 0.7/1.4 mix with CLIP -> clipped SDE update."""
     from rewards.image.clip import tiny as tiny_clip
+    from toolkit.advantages.multi_reward import MultiRewardNormalizer
     from toolkit.data import PromptDataset
-    from toolkit.normalizers import MultiRewardNormalizer
-    from toolkit.objectives import PolicyObjective
-    from toolkit.trainer import Trainer
-    from toolkit.trainer_config import TrainerConfig
+    from toolkit.objective.policy_objective import PolicyObjective
+    from toolkit.train.trainer import Trainer
+    from toolkit.train.trainer_config import TrainerConfig
 
     def garbage_or_first(messages: list[dict[str, Any]]) -> str:
         garbage_or_first.calls += 1  # type: ignore[attr-defined]

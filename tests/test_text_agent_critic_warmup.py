@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from toolkit.config import load_config
-from toolkit.runner import build_trainer
-from toolkit.trainer_config import TrainerConfig
+from toolkit.train.runner import build_trainer
+from toolkit.train.trainer_config import TrainerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data" / "text_agent"

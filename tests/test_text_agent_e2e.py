@@ -26,8 +26,8 @@ from rewards.judges.ppr import build_turn_messages
 from toolkit.config import load_config
 from toolkit.evaluation import evaluate
 from toolkit.rollout import Rollout
-from toolkit.runner import build_trainer
-from toolkit.trainer import Trainer
+from toolkit.train.runner import build_trainer
+from toolkit.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "text_agent"
@@ -238,7 +238,7 @@ def test_grpo_variant_http_retriever_and_flaky_judge(tmp_path: Path, retriever_u
     }
     cfg["transforms"][1]["judge"]["max_retries_invalid"] = 1
     cfg["critic"] = None
-    cfg["normalizer"] = {"_component_": "toolkit.turn_normalizer.TurnGroupNormalizer", "eps": 1.0e-6}
+    cfg["normalizer"] = {"_component_": "toolkit.advantages.TurnGroupNormalizer", "eps": 1.0e-6}
     trainer = build_trainer(cfg)
     bias_towards_search(trainer)
     spy = LossSpy(trainer)

@@ -10,7 +10,7 @@ import torch
 from modalities.text_agent.kl_reward import KLRewardPenalty, kl_in_reward
 from toolkit.config import load_config
 from toolkit.rollout import Rollout
-from toolkit.runner import build_trainer
+from toolkit.train.runner import build_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data" / "text_agent"

@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 import torch
 
-from toolkit.checkpoint import load_checkpoint
 from toolkit.config import load_config
-from toolkit.runner import build_trainer, fit
-from toolkit.train_eval import BestCheckpoint
-from toolkit.trainer_config import TrainerConfig
+from toolkit.io.checkpoint import load_checkpoint
+from toolkit.train.eval_hook import BestCheckpoint
+from toolkit.train.runner import build_trainer, fit
+from toolkit.train.trainer_config import TrainerConfig
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo" / "tiny_grpo.yaml"
 SCRIPT = [0.3, 0.9, 0.5, 0.9, 1.2]
@@ -163,7 +163,7 @@ def test_hook_leaves_every_rng_and_the_trainer_generator_as_it_found_them(tmp_pa
 
     import numpy as np
 
-    from toolkit.train_eval import evaluate_during_training
+    from toolkit.train.eval_hook import evaluate_during_training
 
     trainer = build_trainer(_config(tmp_path, 1, "trainer.eval_every=1", *_scripted()))
 

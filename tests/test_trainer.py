@@ -11,9 +11,9 @@ import torch
 
 from rewards.base import FunctionReward
 from toolkit.config import load_config
-from toolkit.logging import read_metrics
-from toolkit.run_dir import RunDirError
-from toolkit.runner import build_trainer, fit
+from toolkit.io.logging import read_metrics
+from toolkit.io.run_dir import RunDirError
+from toolkit.train.runner import build_trainer, fit
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo" / "tiny_grpo.yaml"
@@ -145,7 +145,7 @@ def test_dynamic_sampling_keeps_only_informative_groups(tmp_path: Path) -> None:
 
 
 def test_constant_schedule_with_warmup_is_rejected() -> None:
-    from toolkit.trainer_config import TrainerConfig
+    from toolkit.train.trainer_config import TrainerConfig
 
     with pytest.raises(ValueError, match="constant_with_warmup"):
         TrainerConfig(lr_schedule="constant", warmup_steps=5)

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from tests.test_trainer import tiny_config
-from toolkit.runner import build_trainer
+from toolkit.train.runner import build_trainer
 
 
 class Counting:

@@ -13,25 +13,17 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from toolkit.rollout import Rollout
-from toolkit.transforms import (
-    DifficultyTiers,
+from toolkit.reward_transforms.dler import DifficultyTiers, TruncationPenalty, correctness_ratio, truncation_reward
+from toolkit.reward_transforms.medgrpo import (
     LogisticDatasetNorm,
-    PairwiseWinRate,
     PercentileTable,
-    ReNorm,
-    TruncationPenalty,
-    WeightedSum,
-    all_pairs,
-    correctness_ratio,
     fit_percentile_table,
     logistic_normalize,
-    renorm_token_rewards,
-    truncation_reward,
-    weighted_sum,
-    win_rates,
 )
-from toolkit.transforms_pairwise import preference_matrix
+from toolkit.reward_transforms.ppr import ReNorm, renorm_token_rewards
+from toolkit.reward_transforms.pref_grpo import PairwiseWinRate, all_pairs, preference_matrix, win_rates
+from toolkit.reward_transforms.weighted_sum import WeightedSum, weighted_sum
+from toolkit.rollout import Rollout
 
 ATOL = 1e-5
 nan = math.nan

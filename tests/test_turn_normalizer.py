@@ -7,9 +7,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from toolkit.advantages.turn import TurnGroupNormalizer, turn_group_advantages
+from toolkit.reward_transforms.ppr import ReNorm
 from toolkit.rollout import Rollout
-from toolkit.transforms import ReNorm
-from toolkit.turn_normalizer import TurnGroupNormalizer, turn_group_advantages
 
 
 def _ends(n: int, t: int, positions: list[list[int]]) -> torch.Tensor:

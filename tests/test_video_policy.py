@@ -20,7 +20,7 @@ from modalities.medical_video.tiny import build_tiny_processor, build_tiny_qwen2
 from tests.contracts import PolicyContract
 from toolkit.config import load_config
 from toolkit.rollout import concat_rollouts
-from toolkit.runner import build_trainer, fit
+from toolkit.train.runner import build_trainer, fit
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_VIDEO = {"fps": 1.0, "min_pixels": 3136, "max_pixels": 3136}

@@ -23,9 +23,9 @@ from toolkit.config import ConfigError
 
 def cmd_train(args: argparse.Namespace) -> int:
     from toolkit.config import load_config
-    from toolkit.logging import print_before_after, read_metrics
-    from toolkit.plotting import plot_run
-    from toolkit.runner import build_trainer, fit
+    from toolkit.io.logging import print_before_after, read_metrics
+    from toolkit.io.plotting import plot_run
+    from toolkit.train.runner import build_trainer, fit
 
     overrides = [*args.overrides, "trainer.overwrite=true"] if args.overwrite else args.overrides
     config = load_config(args.config, overrides)
@@ -65,7 +65,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from toolkit.plotting import plot_run
+    from toolkit.io.plotting import plot_run
 
     for path in plot_run(args.run_dir, args.out_dir, smooth=args.smooth):
         print(path)
@@ -73,7 +73,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from toolkit.merging import merge_checkpoints
+    from toolkit.io.merging import merge_checkpoints
 
     merge_checkpoints(args.base, args.tuned, args.out, density=args.density, scale=args.scale, scope=args.scope)
     print(f"merged checkpoint written to {args.out}")
@@ -82,7 +82,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def cmd_config(args: argparse.Namespace) -> int:
     from toolkit.config import format_config, load_config
-    from toolkit.redaction import redact
+    from toolkit.io.redaction import redact
 
     print(format_config(redact(load_config(args.config, args.overrides))))
     return 0
@@ -188,8 +188,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"renorm: error: {err}", file=sys.stderr)
         return 2
     except RuntimeError as err:
-        from toolkit.checkpoint import CheckpointError  # lazy: `import toolkit.cli` stays free of torch
-        from toolkit.run_dir import RunDirError
+        from toolkit.io.checkpoint import CheckpointError  # lazy: `import toolkit.cli` stays free of torch
+        from toolkit.io.run_dir import RunDirError
 
         if isinstance(err, RunDirError):
             print(f"renorm: run dir error: {err}", file=sys.stderr)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from toolkit.config_types import read_text_file as read_text_file  # re-exported for the modality loaders
+from toolkit.config.types import read_text_file as read_text_file  # re-exported for the modality loaders
 
 _MIX_SEED = 0x9E3779B97F4A7C15
 _MIX_EPOCH = 0xBF58476D1CE4E5B9

@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from toolkit.config_types import read_text_file
+from toolkit.config.types import read_text_file
 
 DEFAULT_TEACHER_CONFIG = Path(__file__).parent / "data" / "teacher_tiny.yaml"
 _TEACHER_DEFAULTS: dict[str, Any] = {
@@ -134,7 +134,7 @@ def cmd_train_teacher(args: argparse.Namespace) -> int:
     from modalities.diffusion_lm.masked_diffusion import MaskedDiffusionLM
     from modalities.diffusion_lm.teacher import evaluate_nelbo, train_teacher
     from modalities.diffusion_lm.text_data import TokenDataset, build_text_tokenizer
-    from toolkit.checkpoint import resolve_resume
+    from toolkit.io.checkpoint import resolve_resume
 
     s = resolve_teacher_settings(args)
     tokenizer = build_text_tokenizer(s["corpus"])

@@ -190,7 +190,7 @@ def sample_in_batches(
     One generator on the model's device seeded with `seed` drives every batch, so the result depends only on
     (seed, batch_size). `sample_kwargs` go to `MaskedDiffusionLM.sample` (block_size, cache, prefix).
     """
-    from toolkit.console import ProgressBar
+    from toolkit.io.console import ProgressBar
 
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f"need num_samples >= 1 and batch_size >= 1, got {num_samples}, {batch_size}")

@@ -18,7 +18,7 @@ import torch
 from modalities.diffusion_lm.evaluation import CausalLMEvaluator, unigram_entropy
 from modalities.diffusion_lm.masked_diffusion import MaskedDiffusionLM
 from modalities.diffusion_lm.sampling import TIME_GRIDS, check_temperature, check_time_grid
-from toolkit.checkpoint import write_json_atomic
+from toolkit.io.atomic import write_json_atomic
 
 DEFAULT_STEPS = (8, 16, 32, 64, 128)
 
@@ -130,7 +130,7 @@ def load_student(run: str | Path, teacher_checkpoint: str | Path, use_ema: bool 
     The Trainer saves the student backbone as the model weights and the EMA copy under `policy_state`.
     """
     from modalities.diffusion_lm.teacher import load_teacher
-    from toolkit.checkpoint import load_checkpoint, resolve_resume
+    from toolkit.io.checkpoint import load_checkpoint, resolve_resume
 
     resolved = resolve_resume(str(run), Path(run))
     if resolved is None:
@@ -325,7 +325,7 @@ def evaluation_models(
     if checkpoint is None and use_ema and getattr(policy, "ema", None) is not None:
         models["student_ema"] = policy.ema_model()
     if checkpoint is not None and use_ema:
-        from toolkit.checkpoint import load_checkpoint
+        from toolkit.io.checkpoint import load_checkpoint
 
         ema = load_checkpoint(Path(checkpoint)).objects.get("policy_state", {}).get("ema")
         if ema is not None:

@@ -1,7 +1,7 @@
 """Train a masked-diffusion teacher with the MDLM NELBO: AdamW + linear warm-up, progress bar, resumable checkpoints.
 
 Spec didi_instruct.md §2 (MDLM arXiv:2406.07524: AdamW 3e-4, betas (0.9, 0.999), wd 0, linear warm-up then
-constant). Simplified: no teacher EMA, one process. Checkpoints go through `toolkit.checkpoint` (atomic,
+constant). Simplified: no teacher EMA, one process. Checkpoints go through `toolkit.io.checkpoint` (atomic,
 keep-last-K, resume="auto"); metrics to `run_dir/metrics.jsonl`; `summary.json` is written atomically.
 """
 
@@ -20,20 +20,20 @@ from modalities.diffusion_lm.dit import DiT, DiTConfig
 from modalities.diffusion_lm.masked_diffusion import MaskedDiffusionLM
 from modalities.diffusion_lm.schedules import make_schedule
 from modalities.diffusion_lm.text_data import collate_input_ids
-from toolkit.checkpoint import (
+from toolkit.interfaces import DataSource
+from toolkit.io.atomic import write_json_atomic
+from toolkit.io.checkpoint import (
     CheckpointManager,
     CheckpointState,
-    GracefulInterrupt,
     capture_rng_state,
     load_checkpoint,
     resolve_resume,
     restore_rng_state,
-    write_json_atomic,
 )
-from toolkit.console import ProgressBar
-from toolkit.interfaces import DataSource
-from toolkit.logging import MetricsLogger
-from toolkit.run_dir import RunDirLock, prepare_run_dir
+from toolkit.io.console import ProgressBar
+from toolkit.io.logging import MetricsLogger
+from toolkit.io.run_dir import RunDirLock, prepare_run_dir
+from toolkit.train.interrupt import GracefulInterrupt
 
 TEACHER_KIND = "dlm_teacher"
 

@@ -88,7 +88,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.predictions is not None:
         from modalities.medical_video.evaluation import evaluate_predictions
         from modalities.medical_video.percentiles import load_predictions
-        from toolkit.checkpoint import write_json_atomic
+        from toolkit.io.atomic import write_json_atomic
 
         results = evaluate_predictions(load_predictions(args.predictions), args.similarity, build_judge_from_args(args))
         if args.output:

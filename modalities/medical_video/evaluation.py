@@ -21,7 +21,7 @@ from rewards.video import metrics as M
 from rewards.video import parsers as P
 from rewards.video.rl import build_judge, build_similarity, gt_boxes, gt_segments
 from rewards.video.similarity import SentenceSimilarity
-from toolkit.checkpoint import write_json_atomic
+from toolkit.io.atomic import write_json_atomic
 
 COLUMNS = ("CVS acc", "NAP acc", "SA acc", "STG mIoU", "TAG mIoU@0.3", "TAG mIoU@0.5", "DVC F1", "DVC llm",
            "VS llm", "RC llm")  # fmt: skip

@@ -18,9 +18,9 @@ from typing import Any
 
 from rewards.video.rl import MedVidReward
 from rewards.video.tasks import normalize_task
-from toolkit.checkpoint import write_json_atomic
-from toolkit.config_types import read_text_file
-from toolkit.transforms import PercentileTable, fit_percentile_table
+from toolkit.config.types import read_text_file
+from toolkit.io.atomic import write_json_atomic
+from toolkit.reward_transforms.medgrpo import PercentileTable, fit_percentile_table
 
 
 def normalize_record(record: Mapping[str, Any], where: str) -> dict[str, Any]:

@@ -25,8 +25,8 @@ from modalities.medical_video.policy import VideoFeatures, video_batch
 from modalities.medical_video.policy import mm_token_types as _mm_token_types
 from modalities.medical_video.video import VideoCache, VideoConfig, VideoError, load_video
 from toolkit.distributed import unwrap
+from toolkit.hf.generation import check_sampler_options, left_pad, plain_generation_config, rng_devices, row_slices
 from toolkit.interfaces import Policy
-from toolkit.lm import check_sampler_options, left_pad, plain_generation_config, rng_devices, row_slices
 from toolkit.rollout import Rollout
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ import torch
 from transformers import PreTrainedTokenizerFast, Qwen2ForCausalLM
 
 from modalities.text_agent.tiny import PAD_TOKEN_ID, build_char_tokenizer, build_tiny_qwen2, supervised_step
-from toolkit.console import ProgressBar
+from toolkit.io.console import ProgressBar
 
 # relation -> (question template, document sentence); the wording of data/text_agent/make_synthetic.py.
 RELATIONS: dict[str, tuple[str, str]] = {

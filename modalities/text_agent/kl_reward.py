@@ -59,8 +59,8 @@ class KLRewardPenalty:
     def __call__(self, rollout: Rollout) -> Rollout:
         if rollout.ref_logprobs is None:
             raise ValueError(
-                "KLRewardPenalty needs rollout.ref_logprobs: run it through toolkit.trainer.Trainer (which computes "
-                "them for transforms with needs_reference) with a policy that has ref_log_probs()"
+                "KLRewardPenalty needs rollout.ref_logprobs: run it through toolkit.train.trainer.Trainer (which "
+                "computes them for transforms with needs_reference) with a policy that has ref_log_probs()"
             )
         if rollout.token_rewards is None:
             raise ValueError("KLRewardPenalty needs rollout.token_rewards: place it after ReNorm in `transforms`")

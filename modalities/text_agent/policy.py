@@ -16,15 +16,14 @@ import torch
 from torch import Tensor, nn
 
 from toolkit.distributed import unwrap
-from toolkit.lm import (
+from toolkit.hf.generation import left_align, row_slices
+from toolkit.hf.policy import (
     TORCH_DTYPES,
     DTypeName,
     ReferenceMode,
     bf16_autocast,
     check_policy_options,
-    left_align,
     reference_log_probs,
-    row_slices,
     trainable_state_dict,
     unwrap_model,
     wrap_lora,

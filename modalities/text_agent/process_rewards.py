@@ -1,6 +1,6 @@
 """Principle process rewards for tool-loop rollouts: judge each intermediate turn, store the scores for ReNorm.
 
-Chain (spec ppr.md §5-6): ProcessRewardTransform -> toolkit.transforms.ReNorm -> GAE (official PPR) or a
+Chain (spec ppr.md §5-6): ProcessRewardTransform -> toolkit.reward_transforms.ReNorm -> GAE (official PPR) or a
 group normalizer (GRPO-family variant). The final answer turn is never judged: it carries the outcome.
 """
 
@@ -10,8 +10,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from rewards.judges.ppr import PrincipleProcessJudge, question_text, split_trajectory
+from toolkit.reward_transforms.common import safe_mean
 from toolkit.rollout import Rollout
-from toolkit.transforms_common import safe_mean
 
 
 class ProcessRewardTransform:

@@ -17,10 +17,10 @@ from typing import Any
 import torch
 
 from rewards.base import RewardModel
-from toolkit.checkpoint import load_checkpoint
 from toolkit.distributed import unwrap
 from toolkit.interfaces import Policy, Sampler
-from toolkit.scoring import score_rollout
+from toolkit.io.checkpoint import load_checkpoint
+from toolkit.train.scoring import score_rollout
 
 AVERAGE = "Avg"
 

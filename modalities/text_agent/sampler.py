@@ -19,8 +19,9 @@ from torch import Tensor, nn
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList, StopStringCriteria
 
 from toolkit.distributed import unwrap
+from toolkit.hf.generation import check_sampler_options, left_pad, plain_generation_config, rng_devices, row_slices
+from toolkit.hf.policy import unwrap_model
 from toolkit.interfaces import Policy
-from toolkit.lm import check_sampler_options, left_pad, plain_generation_config, rng_devices, row_slices, unwrap_model
 from toolkit.rollout import Rollout
 
 PromptTruncation = Literal["error", "left"]

@@ -42,8 +42,8 @@ from modalities.text_agent.tool_loop import (
     tool_table,
 )
 from toolkit.distributed import unwrap
+from toolkit.hf.generation import plain_generation_config, rng_devices
 from toolkit.interfaces import Policy
-from toolkit.lm import plain_generation_config, rng_devices
 from toolkit.rollout import Rollout
 
 TurnBoundary = Literal["action", "observation"]

@@ -51,8 +51,8 @@ def build_judge_client(args: argparse.Namespace, config: dict[str, Any]) -> Any:
 
 def build_policy_and_sampler(config: dict[str, Any], checkpoint: str | None) -> tuple[Any, Any]:
     """Policy and sampler of the config, with the checkpoint's weights loaded when given."""
-    from toolkit.checkpoint import CheckpointManager
     from toolkit.config import instantiate, validate
+    from toolkit.io.checkpoint import CheckpointManager
 
     for name in ("policy", "sampler"):
         validate(config.get(name), where=name)

@@ -1,6 +1,6 @@
 """Pref-GRPO's pairwise judge as a reward transform: judge every group's images, store the matrices.
 
-`PairwiseJudgeTransform` runs before `toolkit.transforms.PairwiseWinRate` in a recipe's `transforms:`:
+`PairwiseJudgeTransform` runs before `toolkit.reward_transforms.PairwiseWinRate` in a recipe's `transforms:`:
 it asks the judge (rewards.judges.pairwise.PairwisePreferenceJudge or anything with `judge_groups`) for
 one [G, G] preference matrix per group — all pairs of all groups in one client batch — and writes them in
 the [N, G] layout PairwiseWinRate reads (row n = row i of its group's matrix, i = n's position in its group).

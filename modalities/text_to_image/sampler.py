@@ -17,7 +17,7 @@ from torch import Tensor
 
 from modalities.text_to_image.policy import FlowMatchingPolicy
 from modalities.text_to_image.sde import Reduce, StepMode, sde_step, sigma_schedule, trained_steps
-from toolkit.config_types import read_text_file
+from toolkit.config.types import read_text_file
 from toolkit.rollout import Rollout
 
 

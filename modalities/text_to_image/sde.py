@@ -15,7 +15,7 @@ from typing import Any, Literal, get_args
 import torch
 from torch import Tensor
 
-from toolkit.kl import gaussian_mean_kl
+from toolkit.objective.kl import gaussian_mean_kl
 
 StepMode = Literal["flow", "dance"]
 Reduce = Literal["mean", "sum"]
@@ -221,7 +221,7 @@ def sde_step(
 
 
 def gaussian_kl(mean: Tensor, ref_mean: Tensor, std: Tensor | float, reduce: Reduce = "mean") -> Tensor:
-    """Flow-GRPO's closed-form step KL ‖μ_θ − μ_ref‖² / (2σ²), [N] (wraps `toolkit.kl.gaussian_mean_kl`)."""
+    """Flow-GRPO's closed-form step KL ‖μ_θ − μ_ref‖² / (2σ²), [N] (wraps `toolkit.objective.kl.gaussian_mean_kl`)."""
     return gaussian_mean_kl(mean, ref_mean, std, reduce)
 
 

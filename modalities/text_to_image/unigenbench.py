@@ -25,8 +25,8 @@ import torch
 from PIL import Image
 
 from rewards.judges.unigenbench import TestpointItem, TestpointJudge
-from toolkit.checkpoint import write_json_atomic
-from toolkit.config_types import read_text_file
+from toolkit.config.types import read_text_file
+from toolkit.io.atomic import write_json_atomic
 
 # generate(captions, k, generator) -> k PIL images per caption.
 Generate = Callable[[list[str], int, torch.Generator], list[list[Image.Image]]]

@@ -1,7 +1,7 @@
 """Weighted pointwise mixture of reward models: score = Σ_k w_k · score_k.
 
 This mixes *rewards*; Pref-GRPO's CLIP mixture happens at the *advantage* level instead (each reward
-z-scored per group, then weighted: toolkit.normalizers.MultiRewardNormalizer). Use this one for
+z-scored per group, then weighted: toolkit.advantages.MultiRewardNormalizer). Use this one for
 score-level baselines (e.g. Flow-GRPO multi-reward runs) and `renorm score`.
 """
 

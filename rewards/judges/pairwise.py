@@ -5,7 +5,7 @@ Spec pref_grpo.md §2: every unordered pair i < j of a group is judged once with
 `Image 1 is better` / `Image 2 is better` in <answer>. Anything else counts as a tie (0.5 each); a failed
 call is NaN in the matrix, which the win-rate math also treats as 0.5. Both are counted. The prompt
 wording is ours (the structure follows the official UnifiedReward-Think prompt). Win rates are computed in
-toolkit.transforms_pairwise during training; `PairwiseWinRateReward` is the standalone RewardModel.
+toolkit.reward_transforms.pref_grpo during training; `PairwiseWinRateReward` is the standalone RewardModel.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ class PairwisePreferenceJudge:
     """Judges all pairs of a group with a VLM client; returns [G, G] preference matrices.
 
     Entry [a, b] is the judgement with image a shown first: 1 = a wins, 0 = b wins, 0.5 = tie or
-    unparsable reply, NaN = the call failed; entries not judged are NaN (toolkit.transforms_pairwise reads
+    unparsable reply, NaN = the call failed; entries not judged are NaN (toolkit.reward_transforms.pref_grpo reads
     only the judged ones). After each call `last_metrics` holds judge/pairs, judge/ties (unparsable
     replies, 0.5), judge/failures (failed calls), judge/tie_rate, judge/reasks, judge/latency_s.
 
@@ -166,7 +166,7 @@ class PairwisePreferenceJudge:
 
 
 def local_win_rates(matrix: Tensor, order: PairOrder = "one", decimals: int | None = 3) -> Tensor:
-    """w_i = wins_i / (G − 1) from one [G, G] matrix, NaN = 0.5 (spec §2; mirrors toolkit.transforms_pairwise).
+    """w_i = wins_i / (G − 1) from one [G, G] matrix, NaN = 0.5 (spec §2; mirrors toolkit.reward_transforms.pref_grpo).
 
     rewards/ may not import toolkit, so the standalone reward keeps this four-line copy of the formula:
     with order "one" only entries a < b are read, with "symmetric" every off-diagonal entry, each pair

@@ -23,7 +23,7 @@ from modalities.diffusion_lm.protein.tokenizer import Layout, ProteinVocab
 from modalities.diffusion_lm.sampling import check_time_grid
 from modalities.diffusion_lm.text_data import split_items
 from rewards.protein import metrics as M
-from toolkit.checkpoint import write_json_atomic
+from toolkit.io.atomic import write_json_atomic
 
 DEFAULT_PROTEIN_STEPS = (8, 16, 32, 64)
 

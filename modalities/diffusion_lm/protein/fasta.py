@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from modalities.diffusion_lm.protein.tokenizer import STANDARD_AMINO_ACIDS
-from toolkit.config_types import read_text_file
+from toolkit.config.types import read_text_file
 
 EXTENDED_AMINO_ACIDS = STANDARD_AMINO_ACIDS + "XBUZO"
 

@@ -2,7 +2,7 @@
 
 Usage: accelerate launch ... tests/data/cli/ddp_train_check.py RESUME_TO train CONFIG key=value ...
 Runs the command, then runs it again with `trainer.num_steps=RESUME_TO` (a resume from the first run's
-checkpoint). `toolkit.runner.fit` is wrapped to keep the trainer and a copy of its initial weights; after
+checkpoint). `toolkit.train.runner.fit` is wrapped to keep the trainer and a copy of its initial weights; after
 the second run each rank all-gathers its flat parameter vector and prints one `DDP_CHECK {json}` line.
 The script exits 1 when ranks differ, when the weights did not move, or when rank 0's checkpoint differs.
 """
@@ -16,12 +16,12 @@ from typing import Any
 
 import torch
 
-import toolkit.runner
+import toolkit.train.runner
 from toolkit import cli, distributed
-from toolkit.checkpoint import load_checkpoint
+from toolkit.io.checkpoint import load_checkpoint
 
 captured: dict[str, Any] = {}
-original_fit = toolkit.runner.fit
+original_fit = toolkit.train.runner.fit
 
 
 def flat_parameters(module: torch.nn.Module) -> torch.Tensor:
@@ -56,7 +56,7 @@ def check_ranks() -> dict[str, Any]:
 
 
 def main() -> int:
-    toolkit.runner.fit = recording_fit
+    toolkit.train.runner.fit = recording_fit
     resume_to, argv = sys.argv[1], sys.argv[2:]
     for run in (argv, [*argv, f"trainer.num_steps={resume_to}"]):
         code = cli.main(run)

@@ -1,0 +1,108 @@
+"""Helpers for policies over Hugging Face token models (causal LMs and VLMs) that modalities share.
+
+Option checks and reference-mode resolution, LoRA wrapping, dropout removal, trainable-state extraction.
+transformers and peft are imported inside the functions that need them, so `import toolkit` stays light.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, get_args
+
+import torch
+from torch import Tensor, nn
+
+from toolkit.distributed import unwrap
+
+ReferenceMode = Literal["auto", "copy", "adapters_off", "none"]
+DTypeName = Literal["float32", "bfloat16", "auto"]
+TORCH_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def check_choice(name: str, value: str, choices: Any) -> None:
+    """ValueError naming `value` and the allowed ones unless `value` is one of the Literal `choices`."""
+    allowed = get_args(choices)
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not one of {list(allowed)}")
+
+
+def check_policy_options(
+    dtype: str, reference: str, temperature: float, top_p: float, micro_batch_size: int | None, is_lora: bool
+) -> ReferenceMode:
+    """Validate a token-model policy's shared options; returns the resolved reference mode.
+
+    "auto" resolves to "adapters_off" with LoRA and "copy" for full fine-tuning; "adapters_off" needs LoRA.
+    """
+    check_choice("dtype", dtype, DTypeName)
+    check_choice("reference", reference, ReferenceMode)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if micro_batch_size is not None and micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be >= 1 or None, got {micro_batch_size}")
+    if reference == "adapters_off" and not is_lora:
+        raise ValueError("reference='adapters_off' needs lora; use 'copy' or 'auto' for full fine-tuning")
+    if reference == "auto":
+        return "adapters_off" if is_lora else "copy"
+    mode: ReferenceMode = reference  # type: ignore[assignment]  # checked against ReferenceMode above
+    return mode
+
+
+def reference_log_probs(
+    mode: ReferenceMode, module: nn.Module, reference: Callable[[], nn.Module], score: Callable[[nn.Module], Tensor]
+) -> Tensor:
+    """`score` under the reference weights: `module` with its adapters off, or the module `reference()` gives."""
+    if mode == "none":
+        raise ValueError("this policy was built with reference='none'; set reference to 'auto' for a KL term")
+    if mode == "adapters_off":
+        with module.disable_adapter():  # type: ignore[operator]
+            return score(module)
+    return score(reference())
+
+
+def bf16_autocast(enabled: bool, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast when enabled and `device` is CUDA; a no-op otherwise."""
+    if enabled and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def zero_dropout(module: nn.Module) -> None:
+    """Set every dropout probability in `module` to 0 (so train-mode re-scoring equals sampling)."""
+    for sub in module.modules():
+        if isinstance(sub, nn.Dropout):
+            sub.p = 0.0
+        if isinstance(getattr(sub, "attention_dropout", None), float):
+            setattr(sub, "attention_dropout", 0.0)  # noqa: B010 (HF attention modules keep a float)
+
+
+def wrap_lora(base: Any, lora: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> nn.Module:
+    """`base` wrapped by peft with `LoraConfig(**defaults, **lora)`; task_type defaults to CAUSAL_LM."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(**{"task_type": "CAUSAL_LM", **dict(defaults or {}), **dict(lora)})
+    with warnings.catch_warnings():
+        # peft reads transformers' deprecated `is_gradient_checkpointing` alias; not actionable here.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        wrapped: nn.Module = get_peft_model(base, config)
+    return wrapped
+
+
+def trainable_state_dict(module: nn.Module, is_lora: bool) -> dict[str, Tensor]:
+    """The weights a trainer updates: the trainable (LoRA) parameters, else the full state dict.
+
+    Names carry no DDP wrapper's "module." prefix, as Trainer.load expects.
+    """
+    bare = unwrap(module)
+    if not is_lora:
+        return bare.state_dict()
+    return {name: p.detach() for name, p in bare.named_parameters() if p.requires_grad}
+
+
+def unwrap_model(module: nn.Module) -> nn.Module:
+    """The transformers model under a peft wrapper (the module itself otherwise)."""
+    get_base = getattr(module, "get_base_model", None)
+    return get_base() if callable(get_base) else module

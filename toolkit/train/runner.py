@@ -1,0 +1,207 @@
+"""From a resolved config to a finished run: validate, build, resume, loop, log, checkpoint.
+
+`RunSpec` lists the sections a run config may have; every object section is validated against
+its constructor before anything (a model above all) is built, so a typo fails in a second.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from toolkit.config import build_dataclass, dump_config, instantiate, validate
+from toolkit.distributed import all_reduce_sum
+from toolkit.evaluation import EvalConfig
+from toolkit.io.checkpoint import resolve_resume
+from toolkit.io.logging import MetricsLogger, ProgressBar, get_logger
+from toolkit.io.redaction import redact, register_secrets
+from toolkit.io.run_dir import RunDirError, RunDirLock, prepare_run_dir
+from toolkit.train.eval_hook import BestCheckpoint, evaluate_during_training, set_aside_stale_best
+from toolkit.train.interrupt import GracefulInterrupt
+from toolkit.train.trainer import Trainer
+from toolkit.train.trainer_config import TrainerConfig, check_group_size
+
+log = get_logger(__name__)
+
+
+@dataclass
+class RunSpec:
+    """The sections of a training config (`base:` is consumed by the loader)."""
+
+    policy: Any
+    sampler: Any
+    rewards: dict[str, Any]
+    normalizer: Any
+    objective: Any
+    data: Any
+    trainer: dict[str, Any] = field(default_factory=dict)
+    transforms: list[Any] = field(default_factory=list)
+    eval: dict[str, Any] = field(default_factory=dict)
+    critic: Any = None
+    description: str = ""
+
+
+def build_trainer(config: Mapping[str, Any]) -> Trainer:
+    """Validate every section, then build the objects and the Trainer."""
+    register_secrets(config)  # before any component logs: its keys are scrubbed from every log line
+    spec = build_dataclass(RunSpec, config)
+    trainer_cfg = build_dataclass(TrainerConfig, spec.trainer, where="trainer")
+    for name in ("policy", "sampler", "normalizer", "objective", "data"):
+        validate(getattr(spec, name), where=name)
+    for name, node in spec.rewards.items():
+        validate(node, where=f"rewards.{name}")
+    for i, node in enumerate(spec.transforms):
+        validate(node, where=f"transforms[{i}]")
+    if spec.critic is not None:
+        validate(spec.critic, where="critic")
+    eval_cfg = build_dataclass(EvalConfig, spec.eval, where="eval")
+    if trainer_cfg.eval_every > 0:
+        if eval_cfg.evaluator is None:
+            raise ValueError(
+                "trainer.eval_every > 0 needs an `eval.evaluator` hook (its report's metrics() are logged as eval/*)"
+            )
+        validate(eval_cfg.evaluator, where="eval.evaluator")
+        if eval_cfg.data is not None:
+            validate(eval_cfg.data, where="eval.data")
+    check_group_size(trainer_cfg.group_size, {"normalizer": spec.normalizer, "transforms": spec.transforms})
+    if trainer_cfg.num_threads is not None:
+        torch.set_num_threads(trainer_cfg.num_threads)
+    # The cheap objects first, so that their argument range errors come before any model is built.
+    normalizer = instantiate(spec.normalizer, where="normalizer")
+    objective = instantiate(spec.objective, where="objective")
+    trainer = Trainer(
+        policy=instantiate(spec.policy, where="policy"),
+        sampler=instantiate(spec.sampler, where="sampler"),
+        rewards={name: instantiate(node, where=f"rewards.{name}") for name, node in spec.rewards.items()},
+        normalizer=normalizer,
+        objective=objective,
+        data=instantiate(spec.data, where="data"),
+        transforms=[instantiate(node, where=f"transforms[{i}]") for i, node in enumerate(spec.transforms)],
+        config=trainer_cfg,
+        run_config=config,
+        critic=instantiate(spec.critic, where="critic") if spec.critic is not None else None,
+    )
+    if trainer_cfg.eval_every > 0:
+        trainer.evaluator = instantiate(eval_cfg.evaluator, where="eval.evaluator")
+        data_node = eval_cfg.data if eval_cfg.data is not None else spec.data
+        trainer.eval_data = instantiate(data_node, where="eval.data")
+    return trainer
+
+
+def fit(trainer: Trainer) -> Path | None:
+    """Run `trainer` to `num_steps` (resuming per `trainer.resume`); returns the last checkpoint.
+
+    The main process holds the run dir's lock for the whole run (a second trainer on it is refused).
+    SIGINT/SIGTERM finish the current step, save a checkpoint and return normally.
+    """
+    register_secrets(trainer.run_config)  # scrubbed from every log line from here on
+    lock = claim_run_dir(trainer)
+    try:
+        return _fit_locked(trainer)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def claim_run_dir(trainer: Trainer) -> RunDirLock | None:
+    """The main process locks and prepares the run dir; every rank raises when it could not (so none hangs)."""
+    cfg, main = trainer.config, trainer.accelerator.is_main_process
+    lock: RunDirLock | None = None
+    error: RunDirError | None = None
+    if main:
+        try:
+            lock = RunDirLock(trainer.run_dir).acquire()
+            moved = prepare_run_dir(trainer.run_dir, cfg.resume, cfg.overwrite)
+            if moved is not None:
+                log.warning("trainer.overwrite: moved the earlier run in %s to %s", trainer.run_dir, moved)
+        except RunDirError as raised:
+            error = raised
+            if lock is not None:
+                lock.release()
+    if all_reduce_sum(torch.tensor(float(error is not None))) > 0:
+        raise error or RunDirError(f"the main process could not claim run dir {trainer.run_dir}")
+    return lock
+
+
+def _fit_locked(trainer: Trainer) -> Path | None:
+    cfg = trainer.config
+    main = trainer.accelerator.is_main_process
+    resume_from = resolve_resume(cfg.resume, trainer.run_dir, quarantine=main)
+    if resume_from is not None:
+        trainer.load(resume_from)
+        log.info("resumed from %s at step %d", resume_from, trainer.global_step)
+    if main:
+        dump_config(redact(trainer.run_config), trainer.run_dir / "config.yaml")
+        if resume_from is None:
+            set_aside_stale_best(trainer.run_dir)
+    trainer.accelerator.wait_for_everyone()
+    last: Path | None = resume_from
+    saved_at = trainer.global_step if resume_from is not None else -1
+    best = BestCheckpoint(trainer.run_dir, cfg.eval_metric, cfg.eval_mode) if cfg.eval_metric else None
+    with (
+        MetricsLogger(
+            trainer.run_dir,
+            trackers=cfg.trackers,
+            accelerator=trainer.accelerator,
+            config=redact(trainer.run_config),
+            resume_step=trainer.global_step,
+            is_main_process=main,
+        ) as logger,
+        ProgressBar(cfg.num_steps, initial=trainer.global_step, enabled=cfg.progress and main) as bar,
+        GracefulInterrupt() as interrupt,
+    ):
+        while trainer.global_step < cfg.num_steps:
+            metrics, rollout = trainer.step()
+            step = trainer.global_step
+            if step % cfg.log_every == 0 or step == cfg.num_steps:
+                logger.log(step, metrics)
+                logger.log_samples(step, sample_rows(rollout, cfg.num_log_samples))
+            bar.update(step, metrics)
+            if cfg.eval_every and step % cfg.eval_every == 0:
+                evaluated = evaluate_during_training(trainer)
+                logger.log(step, {f"eval/{name}": value for name, value in evaluated.items()})
+                if best is not None and best.update(trainer, evaluated):
+                    log.info("step %d: best %s = %.6g (saved to %s)", step, best.metric, best.value, best.directory)
+            stop = stop_requested(interrupt.requested)
+            if (cfg.save_every and step % cfg.save_every == 0) or stop:
+                last, saved_at = trainer.save(), step
+            if stop:
+                log.warning("interrupted: saved step %d to %s; rerun the same command to resume", step, last)
+                return last
+    if saved_at != trainer.global_step:
+        last = trainer.save()
+    return last
+
+
+def stop_requested(local: bool) -> bool:
+    """True on every rank when a signal reached any rank (so all ranks save and stop together)."""
+    return bool(all_reduce_sum(torch.tensor(float(local))) > 0)
+
+
+def sample_rows(rollout: Any, count: int) -> list[dict[str, Any]]:
+    """A few (prompt, completion, reward, advantage) rows for the sample table."""
+    rows = []
+    for i in range(min(count, len(rollout))):
+        prompt = rollout.prompts[i] if rollout.prompts is not None else None
+        if isinstance(prompt, Mapping):
+            prompt = prompt.get("prompt")
+        completion = rollout.completions[i] if rollout.completions is not None else None
+        row: dict[str, Any] = {"prompt": _printable(prompt), "completion": _printable(completion)}
+        if rollout.scores is not None:
+            row["reward"] = float(rollout.scores[i])
+        if rollout.advantages is not None:
+            row["advantage"] = float(rollout.advantages[i].float().mean())
+        rows.append(row)
+    return rows
+
+
+def _printable(value: Any) -> Any:
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, (list, dict)):
+        return str(value)[:500]
+    return f"<{type(value).__name__}>"

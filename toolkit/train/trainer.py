@@ -1,0 +1,316 @@
+"""Trainer: one GRPO-family loop for every modality, read as named stages.
+
+step = sample → score → transform rewards → advantages → (reference) → update, where update is
+`num_inner_epochs` × minibatches × accumulation micro-batches of the PolicyObjective. Everything
+modality-specific lives behind Policy / Sampler / RewardModel; everything algorithm-specific in the
+normalizer, transforms and objective. Distributed: each rank samples whole groups for its slice of
+the prompts; batch statistics are gathered inside the normalizers; accelerate wraps the module.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import get_scheduler
+
+from rewards.base import RewardModel
+from toolkit import distributed as dist
+from toolkit.interfaces import AnalyticKLPolicy, DataSource, EntropyPolicy, Normalizer, Policy, RewardTransform, Sampler
+from toolkit.io.checkpoint import CheckpointManager, CheckpointState, capture_rng_state, restore_rng_state
+from toolkit.io.redaction import redact
+from toolkit.objective.policy_objective import ObjectiveOutput, PolicyObjective, loss_denominators
+from toolkit.rollout import Rollout
+from toolkit.train.critic import RETURNS_KEY, Critic, CriticUpdater
+from toolkit.train.filters import refill
+from toolkit.train.scoring import nanmean, score_rollout
+from toolkit.train.trainer_config import TrainerConfig
+
+
+class Trainer:
+    """Trains `policy` with `sampler` + `rewards` → `transforms` → `normalizer` → `objective`."""
+
+    def __init__(
+        self,
+        policy: Policy,
+        sampler: Sampler,
+        rewards: Mapping[str, RewardModel],
+        normalizer: Normalizer,
+        objective: PolicyObjective,
+        data: DataSource,
+        transforms: Sequence[RewardTransform] = (),
+        config: TrainerConfig | None = None,
+        run_config: Mapping[str, Any] | None = None,
+        critic: Critic | None = None,
+    ) -> None:
+        self.config = cfg = config or TrainerConfig()
+        if not rewards and not transforms:
+            raise ValueError("no reward models and no reward transforms configured: set `rewards:` in the config")
+        seed_everything(cfg.seed)
+        self.policy, self.sampler, self.rewards = policy, sampler, dict(rewards)
+        self.normalizer, self.objective, self.data, self.transforms = normalizer, objective, data, list(transforms)
+        self.run_config = dict(run_config or {})
+        self.run_dir = Path(cfg.run_dir)
+        self.accelerator: Any = dist.make_accelerator(cfg.mixed_precision, project_dir=str(self.run_dir))
+        # A transform declaring `needs_reference` (KL-in-reward) gets rollout.ref_logprobs before it runs.
+        self._transforms_need_reference = any(getattr(t, "needs_reference", False) for t in self.transforms)
+        needs_reference = objective.needs_reference or self._transforms_need_reference
+        if needs_reference and callable(getattr(policy, "init_reference", None)):
+            policy.init_reference()  # type: ignore[attr-defined]  # snapshot before any update or resume
+        params = [p for p in policy.module.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the policy has no trainable parameters (all requires_grad=False)")
+        optimizer = torch.optim.AdamW(
+            params, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay
+        )
+        updates = cfg.num_steps * cfg.num_inner_epochs * cfg.num_minibatches
+        self.scheduler = get_scheduler(cfg.lr_schedule, optimizer, cfg.warmup_steps, updates)
+        policy.module, self.optimizer = self.accelerator.prepare(policy.module, optimizer)
+        self.critic = (
+            CriticUpdater(critic, self.accelerator, cfg.critic_lr, cfg.weight_decay, cfg.max_grad_norm, cfg.value_clip)
+            if critic is not None
+            else None
+        )
+        self.generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + dist.rank())
+        self.global_step = 0
+        self.checkpoints = CheckpointManager(self.run_dir, keep_last=cfg.keep_last)
+        self._batches: Iterator[list[Any]] | None = None
+        # The `eval.evaluator` hook and its data for trainer.eval_every (set by toolkit.train.runner.build_trainer).
+        self.evaluator: Any = None
+        self.eval_data: Any = None
+
+    # ---------------------------------------------------------------- stages
+    def step(self) -> tuple[dict[str, float], Rollout]:
+        """One training step; returns its metrics and the scored rollout."""
+        start = time.perf_counter()
+        rollout = self.collect()
+        sampled = time.perf_counter()
+        if self.critic is not None:
+            rollout.values = self.critic.record_values(rollout)
+        rollout = self.compute_advantages(rollout)
+        # Reference log-probs were already taken before the transforms when one of them needs them.
+        reference_missing = not self._transforms_need_reference or rollout.ref_logprobs is None
+        if self.objective.needs_reference and reference_missing and not isinstance(self.policy, AnalyticKLPolicy):
+            rollout.ref_logprobs = self.reference_log_probs(rollout)
+        metrics = self.update(rollout)
+        self.global_step += 1
+        metrics.update(rollout.metrics)
+        metrics.update(rollout_metrics(rollout))
+        metrics["time/sample_s"] = sampled - start
+        metrics["time/step_s"] = time.perf_counter() - start
+        return metrics, rollout
+
+    def collect(self) -> Rollout:
+        """Sample, score and transform; with dynamic sampling, refill until no group is degenerate."""
+        if not self.config.drop_zero_variance_groups:
+            return self.sample_and_score()
+        num_groups = _shard_size(self.config.prompts_per_step)
+        rollout, metrics = refill(
+            self.sample_and_score,
+            num_groups,
+            self.config.max_sampling_rounds,
+            self.config.on_sampling_cap,
+            on=self.config.dynamic_sampling_on,
+        )
+        rollout.metrics.update(metrics)
+        return rollout
+
+    def sample_and_score(self) -> Rollout:
+        prompts = self.local_prompts()
+        self.policy.module.eval()
+        with torch.no_grad():
+            rollout = self.sampler.sample(self.policy, prompts, self.config.group_size, self.generator)
+        self.policy.module.train()
+        rollout = score_rollout(rollout, self.rewards, retries=self.config.reward_retries)
+        if self._transforms_need_reference:
+            rollout.ref_logprobs = self.reference_log_probs(rollout)
+        for transform in self.transforms:
+            rollout = transform(rollout)
+        if (
+            self.transforms and rollout.scores is not None
+        ):  # `reward/mean` is the score the normalizer sees, not the sum of the raw components
+            rollout.metrics["reward/mean"] = nanmean(rollout.scores)
+        return rollout
+
+    def compute_advantages(self, rollout: Rollout) -> Rollout:
+        out = self.normalizer(rollout)
+        if not torch.isfinite(out.values).all():
+            raise FloatingPointError(f"{type(self.normalizer).__name__} produced non-finite advantages")
+        rollout.advantages = out.values
+        if out.returns is not None:
+            rollout.data[RETURNS_KEY] = out.returns
+        rollout.metrics.update(out.metrics)
+        return rollout
+
+    def reference_log_probs(self, rollout: Rollout) -> torch.Tensor:
+        if not hasattr(self.policy, "ref_log_probs"):
+            raise ValueError(f"kl_coef > 0 but {type(self.policy).__name__} has no ref_log_probs()")
+        with torch.no_grad():
+            ref: torch.Tensor = self.policy.ref_log_probs(rollout).detach()
+        return ref
+
+    def update(self, rollout: Rollout) -> dict[str, float]:
+        """`num_inner_epochs` × `num_minibatches` optimizer steps over the rollout."""
+        cfg = self.config
+        totals: dict[str, list[float]] = {}
+        start = time.perf_counter()
+        # During the warm-up the actor is neither differentiated nor stepped (its lr schedule waits too); the critic
+        # and self-training reward models (the DiDi discriminator trains inside its reward call) keep learning.
+        train_actor = self.global_step >= cfg.critic_warmup_steps
+        for _ in range(cfg.num_inner_epochs):
+            for minibatch in rollout.minibatches(
+                cfg.num_minibatches, self.generator, cfg.shuffle_minibatches, cfg.keep_groups_in_minibatch
+            ):
+                # Global denominators, so token_mean is exact across accumulation and ranks.
+                tokens, seqs = loss_denominators(minibatch.mask)
+                num_tokens = float(dist.all_reduce_sum(tokens))
+                num_seqs = float(dist.all_reduce_sum(seqs))
+                for micro in minibatch.minibatches(cfg.gradient_accumulation_steps, shuffle=False):
+                    metrics: dict[str, float] = {}
+                    if train_actor:
+                        out = self.micro_loss(micro, num_tokens, num_seqs)
+                        # DDP averages gradients over ranks; the loss already divides by global counts.
+                        self.accelerator.backward(out.loss * dist.world_size())
+                        metrics.update(out.metrics)
+                    if self.critic is not None:
+                        metrics.update(self.critic.backward(micro, num_tokens, dist.world_size()))
+                    for key, value in metrics.items():
+                        totals.setdefault(key, []).append(value)
+                if train_actor:
+                    totals.setdefault("optim/grad_norm", []).append(self.optimizer_step())
+                if self.critic is not None:
+                    totals.setdefault("critic/grad_norm", []).append(self.critic.step())
+        metrics = {key: float(np.mean(values)) for key, values in totals.items()}
+        metrics["optim/lr"] = float(self.scheduler.get_last_lr()[0])
+        metrics["time/update_s"] = time.perf_counter() - start
+        return metrics
+
+    def micro_loss(self, micro: Rollout, num_tokens: float, num_seqs: float) -> ObjectiveOutput:
+        entropy = kl = None
+        if self.objective.entropy_coef > 0:
+            if not isinstance(self.policy, EntropyPolicy):
+                raise ValueError(f"entropy_coef > 0 but {type(self.policy).__name__} returns no entropy")
+            logprobs, entropy = self.policy.log_probs_and_entropy(micro)
+        else:
+            logprobs = self.policy.log_probs(micro)
+        if self.objective.kl_coef > 0 and isinstance(self.policy, AnalyticKLPolicy):
+            kl = self.policy.analytic_kl(micro)
+        assert micro.advantages is not None
+        return self.objective(
+            logprobs,
+            micro.old_logprobs,
+            micro.advantages,
+            micro.mask,
+            ref_logprobs=micro.ref_logprobs,
+            entropy=entropy,
+            kl=kl,
+            num_tokens=num_tokens,
+            num_seqs=num_seqs,
+        )
+
+    def optimizer_step(self) -> float:
+        grad_norm = math.nan
+        if self.config.max_grad_norm is not None:
+            norm = self.accelerator.clip_grad_norm_(self.policy.module.parameters(), self.config.max_grad_norm)
+            grad_norm = float(norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        hook = getattr(self.policy, "after_optimizer_step", None)
+        if callable(hook):
+            hook()  # e.g. an EMA update of the policy's weights
+        return grad_norm
+
+    def local_prompts(self) -> list[Any]:
+        """This rank's slice of the next prompt batch (every rank reads the same stream)."""
+        if self._batches is None:
+            self._batches = self.data.batches(self.config.prompts_per_step, self.generator)
+        batch = next(self._batches)
+        return batch[dist.rank() :: dist.world_size()]
+
+    # ---------------------------------------------------------------- state
+    def state(self) -> CheckpointState:
+        module = dist.unwrap(self.policy.module)
+        trainable = getattr(self.policy, "trainable_state_dict", None)
+        weights = trainable() if callable(trainable) else module.state_dict()
+        objects: dict[str, Any] = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "data": self.data.state_dict(),
+            "generator": self.generator.get_state(),
+        }
+        for name, part in self.stateful_parts():
+            if hasattr(part, "state_dict"):
+                objects[name] = part.state_dict()
+        meta = {"step": self.global_step, "config": redact(self.run_config)}
+        return CheckpointState(
+            step=self.global_step, model=dict(weights), objects=objects, rng=capture_rng_state(), meta=meta
+        )
+
+    def stateful_parts(self) -> list[tuple[str, Any]]:
+        """(name, object) pairs whose state_dict is checkpointed when they have one."""
+        parts: list[tuple[str, Any]] = [("normalizer", self.normalizer), ("critic", self.critic)]
+        # A policy or reward model may carry state beyond the trained weights (an EMA copy, a discriminator
+        # that trains itself with its own optimizer): checkpointed when it has state_dict/load_state_dict.
+        # nn.Module reward models (a frozen CLIP scorer) are skipped: their weights are not training state.
+        extra = [("policy_state", self.policy)] + [(f"reward/{name}", m) for name, m in self.rewards.items()]
+        parts += [(name, part) for name, part in extra if not isinstance(part, torch.nn.Module)]
+        return parts + [(f"transform{i}", t) for i, t in enumerate(self.transforms)]
+
+    def save(self) -> Path | None:
+        path = None
+        if self.accelerator.is_main_process:
+            path = self.checkpoints.save(self.state())
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def load(self, path: str | Path) -> None:
+        state = self.checkpoints.load(Path(path))
+        module = dist.unwrap(self.policy.module)
+        result = module.load_state_dict(state.model, strict=False)
+        if result.unexpected_keys:
+            raise ValueError(f"checkpoint {path} has weights the policy does not: {result.unexpected_keys[:5]}")
+        self.optimizer.load_state_dict(state.objects["optimizer"])
+        self.scheduler.load_state_dict(state.objects["scheduler"])
+        self.data.load_state_dict(state.objects["data"])
+        self.generator.set_state(state.objects["generator"])
+        for name, part in self.stateful_parts():
+            if name in state.objects and hasattr(part, "load_state_dict"):
+                part.load_state_dict(state.objects[name])
+        restore_rng_state(state.rng)
+        self.global_step = state.step
+        self._batches = None
+
+
+def rollout_metrics(rollout: Rollout) -> dict[str, float]:
+    """Length, truncation and advantage statistics of a processed rollout."""
+    metrics: dict[str, float] = {}
+    lengths = rollout.lengths if rollout.lengths is not None else rollout.mask.sum(dim=1)
+    metrics["rollout/length_mean"] = float(lengths.float().mean())
+    metrics["rollout/length_max"] = float(lengths.max())
+    if rollout.truncated is not None:
+        metrics["rollout/truncated_frac"] = float(rollout.truncated.float().mean())
+    if rollout.advantages is not None:
+        adv = rollout.advantages
+        metrics["advantage/mean"] = float(adv.float().mean())
+        metrics["advantage/std"] = float(adv.float().std()) if adv.numel() > 1 else 0.0
+        metrics["advantage/abs_max"] = float(adv.abs().max())
+    if rollout.scores is not None:
+        metrics["reward/score_mean"] = nanmean(rollout.scores)
+    return metrics
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _shard_size(num_prompts: int) -> int:
+    return len(range(dist.rank(), num_prompts, dist.world_size()))
