@@ -171,6 +171,27 @@ def test_prompt_templates_and_chat(tmp_path: Path) -> None:
         ReasoningDataset(str(tmp_path / "a.jsonl"), prompt_template="no slot")
 
 
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "configs" / "text_reasoning").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_every_reasoning_recipe_builds_its_data_with_its_own_template(tmp_path: Path, recipe: Path) -> None:
+    """The shipped templates ask for `\\boxed{}`: building the data must keep it (str.format raised here)."""
+    from toolkit.config import instantiate, load_config
+
+    (tmp_path / "a.jsonl").write_text(json.dumps({"problem": "1+{x}?", "answer": "2"}))
+    config = load_config(recipe)
+    for node in (config["data"], (config.get("eval") or {}).get("data")):
+        if node is None:
+            continue
+        data = instantiate({**node, "paths": {"a": str(tmp_path / "a.jsonl")}}, where="data")
+        prompt = data.records[0]["prompt"]
+        text = prompt[-1]["content"] if isinstance(prompt, list) else prompt
+        assert text.startswith("1+{x}?") and text.count("{") == text.count("}")
+        template = node.get("prompt_template", "{problem}")
+        assert text == template.replace("{problem}", "1+{x}?")
+
+
 # ------------------------------------------------------------------------------------------- renorm eval
 
 

@@ -71,9 +71,16 @@ def load_problems(
     return [normalize_problem(row, i, name, str(path)) for i, row in enumerate(rows)]
 
 
+PLACEHOLDER = "{problem}"
+
+
 def format_prompt(problem: str, template: str, system_prompt: str | None, chat: bool) -> str | list[dict[str, str]]:
-    """The prompt for one problem: `template.format(problem=...)`, as chat messages when `chat`."""
-    text = template.format(problem=problem)
+    """The prompt for one problem: `template` with each `{problem}` replaced, as chat messages when `chat`.
+
+    Only `{problem}` is a placeholder; every other brace is literal, so a template may ask for `\\boxed{}`
+    (`str.format` would raise on it).
+    """
+    text = template.replace(PLACEHOLDER, problem)
     if not chat:
         return text if system_prompt is None else f"{system_prompt}\n{text}"
     messages = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
@@ -85,7 +92,7 @@ class ReasoningDataset(PromptDataset):
 
     Args:
         paths: one file, a list of files (dataset = file stem), or {dataset name: file}.
-        prompt_template: `str.format` template with `{problem}`.
+        prompt_template: the prompt text with a `{problem}` placeholder; other braces are literal (`\\boxed{}`).
         system_prompt: a system message (chat) or a first line (plain text); None for none.
         chat: build chat messages (the sampler applies the tokenizer's chat template).
         max_problems: keep the first N problems of each file.
@@ -102,7 +109,7 @@ class ReasoningDataset(PromptDataset):
         shuffle: bool = True,
         seed: int = 0,
     ) -> None:
-        if "{problem}" not in prompt_template:
+        if PLACEHOLDER not in prompt_template:
             raise ValueError(f"prompt_template must contain '{{problem}}', got {prompt_template!r}")
         if max_problems is not None and max_problems < 1:
             raise ValueError(f"max_problems must be >= 1 or None, got {max_problems}")
