@@ -144,3 +144,15 @@ def test_a_full_disk_while_saving_names_the_checkpoint_and_keeps_the_old_ones(
     with pytest.raises(CheckpointError, match=r"could not write checkpoint .*step_00000002: No space left"):
         manager.save(CheckpointState(step=2, model={"w": torch.ones(2)}))
     assert manager.list() == [first] and not [p for p in manager.directory.iterdir() if p.name.startswith(".")]
+
+
+def test_eval_takes_a_run_dir_and_loads_its_newest_checkpoint(tmp_path: Path) -> None:
+    from toolkit.io.checkpoint import resolve_checkpoint
+
+    run_dir = tmp_path / "run"
+    fit(build_trainer(tiny_config(run_dir, "trainer.num_steps=2", "trainer.save_every=1")))
+    assert resolve_checkpoint(run_dir) == CheckpointManager(run_dir).path_for(2)
+    code, err = run_cli("eval", DEMO, *FAST, "+eval.num_prompts=1", "--checkpoint", run_dir)
+    assert code == 0, err
+    code, err = run_cli("eval", DEMO, *FAST, "+eval.num_prompts=1", "--checkpoint", tmp_path)
+    assert code == 2 and "neither a checkpoint" in err and "run directory" in err

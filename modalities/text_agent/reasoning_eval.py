@@ -17,9 +17,8 @@ from typing import Any
 import torch
 
 from rewards.base import RewardModel
-from toolkit.distributed import unwrap
 from toolkit.interfaces import Policy, Sampler
-from toolkit.io.checkpoint import load_checkpoint
+from toolkit.io.checkpoint import load_policy_weights
 from toolkit.train.scoring import score_rollout
 
 AVERAGE = "Avg"
@@ -275,8 +274,5 @@ class ReasoningEvaluator:
 
 
 def load_weights(policy: Policy, checkpoint: str) -> None:
-    """Load a renorm checkpoint directory's weights into the policy (strict about unknown names)."""
-    state = load_checkpoint(checkpoint)
-    loaded = unwrap(policy.module).load_state_dict(state.model, strict=False)
-    if loaded.unexpected_keys:
-        raise ValueError(f"checkpoint {checkpoint} has weights the policy does not: {loaded.unexpected_keys[:5]}")
+    """Load a renorm checkpoint (or a run directory's newest) into the policy (strict about unknown names)."""
+    load_policy_weights(policy.module, checkpoint)

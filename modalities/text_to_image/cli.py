@@ -8,7 +8,6 @@ The judge is an OpenAI-compatible endpoint given by --judge-url/--judge-model, e
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
 
@@ -52,17 +51,14 @@ def build_judge_client(args: argparse.Namespace, config: dict[str, Any]) -> Any:
 def build_policy_and_sampler(config: dict[str, Any], checkpoint: str | None) -> tuple[Any, Any]:
     """Policy and sampler of the config, with the checkpoint's weights loaded when given."""
     from toolkit.config import instantiate, validate
-    from toolkit.io.checkpoint import CheckpointManager
+    from toolkit.io.checkpoint import load_policy_weights
 
     for name in ("policy", "sampler"):
         validate(config.get(name), where=name)
     policy = instantiate(config["policy"], where="policy")
     sampler = instantiate(config["sampler"], where="sampler")
     if checkpoint is not None:
-        state = CheckpointManager(Path(checkpoint).parent.parent).load(Path(checkpoint))
-        loaded = policy.module.load_state_dict(state.model, strict=False)
-        if loaded.unexpected_keys:
-            raise ValueError(f"checkpoint {checkpoint} has weights the policy does not: {loaded.unexpected_keys[:5]}")
+        load_policy_weights(policy.module, checkpoint)
     return policy, sampler
 
 

@@ -67,7 +67,7 @@ class EvalResult:
 
 def evaluate(config: Mapping[str, Any], checkpoint: str | None = None, output: str | None = None) -> EvalReport:
     """Sample `num_samples` completions for `num_prompts` eval prompts and score them (or run `eval.evaluator`)."""
-    from toolkit.io.checkpoint import CheckpointManager
+    from toolkit.io.checkpoint import load_policy_weights
 
     eval_cfg = build_dataclass(EvalConfig, config.get("eval") or {}, where="eval")
     data_node = eval_cfg.data if eval_cfg.data is not None else config.get("data")
@@ -85,10 +85,7 @@ def evaluate(config: Mapping[str, Any], checkpoint: str | None = None, output: s
     rewards = {k: instantiate(v, where=f"rewards.{k}") for k, v in (config.get("rewards") or {}).items()}
     data = instantiate(data_node, where="eval.data")
     if checkpoint is not None:
-        state = CheckpointManager(Path(checkpoint).parent.parent).load(Path(checkpoint))
-        loaded = policy.module.load_state_dict(state.model, strict=False)
-        if loaded.unexpected_keys:
-            raise ValueError(f"checkpoint {checkpoint} has weights the policy does not: {loaded.unexpected_keys[:5]}")
+        checkpoint = str(load_policy_weights(policy.module, checkpoint))
     if eval_cfg.evaluator is not None:
         evaluator = instantiate(eval_cfg.evaluator, where="eval.evaluator")
         report: EvalReport = evaluator(

@@ -33,8 +33,9 @@ from typing import Any
 import numpy as np
 import safetensors.torch
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from toolkit.distributed import unwrap
 from toolkit.io.atomic import fsync_dir, fsync_file, write_text_synced
 
 COMPLETE = "COMPLETE"
@@ -416,12 +417,48 @@ def resolve_resume(resume: str, run_dir: str | Path, quarantine: bool = False) -
         hint = difflib.get_close_matches(resume, ["auto", "never"], n=1)
         extra = f"; did you mean '{hint[0]}'?" if hint else " ('auto' and 'never' are the other choices)"
         raise CheckpointError(f"resume checkpoint not found: {resume}{extra}")
+    return resolve_checkpoint(path)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory as given, or a run directory's newest checkpoint that verifies.
+
+    Raises:
+        CheckpointError: the path does not exist, is neither a checkpoint (`COMPLETE` inside) nor a run
+            directory (`checkpoints/` inside), or the run holds no complete checkpoint.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
     if (path / "checkpoints").is_dir() and not (path / COMPLETE).exists():
-        latest = CheckpointManager(path).latest()
+        latest = CheckpointManager(path).latest_verified()
         if latest is None:
-            raise CheckpointError(f"run directory {path} has no complete checkpoint to resume from")
+            raise CheckpointError(f"run directory {path} has no complete checkpoint")
         return latest
     if not path.is_dir():
-        raise CheckpointError(f"resume path is not a checkpoint directory: {path}")
+        raise CheckpointError(f"not a checkpoint directory: {path}")
+    if not (path / COMPLETE).exists() and not _STEP_DIR.match(path.name):
+        raise CheckpointError(
+            f"{path} is neither a checkpoint (checkpoints/step_*/ with a {COMPLETE} manifest) nor a run directory "
+            "(holding checkpoints/)"
+        )
     _read_manifest(path)
+    return path
+
+
+def load_policy_weights(module: nn.Module, checkpoint: str | Path) -> Path:
+    """Load a checkpoint's (or a run directory's newest verified checkpoint's) weights into `module`.
+
+    Names the checkpoint doesn't hold keep their values (a LoRA checkpoint holds adapters only); a name the
+    module lacks is an error. Returns the checkpoint directory that was loaded.
+
+    Raises:
+        CheckpointError: see `resolve_checkpoint` and `load_checkpoint`.
+        ValueError: the checkpoint holds weights the module does not have (another model's checkpoint).
+    """
+    path = resolve_checkpoint(checkpoint)
+    state = load_checkpoint(path)
+    loaded = unwrap(module).load_state_dict(state.model, strict=False)
+    if loaded.unexpected_keys:
+        raise ValueError(f"checkpoint {path} has weights the policy does not: {loaded.unexpected_keys[:5]}")
     return path
