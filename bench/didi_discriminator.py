@@ -42,7 +42,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-samples", type=int, default=512)
     p.add_argument("--tau", type=float, default=0.2, help="corruption time the reward is computed at")
     p.add_argument("--corruptions", type=int, default=4)
-    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "didi_discriminator"))
+    p.add_argument(
+        "--out", default=str(ROOT / "bench" / "results" / "didi_discriminator.md"),
+        help="the markdown report (the benchmark's one results file); raw rows: WORK_DIR/didi_discriminator.json",
+    )  # fmt: skip
     p.add_argument("--threads", type=int, default=1)
     return p.parse_args(argv)
 
@@ -109,7 +112,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
 
 def write(out: Path, rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
-    write_json_atomic(out.with_suffix(".json"), {"rows": rows, "settings": vars(args)}, sort_keys=True)
+    raw = Path(args.work_dir) / "didi_discriminator.json"
+    write_json_atomic(raw, {"rows": rows, "settings": vars(args)}, sort_keys=True)
     lines = [
         "# What the DiDi discriminators learned (bench/didi_discriminator.py)",
         "",
@@ -130,7 +134,8 @@ def write(out: Path, rows: list[dict[str, Any]], args: argparse.Namespace) -> No
         )
     command = " ".join([".venv/bin/python bench/didi_discriminator.py", *sys.argv[1:]])
     lines += ["", f"Reproduce: `{command}`."]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ differences (each seed samples every model with the same generator seed).
 at those sampling temperatures: a cooler sampler has a lower unigram entropy and a lower gen-PPL, so one gen-PPL
 says little without its entropy. With a sweep the student is also compared at equal entropy (the diversity-matched
 comparison, per seed, gen-PPL interpolated linearly in entropy along the sweep), and the gen-PPL-against-entropy
-curves are drawn to didi_seeds_<run>.png.
+curves are drawn next to the report (bench/results/didi_seeds.png). The report is bench/results/didi_seeds.md
+(`--out`); the raw rows go to the didi_nfe work dir (runs/didi_nfe/didi_seeds_<run>.json, not committed).
 
     .venv/bin/python bench/didi_seeds.py X11 --time-grid cosine      # ~7 min on 2 threads
     .venv/bin/python bench/didi_seeds.py X11 --time-grid cosine --teacher-temperatures 0.8 --student-temperatures 1.1
@@ -51,7 +52,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     p.add_argument("--num-samples", type=int, default=512)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    p.add_argument(
+        "--out", default=str(ROOT / "bench" / "results" / "didi_seeds.md"),
+        help="the markdown report (the benchmark's one results file); a sweep's plot gets the same stem, .png",
+    )  # fmt: skip
     p.add_argument("--from-json", help="no sampling: rebuild the summary, markdown and plot from this result JSON")
     p.add_argument(
         "--reuse", help="a result JSON at the same --num-samples: its teacher cells (and its student cells, if it is "
@@ -169,13 +173,19 @@ def reusable_rows(args: argparse.Namespace) -> dict[tuple[str, int, str, float, 
     return {(*cell_of(r), r["seed"]): r for r in old["rows"] if same_run or r["model"] == "teacher"}
 
 
-def write_result(out: Path, result: dict[str, Any]) -> None:
+def has_sweep(settings: dict[str, Any]) -> bool:
+    return bool(settings["teacher_temperatures"] or settings["student_temperatures"])
+
+
+def write_result(report: Path, result: dict[str, Any]) -> None:
+    """The markdown report (+ its plot, same stem, with a temperature sweep); the raw rows go to the work dir."""
     settings = result["settings"]
-    stem = f"didi_seeds_{settings['name'].lower()}"
-    write_json_atomic(out / f"{stem}.json", result, sort_keys=True)
-    write_markdown(out / f"{stem}.md", result)
-    if settings["teacher_temperatures"] or settings["student_temperatures"]:
-        plot_frontier(out / f"{stem}.png", result)
+    raw = Path(nfe_args([]).work_dir) / f"didi_seeds_{settings['name'].lower()}.json"
+    write_json_atomic(raw, result, sort_keys=True)
+    report.parent.mkdir(parents=True, exist_ok=True)
+    write_markdown(report, result)
+    if has_sweep(settings):
+        plot_frontier(report.with_suffix(".png"), result)
 
 
 def rebuild(path: Path, out: Path) -> dict[str, Any]:
@@ -274,6 +284,8 @@ def write_markdown(path: Path, result: dict[str, Any]) -> None:
             if st[f"{who}_temperatures"]
         ]  # fmt: skip
     )
+    if has_sweep(st):
+        lines += ["", f"![gen-PPL against entropy over sampling temperatures]({path.with_suffix('.png').name})"]
     lines += ["", f"Reproduce: `{command}`."]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 

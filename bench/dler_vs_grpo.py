@@ -6,6 +6,8 @@ L = 8 tokens, group-mean + batch-std advantages, clip-higher, dynamic sampling) 
 seed and number of optimizer steps. Both are evaluated on the 110 held-in problems (pass@1 over k samples,
 mean length) at the start and every `--eval-every` steps; curves are printed and plotted. Note: DLER's
 dynamic sampling generates up to 4 batches per step, so it sees more samples per step than GRPO.
+Writes bench/results/dler_vs_grpo.md (the table) and .png (accuracy against length, the key figure); the
+other plots and summary.json go next to the runs (runs/bench/dler_vs_grpo/, not committed).
 Run: `python bench/dler_vs_grpo.py [--steps 100]` (2–5 minutes on 2 shared CPU cores).
 """
 
@@ -26,8 +28,8 @@ os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = {"DLER": "tiny.yaml", "GRPO": "tiny_grpo.yaml"}
-OUT = ROOT / "bench" / "results" / "dler_vs_grpo"  # summary.json and the plots
-RUN_ROOT = ROOT / "runs" / "bench" / "dler_vs_grpo"  # run directories with checkpoints (git-ignored)
+REPORT = ROOT / "bench" / "results" / "dler_vs_grpo.md"  # the one results file (+ the key figure, same stem)
+RUN_ROOT = ROOT / "runs" / "bench" / "dler_vs_grpo"  # run directories, summary.json and the other plots (git-ignored)
 
 
 def train(name: str, config_file: str, args: argparse.Namespace) -> tuple[Path, float]:
@@ -116,6 +118,39 @@ def report(results: dict[str, dict[str, dict[str, dict[str, float]]]], runs: dic
     return "\n".join(lines)
 
 
+def write_report(
+    path: Path, results: dict[str, Any], text: str, args: argparse.Namespace, seconds: dict[str, float]
+) -> None:
+    """The markdown results file: the command, the eval table, the training-length curve and the key figure."""
+    names, labels = list(results), list(next(iter(results.values())))
+    command = "python bench/dler_vs_grpo.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items())
+    lines = [
+        "# DLER vs GRPO on the tiny arithmetic task (bench/dler_vs_grpo.py)",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Eval on the 110 held-in problems, {args.samples} samples each: pass@1 %, mean length (tokens), truncated %. "
+        f"Training wall-clock: {', '.join(f'{k} {v:.0f} s' for k, v in seconds.items())}.",
+        "",
+        "| step | " + " | ".join(f"{n} pass@1 | {n} length | {n} truncated" for n in names) + " |",
+        "|---|" + "---|---|---|" * len(names),
+    ]
+    for label in labels:
+        cells = [results[n][label]["Avg"] for n in names]
+        row = " | ".join(f"{c['accuracy']:.2f} | {c['length']:.2f} | {c['truncation']:.1f}" for c in cells)
+        lines.append(f"| {step_of(label)} | {row} |")
+    lines += [
+        "",
+        "```",
+        *text.splitlines()[-len(names) - 1 :],
+        "```",
+        "",
+        f"![accuracy against length]({path.with_suffix('.png').name})",
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=100)
@@ -141,15 +176,17 @@ def main() -> None:
     print(text)
     curves = [write_curves(name, per_run) for name, per_run in results.items()]
     plots = [
-        plot_compare(curves, metric, OUT / f"{metric.split('/')[1]}.png", labels=list(results))
+        plot_compare(curves, metric, RUN_ROOT / f"{metric.split('/')[1]}.png", labels=list(results))
         for metric in ("eval/accuracy", "eval/length")
     ]
-    plots.append(plot_compare(list(runs.values()), "rollout/length_mean", OUT / "train_length.png", labels=list(runs)))
+    train_plot = RUN_ROOT / "train_length.png"
+    plots.append(plot_compare(list(runs.values()), "rollout/length_mean", train_plot, labels=list(runs)))
     merged = {f"{name}@{step_of(label)}": per for name, per_run in results.items() for label, per in per_run.items()}
     series = {name: [f"{name}@{step_of(label)}" for label in per_run] for name, per_run in results.items()}
-    plots.append(plot_accuracy_vs_length(merged, OUT / "accuracy_vs_length.png", series=series))
+    plots.append(plot_accuracy_vs_length(merged, REPORT.with_suffix(".png"), series=series))
     summary = {"args": vars(args), "train_seconds": seconds, "eval": results, "report": text}
-    (OUT / "summary.json").write_text(json.dumps(summary, indent=2))
+    (RUN_ROOT / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_report(REPORT, results, text, args, seconds)
     print("plots: " + ", ".join(str(p.relative_to(ROOT)) for p in plots))
     print(
         f"total {time.perf_counter() - started:.0f} s (train: "
