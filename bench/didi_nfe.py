@@ -3,7 +3,8 @@
 Trains (or resumes) a tiny word-level DiT teacher on the shipped corpus, a tiny GPT-2 evaluator on the same
 corpus (dropout + weight decay, early-stopped on the held-out split), distils a student with
 `configs/diffusion_lm/tiny.yaml` through the generic Trainer, then writes the NFE table (gen-PPL under the
-evaluator, unigram entropy, wall-clock; student@8 also with RGAS) to bench/results/didi_nfe.{json,md}.
+evaluator, unigram entropy, wall-clock; student@8 also with RGAS) to bench/results/didi_nfe.md (`--out`), and the
+raw rows to the work dir (runs/didi_nfe/<name>.json, not committed). `--quick` writes both to the work dir.
 
     .venv/bin/python bench/didi_nfe.py            # ~10 min of CPU (1 thread)
     .venv/bin/python bench/didi_nfe.py --quick    # a 1-minute smoke run (numbers meaningless)
@@ -42,8 +43,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    p.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    p.add_argument("--name", default="didi_nfe", help="result file stem under --out")
+    p.add_argument(
+        "--out", default=None,
+        help="the markdown report (default bench/results/didi_nfe.md, the benchmark's one results file; with --quick: "
+        "WORK_DIR/NAME.md); the raw rows always go to WORK_DIR/NAME.json",
+    )  # fmt: skip
+    p.add_argument("--name", default="didi_nfe", help="run name: WORK_DIR/distil_NAME and the raw rows' file stem")
     p.add_argument("--work-dir", default=str(ROOT / "runs" / "didi_nfe"))
     p.add_argument("--length", type=int, default=32)
     p.add_argument("--teacher-steps", type=int, default=1000, help="resumes an existing teacher run")
@@ -175,7 +180,7 @@ def distil(args: argparse.Namespace, work: Path, teacher_ckpt: Path) -> tuple[Pa
     overrides = [
         f"trainer.run_dir={work / ('distil' if args.name == 'didi_nfe' else f'distil_{args.name}')}",
         f"trainer.num_steps={args.distill_steps}",
-        f"trainer.lr={args.distill_lr}",
+        f"optimizer.lr={args.distill_lr}",
         f"trainer.prompts_per_step={args.prompts_per_step}",
         "trainer.save_every=0",
         "trainer.resume=auto",  # a finished run in work-dir/distil is re-evaluated, not retrained
@@ -382,7 +387,7 @@ def write_markdown(path: Path, result: dict[str, Any]) -> None:
         "",
         f"Reproduce: `{st.get('command', '.venv/bin/python bench/didi_nfe.py')}` (total {st['total_seconds']:.0f} s "
         "here; raw rows in "
-        f"`{path.stem}.json`).",
+        f"`{st.get('raw_rows', path.stem + '.json')}`).",
     ]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
@@ -419,6 +424,21 @@ def evaluate_all(
     return rows, nocache_s
 
 
+def output_paths(args: argparse.Namespace) -> tuple[Path, Path]:
+    """(markdown report, raw-rows JSON): one committed results file per benchmark, experiment data in the work dir."""
+    work = Path(args.work_dir)
+    default = work / f"{args.name}.md" if args.quick else ROOT / "bench" / "results" / "didi_nfe.md"
+    return Path(args.out) if args.out else default, work / f"{args.name}.json"
+
+
+def display_path(path: Path) -> str:
+    """`path` relative to the repository when it lies inside it (report text stays machine-independent)."""
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.quick:
@@ -444,9 +464,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     passed = argv if argv is not None else sys.argv[1:]
     settings["command"] = " ".join([".venv/bin/python bench/didi_nfe.py", *passed])
     result = {"rows": rows, "summary": summarize(rows, nocache_s, data_ppl, args.time_grid), "settings": settings}
-    out = Path(args.out)
-    write_json_atomic(out / f"{args.name}.json", result, sort_keys=True)
-    write_markdown(out / f"{args.name}.md", result)
+    report, raw = output_paths(args)
+    settings["raw_rows"] = display_path(raw)
+    write_json_atomic(raw, result, sort_keys=True)
+    report.parent.mkdir(parents=True, exist_ok=True)
+    write_markdown(report, result)
     print(result["summary"])
     return result
 

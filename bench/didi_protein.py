@@ -3,7 +3,8 @@
 Trains a tiny DiT protein teacher on the shipped protein-like set, distils a student with
 `configs/diffusion_lm/protein_tiny.yaml` through the generic Trainer, samples both at several step counts and
 writes the CPU protein metrics (composition JS to the training set in bits, validity, length, diversity) and
-the sampling wall-clock to bench/results/didi_protein.{json,md}.
+the sampling wall-clock to bench/results/didi_protein.md (`--out`), and the raw rows to the work dir
+(runs/didi_protein/<name>.json, not committed). `--quick` writes both to the work dir.
 
     .venv/bin/python bench/didi_protein.py            # ~10-20 min of CPU on 2 shared cores
     .venv/bin/python bench/didi_protein.py --quick    # a 1-minute smoke run (numbers meaningless)
@@ -42,9 +43,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    p.add_argument(
+        "--out", default=None, help="the markdown report (default bench/results/didi_protein.md, the benchmark's one "
+        "results file; with --quick: WORK_DIR/NAME_quick.md); the raw rows always go to WORK_DIR/NAME.json",
+    )  # fmt: skip
     p.add_argument("--work-dir", default=str(ROOT / "runs" / "didi_protein"))
-    p.add_argument("--name", default="didi_protein", help="result file stem under --out and distillation run name")
+    p.add_argument("--name", default="didi_protein", help="distillation run name and the raw rows' file stem")
     p.add_argument("--length", type=int, default=48)
     p.add_argument("--teacher-steps", type=int, default=1000)
     p.add_argument("--distill-steps", type=int, default=100)
@@ -88,7 +92,7 @@ def distil(args: argparse.Namespace, work: Path, teacher_ckpt: Path) -> tuple[St
     overrides = [
         f"trainer.run_dir={run_dir}",
         f"trainer.num_steps={args.distill_steps}",
-        f"trainer.lr={args.distill_lr}",
+        f"optimizer.lr={args.distill_lr}",
         "trainer.save_every=0",
         "trainer.resume=never",
         f"data.seq_len={args.length}",
@@ -232,10 +236,12 @@ def main() -> None:
         "total_seconds": round(time.perf_counter() - start, 1),
     }
     result = {"rows": rows, "summary": summary, "settings": settings}
-    out = Path(args.out)
     name = f"{args.name}_quick" if args.quick else args.name
-    write_json_atomic(out / f"{name}.json", result, sort_keys=True)
-    write_markdown(out / f"{name}.md", result)
+    default = work / f"{name}.md" if args.quick else ROOT / "bench" / "results" / "didi_protein.md"
+    report = Path(args.out) if args.out else default
+    write_json_atomic(work / f"{name}.json", result, sort_keys=True)
+    report.parent.mkdir(parents=True, exist_ok=True)
+    write_markdown(report, result)
     print(summary)
 
 

@@ -113,10 +113,10 @@ def test_every_registered_subcommand_has_help() -> None:
 def test_console_script_is_installed() -> None:
     script = Path(sys.executable).with_name("renorm")
     done = subprocess.run(
-        [str(script), "config", str(CONFIG), "trainer.lr=0.25"], capture_output=True, text=True, timeout=60
+        [str(script), "config", str(CONFIG), "optimizer.lr=0.25"], capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0, done.stderr
-    assert yaml.safe_load(done.stdout)["trainer"]["lr"] == 0.25
+    assert yaml.safe_load(done.stdout)["optimizer"]["lr"] == 0.25
 
 
 def test_core_subcommands_do_not_import_torch_before_they_run() -> None:
@@ -181,8 +181,8 @@ def test_malformed_yaml_names_file_and_line(model_spy: list[dict[str, Any]]) -> 
 
 
 def test_unknown_key_names_it_and_the_closest_one(tmp_path: Path, model_spy: list[dict[str, Any]]) -> None:
-    result = run_cli("train", CONFIG, *FAST, f"trainer.run_dir={tmp_path}", "trainer.lrr=1")
-    assert_config_error(result, "trainer.lrr", "unknown key", "did you mean 'lr'")
+    result = run_cli("train", CONFIG, *FAST, f"trainer.run_dir={tmp_path}", "optimizer.lrr=1")
+    assert_config_error(result, "optimizer.lrr", "unknown key", "did you mean 'lr'")
     assert not model_spy and not tmp_path.joinpath("config.yaml").exists()
 
 
@@ -229,12 +229,12 @@ def test_resume_from_a_missing_checkpoint_is_an_error_not_a_traceback(tmp_path: 
 
 
 def test_config_prints_resolved_values() -> None:
-    result = run_cli("config", CONFIG, "trainer.lr=0.5", "+eval.num_prompts=3", "objective.clip_high=0.28")
+    result = run_cli("config", CONFIG, "optimizer.lr=0.5", "+eval.num_prompts=3", "objective.term.clip_high=0.28")
     assert result.code == 0, result.err
     printed = yaml.safe_load(result.out)
-    assert printed["trainer"]["lr"] == 0.5
+    assert printed["optimizer"]["lr"] == 0.5
     assert printed["eval"] == {"num_prompts": 3}
-    assert printed["objective"]["clip_high"] == 0.28
+    assert printed["objective"]["term"]["clip_high"] == 0.28
     assert printed["objective"]["_component_"] == "toolkit.objective.PolicyObjective"
     original = yaml.safe_load(CONFIG.read_text())
     assert printed["trainer"]["seed"] == original["trainer"]["seed"]  # untouched keys survive

@@ -31,7 +31,7 @@ from modalities.diffusion_lm.tiny import build_tiny_teacher
 from tests.contracts import PolicyContract
 from toolkit.advantages.group import GroupNormalizer, group_normalized_advantages
 from toolkit.interfaces import Policy, Sampler
-from toolkit.objective.policy_objective import PolicyObjective
+from toolkit.objective import ClipTerm, PolicyObjective
 
 ATOL = 1e-5
 
@@ -237,7 +237,7 @@ def test_loss_equals_hand_written_reinforce() -> None:
     rollout.scores = torch.randn(len(rollout), generator=torch.Generator().manual_seed(4))
     normalizer = TimeWeightedNormalizer(GroupNormalizer(std="unbiased", eps=1e-8, clip=3.0), weight="omega")
     advantages = normalizer(rollout).values
-    objective = PolicyObjective(aggregation="seq_mean_token_sum", clip_low=0.2, clip_high=0.2)
+    objective = PolicyObjective(aggregation="seq_mean_token_sum", term=ClipTerm(clip_low=0.2, clip_high=0.2))
     logprobs = policy.log_probs(rollout)
     loss = objective(logprobs, rollout.old_logprobs, advantages, rollout.mask).loss
     grads = torch.autograd.grad(loss, list(policy.module.parameters()), allow_unused=True)
@@ -301,6 +301,24 @@ def test_discriminator_reward_updates_then_scores() -> None:
     assert all(torch.equal(a, b) for a, b in zip(state, disc.parameters(), strict=True))
     with pytest.raises(ValueError, match="real_source"):
         DiscriminatorReward(disc, real_source="bogus")  # type: ignore[arg-type]
+
+
+def test_discriminator_reward_refuses_to_train_on_several_processes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its own AdamW outside accelerate would drift apart per rank: a world size of 2 fails before any update."""
+    import toolkit.distributed
+
+    disc = discriminator_from_teacher(_tiny_teacher(), num_trainable_blocks=1)
+    reward = DiscriminatorReward(disc, lr=1e-3, warmup_steps=0, total_steps=10)
+    samples = [{"tokens": [3] * 8, "tau": 0.5}, {"tokens": [4] * 8, "tau": 0.9}]
+    weights = [p.detach().clone() for p in disc.parameters()]
+    monkeypatch.setattr(toolkit.distributed, "world_size", lambda: 2)
+    with pytest.raises(RuntimeError, match=r"2 processes.*drift apart.*Run DiDi on one process"):
+        reward([None, None], samples, input_ids=[[1] * 8, [2] * 8])
+    assert reward.num_updates == 0 and all(torch.equal(a, b) for a, b in zip(weights, disc.parameters(), strict=True))
+    scores = DiscriminatorReward(disc, train=False)([None, None], samples).scores  # a fixed scorer is fine
+    assert scores.shape == (2,) and torch.isfinite(scores).all()
+    monkeypatch.setattr(toolkit.distributed, "world_size", lambda: 1)
+    assert reward([None, None], samples, input_ids=[[1] * 8, [2] * 8]).metrics["loss"] > 0 and reward.num_updates == 1
 
 
 # ------------------------------------------------------------------------------------------ RGAS

@@ -11,20 +11,22 @@ P5 and P8; the numbers below are hand-computed from those formulas.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from toolkit.config import ConfigError, instantiate, validate
 from toolkit.objective.kl import gaussian_mean_kl, kl_estimate, kl_k1, kl_k2, kl_k3
 from toolkit.objective.policy_objective import (
     PolicyObjective,
     aggregate_loss,
     loss_denominators,
-    ppo_clip_loss,
     value_loss,
 )
+from toolkit.objective.terms import CISPOTerm, ClipTerm, PolicyTerm, PolicyTermOutput, SAPOTerm, ppo_clip_loss
 
 ATOL = 1e-5
 FAST = settings(max_examples=25, deadline=None)
@@ -49,7 +51,7 @@ def _sigmoid(x: float) -> float:
 def test_pref_grpo_p5_clipped_loss(adv: float, expected: float, grad: float) -> None:
     """pref_grpo.md P5: ε = 1e-4, ρ = 1.001; A = 1.5 clipped (no gradient), A = −1.5 unclipped."""
     lp, old = _inputs([[1.001]])
-    obj = PolicyObjective(clip_low=1e-4, clip_high=1e-4, aggregation="token_mean")
+    obj = PolicyObjective(term=ClipTerm(clip_low=1e-4, clip_high=1e-4), aggregation="token_mean")
     out = obj(lp, old, torch.tensor([adv]), torch.ones(1, 1, dtype=torch.bool))
     assert out.loss.item() == pytest.approx(expected, abs=ATOL)
     out.loss.backward()
@@ -64,7 +66,7 @@ def test_pref_grpo_p8_loss_scale_over_accumulation() -> None:
     lp = (torch.randn(4, 14) * 0.1).requires_grad_(True)
     old = lp.detach() + torch.randn(4, 14) * 1e-4
     adv = torch.randn(4)
-    obj = PolicyObjective(clip_low=1e-4, clip_high=1e-4, aggregation="token_mean")
+    obj = PolicyObjective(term=ClipTerm(clip_low=1e-4, clip_high=1e-4), aggregation="token_mean")
     mask = torch.ones(1, 14, dtype=torch.bool)
     losses = [obj(lp[i : i + 1], old[i : i + 1], adv[i : i + 1], mask, num_tokens=56.0).loss for i in range(4)]
     total = torch.stack(losses).sum()
@@ -78,12 +80,13 @@ def test_medgrpo_clip_higher_token_mean() -> None:
     lp, old = _inputs([[1.25, 1.4, 0.7], [0.7, 1.0, 1.0]])
     mask = torch.tensor([[True, True, True], [True, False, False]])
     adv = torch.tensor([1.0, -1.0])
-    out = PolicyObjective(clip_low=0.2, clip_high=0.3, aggregation="token_mean")(lp, old, adv, mask)
+    out = PolicyObjective(term=ClipTerm(clip_low=0.2, clip_high=0.3), aggregation="token_mean")(lp, old, adv, mask)
     assert out.loss.item() == pytest.approx(-0.6125, abs=ATOL)
     assert out.metrics["policy/clip_frac"] == pytest.approx(0.5)
     assert out.metrics["policy/clip_frac_high"] == pytest.approx(0.25)
     assert out.metrics["policy/clip_frac_low"] == pytest.approx(0.25)
-    symmetric = PolicyObjective(clip_low=0.2, clip_high=0.2, aggregation="token_mean")(lp, old, adv, mask)
+    symmetric_objective = PolicyObjective(term=ClipTerm(clip_low=0.2, clip_high=0.2), aggregation="token_mean")
+    symmetric = symmetric_objective(lp, old, adv, mask)
     assert symmetric.loss.item() == pytest.approx(-0.575, abs=ATOL)  # 1.25 is clipped at 1.2 instead
 
 
@@ -91,7 +94,7 @@ def test_dler_bnpo_dual_clip_seq_mean_token_sum() -> None:
     """dler.md §4 / bnpo.md §8: ε 0.2/0.28, c = 10, seq-mean-token-sum; hand-computed loss (11.5 − 5.56)/2."""
     lp, old = _inputs([[12.0, 1.5, 1.0], [1.5, 0.5, 1.0]])
     mask = torch.tensor([[True, True, False], [True, True, True]])
-    obj = PolicyObjective(clip_low=0.2, clip_high=0.28, dual_clip=10.0, aggregation="seq_mean_token_sum")
+    obj = PolicyObjective(term=ClipTerm(clip_low=0.2, clip_high=0.28, dual_clip=10.0), aggregation="seq_mean_token_sum")
     out = obj(lp, old, torch.tensor([-1.0, 2.0]), mask)
     assert out.loss.item() == pytest.approx(2.97, abs=ATOL)
     assert out.metrics["policy/dual_clip_frac"] == pytest.approx(0.2)
@@ -101,7 +104,7 @@ def test_dler_bnpo_dual_clip_seq_mean_token_sum() -> None:
     assert lp.grad is not None
     expected = torch.tensor([[0.0, 0.75, 0.0], [0.0, -0.5, -1.0]])  # −A·ρ / 2 rows; clipped → 0
     torch.testing.assert_close(lp.grad, expected, atol=ATOL, rtol=0)
-    no_dual = PolicyObjective(clip_low=0.2, clip_high=0.28, aggregation="seq_mean_token_sum")(
+    no_dual = PolicyObjective(term=ClipTerm(clip_low=0.2, clip_high=0.28), aggregation="seq_mean_token_sum")(
         lp, old, torch.tensor([-1.0, 2.0]), mask
     )
     assert no_dual.loss.item() == pytest.approx((13.5 - 5.56) / 2, abs=ATOL)
@@ -214,7 +217,7 @@ def test_policy_objective_aggregation_toy(aggregation: str, scale: float | None)
 
 def test_toy_clip_term() -> None:
     lp, old = _inputs(TOY_RATIOS, TOY_LOGPROBS)
-    out = PolicyObjective(clip_low=0.2, clip_high=0.2)(lp, old, TOY_ADV, TOY_MASK)
+    out = PolicyObjective(term=ClipTerm(clip_low=0.2, clip_high=0.2))(lp, old, TOY_ADV, TOY_MASK)
     assert out.loss.item() == pytest.approx(-0.8 / 3, abs=ATOL)
     out.loss.backward()
     assert lp.grad is not None
@@ -224,20 +227,20 @@ def test_toy_clip_term() -> None:
 def test_toy_cispo_term() -> None:
     """CISPO: −sg(min(ρ, 1.28))·A·logπ, no lower bound: (1.28 + 1.0 − 0.45)/3."""
     lp, old = _inputs(TOY_RATIOS, TOY_LOGPROBS)
-    out = PolicyObjective(policy_term="cispo", cispo_eps_high=0.28)(lp, old, TOY_ADV, TOY_MASK)
+    out = PolicyObjective(term=CISPOTerm(clip_high=0.28))(lp, old, TOY_ADV, TOY_MASK)
     assert out.loss.item() == pytest.approx(1.83 / 3, abs=ATOL)
     assert out.metrics["policy/clip_frac_high"] == pytest.approx(1 / 3)
     out.loss.backward()
     assert lp.grad is not None
     torch.testing.assert_close(lp.grad, torch.tensor([[-1.28, -0.5, 0.0], [0.9, 0.0, 0.0]]) / 3, atol=ATOL, rtol=0)
-    low = PolicyObjective(policy_term="cispo", cispo_eps_low=0.2, cispo_eps_high=0.28)(lp, old, TOY_ADV, TOY_MASK)
+    low = PolicyObjective(term=CISPOTerm(clip_low=0.2, clip_high=0.28))(lp, old, TOY_ADV, TOY_MASK)
     assert low.loss.item() == pytest.approx((1.28 + 1.6 - 0.45) / 3, abs=ATOL)  # 0.5 → 0.8
 
 
 def test_toy_sapo_term() -> None:
     """SAPO: −(4/τ)σ(τ(ρ − 1))·A, τ = 1 (A > 0) / 1.05 (A < 0); gradient −A·4σ(1 − σ)·ρ."""
     lp, old = _inputs(TOY_RATIOS, TOY_LOGPROBS)
-    out = PolicyObjective(policy_term="sapo", sapo_tau_pos=1.0, sapo_tau_neg=1.05)(lp, old, TOY_ADV, TOY_MASK)
+    out = PolicyObjective(term=SAPOTerm(tau_pos=1.0, tau_neg=1.05))(lp, old, TOY_ADV, TOY_MASK)
     cells = [(1.5, 1.0, 1.0), (0.5, 1.0, 1.0), (0.9, -1.0, 1.05)]
     losses = [-(4 / tau) * _sigmoid(tau * (r - 1)) * a for r, a, tau in cells]
     grads = [-a * 4 * _sigmoid(tau * (r - 1)) * (1 - _sigmoid(tau * (r - 1))) * r / 3 for r, a, tau in cells]
@@ -268,9 +271,12 @@ def batches(draw: st.DrawFn, max_n: int = 5, max_t: int = 6) -> tuple[torch.Tens
 
 objectives = st.builds(
     PolicyObjective,
-    clip_low=st.sampled_from([0.1, 0.2]),
-    clip_high=st.sampled_from([0.2, 0.28]),
-    dual_clip=st.sampled_from([None, 3.0]),
+    term=st.builds(
+        ClipTerm,
+        clip_low=st.sampled_from([0.1, 0.2]),
+        clip_high=st.sampled_from([0.2, 0.28]),
+        dual_clip=st.sampled_from([None, 3.0]),
+    ),
     ratio_level=st.sampled_from(["token", "sequence"]),
     aggregation=st.sampled_from(["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"]),
     norm_length=st.just(6.0),
@@ -294,7 +300,7 @@ def test_on_policy_clip_is_inactive(batch: tuple[torch.Tensor, ...], obj: Policy
 @given(batches(), objectives, st.sampled_from(["clip", "cispo", "sapo"]))
 def test_masked_steps_get_zero_gradient(batch: tuple[torch.Tensor, ...], obj: PolicyObjective, term: str) -> None:
     lp, old, adv, mask = batch
-    obj.policy_term = term  # type: ignore[assignment]
+    obj.term = {"clip": obj.term, "cispo": CISPOTerm(), "sapo": SAPOTerm()}[term]
     obj.kl_coef, obj.entropy_coef = 0.1, 0.01
     garbage = torch.where(mask, lp, torch.full_like(lp, float("nan"))).requires_grad_(True)
     ref = torch.where(mask, old, torch.full_like(lp, float("-inf")))
@@ -345,7 +351,7 @@ def test_gspo_with_one_step_equals_token_ppo(batch: tuple[torch.Tensor, ...], du
     results = []
     for level in ("token", "sequence"):
         x = lp.clone().requires_grad_(True)
-        out = PolicyObjective(clip_high=0.28, dual_clip=dual, ratio_level=level)(x, old, adv, mask)
+        out = PolicyObjective(term=ClipTerm(clip_high=0.28, dual_clip=dual), ratio_level=level)(x, old, adv, mask)
         out.loss.backward()
         assert x.grad is not None
         results.append((out.loss.item(), x.grad))
@@ -360,9 +366,9 @@ def test_gspo_matches_sequence_objective(batch: tuple[torch.Tensor, ...]) -> Non
     lp, old, _, mask = batch
     adv = torch.randn(lp.shape[0])
     x = lp.clone().requires_grad_(True)
-    out = PolicyObjective(clip_low=3e-4, clip_high=4e-4, ratio_level="sequence", aggregation="seq_mean_token_mean")(
-        x, old, adv, mask
-    )
+    out = PolicyObjective(
+        term=ClipTerm(clip_low=3e-4, clip_high=4e-4), ratio_level="sequence", aggregation="seq_mean_token_mean"
+    )(x, old, adv, mask)
     out.loss.backward()
     y = lp.clone().requires_grad_(True)
     count = mask.sum(-1)
@@ -427,7 +433,7 @@ def test_bf16_inputs_are_computed_in_float32() -> None:
     lp = lp32.bfloat16().requires_grad_(True)
     old = (lp32 + 0.05 * torch.randn(3, 4)).bfloat16()
     mask = torch.rand(3, 4) < 0.7
-    obj = PolicyObjective(clip_high=0.28, kl_coef=0.05, kl_estimator="k3")
+    obj = PolicyObjective(term=ClipTerm(clip_high=0.28), kl_coef=0.05, kl_estimator="k3")
     ref = (lp32 - 0.1).bfloat16()
     out = obj(lp, old, torch.randn(3).bfloat16(), mask, ref_logprobs=ref)
     assert out.loss.dtype == torch.float32
@@ -443,7 +449,7 @@ def test_bf16_matches_float32_of_the_same_values() -> None:
     old = (lp.float() + 0.05 * torch.randn(3, 4)).bfloat16()
     adv = torch.randn(3).bfloat16()
     mask = torch.rand(3, 4) < 0.7
-    obj = PolicyObjective(clip_high=0.28)
+    obj = PolicyObjective(term=ClipTerm(clip_high=0.28))
     assert obj(lp, old, adv, mask).loss.item() == pytest.approx(
         obj(lp.float(), old.float(), adv.float(), mask).loss.item(), abs=1e-6
     )
@@ -478,7 +484,7 @@ def test_approx_kl_metric_is_k3_of_old_vs_new() -> None:
 
 def test_log_ratio_is_clamped() -> None:
     lp = torch.tensor([[0.0]], requires_grad=True)
-    out = PolicyObjective(log_ratio_clamp=20.0, clip_high=1e9)(
+    out = PolicyObjective(log_ratio_clamp=20.0, term=ClipTerm(clip_high=1e9))(
         lp, torch.tensor([[-100.0]]), torch.tensor([1.0]), torch.ones(1, 1, dtype=torch.bool)
     )
     assert out.loss.item() == pytest.approx(-math.exp(20.0), rel=1e-5)
@@ -524,27 +530,62 @@ def test_missing_inputs_and_bad_numbers_raise() -> None:
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "field"),
+    ("cls", "kwargs", "field"),
     [
-        ({"clip_low": 1.0}, "clip_low"),
-        ({"clip_high": -0.1}, "clip_high"),
-        ({"dual_clip": 1.0}, "dual_clip"),
-        ({"policy_term": "ppo"}, "policy_term"),
-        ({"ratio_level": "seq"}, "ratio_level"),
-        ({"kl_estimator": "k4"}, "kl_estimator"),
-        ({"kl_coef": -1.0}, "kl_coef"),
-        ({"entropy_coef": float("nan")}, "entropy_coef"),
-        ({"aggregation": "token-mean"}, "aggregation"),
-        ({"aggregation": "seq_mean_token_sum_norm"}, "norm_length"),
-        ({"norm_length": 0.0}, "norm_length"),
-        ({"cispo_eps_high": -1.0}, "cispo_eps_high"),
-        ({"sapo_tau_neg": 0.0}, "sapo_tau_neg"),
-        ({"log_ratio_clamp": 0.0}, "log_ratio_clamp"),
+        (ClipTerm, {"clip_low": 1.0}, "clip_low"),
+        (ClipTerm, {"clip_high": -0.1}, "clip_high"),
+        (ClipTerm, {"dual_clip": 1.0}, "dual_clip"),
+        (PolicyObjective, {"term": "ppo"}, "term"),
+        (PolicyObjective, {"ratio_level": "seq"}, "ratio_level"),
+        (PolicyObjective, {"kl_estimator": "k4"}, "kl_estimator"),
+        (PolicyObjective, {"kl_coef": -1.0}, "kl_coef"),
+        (PolicyObjective, {"entropy_coef": float("nan")}, "entropy_coef"),
+        (PolicyObjective, {"aggregation": "token-mean"}, "aggregation"),
+        (PolicyObjective, {"aggregation": "seq_mean_token_sum_norm"}, "norm_length"),
+        (PolicyObjective, {"norm_length": 0.0}, "norm_length"),
+        (CISPOTerm, {"clip_high": -1.0}, "clip_high"),
+        (CISPOTerm, {"clip_low": -0.1}, "clip_low"),
+        (SAPOTerm, {"tau_neg": 0.0}, "tau_neg"),
+        (PolicyObjective, {"log_ratio_clamp": 0.0}, "log_ratio_clamp"),
     ],
 )
-def test_config_validation_names_the_field(kwargs: dict[str, object], field: str) -> None:
+def test_config_validation_names_the_field(cls: Any, kwargs: dict[str, object], field: str) -> None:
     with pytest.raises(ValueError, match=field):
-        PolicyObjective(**kwargs)  # type: ignore[arg-type]
+        cls(**kwargs)
+
+
+def test_terms_are_components_a_new_term_needs_no_dispatcher() -> None:
+    """Any PolicyTerm subclass plugs in; the default term is PPO clip 0.2/0.2."""
+
+    class Reinforce(PolicyTerm):
+        def __call__(self, ratio: torch.Tensor, logprobs: torch.Tensor, advantages: torch.Tensor) -> PolicyTermOutput:
+            none = torch.zeros_like(advantages, dtype=torch.bool)
+            return PolicyTermOutput(-advantages * logprobs, none, none, none)
+
+    lp, old = _inputs(TOY_RATIOS, TOY_LOGPROBS)
+    out = PolicyObjective(term=Reinforce())(lp, old, TOY_ADV, TOY_MASK)
+    assert out.loss.item() == pytest.approx(float(-(TOY_ADV[:, None] * lp.detach())[TOY_MASK].sum() / 3), abs=ATOL)
+    default = PolicyObjective().term
+    assert isinstance(default, ClipTerm)
+    assert (default.clip_low, default.clip_high, default.dual_clip) == (0.2, 0.2, None)
+    assert repr(ClipTerm(clip_high=0.28)) == "ClipTerm(clip_low=0.2, clip_high=0.28, dual_clip=None)"
+    with pytest.raises(ValueError, match="is not a PolicyTerm"):
+        PolicyObjective(term={"clip_low": 0.2})  # type: ignore[arg-type]
+
+
+def test_objective_and_terms_build_from_yaml_nodes() -> None:
+    """`term:` is a `_component_` node exported from `toolkit.objective`; a string term fails at validation."""
+    node = {
+        "_component_": "toolkit.objective.PolicyObjective",
+        "term": {"_component_": "toolkit.objective.CISPOTerm", "clip_low": None, "clip_high": 0.28},
+        "aggregation": "token_mean",
+    }
+    objective = instantiate(node, "objective")
+    assert isinstance(objective.term, CISPOTerm) and objective.term.clip_high == 0.28
+    with pytest.raises(ConfigError, match=r"objective\.term: expected PolicyTerm"):
+        validate({**node, "term": "cispo"}, "objective")
+    with pytest.raises(ConfigError, match=r"objective\.term\.clip_hihg: unknown key.*did you mean 'clip_high'"):
+        validate({**node, "term": {"_component_": "toolkit.objective.ClipTerm", "clip_hihg": 0.3}}, "objective")
 
 
 def test_error_lists_allowed_values() -> None:

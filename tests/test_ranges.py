@@ -24,8 +24,9 @@ from toolkit.advantages.history import PromptHistoryNormalizer
 from toolkit.advantages.multi_reward import MultiRewardNormalizer
 from toolkit.advantages.turn import TurnGroupNormalizer
 from toolkit.config import ConfigError, build_dataclass, load_config
-from toolkit.objective.policy_objective import PolicyObjective
+from toolkit.objective import CISPOTerm, ClipTerm, PolicyObjective, SAPOTerm
 from toolkit.train.runner import RunSpec, build_trainer
+from toolkit.train.schedules import Scheduler, check_optimizer
 from toolkit.train.trainer_config import TrainerConfig, check_group_size, groups_needed_by
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,26 +48,15 @@ AT_LEAST_ONE = [
     "keep_last",
     "log_every",
 ]
-AT_LEAST_ZERO = ["warmup_steps", "save_every", "reward_retries", "num_log_samples", "critic_warmup_steps", "eval_every"]
+AT_LEAST_ZERO = ["save_every", "reward_retries", "num_log_samples", "critic_warmup_steps", "eval_every"]
 
 BAD_TRAINER_VALUES: list[tuple[str, Any, str]] = [
     *[(name, 0, ">= 1") for name in AT_LEAST_ONE],
     *[(name, -1, ">= 1") for name in AT_LEAST_ONE],
     *[(name, -1, ">= 0") for name in AT_LEAST_ZERO],
     ("num_threads", 0, ">= 1 (or null)"),
-    ("lr", 0.0, "> 0"),
-    ("lr", -1e-6, "> 0"),
-    ("lr", math.nan, "> 0"),
-    ("lr", math.inf, "> 0"),
     ("critic_lr", 0.0, "> 0"),
     ("critic_lr", -1e-5, "> 0"),
-    ("weight_decay", -0.01, ">= 0"),
-    ("weight_decay", math.nan, ">= 0"),
-    ("adam_betas", (0.9, 1.0), "in [0, 1)"),
-    ("adam_betas", (-0.1, 0.999), "in [0, 1)"),
-    ("adam_betas", (0.9,), "two numbers"),
-    ("adam_eps", 0.0, "> 0"),
-    ("adam_eps", -1e-8, "> 0"),
     ("max_grad_norm", -1.0, "> 0 (or null to disable clipping)"),
     ("max_grad_norm", 0.0, "> 0 (or null to disable clipping)"),
     ("max_grad_norm", math.nan, "> 0 (or null to disable clipping)"),
@@ -89,11 +79,9 @@ def test_trainer_field_out_of_range_is_rejected(name: str, value: Any, allowed: 
     [
         {"max_grad_norm": None, "value_clip": None},
         {"max_grad_norm": 1e-12, "value_clip": 1e-12},
-        {"adam_betas": (0.0, 0.0), "adam_eps": 1e-30, "weight_decay": 0.0},
-        {"adam_betas": (0.999999, 0.5)},
-        {"lr": 1e-12, "critic_lr": 1e-12},
+        {"critic_lr": 1e-12},
         {"group_size": 1, "prompts_per_step": 1},
-        {"warmup_steps": 0, "save_every": 0, "eval_every": 0, "reward_retries": 0, "num_log_samples": 0},
+        {"save_every": 0, "eval_every": 0, "reward_retries": 0, "num_log_samples": 0},
         {"critic_warmup_steps": 0, "num_threads": None},
         {"num_steps": 1, "num_inner_epochs": 1, "keep_last": 1, "log_every": 1, "max_sampling_rounds": 1},
         # num_minibatches × gradient_accumulation_steps may use every sample of the step
@@ -130,6 +118,46 @@ def test_negative_max_grad_norm_is_rejected_from_the_yaml_path() -> None:
     assert "command-line override 'trainer.max_grad_norm=-1'" in message  # where it was set
 
 
+# ---------------------------------------------------------------------------------------------- optimizer
+
+BAD_OPTIMIZER_VALUES: list[tuple[str, Any, str]] = [
+    ("lr", 0.0, "> 0"),
+    ("lr", -1e-6, "> 0"),
+    ("lr", math.nan, "> 0"),
+    ("lr", math.inf, "> 0"),
+    ("weight_decay", -0.01, ">= 0"),
+    ("weight_decay", math.nan, ">= 0"),
+    ("betas", [0.9, 1.0], "in [0, 1)"),
+    ("betas", [-0.1, 0.999], "in [0, 1)"),
+    ("betas", [0.9], "two numbers"),
+    ("eps", 0.0, "> 0"),
+    ("eps", -1e-8, "> 0"),
+]
+
+
+@pytest.mark.parametrize(("name", "value", "allowed"), BAD_OPTIMIZER_VALUES, ids=lambda x: str(x))
+def test_optimizer_argument_out_of_range_is_rejected(name: str, value: Any, allowed: str) -> None:
+    with pytest.raises(ValueError) as raised:
+        check_optimizer({"_component_": "torch.optim.AdamW", name: value})
+    message = str(raised.value)
+    assert f"optimizer.{name}: must be" in message and allowed in message, message
+    assert f"got {value!r}" in message, message
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        {"betas": [0.0, 0.0], "eps": 1e-30, "weight_decay": 0.0},
+        {"betas": (0.999999, 0.5)},
+        {"lr": 1e-12},
+        {},
+    ],
+    ids=lambda arguments: ",".join(arguments) or "none",
+)
+def test_optimizer_edge_values_are_accepted(arguments: dict[str, Any]) -> None:
+    check_optimizer({"_component_": "torch.optim.AdamW", **arguments})
+
+
 # ---------------------------------------------------------------------------------------------- constructors
 
 BAD_ARGUMENTS: list[tuple[Any, dict[str, Any], str]] = [
@@ -154,19 +182,22 @@ BAD_ARGUMENTS: list[tuple[Any, dict[str, Any], str]] = [
     (BetaNormalizer, {"r_min": 1.0, "r_max": 1.0}, "max > min"),
     (BetaNormalizer, {"r_max": math.inf}, "max > min"),
     (BetaNormalizer, {"clip": 0.0}, "clip=0.0"),
-    (PolicyObjective, {"clip_low": -0.1}, "clip_low=-0.1 must be a finite number >= 0.0 and < 1.0"),
-    (PolicyObjective, {"clip_low": 1.0}, "clip_low=1.0"),
-    (PolicyObjective, {"clip_high": -0.2}, "clip_high=-0.2 must be a finite number >= 0.0"),
-    (PolicyObjective, {"dual_clip": 1.0}, "dual_clip=1.0 must be a finite number > 1.0"),
+    (ClipTerm, {"clip_low": -0.1}, "clip_low=-0.1 must be a finite number >= 0.0 and < 1.0"),
+    (ClipTerm, {"clip_low": 1.0}, "clip_low=1.0"),
+    (ClipTerm, {"clip_high": -0.2}, "clip_high=-0.2 must be a finite number >= 0.0"),
+    (ClipTerm, {"dual_clip": 1.0}, "dual_clip=1.0 must be a finite number > 1.0"),
     (PolicyObjective, {"kl_coef": -0.01}, "kl_coef=-0.01 must be a finite number >= 0.0"),
     (PolicyObjective, {"kl_coef": math.nan}, "kl_coef=nan"),
     (PolicyObjective, {"entropy_coef": -0.01}, "entropy_coef=-0.01 must be a finite number >= 0.0"),
     (PolicyObjective, {"norm_length": 0.0}, "norm_length=0.0 must be a finite number > 0.0"),
-    (PolicyObjective, {"cispo_eps_low": -0.1}, "cispo_eps_low=-0.1"),
-    (PolicyObjective, {"cispo_eps_high": -0.1}, "cispo_eps_high=-0.1"),
-    (PolicyObjective, {"sapo_tau_pos": 0.0}, "sapo_tau_pos=0.0 must be a finite number > 0.0"),
-    (PolicyObjective, {"sapo_tau_neg": -1.0}, "sapo_tau_neg=-1.0"),
+    (CISPOTerm, {"clip_low": -0.1}, "clip_low=-0.1"),
+    (CISPOTerm, {"clip_high": -0.1}, "clip_high=-0.1"),
+    (SAPOTerm, {"tau_pos": 0.0}, "tau_pos=0.0 must be a finite number > 0.0"),
+    (SAPOTerm, {"tau_neg": -1.0}, "tau_neg=-1.0"),
     (PolicyObjective, {"log_ratio_clamp": 0.0}, "log_ratio_clamp=0.0"),
+    (Scheduler, {"warmup_steps": -1}, "scheduler.warmup_steps must be an int >= 0, got -1"),
+    (Scheduler, {"name": "constant", "warmup_steps": 5}, "use name='constant_with_warmup'"),
+    (Scheduler, {"name": "cosine_with_restarts"}, "scheduler.name must be one of"),
 ]
 
 
@@ -190,8 +221,12 @@ def test_constructor_argument_out_of_range_is_rejected(cls: Any, kwargs: dict[st
         (PromptHistoryNormalizer, {"max_history": 1, "reset_every": None}),
         (BetaNormalizer, {"ab_min": 1e-3, "w_max": 1e-3, "var_floor": 0.0, "r_min": -1.0, "r_max": 1.0}),
         (TurnGroupNormalizer, {"eps": 0.0}),
-        (PolicyObjective, {"clip_low": 0.0, "clip_high": 0.0, "kl_coef": 0.0, "entropy_coef": 0.0}),
-        (PolicyObjective, {"clip_low": 0.999, "dual_clip": 1.0001, "log_ratio_clamp": None, "cispo_eps_low": 0.0}),
+        (ClipTerm, {"clip_low": 0.0, "clip_high": 0.0}),
+        (PolicyObjective, {"kl_coef": 0.0, "entropy_coef": 0.0, "log_ratio_clamp": None}),
+        (ClipTerm, {"clip_low": 0.999, "dual_clip": 1.0001}),
+        (CISPOTerm, {"clip_low": 0.0}),
+        (Scheduler, {"name": "constant_with_warmup", "warmup_steps": 5}),
+        (Scheduler, {"name": "cosine", "warmup_steps": 0}),
     ],
     ids=lambda x: x.__name__ if isinstance(x, type) else ",".join(x),
 )
@@ -272,7 +307,7 @@ def test_group_size_one_with_a_group_normalizer_fails_before_any_model(model_bui
         build_trainer(config)
     message = str(raised.value)
     assert "trainer.group_size: must be >= 2" in message and "got trainer.group_size=1" in message
-    assert "normalizer toolkit.advantages.GroupNormalizer (set at configs/demo/tiny_grpo.yaml:37)" in message
+    assert "normalizer toolkit.advantages.GroupNormalizer (set at configs/demo/tiny_grpo.yaml:44)" in message
     assert model_builds == [], "the check must run before the policy's model is built"
     assert time.perf_counter() - start < 5.0
 
@@ -283,9 +318,11 @@ def test_group_size_one_with_a_group_normalizer_fails_before_any_model(model_bui
         ("normalizer.clip=0", "clip=0 must be a finite number > 0"),
         ("normalizer.eps=-1e-6", "eps=-1e-06 must be a finite number >= 0"),
         ("objective.kl_coef=-0.1", "kl_coef=-0.1 must be a finite number >= 0.0"),
-        ("objective.clip_high=-0.2", "clip_high=-0.2"),
+        ("objective.term.clip_high=-0.2", "clip_high=-0.2"),
         ("trainer.max_grad_norm=-1", "trainer.max_grad_norm must be > 0"),
-        ("trainer.lr=0", "trainer.lr must be a finite number > 0"),
+        ("optimizer.lr=0", "optimizer.lr: must be a finite number > 0, got 0"),
+        ("optimizer.eps=0", "optimizer.eps: must be a finite number > 0"),
+        ("scheduler.warmup_steps=3", "scheduler.warmup_steps=3; use name='constant_with_warmup'"),
     ],
 )
 def test_bad_ranges_in_a_run_config_fail_before_any_model(

@@ -93,7 +93,7 @@ def test_recipes_build_their_algorithms() -> None:
         config = recipe(name)
         assert config["trainer"]["drop_zero_variance_groups"] is True
         assert config["trainer"]["dynamic_sampling_on"] == "raw_score"
-        assert recipe(name)["objective"]["clip_high"] == 0.28
+        assert recipe(name)["objective"]["term"]["clip_high"] == 0.28
     assert [type(t) for t in transforms(DA_DLER)] == [DifficultyTiers, TruncationPenalty]
     assert isinstance(normalizer(GRPO), GroupNormalizer) and recipe(GRPO)["transforms"][0]["max_length"] == 4000
     boost = normalizer(DLER_OFFICIAL)

@@ -10,7 +10,7 @@ import torch
 from rewards.base import FunctionReward, RewardOutput
 from rewards.text.toy import TargetCharReward
 from toolkit.rollout import Rollout
-from toolkit.train.scoring import score_rollout
+from toolkit.train.scoring import RewardFailure, score_rollout
 
 
 def rollout(completions: list[str], targets: list[str]) -> Rollout:
@@ -47,12 +47,27 @@ def test_failing_reward_becomes_not_applicable_and_is_counted() -> None:
     def broken(prompt: str, sample: str, **_: object) -> float:
         raise RuntimeError("unreachable judge")
 
-    r = score_rollout(
-        rollout(["a", "b"], ["a", "a"]), {"broken": FunctionReward(broken), "letters": TargetCharReward()}, retries=2
-    )
+    models = {"broken": FunctionReward(broken), "letters": TargetCharReward()}
+    r = score_rollout(rollout(["a", "b"], ["a", "a"]), models, retries=2, max_failure_frac=1.0)
     assert r.metrics["reward_stats/failed_models"] == 1.0
     assert torch.isnan(r.rewards["broken"]).all()
     assert r.scores.tolist() == [1.0, 0.0]  # the working reward still counts
+
+
+def test_a_failing_reward_stops_the_step_by_default_naming_type_message_and_input(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def gold(prompt: str, sample: str, **row: object) -> float:
+        return float(row["gold"] == sample)  # the data has no "gold" field: KeyError on every row
+
+    with pytest.raises(RewardFailure) as raised:
+        score_rollout(rollout(["ab", "b"], ["a", "a"]), {"judge": FunctionReward(gold)}, retries=1)
+    message = str(raised.value)
+    assert "reward 'judge' failed" in message and "after 2 attempt(s)" in message
+    assert "KeyError: 'gold'" in message and "prompt='q', sample='ab'" in message
+    assert "max_reward_failure_frac=0" in message
+    assert isinstance(raised.value.__cause__, KeyError)
+    assert "KeyError" in caplog.text  # each attempt is logged with the exception's type
 
 
 def test_nonfinite_scores_are_counted_and_stored_as_nan() -> None:

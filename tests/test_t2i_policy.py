@@ -254,10 +254,12 @@ def test_tiny_yaml_trains_a_step_and_resumes(tmp_path: Path) -> None:
 
 def test_pref_grpo_step_end_to_end_with_a_fake_judge(tmp_path: Path) -> None:
     """Pref-GRPO path: judge transform -> win rates -> v1 0.7/1.4 mix with CLIP -> clipped SDE update."""
+    import functools
+
     from rewards.image.clip import tiny as tiny_clip
     from toolkit.advantages.multi_reward import MultiRewardNormalizer
     from toolkit.data import PromptDataset
-    from toolkit.objective.policy_objective import PolicyObjective
+    from toolkit.objective import ClipTerm, PolicyObjective
     from toolkit.train.trainer import Trainer
     from toolkit.train.trainer_config import TrainerConfig
 
@@ -272,10 +274,11 @@ def test_pref_grpo_step_end_to_end_with_a_fake_judge(tmp_path: Path) -> None:
         sampler=sampler("sd3"),
         rewards={"clip": tiny_clip()},
         normalizer=MultiRewardNormalizer(weights={"win_rate": 0.7, "clip": 1.4}, clip=5.0),
-        objective=PolicyObjective(clip_low=1e-4, clip_high=1e-4, aggregation="seq_mean_token_mean"),
+        objective=PolicyObjective(term=ClipTerm(clip_low=1e-4, clip_high=1e-4), aggregation="seq_mean_token_mean"),
         data=PromptDataset(records=PROMPTS),
         transforms=[PairwiseJudgeTransform(judge), PairwiseWinRate()],
-        config=TrainerConfig(run_dir=str(tmp_path), prompts_per_step=2, group_size=4, num_minibatches=2, lr=1e-3),
+        config=TrainerConfig(run_dir=str(tmp_path), prompts_per_step=2, group_size=4, num_minibatches=2),
+        optimizer=functools.partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.0),
     )
     metrics, rollout = trainer.step()
     assert metrics["judge/pairs"] == 12.0 and metrics["judge/ties"] == 4.0  # every third reply is garbage -> 0.5

@@ -122,8 +122,8 @@ def test_tiny_yaml_trains_and_evaluates_per_dataset(tmp_path: Path) -> None:
     cfg = config(
         "tiny.yaml",
         tmp_path,
-        "trainer.lr_schedule=constant_with_warmup",
-        "trainer.warmup_steps=4",
+        "scheduler.name=constant_with_warmup",
+        "scheduler.warmup_steps=4",
         f"eval.data.paths={QA}",
         "eval.num_prompts=2",
         "eval.num_samples=2",
@@ -133,7 +133,8 @@ def test_tiny_yaml_trains_and_evaluates_per_dataset(tmp_path: Path) -> None:
     assert trainer.scheduler.get_last_lr()[0] == 0.0  # warm-up starts at 0 (plain "constant" ignores warmup_steps)
     before = parameters(trainer.policy.module)
     metrics, rollout = trainer.step()
-    assert trainer.scheduler.get_last_lr()[0] == pytest.approx(trainer.config.lr * 2 / 4)  # 2 of 4 warm-up steps
+    base_lr = trainer.scheduler.base_lrs[0]
+    assert trainer.scheduler.get_last_lr()[0] == pytest.approx(base_lr * 2 / 4)  # 2 of 4 warm-up steps
     after = parameters(trainer.policy.module)
     assert any(not torch.equal(before[k], after[k]) for k in before)
     for key in ("loss/policy", "reward/score", "reward/em", "agent/tool_calls_mean", "agent/turns_mean"):

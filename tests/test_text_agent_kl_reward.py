@@ -54,7 +54,7 @@ def test_trainer_supplies_reference_log_probs_before_the_transforms(tmp_path: Pa
             "trainer.save_every=0",
             "trainer.prompts_per_step=2",
             "trainer.num_minibatches=1",
-            "trainer.lr=0.01",
+            "optimizer.lr=0.01",
             "policy.model.warm_start_steps=0",
             "policy.model.copy_steps=0",
             "sampler.max_new_tokens_per_turn=6",

@@ -10,10 +10,13 @@ import pytest
 import torch
 
 from rewards.base import FunctionReward
+from tests.demo_run import run_cli
 from toolkit.config import load_config
+from toolkit.io.checkpoint import CheckpointManager
 from toolkit.io.logging import read_metrics
 from toolkit.io.run_dir import RunDirError
 from toolkit.train.runner import build_trainer, fit
+from toolkit.train.scoring import RewardFailure
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo" / "tiny_grpo.yaml"
@@ -86,8 +89,29 @@ def test_resume_never_refuses_a_run_dir_holding_a_run_and_overwrite_moves_it_asi
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step_00000001"]
 
 
-def test_raising_reward_is_retried_then_counted(tmp_path: Path) -> None:
-    trainer = build_trainer(tiny_config(tmp_path))
+def test_a_reward_failing_on_every_call_stops_the_run_with_its_type(tmp_path: Path) -> None:
+    config = tiny_config(tmp_path, "trainer.num_steps=2", *GOLD)
+    with pytest.raises(RewardFailure, match=r"reward 'gold' failed .*KeyError: 'gold'; first failing input: prompt="):
+        fit(build_trainer(config))
+    assert CheckpointManager(tmp_path).latest() is None and not (tmp_path / "metrics.jsonl").exists()
+    code, err = run_cli("train", DEMO, *FAST, f"trainer.run_dir={tmp_path / 'cli'}", "trainer.num_steps=1", *GOLD)
+    assert code == 1 and "KeyError: 'gold'" in err and "Traceback" not in err
+
+
+GOLD = [
+    "+rewards.gold._component_=rewards.base.FunctionReward",
+    "+rewards.gold.fn._component_=tests.test_trainer.needs_gold",
+    "+rewards.gold.fn._partial_=true",
+]
+
+
+def needs_gold(prompt: Any, sample: Any, **row: Any) -> float:
+    """A reward reading a field the data does not have."""
+    return float(row["gold"] == sample)
+
+
+def test_raising_reward_is_retried_then_counted_when_tolerated(tmp_path: Path) -> None:
+    trainer = build_trainer(tiny_config(tmp_path, "trainer.max_reward_failure_frac=1.0"))
 
     def broken(prompt: Any, sample: Any, **_: Any) -> float:
         raise RuntimeError("judge unreachable")
@@ -122,7 +146,7 @@ def test_kl_term_builds_a_reference_and_logs_kl(tmp_path: Path) -> None:
             "objective.kl_coef=0.1",
             "objective.kl_estimator=k3",
             "trainer.num_minibatches=1",
-            "trainer.warmup_steps=0",
+            "scheduler.warmup_steps=0",
         )
     )
     first, rollout = trainer.step()
@@ -145,7 +169,7 @@ def test_dynamic_sampling_keeps_only_informative_groups(tmp_path: Path) -> None:
 
 
 def test_constant_schedule_with_warmup_is_rejected() -> None:
-    from toolkit.train.trainer_config import TrainerConfig
+    from toolkit.train.schedules import Scheduler
 
     with pytest.raises(ValueError, match="constant_with_warmup"):
-        TrainerConfig(lr_schedule="constant", warmup_steps=5)
+        Scheduler(name="constant", warmup_steps=5)

@@ -1,7 +1,8 @@
 """The protocols every modality plugs into: Policy, Sampler, Normalizer, RewardTransform, DataSource.
 
 A modality provides a Policy (owns weights, re-scores its rollouts) and a Sampler (owns the
-generation algorithm, records what re-scoring needs). Reward models live in `rewards.base`.
+generation algorithm, records what re-scoring needs). Reward models live in `rewards.base`. Every
+optional hook the trainer calls is declared here and checked with `isinstance`, never `hasattr`.
 """
 
 from __future__ import annotations
@@ -51,6 +52,37 @@ class ReferencePolicy(Protocol):
 
 
 @runtime_checkable
+class ReferenceSnapshotPolicy(Protocol):
+    """Optional: a policy whose reference must be captured before any update (a frozen copy of its weights).
+
+    The trainer calls `init_reference()` once in its constructor, before the first optimizer step or a
+    checkpoint load, when the objective's KL term or a `ReferenceConsumer` transform needs a reference.
+    """
+
+    def init_reference(self) -> nn.Module:
+        """Take the reference snapshot now (idempotent); returns the module that scores the reference."""
+        ...
+
+
+@runtime_checkable
+class StepHookPolicy(Protocol):
+    """Optional: a policy told about each optimizer step (an EMA update, a "weights changed" flag)."""
+
+    def after_optimizer_step(self) -> None:
+        """Called by the trainer right after every optimizer step of the policy (after the scheduler step)."""
+        ...
+
+
+@runtime_checkable
+class TrainableStatePolicy(Protocol):
+    """Optional: a policy that checkpoints only what it trains (LoRA adapters) instead of `module.state_dict()`."""
+
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        """The trained weights, named as in the unwrapped `module` (no DDP "module." prefix)."""
+        ...
+
+
+@runtime_checkable
 class AnalyticKLPolicy(Protocol):
     """Optional: a policy with a closed-form per-step KL to the reference (Gaussian SDE steps)."""
 
@@ -69,6 +101,17 @@ class Sampler(Protocol):
         Rows are ordered group-major: rows [g·G, (g+1)·G) belong to prompts[g], and
         `group_ids[i] = i // G` (the trainer offsets ids when it concatenates batches).
         """
+        ...
+
+
+@runtime_checkable
+class Critic(Protocol):
+    """A value model over the rollout's steps (the PPO + GAE path; trained by `toolkit.train.critic.CriticUpdater`)."""
+
+    module: nn.Module
+
+    def values(self, rollout: Rollout) -> Tensor:
+        """[N, T] float32 value predictions, differentiable."""
         ...
 
 
@@ -92,12 +135,21 @@ class Normalizer(Protocol):
 
 
 @runtime_checkable
-class StatefulNormalizer(Normalizer, Protocol):
-    """A normalizer with state across steps (trackers, history); checkpointed by the trainer."""
+class Stateful(Protocol):
+    """State carried across steps beyond the policy's weights; the trainer checkpoints and restores it.
+
+    The trainer checks this on the normalizer, the critic updater, the transforms, and the policy and
+    reward models that are not `nn.Module`s (a module's `state_dict` is its weights, not training state).
+    """
 
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+
+@runtime_checkable
+class StatefulNormalizer(Normalizer, Stateful, Protocol):
+    """A normalizer with state across steps (trackers, history); checkpointed by the trainer."""
 
 
 @runtime_checkable
@@ -109,6 +161,26 @@ class RewardTransform(Protocol):
     """
 
     def __call__(self, rollout: Rollout) -> Rollout: ...
+
+
+@runtime_checkable
+class ReferenceConsumer(Protocol):
+    """Optional on a RewardTransform that reads `rollout.ref_logprobs` (e.g. a KL-in-reward penalty).
+
+    `needs_reference = True` makes the trainer take the policy's reference snapshot in its constructor and
+    set `rollout.ref_logprobs` (the policy's `ref_log_probs`) before the transforms run.
+    """
+
+    needs_reference: bool
+
+
+@runtime_checkable
+class MetricsReport(Protocol):
+    """What an `eval.evaluator` hook returns for `trainer.eval_every`: named scalar metrics."""
+
+    def metrics(self) -> Mapping[str, float]:
+        """{name: value}, logged as eval/<name>."""
+        ...
 
 
 @runtime_checkable

@@ -19,6 +19,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 from modalities.diffusion_lm.backbone import DenoiserBackbone
 from modalities.diffusion_lm.sampling import check_time_grid
 from rewards.base import RewardOutput
+from toolkit import distributed
 
 
 def discriminator_log_odds(logits: Tensor, eps: float = 1e-6, clip: float | None = 8.0) -> Tensor:
@@ -149,6 +150,18 @@ RealSource = Literal["data", "teacher"]
 Positions = Literal["masked", "all"]
 
 
+def check_single_process() -> None:
+    """RuntimeError unless one process trains: the discriminator's own update is not synchronised across ranks."""
+    world = distributed.world_size()
+    if world > 1:
+        raise RuntimeError(
+            f"DiscriminatorReward trains itself inside its reward call with its own AdamW, outside accelerate, but "
+            f"torch.distributed runs {world} processes: each rank would update its own discriminator on its own "
+            "rows and the copies would silently drift apart (different rewards for the same sample). Run DiDi on "
+            "one process (launch without accelerate/torchrun multi-process), or use train=False for a fixed scorer."
+        )
+
+
 class DiscriminatorReward:
     """Self-training reward model: one discriminator update on (real, fake), then the log-odds reward (spec §6, §11).
 
@@ -162,6 +175,18 @@ class DiscriminatorReward:
     With `train=False` it is a plain scorer. Metrics: `loss`, `acc_real`, `acc_fake`, `grad_norm`, `lr` (and the
     held-out monitor's `acc_real_holdout`, `reward_real_holdout`, `reward_real` with `teacher_holdout_size` or
     `data_holdout`).
+
+    Single process only: the optimizer is not prepared by accelerate and the gradients are not all-reduced, so
+    on several processes each rank's copy would train on its own rows and silently drift apart. Every training
+    update therefore raises a RuntimeError when torch.distributed runs with world size > 1 (`train=False`, a
+    fixed scorer, is fine anywhere).
+
+    Discriminator warm-up (DiDi's `discriminator_warmup_steps`) is `trainer.critic_warmup_steps`: the reward is
+    called, and so trains, in every trainer step (once per sampling round with dynamic sampling), while the first
+    `critic_warmup_steps` steps leave the student untouched (no backward, optimizer, lr-scheduler or
+    `after_optimizer_step` EMA step; its samples come from the initial student). Those steps still count in
+    `trainer.num_steps` and in this reward's own lr schedule (`warmup_steps` / `total_steps` count reward calls,
+    warm-up calls included).
     """
 
     def __init__(
@@ -400,6 +425,7 @@ class DiscriminatorReward:
 
     def update(self, z_real: Tensor, z_fake: Tensor, tau: Tensor) -> dict[str, float]:
         """One discriminator step on corrupted real and (detached) fake rows; returns its metrics."""
+        check_single_process()
         d = self.discriminator
         # The schedule counts reward calls (= student steps, like `total_steps`), not discriminator updates.
         calls = self.num_updates // self.updates_per_call

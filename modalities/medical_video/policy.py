@@ -9,7 +9,6 @@ the model runs in bf16. The vision tower is frozen by default; LoRA (peft) targe
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -18,7 +17,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from toolkit.distributed import unwrap
 from toolkit.hf.generation import left_align, row_slices
 from toolkit.hf.policy import (
     TORCH_DTYPES,
@@ -31,6 +29,7 @@ from toolkit.hf.policy import (
     wrap_lora,
     zero_dropout,
 )
+from toolkit.hf.reference import ReferenceSnapshot
 from toolkit.rollout import Rollout
 
 # LoRA on the language model's linear layers only (the vision tower stays frozen).
@@ -153,8 +152,7 @@ class VideoVLMPolicy:
         # the sampler suppresses them and the log-probs exclude them, so both see the same distribution.
         names = ("video_token_id", "image_token_id", "vision_start_token_id", "vision_end_token_id")
         self.suppressed_token_ids = sorted({int(v) for v in (getattr(config, n, None) for n in names) if v is not None})
-        self._reference: nn.Module | None = None
-        self._updated = False
+        self._snapshot = ReferenceSnapshot(self.module) if self.reference_mode == "copy" else None
 
     @property
     def tokenizer(self) -> Any:
@@ -185,19 +183,14 @@ class VideoVLMPolicy:
 
     def init_reference(self) -> nn.Module:
         """The module scoring the reference; in "copy" mode a frozen copy, taken before any update."""
-        if self.reference_mode != "copy":
+        if self._snapshot is None:
             return self.module
-        if self._reference is None:
-            if self._updated:
-                raise RuntimeError("the reference copy must be taken before the first update: call init_reference()")
-            self._reference = copy.deepcopy(unwrap(self.module)).eval().requires_grad_(False)
-        if next(self._reference.parameters()).device != self.device:
-            self._reference.to(self.device)
-        return self._reference
+        return self._snapshot.take(self.module)
 
     def after_optimizer_step(self) -> None:
         """Called by the Trainer after each optimizer step: the weights are no longer the reference's."""
-        self._updated = True
+        if self._snapshot is not None:
+            self._snapshot.mark_updated()
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
         """The weights the trainer updates: the trainable parameters with LoRA, else the full state dict."""

@@ -7,7 +7,6 @@ the sampler's choice, as in TRL and verl — computed in fp32 even when the mode
 from __future__ import annotations
 
 import contextlib
-import copy
 import inspect
 from collections.abc import Mapping
 from typing import Any
@@ -29,6 +28,7 @@ from toolkit.hf.policy import (
     wrap_lora,
     zero_dropout,
 )
+from toolkit.hf.reference import ReferenceSnapshot
 from toolkit.rollout import Rollout
 
 
@@ -153,8 +153,7 @@ class CausalLMPolicy:
         self.module: nn.Module = wrap_lora(base, lora) if lora is not None else base
         if disable_dropout:
             zero_dropout(self.module)
-        self._reference: nn.Module | None = None
-        self._fingerprint = _fingerprint(self.module) if self.reference_mode == "copy" else None
+        self._snapshot = ReferenceSnapshot(self.module) if self.reference_mode == "copy" else None
         self._accepts_logits_to_keep = (
             "logits_to_keep" in inspect.signature(unwrap_model(self.module).forward).parameters
         )
@@ -192,25 +191,21 @@ class CausalLMPolicy:
 
         The copy must be taken from the initial weights: call this before the first optimizer step
         or checkpoint load if `ref_log_probs` is first needed later. A copy requested after the
-        weights changed raises instead of silently using the wrong reference.
+        weights changed raises instead of silently using the wrong reference (`ReferenceSnapshot`).
         """
-        if self.reference_mode != "copy":
+        if self._snapshot is None:
             return self.module
-        if self._reference is None:
-            assert self._fingerprint is not None
-            # rtol tolerates device moves (reduction order); an optimizer step changes sums far more.
-            if not torch.allclose(_fingerprint(self.module), self._fingerprint, rtol=1e-9, atol=1e-12):
-                raise RuntimeError(
-                    "the reference copy is created lazily, but the weights changed since construction; "
-                    "call policy.init_reference() before training (or loading a checkpoint)"
-                )
-            reference = copy.deepcopy(self.module).eval().requires_grad_(False)
-            for p in reference.parameters():
-                p.grad = None
-            self._reference = reference
-        if self._reference is not None and next(self._reference.parameters()).device != self.device:
-            self._reference.to(self.device)
-        return self._reference
+        return self._snapshot.take(self.module)
+
+    @property
+    def _reference(self) -> nn.Module | None:
+        """The frozen reference copy once taken (None before, and outside "copy" mode)."""
+        return self._snapshot.module if self._snapshot is not None else None
+
+    def after_optimizer_step(self) -> None:
+        """Called by the Trainer after each optimizer step: the weights are no longer the reference's."""
+        if self._snapshot is not None:
+            self._snapshot.mark_updated()
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
         """The weights the trainer updates: LoRA adapters (trainable parameters) only, else the full state dict."""
@@ -308,9 +303,3 @@ def _enable_checkpointing(model: Any) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-
-
-def _fingerprint(module: nn.Module) -> Tensor:
-    """[P] float64 per-parameter sums: cheap evidence that the weights have not changed."""
-    with torch.no_grad():
-        return torch.stack([p.detach().sum(dtype=torch.float64).cpu() for p in module.parameters()])

@@ -11,7 +11,6 @@ all T at once, so with `gradient_checkpointing=True` every transformer call is w
 from __future__ import annotations
 
 import contextlib
-import copy
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from modalities.text_to_image.sde import Reduce, gaussian_kl, sde_step
 from modalities.text_to_image.text_encoding import CachedTextEncoder, PipelineTextEncoder
 from toolkit.distributed import unwrap
+from toolkit.hf.reference import ReferenceSnapshot
 from toolkit.rollout import Rollout
 
 Arch = Literal["sd3", "flux"]
@@ -132,7 +132,7 @@ class FlowMatchingPolicy:
             for sub in self.module.modules():
                 if isinstance(sub, nn.Dropout):
                     sub.p = 0.0
-        self._reference: nn.Module | None = None
+        self._snapshot = ReferenceSnapshot(self.module) if self.reference_mode == "copy" else None
         self._cache: tuple[Rollout, Transitions, Tensor, Tensor] | None = None
 
     # ------------------------------------------------------------------ components
@@ -379,13 +379,14 @@ class FlowMatchingPolicy:
 
     def init_reference(self) -> nn.Module:
         """Create the frozen reference copy now (mode "copy"; the Trainer calls this before any update)."""
-        if self.reference_mode != "copy":
+        if self._snapshot is None:
             return self.module
-        if self._reference is None:
-            self._reference = copy.deepcopy(unwrap(self.module)).eval().requires_grad_(False)
-        if next(self._reference.parameters()).device != self.device:
-            self._reference.to(self.device)
-        return self._reference
+        return self._snapshot.take(self.module)
+
+    def after_optimizer_step(self) -> None:
+        """Called by the Trainer after each optimizer step: the weights are no longer the reference's."""
+        if self._snapshot is not None:
+            self._snapshot.mark_updated()
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
         """LoRA adapter weights (trainable parameters) with LoRA, else the full transformer state dict."""

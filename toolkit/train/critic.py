@@ -1,33 +1,27 @@
 """Critic (value model) support for the PPO + GAE path (PPR's official setting, arXiv:2509.25598 §ppr.md 6).
 
-A critic is any object with `module` (its trainable nn.Module) and `values(rollout) -> [N, T]`
-(differentiable). The trainer records `rollout.values` under no grad before the advantages, the
-`GAENormalizer` turns them into advantages and returns, and `CriticUpdater` fits the critic to those
-returns with the clipped value loss and its own AdamW — in the same minibatches as the policy.
+A critic (`toolkit.interfaces.Critic`) is any object with `module` (its trainable nn.Module) and
+`values(rollout) -> [N, T]` (differentiable). The trainer records `rollout.values` under no grad before
+the advantages, the `GAENormalizer` turns them into advantages and returns, and `CriticUpdater` fits
+the critic to those returns with the clipped value loss and its own AdamW — in the same minibatches as
+the policy.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Mapping
+from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from toolkit.interfaces import Critic
 from toolkit.objective.aggregation import value_loss
 from toolkit.rollout import Rollout
 
+__all__ = ["RETURNS_KEY", "Critic", "CriticUpdater"]
+
 RETURNS_KEY = "returns"
-
-
-@runtime_checkable
-class Critic(Protocol):
-    """A value model over the rollout's steps."""
-
-    module: nn.Module
-
-    def values(self, rollout: Rollout) -> Tensor:
-        """[N, T] float32 value predictions, differentiable."""
-        ...
 
 
 class CriticUpdater:
@@ -92,7 +86,7 @@ class CriticUpdater:
 
         return {"weights": unwrap(self.critic.module).state_dict(), "optimizer": self.optimizer.state_dict()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         from toolkit.distributed import unwrap
 
         unwrap(self.critic.module).load_state_dict(state["weights"])

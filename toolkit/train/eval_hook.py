@@ -19,6 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from toolkit.interfaces import MetricsReport
 from toolkit.io.atomic import write_json_atomic
 from toolkit.io.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
 
@@ -65,13 +66,12 @@ def evaluate_during_training(trainer: Any) -> dict[str, float]:
         module.train(was_training)
         restore_rng_state(rng)
         trainer.generator.set_state(generator)
-    metrics = getattr(report, "metrics", None)
-    if not callable(metrics):
+    if not isinstance(report, MetricsReport):
         raise TypeError(
             f"{type(report).__name__} has no metrics(): trainer.eval_every needs an evaluator whose report returns "
             "{name: float} from metrics()"
         )
-    return {str(k): float(v) for k, v in metrics().items()}
+    return {str(k): float(v) for k, v in report.metrics().items()}
 
 
 class BestCheckpoint:

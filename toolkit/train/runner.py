@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from toolkit.config import build_dataclass, dump_config, instantiate, validate
+from toolkit.config import ConfigError, build_dataclass, dump_config, instantiate, validate
+from toolkit.config.types import source_of
 from toolkit.distributed import all_reduce_sum
 from toolkit.evaluation import EvalConfig
 from toolkit.io.checkpoint import resolve_resume
@@ -22,6 +23,7 @@ from toolkit.io.redaction import redact, register_secrets
 from toolkit.io.run_dir import RunDirError, RunDirLock, prepare_run_dir
 from toolkit.train.eval_hook import BestCheckpoint, evaluate_during_training, set_aside_stale_best
 from toolkit.train.interrupt import GracefulInterrupt
+from toolkit.train.schedules import Scheduler, optimizer_factory
 from toolkit.train.trainer import Trainer
 from toolkit.train.trainer_config import TrainerConfig, check_group_size
 
@@ -42,14 +44,38 @@ class RunSpec:
     transforms: list[Any] = field(default_factory=list)
     eval: dict[str, Any] = field(default_factory=dict)
     critic: Any = None
+    optimizer: Any = None  # a torch.optim node without `params`; None = AdamW lr 1e-6 (toolkit.train.schedules)
+    scheduler: Any = None  # a toolkit.train.schedules.Scheduler node; None = constant lr
     description: str = ""
+
+
+# Keys that moved: TrainerConfig knobs now arguments of the `optimizer:` / `scheduler:` nodes, PolicyObjective
+# arguments now arguments of its `term:` node (toolkit.objective.ClipTerm / CISPOTerm / SAPOTerm).
+MOVED_KEYS = {
+    "trainer.lr": "optimizer.lr",
+    "trainer.adam_betas": "optimizer.betas",
+    "trainer.adam_eps": "optimizer.eps",
+    "trainer.weight_decay": "optimizer.weight_decay",
+    "trainer.lr_schedule": "scheduler.name",
+    "trainer.warmup_steps": "scheduler.warmup_steps",
+    "objective.policy_term": "objective.term._component_ (toolkit.objective.ClipTerm, CISPOTerm or SAPOTerm)",
+    "objective.clip_low": "objective.term.clip_low (toolkit.objective.ClipTerm)",
+    "objective.clip_high": "objective.term.clip_high (toolkit.objective.ClipTerm)",
+    "objective.dual_clip": "objective.term.dual_clip (toolkit.objective.ClipTerm)",
+    "objective.cispo_eps_low": "objective.term.clip_low (toolkit.objective.CISPOTerm)",
+    "objective.cispo_eps_high": "objective.term.clip_high (toolkit.objective.CISPOTerm)",
+    "objective.sapo_tau_pos": "objective.term.tau_pos (toolkit.objective.SAPOTerm)",
+    "objective.sapo_tau_neg": "objective.term.tau_neg (toolkit.objective.SAPOTerm)",
+}
 
 
 def build_trainer(config: Mapping[str, Any]) -> Trainer:
     """Validate every section, then build the objects and the Trainer."""
     register_secrets(config)  # before any component logs: its keys are scrubbed from every log line
     spec = build_dataclass(RunSpec, config)
+    check_moved_keys(config)
     trainer_cfg = build_dataclass(TrainerConfig, spec.trainer, where="trainer")
+    optimizer = optimizer_factory(spec.optimizer) if spec.optimizer is not None else None
     for name in ("policy", "sampler", "normalizer", "objective", "data"):
         validate(getattr(spec, name), where=name)
     for name, node in spec.rewards.items():
@@ -73,6 +99,7 @@ def build_trainer(config: Mapping[str, Any]) -> Trainer:
     # The cheap objects first, so that their argument range errors come before any model is built.
     normalizer = instantiate(spec.normalizer, where="normalizer")
     objective = instantiate(spec.objective, where="objective")
+    scheduler = build_scheduler(spec.scheduler)
     trainer = Trainer(
         policy=instantiate(spec.policy, where="policy"),
         sampler=instantiate(spec.sampler, where="sampler"),
@@ -84,12 +111,33 @@ def build_trainer(config: Mapping[str, Any]) -> Trainer:
         config=trainer_cfg,
         run_config=config,
         critic=instantiate(spec.critic, where="critic") if spec.critic is not None else None,
+        optimizer=optimizer,
+        scheduler=scheduler,
     )
     if trainer_cfg.eval_every > 0:
         trainer.evaluator = instantiate(eval_cfg.evaluator, where="eval.evaluator")
         data_node = eval_cfg.data if eval_cfg.data is not None else spec.data
         trainer.eval_data = instantiate(data_node, where="eval.data")
     return trainer
+
+
+def check_moved_keys(config: Mapping[str, Any]) -> None:
+    """ConfigError naming the new place of a key that moved (`trainer.lr` -> `optimizer.lr`, see `MOVED_KEYS`)."""
+    for old, new in MOVED_KEYS.items():
+        section, key = old.split(".")
+        node = config.get(section)
+        if isinstance(node, Mapping) and key in node:
+            raise ConfigError(old, f"moved to {new}; see configs/demo/tiny_grpo.yaml", source_of(node, key))
+
+
+def build_scheduler(node: Any) -> Scheduler | None:
+    """The `scheduler:` section built (range errors before any model), or None for a constant lr."""
+    if node is None:
+        return None
+    scheduler = instantiate(node, where="scheduler")
+    if not isinstance(scheduler, Scheduler):
+        raise ConfigError("scheduler", f"expected a toolkit.train.schedules.Scheduler node, got {scheduler!r}")
+    return scheduler
 
 
 def fit(trainer: Trainer) -> Path | None:

@@ -1,9 +1,11 @@
-"""The reward stage: run every reward model on a rollout, with retries and counted fallbacks.
+"""The reward stage: run every reward model on a rollout, with retries, and stop loudly when one keeps failing.
 
-A reward model that keeps raising after its retries marks the whole batch not applicable (NaN)
-for its components and is counted; NaN/inf scores are counted and stored as NaN, never passed on
-as numbers. The default scalar score is the NaN-aware sum of the components; reward transforms
-(e.g. `WeightedSum`) may replace it.
+A reward model that keeps raising after its retries fails for every sample of the batch. Past
+`max_failure_frac` of a step's samples (default 0: any such failure) that stops the run with a
+`RewardFailure` naming the model, the exception's type and message and the first failing input; with a
+higher tolerance its components become not applicable (NaN) for the step and the failure is counted.
+NaN/inf scores are counted and stored as NaN, never passed on as numbers. The default scalar score is the
+NaN-aware sum of the components; reward transforms (e.g. `WeightedSum`) may replace it.
 """
 
 from __future__ import annotations
@@ -45,6 +47,10 @@ def reward_inputs(rollout: Rollout) -> tuple[list[Any], list[Any], dict[str, Any
     return prompts, samples, metadata
 
 
+class RewardFailure(RuntimeError):
+    """A reward model failed on more of a step's samples than the run tolerates; training would be meaningless."""
+
+
 def call_with_retries(
     name: str,
     model: RewardModel,
@@ -52,22 +58,46 @@ def call_with_retries(
     samples: Sequence[Any],
     metadata: dict[str, Any],
     retries: int,
-) -> RewardOutput | None:
-    """Call `model`; retry `retries` times on an exception; None after the last failure (logged)."""
+) -> RewardOutput | Exception:
+    """Call `model`; retry `retries` times on an exception; the last exception after the last failure (logged)."""
+    error: Exception = RuntimeError("no attempt made")
     for attempt in range(retries + 1):
         try:
             return model(prompts, samples, **metadata)
-        except Exception as err:  # a reward model may fail in any way; the policy is: retry, then skip
-            log.warning("reward %r failed (attempt %d/%d): %s", name, attempt + 1, retries + 1, err)
-    return None
+        except Exception as err:  # a reward model may fail in any way; the policy is: retry, then decide
+            error = err
+            log.warning(
+                "reward %r failed (attempt %d/%d): %s: %s", name, attempt + 1, retries + 1, type(err).__name__, err
+            )
+    return error
 
 
-def score_rollout(rollout: Rollout, reward_models: Mapping[str, RewardModel], retries: int = 2) -> Rollout:
+def failure_message(name: str, error: Exception, attempts: int, prompt: Any, sample: Any, tolerance: float) -> str:
+    """What a `RewardFailure` says: the model, the exception's type and message, and the first failing input."""
+    return (
+        f"reward {name!r} failed on every sample of this step after {attempts} attempt(s): "
+        f"{type(error).__name__}: {error}; first failing input: prompt={_short(prompt)}, sample={_short(sample)}. "
+        f"The run stops because more than trainer.max_reward_failure_frac={tolerance:g} of the step's samples "
+        "failed (raise it to train on with this reward's components as not applicable)"
+    )
+
+
+def _short(value: Any, limit: int = 200) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def score_rollout(
+    rollout: Rollout, reward_models: Mapping[str, RewardModel], retries: int = 2, max_failure_frac: float = 0.0
+) -> Rollout:
     """Fill `rollout.rewards` (named components) and `rollout.scores`; record metrics.
 
     Metrics: `reward/<component>` (mean over applicable rows), `reward/mean`,
     `reward_stats/failed_models` (models that failed after retries), `reward_stats/nonfinite` (rows with
     NaN/inf from a model, stored as NaN), `time/reward_s`.
+
+    Raises:
+        RewardFailure: a model failed after its retries on more than `max_failure_frac` of the samples.
     """
     start = time.perf_counter()
     prompts, samples, metadata = reward_inputs(rollout)
@@ -76,7 +106,10 @@ def score_rollout(rollout: Rollout, reward_models: Mapping[str, RewardModel], re
     nonfinite = 0
     for name, model in reward_models.items():
         out = call_with_retries(name, model, prompts, samples, metadata, retries)
-        if out is None:
+        if isinstance(out, Exception):
+            if n and max_failure_frac < 1.0:
+                message = failure_message(name, out, retries + 1, prompts[0], samples[0], max_failure_frac)
+                raise RewardFailure(message) from out
             failed += 1
             rollout.rewards[name] = torch.full((n,), math.nan)
             continue

@@ -18,17 +18,32 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import get_scheduler
 
 from rewards.base import RewardModel
 from toolkit import distributed as dist
-from toolkit.interfaces import AnalyticKLPolicy, DataSource, EntropyPolicy, Normalizer, Policy, RewardTransform, Sampler
+from toolkit.interfaces import (
+    AnalyticKLPolicy,
+    Critic,
+    DataSource,
+    EntropyPolicy,
+    Normalizer,
+    Policy,
+    ReferenceConsumer,
+    ReferencePolicy,
+    ReferenceSnapshotPolicy,
+    RewardTransform,
+    Sampler,
+    Stateful,
+    StepHookPolicy,
+    TrainableStatePolicy,
+)
 from toolkit.io.checkpoint import CheckpointManager, CheckpointState, capture_rng_state, restore_rng_state
 from toolkit.io.redaction import redact
 from toolkit.objective.policy_objective import ObjectiveOutput, PolicyObjective, loss_denominators
 from toolkit.rollout import Rollout
-from toolkit.train.critic import RETURNS_KEY, Critic, CriticUpdater
+from toolkit.train.critic import RETURNS_KEY, CriticUpdater
 from toolkit.train.filters import refill
+from toolkit.train.schedules import OptimizerFactory, Scheduler, default_optimizer
 from toolkit.train.scoring import nanmean, score_rollout
 from toolkit.train.trainer_config import TrainerConfig
 
@@ -48,6 +63,8 @@ class Trainer:
         config: TrainerConfig | None = None,
         run_config: Mapping[str, Any] | None = None,
         critic: Critic | None = None,
+        optimizer: OptimizerFactory | None = None,
+        scheduler: Scheduler | None = None,
     ) -> None:
         self.config = cfg = config or TrainerConfig()
         if not rewards and not transforms:
@@ -59,21 +76,23 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.accelerator: Any = dist.make_accelerator(cfg.mixed_precision, project_dir=str(self.run_dir))
         # A transform declaring `needs_reference` (KL-in-reward) gets rollout.ref_logprobs before it runs.
-        self._transforms_need_reference = any(getattr(t, "needs_reference", False) for t in self.transforms)
+        self._transforms_need_reference = any(
+            isinstance(t, ReferenceConsumer) and t.needs_reference for t in self.transforms
+        )
         needs_reference = objective.needs_reference or self._transforms_need_reference
-        if needs_reference and callable(getattr(policy, "init_reference", None)):
-            policy.init_reference()  # type: ignore[attr-defined]  # snapshot before any update or resume
+        if needs_reference and isinstance(policy, ReferenceSnapshotPolicy):
+            policy.init_reference()  # snapshot before any update or resume
         params = [p for p in policy.module.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the policy has no trainable parameters (all requires_grad=False)")
-        optimizer = torch.optim.AdamW(
-            params, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay
-        )
+        # The `optimizer:` / `scheduler:` sections (toolkit.train.schedules); AdamW lr 1e-6 and a constant lr if unset.
+        built = (optimizer or default_optimizer)(params)
         updates = cfg.num_steps * cfg.num_inner_epochs * cfg.num_minibatches
-        self.scheduler = get_scheduler(cfg.lr_schedule, optimizer, cfg.warmup_steps, updates)
-        policy.module, self.optimizer = self.accelerator.prepare(policy.module, optimizer)
+        self.scheduler = (scheduler or Scheduler()).build(built, updates)
+        policy.module, self.optimizer = self.accelerator.prepare(policy.module, built)
+        decay = float(built.defaults.get("weight_decay", 0.0))  # the critic's AdamW shares the policy's decay
         self.critic = (
-            CriticUpdater(critic, self.accelerator, cfg.critic_lr, cfg.weight_decay, cfg.max_grad_norm, cfg.value_clip)
+            CriticUpdater(critic, self.accelerator, cfg.critic_lr, decay, cfg.max_grad_norm, cfg.value_clip)
             if critic is not None
             else None
         )
@@ -127,7 +146,8 @@ class Trainer:
         with torch.no_grad():
             rollout = self.sampler.sample(self.policy, prompts, self.config.group_size, self.generator)
         self.policy.module.train()
-        rollout = score_rollout(rollout, self.rewards, retries=self.config.reward_retries)
+        cfg = self.config
+        rollout = score_rollout(rollout, self.rewards, cfg.reward_retries, cfg.max_reward_failure_frac)
         if self._transforms_need_reference:
             rollout.ref_logprobs = self.reference_log_probs(rollout)
         for transform in self.transforms:
@@ -149,7 +169,7 @@ class Trainer:
         return rollout
 
     def reference_log_probs(self, rollout: Rollout) -> torch.Tensor:
-        if not hasattr(self.policy, "ref_log_probs"):
+        if not isinstance(self.policy, ReferencePolicy):
             raise ValueError(f"kl_coef > 0 but {type(self.policy).__name__} has no ref_log_probs()")
         with torch.no_grad():
             ref: torch.Tensor = self.policy.ref_log_probs(rollout).detach()
@@ -222,9 +242,8 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        hook = getattr(self.policy, "after_optimizer_step", None)
-        if callable(hook):
-            hook()  # e.g. an EMA update of the policy's weights
+        if isinstance(self.policy, StepHookPolicy):
+            self.policy.after_optimizer_step()  # e.g. an EMA update of the policy's weights
         return grad_norm
 
     def local_prompts(self) -> list[Any]:
@@ -237,8 +256,8 @@ class Trainer:
     # ---------------------------------------------------------------- state
     def state(self) -> CheckpointState:
         module = dist.unwrap(self.policy.module)
-        trainable = getattr(self.policy, "trainable_state_dict", None)
-        weights = trainable() if callable(trainable) else module.state_dict()
+        policy = self.policy
+        weights = policy.trainable_state_dict() if isinstance(policy, TrainableStatePolicy) else module.state_dict()
         objects: dict[str, Any] = {
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -246,22 +265,22 @@ class Trainer:
             "generator": self.generator.get_state(),
         }
         for name, part in self.stateful_parts():
-            if hasattr(part, "state_dict"):
-                objects[name] = part.state_dict()
+            objects[name] = part.state_dict()
         meta = {"step": self.global_step, "config": redact(self.run_config)}
         return CheckpointState(
             step=self.global_step, model=dict(weights), objects=objects, rng=capture_rng_state(), meta=meta
         )
 
-    def stateful_parts(self) -> list[tuple[str, Any]]:
-        """(name, object) pairs whose state_dict is checkpointed when they have one."""
-        parts: list[tuple[str, Any]] = [("normalizer", self.normalizer), ("critic", self.critic)]
+    def stateful_parts(self) -> list[tuple[str, Stateful]]:
+        """(name, object) pairs checkpointed through their state_dict/load_state_dict (the `Stateful` ones)."""
+        parts: list[tuple[str, object]] = [("normalizer", self.normalizer), ("critic", self.critic)]
         # A policy or reward model may carry state beyond the trained weights (an EMA copy, a discriminator
-        # that trains itself with its own optimizer): checkpointed when it has state_dict/load_state_dict.
+        # that trains itself with its own optimizer): checkpointed when it is Stateful.
         # nn.Module reward models (a frozen CLIP scorer) are skipped: their weights are not training state.
         extra = [("policy_state", self.policy)] + [(f"reward/{name}", m) for name, m in self.rewards.items()]
         parts += [(name, part) for name, part in extra if not isinstance(part, torch.nn.Module)]
-        return parts + [(f"transform{i}", t) for i, t in enumerate(self.transforms)]
+        parts += [(f"transform{i}", t) for i, t in enumerate(self.transforms)]
+        return [(name, part) for name, part in parts if isinstance(part, Stateful)]
 
     def save(self) -> Path | None:
         path = None
@@ -281,7 +300,7 @@ class Trainer:
         self.data.load_state_dict(state.objects["data"])
         self.generator.set_state(state.objects["generator"])
         for name, part in self.stateful_parts():
-            if name in state.objects and hasattr(part, "load_state_dict"):
+            if name in state.objects:
                 part.load_state_dict(state.objects[name])
         restore_rng_state(state.rng)
         self.global_step = state.step

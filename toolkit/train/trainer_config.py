@@ -16,7 +16,7 @@ from toolkit.config.types import COMPONENT_KEY, RESERVED_KEYS, ConfigError, sour
 
 @dataclass
 class TrainerConfig:
-    """Loop, optimizer, checkpoint and logging settings (the objects live in their own sections).
+    """Loop, gradient clipping, checkpoint and logging settings (objects, the optimizer too, have their own sections).
 
     One training step = sample `prompts_per_step` × `group_size` trajectories, score them,
     transform rewards, compute advantages, then `num_inner_epochs` passes over
@@ -37,21 +37,18 @@ class TrainerConfig:
     gradient_accumulation_steps: int = 1
     shuffle_minibatches: bool = True
     keep_groups_in_minibatch: bool = False
-    # Optimizer and schedule (AdamW; schedules from transformers.get_scheduler, stepped per optimizer step).
-    # "constant" ignores warmup_steps (transformers); "constant_with_warmup" ramps linearly, then holds.
-    lr: float = 1e-6
-    weight_decay: float = 0.0
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    adam_eps: float = 1e-8
-    lr_schedule: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
-    warmup_steps: int = 0
+    # The optimizer and its lr schedule are the `optimizer:` and `scheduler:` sections (toolkit.train.schedules).
     max_grad_norm: float | None = 1.0
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
-    # Critic (PPO + GAE path only, when the config has a `critic:` section).
+    # Critic (PPO + GAE path only, when the config has a `critic:` section): AdamW at critic_lr, with the weight
+    # decay of the policy's optimizer.
     critic_lr: float = 1e-5
     value_clip: float | None = 0.5
-    # The first `critic_warmup_steps` steps do not update the policy: they train the critic (verl's
-    # `critic_warmup`; PPR's official 0) and self-training reward models (DiDi's `discriminator_warmup_steps`).
+    # The first `critic_warmup_steps` steps (counted in num_steps) sample, score and normalise as usual but leave
+    # the policy untouched: no policy backward, optimizer or lr-scheduler step, no after_optimizer_step hook (so
+    # no DiDi EMA update). What learns meanwhile: the critic (verl's `critic_warmup`; PPR's official 0) and
+    # self-training reward models; DiDi's DiscriminatorReward updates in every reward call, so with no critic
+    # this is DiDi's `discriminator_warmup_steps` (its own lr schedule counts these calls too).
     critic_warmup_steps: int = 0
     # Evaluation during training (verl's `test_freq`, TRL's `eval_steps` + `metric_for_best_model`): every
     # `eval_every` steps the `eval.evaluator` hook runs on the current policy and its report's metrics() are
@@ -68,6 +65,9 @@ class TrainerConfig:
     dynamic_sampling_on: str = "scores"
     # Rewards: retries for a reward model that raises, before its scores become NaN (counted).
     reward_retries: int = 2
+    # A reward model still failing after its retries on more than this fraction of a step's samples stops the run
+    # (RewardFailure naming the model, the exception and the first failing input); 1 = train on, its scores NaN.
+    max_reward_failure_frac: float = 0.0
     # Checkpoints: every `save_every` steps (0 = only at the end), keep the last `keep_last`.
     save_every: int = 0
     keep_last: int = 3
@@ -87,18 +87,13 @@ class TrainerConfig:
             _check(name, getattr(self, name), getattr(self, name) >= 0, ">= 0")
         _check("num_threads", self.num_threads, self.num_threads is None or self.num_threads >= 1, ">= 1 (or null)")
         self._check_optimizer()
+        frac = self.max_reward_failure_frac
+        _check("max_reward_failure_frac", frac, _finite(frac) and 0 <= frac <= 1, "a number in [0, 1]")
         self._check_cross_fields()
 
     def _check_optimizer(self) -> None:
         """Ranges whose wrong sign or zero silently changes the update (the sign of a clip norm flips it)."""
-        _check("lr", self.lr, _finite(self.lr) and self.lr > 0, "a finite number > 0")
         _check("critic_lr", self.critic_lr, _finite(self.critic_lr) and self.critic_lr > 0, "a finite number > 0")
-        decay = self.weight_decay
-        _check("weight_decay", decay, _finite(decay) and decay >= 0, "a finite number >= 0 (0 = no decay)")
-        betas = tuple(self.adam_betas)
-        ok = len(betas) == 2 and all(_finite(b) and 0 <= b < 1 for b in betas)
-        _check("adam_betas", betas, ok, "two numbers in [0, 1)")
-        _check("adam_eps", self.adam_eps, _finite(self.adam_eps) and self.adam_eps > 0, "a finite number > 0")
         norm = self.max_grad_norm
         ok = norm is None or (_finite(norm) and norm > 0)
         _check("max_grad_norm", norm, ok, "> 0 (or null to disable clipping)")
@@ -106,11 +101,6 @@ class TrainerConfig:
         _check("value_clip", clip, clip is None or (_finite(clip) and clip > 0), "> 0 (or null to disable clipping)")
 
     def _check_cross_fields(self) -> None:
-        if self.lr_schedule == "constant" and self.warmup_steps > 0:
-            raise ValueError(
-                f"trainer.lr_schedule='constant' ignores warmup_steps={self.warmup_steps}; "
-                "use lr_schedule='constant_with_warmup' (or warmup_steps=0)"
-            )
         if self.eval_mode not in ("min", "max"):
             raise ValueError(f"trainer.eval_mode must be 'min' or 'max', got {self.eval_mode!r}")
         if self.eval_metric is not None and self.eval_every == 0:
@@ -146,7 +136,6 @@ _AT_LEAST_ONE = (
     "log_every",
 )
 _AT_LEAST_ZERO = (
-    "warmup_steps",
     "save_every",
     "reward_retries",
     "num_log_samples",
