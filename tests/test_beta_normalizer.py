@@ -1,4 +1,4 @@
-"""BetaNormalizer (BNPO, arXiv:2506.02864): bnpo.md E1–E8, loop reference, properties, edge cases."""
+"""BetaNormalizer (BNPO, arXiv:2506.02864): docs/methods/bnpo.md E1–E8, loop reference, properties, edge cases."""
 
 from __future__ import annotations
 
@@ -205,7 +205,7 @@ def test_official_singleton_p_hat_is_zero() -> None:
 
 
 def test_alpha_rule_minimises_gradient_variance() -> None:
-    # bnpo.md §5 re-derivation: E[A²] ∝ B(α,β)²·B(a+3−2α, b+3−2β)/B(a,b) is minimal at α = 1 + a/3.
+    # docs/methods/bnpo.md §5 re-derivation: E[A²] ∝ B(α,β)²·B(a+3−2α, b+3−2β)/B(a,b) is minimal at α = 1 + a/3.
     a, b = 2.0, 5.0
 
     def log_beta(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

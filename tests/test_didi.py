@@ -1,5 +1,6 @@
 """DiDi-Instruct: spec oracles E3–E8, discriminator gradients, RGAS invariants, the policy/sampler contract,
-a tiny end-to-end training step through the generic Trainer and checkpoint resume (spec didi_instruct.md)."""
+a tiny end-to-end training step through the generic Trainer and checkpoint resume (spec
+docs/methods/didi_instruct.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Dynamic sampling and overlong masking: dler.md D4, refill cap behaviour, hypothesis properties."""
+"""Dynamic sampling and overlong masking: docs/methods/dler.md D4, refill cap behaviour, hypothesis properties."""
 
 from __future__ import annotations
 

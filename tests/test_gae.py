@@ -1,4 +1,5 @@
-"""GAE with a critic and batch-wide masked whitening: ppr.md P3, loop references, properties, robustness."""
+"""GAE with a critic and batch-wide masked whitening: docs/methods/ppr.md P3, loop references, properties,
+robustness."""
 
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ def make_rollout(
 
 
 def p3_rollout() -> Rollout:
-    """ppr.md P3: A judged at t = 2, 5 (4/6, 3/5), final t = 7, r_o = 1, V = 0.2; B judged 1/4 at t = 3, final t = 5."""
+    """docs/methods/ppr.md P3: A judged at t = 2, 5 (4/6, 3/5), final t = 7, r_o = 1, V = 0.2; B judged 1/4 at t = 3,
+    final t = 5."""
     rewards = torch.zeros(2, 8)
     rewards[0, 2], rewards[0, 5], rewards[0, 7] = 4 / 6 + 1 - 1, 3 / 5 + 1 - 1, 1.0
     rewards[1, 3] = 1 / 4 + 0 - 1

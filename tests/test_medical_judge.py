@@ -1,4 +1,4 @@
-"""MedicalCaptionJudge (spec medgrpo.md §5, M5): rubric parsing, re-asks with back-off, counted failures,
+"""MedicalCaptionJudge (spec docs/methods/medgrpo.md §5, M5): rubric parsing, re-asks with back-off, counted failures,
 an endpoint that is down (loopback socket with nothing listening) and a loopback server that answers."""
 
 from __future__ import annotations

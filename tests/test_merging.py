@@ -1,4 +1,5 @@
-"""Update-selective merging: dler.md D6, tie rules, global scope, properties and a sharded safetensors round trip."""
+"""Update-selective merging: docs/methods/dler.md D6, tie rules, global scope, properties and a sharded safetensors
+round trip."""
 
 from __future__ import annotations
 

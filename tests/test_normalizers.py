@@ -167,7 +167,7 @@ def test_dler_sigma_zero_gives_exact_zeros() -> None:
 
 
 def test_medgrpo_m7_group_input() -> None:
-    # Re-derived (medgrpo.md M7 gives only r): unbiased std + 1e-6 [Our decision defaults].
+    # Re-derived (docs/methods/medgrpo.md M7 gives only r): unbiased std + 1e-6 [Our decision defaults].
     norm = GroupNormalizer(std="unbiased", eps=1e-6, eps_placement="std_plus_eps")
     close(norm(make_rollout([0.5, 0.817574, 0.047426, 0.5])).values, [0.106528, 1.108912, -1.321968, 0.106528])
 

@@ -1,10 +1,13 @@
 """Tests for the GRPO-family objective (`toolkit.objective.policy_objective`) and the KL estimators
 (`toolkit.objective.kl`).
 
-Spec oracles: pref_grpo.md P5 (clipped loss) and P8 (1/(4·14) loss scale), medgrpo.md §6 (clip-higher
-0.2/0.3, token mean), dler.md §4 / bnpo.md §8 (clip-higher + dual clip 10, seq-mean-token-sum),
-ppr.md §6 (clipped value loss), dler.md §8 (k2 = ½ Δ²), pref_grpo.md §4 (Gaussian mean KL),
-didi_instruct.md §11 (REINFORCE policy term). The spec files give formulas, not numbers, for all but
+Spec oracles: docs/methods/pref_grpo.md P5 (clipped loss) and P8 (1/(4·14) loss scale), docs/methods/medgrpo.md §6
+(clip-higher
+0.2/0.3, token mean), docs/methods/dler.md §4 / docs/methods/bnpo.md §8 (clip-higher + dual clip 10,
+seq-mean-token-sum),
+docs/methods/ppr.md §6 (clipped value loss), docs/methods/dler.md §8 (k2 = ½ Δ²), docs/methods/pref_grpo.md §4 (Gaussian
+mean KL),
+docs/methods/didi_instruct.md §11 (REINFORCE policy term). The spec files give formulas, not numbers, for all but
 P5 and P8; the numbers below are hand-computed from those formulas.
 """
 
@@ -49,7 +52,7 @@ def _sigmoid(x: float) -> float:
 
 @pytest.mark.parametrize(("adv", "expected", "grad"), [(1.5, -1.50015, 0.0), (-1.5, 1.5015, 1.5015)])
 def test_pref_grpo_p5_clipped_loss(adv: float, expected: float, grad: float) -> None:
-    """pref_grpo.md P5: ε = 1e-4, ρ = 1.001; A = 1.5 clipped (no gradient), A = −1.5 unclipped."""
+    """docs/methods/pref_grpo.md P5: ε = 1e-4, ρ = 1.001; A = 1.5 clipped (no gradient), A = −1.5 unclipped."""
     lp, old = _inputs([[1.001]])
     obj = PolicyObjective(term=ClipTerm(clip_low=1e-4, clip_high=1e-4), aggregation="token_mean")
     out = obj(lp, old, torch.tensor([adv]), torch.ones(1, 1, dtype=torch.bool))
@@ -61,7 +64,7 @@ def test_pref_grpo_p5_clipped_loss(adv: float, expected: float, grad: float) -> 
 
 
 def test_pref_grpo_p8_loss_scale_over_accumulation() -> None:
-    """pref_grpo.md P8: 4 samples × 14 trained transitions, each transition's loss scaled by 1/(4·14)."""
+    """docs/methods/pref_grpo.md P8: 4 samples × 14 trained transitions, each transition's loss scaled by 1/(4·14)."""
     torch.manual_seed(0)
     lp = (torch.randn(4, 14) * 0.1).requires_grad_(True)
     old = lp.detach() + torch.randn(4, 14) * 1e-4
@@ -76,7 +79,7 @@ def test_pref_grpo_p8_loss_scale_over_accumulation() -> None:
 
 
 def test_medgrpo_clip_higher_token_mean() -> None:
-    """medgrpo.md §6: J = (1/Σ|o_i|) ΣΣ min(ρA, clip(ρ, 0.8, 1.3)A); hand-computed: loss = −2.45/4."""
+    """docs/methods/medgrpo.md §6: J = (1/Σ|o_i|) ΣΣ min(ρA, clip(ρ, 0.8, 1.3)A); hand-computed: loss = −2.45/4."""
     lp, old = _inputs([[1.25, 1.4, 0.7], [0.7, 1.0, 1.0]])
     mask = torch.tensor([[True, True, True], [True, False, False]])
     adv = torch.tensor([1.0, -1.0])
@@ -91,7 +94,8 @@ def test_medgrpo_clip_higher_token_mean() -> None:
 
 
 def test_dler_bnpo_dual_clip_seq_mean_token_sum() -> None:
-    """dler.md §4 / bnpo.md §8: ε 0.2/0.28, c = 10, seq-mean-token-sum; hand-computed loss (11.5 − 5.56)/2."""
+    """docs/methods/dler.md §4 / docs/methods/bnpo.md §8: ε 0.2/0.28, c = 10, seq-mean-token-sum; hand-computed loss
+    (11.5 − 5.56)/2."""
     lp, old = _inputs([[12.0, 1.5, 1.0], [1.5, 0.5, 1.0]])
     mask = torch.tensor([[True, True, False], [True, True, True]])
     obj = PolicyObjective(term=ClipTerm(clip_low=0.2, clip_high=0.28, dual_clip=10.0), aggregation="seq_mean_token_sum")
@@ -111,7 +115,7 @@ def test_dler_bnpo_dual_clip_seq_mean_token_sum() -> None:
 
 
 def test_ppr_value_loss_clipped() -> None:
-    """ppr.md §6 (verl value loss, clip 0.5): ½·token_mean(max((V−R)², (V_old + clip(V−V_old) − R)²))."""
+    """docs/methods/ppr.md §6 (verl value loss, clip 0.5): ½·token_mean(max((V−R)², (V_old + clip(V−V_old) − R)²))."""
     values = torch.tensor([[1.0, 3.0, 0.0]], requires_grad=True)
     old = torch.tensor([[0.2, 1.0, 5.0]])
     returns = torch.tensor([[0.0, 2.9, -7.0]])
@@ -127,7 +131,7 @@ def test_ppr_value_loss_clipped() -> None:
 
 
 def test_kl_estimators_values() -> None:
-    """dler.md §8 k2 = ½(logπ − logπ_ref)²; k1 = Δ; k3 = e^{−Δ} − 1 + Δ (Δ = logπ − logπ_ref = 0.5)."""
+    """docs/methods/dler.md §8 k2 = ½(logπ − logπ_ref)²; k1 = Δ; k3 = e^{−Δ} − 1 + Δ (Δ = logπ − logπ_ref = 0.5)."""
     lp, ref = torch.tensor([[-1.0]]), torch.tensor([[-1.5]])
     assert kl_k1(lp, ref).item() == pytest.approx(0.5, abs=ATOL)
     assert kl_k2(lp, ref).item() == pytest.approx(0.125, abs=ATOL)
@@ -148,7 +152,7 @@ def test_k3_clamped_like_verl() -> None:
 
 
 def test_gaussian_mean_kl_flow_grpo() -> None:
-    """pref_grpo.md §4 / Flow-GRPO: ‖μ − μ_ref‖² / (2σ²), squared distance averaged over latent dims."""
+    """docs/methods/pref_grpo.md §4 / Flow-GRPO: ‖μ − μ_ref‖² / (2σ²), squared distance averaged over latent dims."""
     mean = torch.tensor([[1.0, 2.0], [0.0, 0.0]])
     ref = torch.tensor([[0.0, 0.0], [0.0, 1.0]])
     torch.testing.assert_close(gaussian_mean_kl(mean, ref, 0.5), torch.tensor([5.0, 1.0]))
@@ -160,7 +164,8 @@ def test_gaussian_mean_kl_flow_grpo() -> None:
 
 
 def test_didi_reinforce_gradient_equals_on_policy_clip() -> None:
-    """didi_instruct.md §11: loss_pg = −mean(w·A·log q); same gradient as the clip term at ratio 1, T = 1."""
+    """docs/methods/didi_instruct.md §11: loss_pg = −mean(w·A·log q); same gradient as the clip term at ratio 1, T =
+    1."""
     torch.manual_seed(1)
     logq = torch.randn(6, requires_grad=True)
     weighted_adv = torch.rand(6) * torch.randn(6)

@@ -1,4 +1,4 @@
-"""Pairwise preference judge (Pref-GRPO, spec pref_grpo.md §2, P1): bookkeeping, ties, orders, failures."""
+"""Pairwise preference judge (Pref-GRPO, spec docs/methods/pref_grpo.md §2, P1): bookkeeping, ties, orders, failures."""
 
 from __future__ import annotations
 

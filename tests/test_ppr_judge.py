@@ -1,5 +1,5 @@
 """PPR's principle process judge: prompt structure, `<final_score>` parsing, re-asks and the invalid policy,
-a tiny local HF judge, and ProcessRewardTransform -> ReNorm against spec ppr.md P1/P2."""
+a tiny local HF judge, and ProcessRewardTransform -> ReNorm against spec docs/methods/ppr.md P1/P2."""
 
 from __future__ import annotations
 

@@ -32,7 +32,7 @@ GROUPS = np.repeat(np.arange(B), G)
 LENGTHS = np.array([5, 3, 4, 2, 5, 5, 1, 3, 4, 2, 5, 3])
 MASK = np.arange(T)[None, :] < LENGTHS[:, None]
 R_CONT = [0.2, 0.9, 0.4, 0.4, 1.0, 1.0, 0.0, 0.0, 0.5, 0.5, 0.5, 0.5]  # group 2 is constant
-R_E1 = [1.0, 0, 0, 0, 1, 1, 0, 0, 1, 1, 1, 0]  # bnpo.md E1
+R_E1 = [1.0, 0, 0, 0, 1, 1, 0, 0, 1, 1, 1, 0]  # docs/methods/bnpo.md E1
 
 
 def _f32(values: Any) -> np.ndarray:
@@ -90,7 +90,8 @@ def np_token_whiten(values: np.ndarray, weights: np.ndarray, eps: float) -> np.n
 
 
 def np_bnpo(r: Any, groups: np.ndarray = GROUPS) -> np.ndarray:
-    """A = (s - p)/f_N(p; alpha, beta) with the method-of-moments Beta fit over per-prompt p (bnpo.md §3-5)."""
+    """A = (s - p)/f_N(p; alpha, beta) with the method-of-moments Beta fit over per-prompt p
+    (docs/methods/bnpo.md §3-5)."""
     s, ids = _f32(r), np.unique(groups)
     p = np.array([s[groups == g].mean() for g in ids])
     mu, var = p.mean(), p.var(ddof=1)
@@ -267,7 +268,7 @@ def case_flow_grpo(tmp: Path) -> Case:
     return Case(rollout, expected, loss, analytic_kl=True)
 
 
-# pref_grpo.md P1: entry (i, j) = 1 when the lower index i wins ("(0,1)->0" means image 0 wins).
+# docs/methods/pref_grpo.md P1: entry (i, j) = 1 when the lower index i wins ("(0,1)->0" means image 0 wins).
 P1_PAIRS = {(0, 1): 1.0, (0, 2): 0.0, (0, 3): 1.0, (1, 2): 0.0, (1, 3): 0.5, (2, 3): 1.0}
 CLIP_SCORES = [0.31, 0.30, 0.33, 0.29, 0.2, 0.25, 0.22, 0.3, 0.28, 0.28, 0.28, 0.28]
 
@@ -323,7 +324,7 @@ def simple_case(scores: Any, advantages: np.ndarray, loss: Loss, *overrides: str
 
 
 R_DAPO = [1.0, 0, 0, 0, 1, 1, 1, 1, 0, 1, 1, 0]
-R_DIDI = [0.5, -0.2, 1.3, 0.1, 5.0, 0, 0, 0, 2, 2, 2, 2]  # didi_instruct.md E5
+R_DIDI = [0.5, -0.2, 1.3, 0.1, 5.0, 0, 0, 0, 2, 2, 2, 2]  # docs/methods/didi_instruct.md E5
 CASES: dict[str, Callable[[Path], Case]] = {
     "grpo": simple_case(R_CONT, np_group_z(R_CONT, 1, 1e-6), Loss(0.2, 0.2, "seq_mean_token_mean", kl=("k3", 0.04))),
     "dr_grpo": simple_case(
@@ -412,7 +413,7 @@ def one_group(scores: list[float], t: int = 2) -> Rollout:
 
 
 def spec_p3() -> Rollout:
-    """ppr.md P3: T = 8, boundaries (2, 5, 7) and (3, 5), judge (4/6, 3/5) and (1/4), r_o = (1, 0)."""
+    """docs/methods/ppr.md P3: T = 8, boundaries (2, 5, 7) and (3, 5), judge (4/6, 3/5) and (1/4), r_o = (1, 0)."""
     turn_ends = torch.zeros(2, 8, dtype=torch.bool)
     turn_ends[0, [2, 5, 7]] = True
     turn_ends[1, [3, 5]] = True
@@ -459,8 +460,9 @@ SPEC_ORACLES: list[tuple[str, Callable[[], Rollout], list[float]]] = [
 
 @pytest.mark.parametrize(("name", "make", "expected"), SPEC_ORACLES, ids=[s[0] for s in SPEC_ORACLES])
 def test_preset_matches_spec_worked_example(name: str, make: Callable[[], Rollout], expected: list[float]) -> None:
-    """bnpo.md E1, didi_instruct.md E5, dler.md D2 (sequence, unbiased) and its GRPO line, pref_grpo.md P6
-    (v1 weights; the tracker line for Flow-GRPO), ppr.md P3 (whitened, over the valid tokens)."""
+    """docs/methods/bnpo.md E1, docs/methods/didi_instruct.md E5, docs/methods/dler.md D2 (sequence, unbiased) and its
+    GRPO line, docs/methods/pref_grpo.md P6
+    (v1 weights; the tracker line for Flow-GRPO), docs/methods/ppr.md P3 (whitened, over the valid tokens)."""
     rollout = make()
     if name == "flow_grpo":
         rollout.prompt_keys = ["p"] * len(rollout)

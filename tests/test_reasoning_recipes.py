@@ -1,4 +1,5 @@
-"""The text-reasoning recipes, exercised through their YAML: bnpo.md E1–E8 and dler.md D1–D6 on hand-made rollouts
+"""The text-reasoning recipes, exercised through their YAML: docs/methods/bnpo.md E1–E8 and docs/methods/dler.md D1–D6
+on hand-made rollouts
 fed to the objects each recipe builds, degenerate batches, the correct-sample boost, dynamic sampling in the
 trainer, one training step of the tiny recipes, and reproduction (a): BNPO with α = β = 1.5 forced equals
 π/8 × GRPO with the population std on real rollouts of the tiny policy."""
@@ -33,7 +34,7 @@ DLER = "dler_r1-distill-1.5b.yaml"
 DLER_OFFICIAL = "dler_r1-distill-1.5b_official.yaml"
 DA_DLER = "da_dler_r1-distill-1.5b.yaml"
 GRPO = "grpo_baseline.yaml"
-# Every convention the BNPO oracles assume, set explicitly (bnpo.md §11: official logic, float32).
+# Every convention the BNPO oracles assume, set explicitly (docs/methods/bnpo.md §11: official logic, float32).
 BNPO_OPTIONS = ["normalizer.variance=unbiased", "normalizer.ab_min=1.0", "normalizer.w_max=1.0e6"]
 BNPO_OPTIONS += ["normalizer.var_floor=1.0e-12", "normalizer.official_compat=false", "normalizer.clip=null"]
 FAST = ["trainer.progress=false", "trainer.save_every=0", "trainer.prompts_per_step=4", "trainer.group_size=4"]
@@ -103,7 +104,7 @@ def test_recipes_build_their_algorithms() -> None:
         assert isinstance(recipe(name)["policy"]["model"], str), "GPU recipes name hub models"
 
 
-# ------------------------------------------------------------------------------- bnpo.md E1–E8 via the recipe
+# ---------------------------------------------------------------------------- docs/methods/bnpo.md E1–E8 via the recipe
 
 
 E1 = [1, 0, 0, 0, 1, 1, 0, 0, 1, 1, 1, 0]
@@ -168,7 +169,7 @@ def test_bnpo_e8_degenerate_batches() -> None:
             official(make_rollout(rewards, 2))
 
 
-# ------------------------------------------------------------------------------- dler.md D1–D5 via the recipes
+# --------------------------------------------------------------------------- docs/methods/dler.md D1–D5 via the recipes
 
 
 def test_dler_d1_truncation() -> None:
@@ -346,7 +347,8 @@ def test_tiny_bnpo_step_logs_alpha_and_beta(tmp_path: Path) -> None:
 
 
 def test_reproduction_a_bnpo_at_three_halves_is_pi_over_8_grpo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """bnpo.md §6: with α = β = 3/2, A = (π/8)(R − p̂)/√(p̂(1 − p̂)): GRPO with the population std, times π/8."""
+    """docs/methods/bnpo.md §6: with α = β = 3/2, A = (π/8)(R − p̂)/√(p̂(1 − p̂)): GRPO with the population std, times
+    π/8."""
     trainer = tiny_trainer(tmp_path, "tiny_grpo.yaml", "trainer.prompts_per_step=8", "trainer.group_size=8")
     rollout = trainer.sample_and_score()  # real rollouts of the warm-started tiny policy, graded by math-verify
     scores = rollout.scores.view(8, 8)

@@ -1,4 +1,5 @@
-"""Flow-matching SDE math: pref_grpo.md P3 (Flow-GRPO step), P4 (DanceGRPO step), P8 (trained steps), the σ = 1
+"""Flow-matching SDE math: docs/methods/pref_grpo.md P3 (Flow-GRPO step), P4 (DanceGRPO step), P8 (trained steps), the σ
+= 1
 guard, log-prob reduction over latent dims, the shifted grid, the Gaussian KL and loop-vs-batched equivalence."""
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""KL-in-reward (ppr.md §6.2): a hand-computed oracle, error paths, and the trainer hook that supplies ref log-probs."""
+"""KL-in-reward (docs/methods/ppr.md §6.2): a hand-computed oracle, error paths, and the trainer hook that supplies ref
+log-probs."""
 
 from __future__ import annotations
 

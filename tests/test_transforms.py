@@ -1,4 +1,5 @@
-"""Reward-level transforms: spec oracles (dler.md D1/D5, medgrpo.md M1/M7, pref_grpo.md P1, ppr.md P1-P3),
+"""Reward-level transforms: spec oracles (docs/methods/dler.md D1/D5, docs/methods/medgrpo.md M1/M7,
+docs/methods/pref_grpo.md P1, docs/methods/ppr.md P1-P3),
 vectorised-vs-loop equivalence, hypothesis properties and robustness."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""MedVidBench parsers, leaderboard metrics and RL rewards against spec medgrpo.md §10 oracles M2–M6."""
+"""MedVidBench parsers, leaderboard metrics and RL rewards against spec docs/methods/medgrpo.md §10 oracles M2–M6."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """DiDi-Instruct student policy: re-scores two-step student trajectories for the generic Trainer (arXiv:2509.25035).
 
-T = 2 trained steps per row: step 1 all-mask z_1 → z_τ, step 2 z_τ → x (spec didi_instruct.md §8). The
+T = 2 trained steps per row: step 1 all-mask z_1 → z_τ, step 2 z_τ → x (spec docs/methods/didi_instruct.md §8). The
 step log-prob follows the `prev_is_mask` convention: Σ over positions masked before the step of
 log(x_ν(z_prev)[z_next] + 1e-10), so positions that stay masked add the constant log(1e-10) (no gradient).
 The analytic per-step KL to the frozen teacher (Jeffrey, β = 0.5, or forward KL; §10) and the entropy are

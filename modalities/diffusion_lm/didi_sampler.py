@@ -1,6 +1,6 @@
 """DiDi-Instruct two-step student rollouts: all-mask → z_τ → x with τ ~ Beta(A, B) (arXiv:2509.25035).
 
-Spec didi_instruct.md §8, §11. Prompts are data rows {"input_ids": [L]} (the "real" sequences); each row is
+Spec docs/methods/didi_instruct.md §8, §11. Prompts are data rows {"input_ids": [L]} (the "real" sequences); each row is
 repeated G times and its G student samples form one group (for unconditional generation a prompt is only a
 grouping device). The rollout records what re-scoring, the discriminator reward and the time weighting need:
 `data["z_tau"|"x"|"tau"|"tau_density"]` [N, ...], completions {"text", "tokens", "tau"} per row.

@@ -1,7 +1,7 @@
 """DiDi-Instruct discriminator: a teacher-trunk copy with a spectral-norm per-token head (arXiv:2509.25035).
 
 At the BCE optimum, logit D(z, t) = log q_θ,t(z) − log q_ν,t(z), so its clamped log-odds averaged over
-masked positions is the student's sequence reward (spec didi_instruct.md §6, E4, E6). `DiscriminatorReward`
+masked positions is the student's sequence reward (spec docs/methods/didi_instruct.md §6, E4, E6). `DiscriminatorReward`
 is the self-training reward model: every call first runs one discriminator update, then scores.
 """
 

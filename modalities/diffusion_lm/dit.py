@@ -1,6 +1,6 @@
 """MDLM-style diffusion transformer (DiT): adaLN on σ, plain-torch rotary, SDPA, untied embeddings, soft tokens.
 
-Spec didi_instruct.md §4 (the DiT of the MDLM/DUO code bases, arXiv:2406.07524). Module and parameter names
+Spec docs/methods/didi_instruct.md §4 (the DiT of the MDLM/DUO code bases, arXiv:2406.07524). Module and parameter names
 follow the MDLM checkpoint layout (`vocab_embed.embedding`, `sigma_map.mlp.*`, `blocks.i.attn_qkv` ...), so an
 MDLM state dict loads with only its `backbone.` prefix stripped (`checkpoint_io.py`). Simplified: no
 flash-attn (rotary in torch, `F.scaled_dot_product_attention`), bidirectional attention only.

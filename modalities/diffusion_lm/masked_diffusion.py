@@ -1,6 +1,6 @@
 """Masked (absorbing-state) diffusion LM: corruption, SUBS parameterisation, the MDLM NELBO, sampling.
 
-Spec didi_instruct.md §2 (MDLM arXiv:2406.07524 Eq. 10–11: SUBS; continuous-time NELBO with antithetic t).
+Spec docs/methods/didi_instruct.md §2 (MDLM arXiv:2406.07524 Eq. 10–11: SUBS; continuous-time NELBO with antithetic t).
 `MaskedDiffusionLM` wraps any `DenoiserBackbone`; the backbone may run in bf16 (`mixed_precision`), the
 log-probs, the NELBO weights and the schedule are float32.
 """

@@ -1,6 +1,6 @@
 """The NFE table of few-step distillation: teacher vs student gen-PPL, entropy and speed per step count.
 
-Spec didi_instruct.md §13, §15 (paper table: 8/16/32/64/128 steps). Each cell samples `num_samples`
+Spec docs/methods/didi_instruct.md §13, §15 (paper table: 8/16/32/64/128 steps). Each cell samples `num_samples`
 sequences with ancestral sampling, scores them with a causal-LM evaluator (token-weighted gen-PPL, first EOS
 counted) and the unigram entropy, and times the sampling wall-clock. Results print as a rich table and are
 written as JSON atomically.

@@ -1,6 +1,6 @@
 """Reward-guided ancestral sampler (RGAS) of DiDi-Instruct: gradient tilting, then candidate re-ranking.
 
-Spec didi_instruct.md §12, §17 and E7 (arXiv:2509.25035; official `generate_samples` /
+Spec docs/methods/didi_instruct.md §12, §17 and E7 (arXiv:2509.25035; official `generate_samples` /
 `reward_guided_ancestral_step` @7825a02). The first K = int(N·(1 − ρ)) steps add h·clamp(∇ D, ±1) to the
 student's raw logits at masked positions (D sees soft tokens); the remaining steps draw M candidates and
 pick one with probability softmax(score) (released) or softmax(h·score) (development copy).

@@ -1,6 +1,6 @@
 """Ancestral sampling of absorbing-state (masked) diffusion: the reverse step, noise removal, the sampler loop.
 
-Spec didi_instruct.md §3 (MDLM arXiv:2406.07524 Eq. 7 with SUBS; official `_sample_categorical`, E2).
+Spec docs/methods/didi_instruct.md §3 (MDLM arXiv:2406.07524 Eq. 7 with SUBS; official `_sample_categorical`, E2).
 For s < t a masked position becomes token v with probability (α_s − α_t)/(1 − α_t)·x_θ,v and stays masked with
 (1 − α_s)/(1 − α_t); unmasked positions never change. The step builds the unnormalised q (sum 1 − α_t) and
 samples argmax(q / E), E ~ Exp(1). All step math is float32 (the schedule float64) whatever the model dtype.

@@ -1,6 +1,6 @@
 """Masking schedules α_t of absorbing-state diffusion: log-linear (MDLM/SEDD), linear-σ and cosine.
 
-Spec didi_instruct.md §2 (arXiv:2406.07524 Sec. 3, MDLM `noise_schedule.py` semantics). α_t is the
+Spec docs/methods/didi_instruct.md §2 (arXiv:2406.07524 Sec. 3, MDLM `noise_schedule.py` semantics). α_t is the
 probability that a token is still clean at time t ∈ [0, 1]; σ_t = −log α_t is the network's conditioning
 input. All math runs in at least float32 (float64 inputs stay float64), whatever the model precision.
 """

@@ -1,6 +1,6 @@
 """Train a masked-diffusion teacher with the MDLM NELBO: AdamW + linear warm-up, progress bar, resumable checkpoints.
 
-Spec didi_instruct.md §2 (MDLM arXiv:2406.07524: AdamW 3e-4, betas (0.9, 0.999), wd 0, linear warm-up then
+Spec docs/methods/didi_instruct.md §2 (MDLM arXiv:2406.07524: AdamW 3e-4, betas (0.9, 0.999), wd 0, linear warm-up then
 constant). Simplified: no teacher EMA, one process. Checkpoints go through `toolkit.io.checkpoint` (atomic,
 keep-last-K, resume="auto"); metrics to `run_dir/metrics.jsonl`; `summary.json` is written atomically.
 """

@@ -3,7 +3,7 @@
 `TimeWeightedNormalizer` wraps a group normalizer (E5) and multiplies its advantages by ω(τ) of each
 row's coupled time τ (recorded by `TwoStepStudentSampler` in `rollout.data["tau"]`). With one on-policy
 inner epoch and `seq_mean_token_sum` aggregation the trainer's loss is then exactly the spec's
-`-(ω·Â·log q).mean()` (spec didi_instruct.md §9, §11).
+`-(ω·Â·log q).mean()` (spec docs/methods/didi_instruct.md §9, §11).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """MedVidBench data: SFT-format records → prompt rows, and a seeded, resumable multi-dataset/task mixture DataSource.
 
-A record (spec medgrpo.md §1) holds `conversations` ("<video>\\n" + question, then the reference answer), `video` (a
+A record (spec docs/methods/medgrpo.md §1) holds `conversations` ("<video>\\n" + question, then the reference answer),
+`video` (a
 list of pre-extracted frame paths, or one video file), `metadata.fps` (a string), `qa_type`, `data_source`,
 `struc_info`, and for region captions `is_RC` + `RC_info` {start_frame, start_frame_bbox}. A prompt row is
 {"prompt", "video", "fps", "dataset", "task", "qa_type", "answer", "struc_info", "rc_info", "id"}; the trainer passes

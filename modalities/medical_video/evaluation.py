@@ -1,4 +1,5 @@
-"""MedVidBench results table (the MedGRPO project page layout, spec medgrpo.md §8) from predictions or a policy.
+"""MedVidBench results table (the MedGRPO project page layout, spec docs/methods/medgrpo.md §8) from predictions or a
+policy.
 
 Columns: CVS acc, NAP acc, SA acc, STG mIoU, TAG mIoU@0.3/@0.5, DVC F1, DVC llm, VS llm, RC llm; each the macro
 average over (dataset, fps) buckets of the leaderboard metric (`rewards.video.metrics`). Without a judge the

@@ -1,4 +1,5 @@
-"""MedGRPO percentile table from SFT-model predictions (spec medgrpo.md §4): records -> raw metric x -> p25/p50/p75.
+"""MedGRPO percentile table from SFT-model predictions (spec docs/methods/medgrpo.md §4): records -> raw metric x ->
+p25/p50/p75.
 
 Glue between `rewards.video` (the raw RL metric per task) and the toolkit's `fit_percentile_table` /
 `PercentileTable` (what `LogisticDatasetNorm` loads). Behind `renorm medgrpo fit-percentiles`.

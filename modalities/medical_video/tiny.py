@@ -2,7 +2,7 @@
 
 The tokenizer's special ids match the model config (pad 0, <|im_start|> 2, <|im_end|> = eos 3, vision start 4,
 vision end 5, video pad 6, image pad 7), so generation, the video placeholder expansion and mRoPE all run on CPU
-in well under a second. Used by tiny.yaml, the example and the tests (spec medgrpo.md §11).
+in well under a second. Used by tiny.yaml, the example and the tests (spec docs/methods/medgrpo.md §11).
 """
 
 from __future__ import annotations

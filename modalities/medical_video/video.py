@@ -1,6 +1,7 @@
 """Video input pipeline for Qwen2.5-VL policies: frames → (box) → qwen-vl-utils sizing → tensor, LRU-cached.
 
-Two sources (spec medgrpo.md §3): a list of pre-extracted frame paths with the sample's own fps (MedVidBench), or a
+Two sources (spec docs/methods/medgrpo.md §3): a list of pre-extracted frame paths with the sample's own fps
+(MedVidBench), or a
 video file read with decord (or PyAV) at `VideoConfig.fps`. Frame counts are rounded up to an even number by repeating
 the last frame. Sizing follows qwen-vl-utils 0.0.14: frame lists are resized twice (factor 56 per frame, then factor 28
 for the stacked video, "two_pass"), files once (factor 28); both are selectable. The region-caption box is drawn before

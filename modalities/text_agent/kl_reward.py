@@ -1,4 +1,5 @@
-"""KL-in-reward (PPR's official 3B setting, ppr.md §6.2): r_t <- r_t - beta_KL * (log pi_old(t) - log pi_ref(t)).
+"""KL-in-reward (PPR's official 3B setting, docs/methods/ppr.md §6.2): r_t <- r_t - beta_KL * (log pi_old(t) - log
+pi_ref(t)).
 
 The per-token penalty uses the k1 estimator on model-generated tokens only (`<information>` tokens and padding
 get none, as verl's `apply_kl_penalty` multiplied by the info mask) and is added to `rollout.token_rewards`
@@ -21,7 +22,7 @@ KLEstimator = Literal["k1"]
 def kl_in_reward(
     token_rewards: Tensor, old_logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, kl_coef: float
 ) -> tuple[Tensor, Tensor]:
-    """Token rewards minus the k1 KL penalty on the masked tokens (ppr.md §6.2; verl `apply_kl_penalty`).
+    """Token rewards minus the k1 KL penalty on the masked tokens (docs/methods/ppr.md §6.2; verl `apply_kl_penalty`).
 
     Args:
         token_rewards: [N, T] rewards (e.g. ReNorm's), float.
@@ -41,7 +42,7 @@ class KLRewardPenalty:
     """Subtracts `kl_coef` x k1 KL(pi_old || pi_ref) from `rollout.token_rewards` on the trained tokens.
 
     Args:
-        kl_coef: beta_KL (ppr.md §7: 1e-3 for Qwen2.5-3B, 0.0 for 7B); a fixed controller.
+        kl_coef: beta_KL (docs/methods/ppr.md §7: 1e-3 for Qwen2.5-3B, 0.0 for 7B); a fixed controller.
         estimator: "k1" (log pi_old - log pi_ref; PPR's `kl_penalty = kl`).
 
     Metrics: `kl/reward_penalty_kl` (token-mean k1 over the mask) and `kl/reward_coef`.

@@ -1,6 +1,7 @@
 """Principle process rewards for tool-loop rollouts: judge each intermediate turn, store the scores for ReNorm.
 
-Chain (spec ppr.md §5-6): ProcessRewardTransform -> toolkit.reward_transforms.ReNorm -> GAE (official PPR) or a
+Chain (spec docs/methods/ppr.md §5-6): ProcessRewardTransform -> toolkit.reward_transforms.ReNorm -> GAE (official PPR)
+or a
 group normalizer (GRPO-family variant). The final answer turn is never judged: it carries the outcome.
 """
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from toolkit.data import PromptDataset, read_text_file
 
-# Our wording of Search-R1's "base" instruction structure (ppr.md §2). It holds exactly one
+# Our wording of Search-R1's "base" instruction structure (docs/methods/ppr.md §2). It holds exactly one
 # `<answer>...</answer>` match, which the official EM rule (>= 2 matches in prompt + response) assumes.
 SEARCH_TEMPLATE = (
     "Answer the question. Reason inside <think> </think> each time you get new information. "

@@ -62,11 +62,11 @@ class ToolLoopSampler(SingleTurnSampler):
     Args:
         tools: the tools, as a list (tag = each tool's `name`) or a mapping tag -> tool.
         max_turns: tool-using turns before the final turn, in which tools are disabled (only
-            `</answer>` and EOS stop it; a tool tag there is plain text). ppr.md: 2 in the PPR scripts.
-        max_new_tokens_per_turn: generation budget of one turn (ppr.md: 500).
+            `</answer>` and EOS stop it; a tool tag there is plain text). docs/methods/ppr.md: 2 in the PPR scripts.
+        max_new_tokens_per_turn: generation budget of one turn (docs/methods/ppr.md: 500).
         max_response_tokens: cap on the whole response, generated plus observation tokens; a row
             reaching it is truncated (`rollout.truncated`).
-        max_observation_tokens: cap on one tool observation (ppr.md: 500); None = no cap.
+        max_observation_tokens: cap on one tool observation (docs/methods/ppr.md: 500); None = no cap.
         temperature, top_p, top_k, do_sample, chat_template, eos_token_ids, max_prompt_length,
             prompt_truncation, compute_old_logprobs: as in SingleTurnSampler.
         invalid_action_message: appended (unwrapped, not trained on) after a turn with no valid
@@ -77,7 +77,7 @@ class ToolLoopSampler(SingleTurnSampler):
         tool_error_message: observation text of a failed call (`{name}`, `{error}`), wrapped too.
         turn_boundary: where `turn_ends` marks a turn: "action" = its last generated token;
             "observation" = the last token of the observation it triggered (PPR's official placement,
-            ppr.md §6.1; those tokens are not trained, so run GAE over `response_attention_mask`).
+            docs/methods/ppr.md §6.1; those tokens are not trained, so run GAE over `response_attention_mask`).
     """
 
     def __init__(

@@ -1,4 +1,4 @@
-"""Flow-matching SDE sampler with per-step log-probs (Flow-GRPO / DanceGRPO rollouts, pref_grpo.md §1, §5).
+"""Flow-matching SDE sampler with per-step log-probs (Flow-GRPO / DanceGRPO rollouts, docs/methods/pref_grpo.md §1, §5).
 
 Every denoising step is an SDE step (`modalities.text_to_image.sde`); its log-prob is recorded as it is
 sampled (no extra forward), the whole latent trajectory is stored for re-scoring, and the trained

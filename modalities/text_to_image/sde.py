@@ -2,7 +2,7 @@
 
 One pure-function module shared by `FlowSDESampler` (sampling) and `FlowMatchingPolicy` (re-scoring), so
 both compute the same numbers. Rectified-flow convention: x_σ = (1 − σ) x_0 + σ ε, σ = 1 is noise, the
-network predicts v ≈ ε − x_0. All step math runs in float32 whatever the model's dtype (pref_grpo.md §1).
+network predicts v ≈ ε − x_0. All step math runs in float32 whatever the model's dtype (docs/methods/pref_grpo.md §1).
 Simplified: sigmas are per-row tensors (one σ per batch row), never per-element.
 """
 
@@ -52,7 +52,7 @@ def sd3_time_shift(shift: float, t: Tensor | float) -> Tensor:
 
 
 def sigma_schedule(num_steps: int, shift: float = 3.0, scheduler: Any = None) -> Tensor:
-    """[S + 1] float32 sampling grid σ_0 = 1 > … > σ_S = 0 (pref_grpo.md §1.3).
+    """[S + 1] float32 sampling grid σ_0 = 1 > … > σ_S = 0 (docs/methods/pref_grpo.md §1.3).
 
     Args:
         num_steps: S denoising steps.
@@ -135,7 +135,7 @@ def flow_grpo_step(
     generator: torch.Generator | None = None,
     reduce: Reduce = "mean",
 ) -> StepOutput:
-    """Flow-GRPO SDE step (arXiv:2505.05470 eq. 9–12; pref_grpo.md §1.1, P3).
+    """Flow-GRPO SDE step (arXiv:2505.05470 eq. 9–12; docs/methods/pref_grpo.md §1.1, P3).
 
     s = η·sqrt(σ / (1 − σ̃)) with σ̃ = `sigma_guard` where σ == 1 (no 1/0 at the first step), Δ = σ' − σ,
     μ = x·(1 + s²Δ/(2σ)) + v·(1 + s²(1 − σ)/(2σ))·Δ, x' = μ + s·sqrt(−Δ)·ε.
@@ -177,7 +177,7 @@ def dance_grpo_step(
     generator: torch.Generator | None = None,
     reduce: Reduce = "mean",
 ) -> StepOutput:
-    """DanceGRPO SDE step (arXiv:2505.07818; pref_grpo.md §1.2, P4).
+    """DanceGRPO SDE step (arXiv:2505.07818; docs/methods/pref_grpo.md §1.2, P4).
 
     μ = x + Δ·v + (−½η²·score)·Δ with x̂_0 = x − σv and score = −(x − (1 − σ)x̂_0)/σ²;
     std = η·sqrt(σ − σ'). The log-prob keeps the Gaussian constants (Pref-GRPO v1 drops them by
@@ -248,7 +248,7 @@ def trained_steps(
     """[N, T] int64 trained transition indices: a fresh random permutation per sample, first T kept, sorted.
 
     DanceGRPO / Pref-GRPO draw `randperm` over the S (or S − 1 with `ignore_last`) transitions per sample
-    and train the first ⌊K·train_step_fraction⌋ (pref_grpo.md §1.3, P8). Sorting within a row changes
+    and train the first ⌊K·train_step_fraction⌋ (docs/methods/pref_grpo.md §1.3, P8). Sorting within a row changes
     nothing (the set is what is trained) and keeps layouts comparable.
 
     Args:

@@ -1,6 +1,6 @@
 """UniGenBench: generate k images per benchmark prompt, judge each testpoint 0/1 with a VLM, aggregate.
 
-Spec pref_grpo.md §7. The prompt CSV has columns `index`, `prompt_<lang>` and `sub_dims_<lang>` (JSON with
+Spec docs/methods/pref_grpo.md §7. The prompt CSV has columns `index`, `prompt_<lang>` and `sub_dims_<lang>` (JSON with
 "Testpoints" and "Testpoint Description" lists plus the prompt's categories). A sub-dimension's accuracy is
 Σ scores / #(image, testpoint) pairs; its primary dimension is the text before the first "-", stripped (the
 official code keeps a trailing space, e.g. "Attribute "). "overall" here is the mean over primary

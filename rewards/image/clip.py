@@ -1,6 +1,6 @@
 """CLIP score: cosine similarity between an image and its caption under an OpenCLIP model.
 
-Pref-GRPO mixes this reward into its pairwise advantage (spec pref_grpo.md §2: DFN5B-CLIP-ViT-H-14-378,
+Pref-GRPO mixes this reward into its pairwise advantage (spec docs/methods/pref_grpo.md §2: DFN5B-CLIP-ViT-H-14-378,
 cosine(image, caption)). Also holds the image helpers the other image rewards share: conversion of PIL
 images or tensors to one float batch, and CLIP preprocessing (resize, center crop, normalise) in torch.
 """

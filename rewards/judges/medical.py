@@ -1,4 +1,4 @@
-"""Medical caption judge (MedGRPO arXiv:2512.06581 / MedVidBench leaderboard rubric, spec medgrpo.md §5).
+"""Medical caption judge (MedGRPO arXiv:2512.06581 / MedVidBench leaderboard rubric, spec docs/methods/medgrpo.md §5).
 
 Five 1–5 ratings of a prediction *relative to* a reference caption (comparative similarity scoring):
 R2 medical terminology, R3 anatomical / instrument detail, R8 specificity, R5 clinical context, R4 action / state.

@@ -1,6 +1,6 @@
 """Pref-GRPO pairwise preference judge: a VLM compares two images of one caption (arXiv:2508.20751).
 
-Spec pref_grpo.md §2: every unordered pair i < j of a group is judged once with the lower index shown as
+Spec docs/methods/pref_grpo.md §2: every unordered pair i < j of a group is judged once with the lower index shown as
 "Image 1" (order "one", official) or in both orders ("symmetric"); the judge reasons in <think> and answers
 `Image 1 is better` / `Image 2 is better` in <answer>. Anything else counts as a tie (0.5 each); a failed
 call is NaN in the matrix, which the win-rate math also treats as 0.5. Both are counted. The prompt

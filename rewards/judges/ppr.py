@@ -1,7 +1,7 @@
 """Principle process reward model (PPRM) of PPR: a judge scores each intermediate turn of a search agent.
 
 arXiv:2509.25598 (only the abstract was available; prompt structure and parsing follow the official code,
-spec ppr.md §3): the judge writes its own principles, scores the turn against each and ends with
+spec docs/methods/ppr.md §3): the judge writes its own principles, scores the turn against each and ends with
 `<final_score>SCORE,MAX</final_score>`; r_p = SCORE / MAX in [0, 1]. The prompt wording here is ours.
 Invalid outputs are re-asked, then replaced by an explicit, counted policy.
 """
@@ -59,7 +59,7 @@ _CHATML_USER = re.compile(r"<\|im_start\|>user(.*?)<\|im_end\|>", re.DOTALL)
 def parse_final_score(text: str | None) -> tuple[int, int] | None:
     """(SCORE, MAX) from the last `<final_score>SCORE,MAX</final_score>` of `text`; None when invalid.
 
-    Invalid (spec ppr.md §3): no tag, the last tag not two integers, MAX <= 0, SCORE < 0 or SCORE > MAX.
+    Invalid (spec docs/methods/ppr.md §3): no tag, the last tag not two integers, MAX <= 0, SCORE < 0 or SCORE > MAX.
     An earlier well-formed tag does not rescue a malformed last one.
     """
     if text is None:

@@ -1,6 +1,6 @@
 """UniGenBench testpoint judge: a VLM scores one image 0/1 on each testpoint of its prompt.
 
-Spec pref_grpo.md §7 (official eval/*_eval.py): the judge sees the prompt, its testpoints with their
+Spec docs/methods/pref_grpo.md §7 (official eval/*_eval.py): the judge sees the prompt, its testpoints with their
 generic definitions and prompt-specific descriptions, analyses only visible content, and answers a list of
 binary scores in `<score>[...]</score>` whose length equals the number of testpoints. The prompt wording
 and definitions are ours. The official script re-asks forever on a bad reply; here re-asks are bounded and

@@ -1,4 +1,4 @@
-"""MedVidBench leaderboard metrics (spec medgrpo.md §2), kept separate from the RL rewards in `rl.py`.
+"""MedVidBench leaderboard metrics (spec docs/methods/medgrpo.md §2), kept separate from the RL rewards in `rl.py`.
 
 Per-sample functions (TAL mIoU@θ/recall with greedy matching, STG box IoU with carry-forward, DVC temporal F1,
 SA level and CVS bucket accuracy, NAP nearest-class accuracy) and `macro_average` over (dataset, fps) buckets.

@@ -1,4 +1,5 @@
-"""Tolerant answer parsers for the eight MedVidBench tasks (spec medgrpo.md §2); each returns None on garbage.
+"""Tolerant answer parsers for the eight MedVidBench tasks (spec docs/methods/medgrpo.md §2); each returns None on
+garbage.
 
 Formats are those of the released one-shot examples; the fallbacks follow the leaderboard evaluator
 ("from a to b", "hh:mm:ss to hh:mm:ss", lenient STG bracket repair). Parsers never raise on model output.

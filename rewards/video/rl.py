@@ -1,4 +1,5 @@
-"""MedGRPO RL rewards (arXiv:2512.06581, spec medgrpo.md §2 "RL rewards"), separate from the leaderboard metrics.
+"""MedGRPO RL rewards (arXiv:2512.06581, spec docs/methods/medgrpo.md §2 "RL rewards"), separate from the leaderboard
+metrics.
 
 Each returns the RAW task metric x in [0, 1]; the cross-dataset logistic normalization (toolkit LogisticDatasetNorm)
 runs afterwards as a reward transform. Localisation: x = 1[answer parses] × IoU [Our decision on the exact form].

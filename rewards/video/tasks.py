@@ -1,6 +1,7 @@
 """The eight MedVidBench tasks: canonical short names and `normalize_task` for the many `qa_type` spellings.
 
-Canonical names (spec medgrpo.md §2): tal (temporal action localisation / grounding, "TAG"), stg (spatio-temporal
+Canonical names (spec docs/methods/medgrpo.md §2): tal (temporal action localisation / grounding, "TAG"), stg
+(spatio-temporal
 grounding), dvc (dense video captioning), vs (video summary), rc (region caption), nap (next action prediction),
 sa (skill assessment), cvs (critical view of safety).
 """

@@ -52,7 +52,7 @@ def fit_beta(
 ) -> BetaFit:
     """Fit Beta(a, b) to per-prompt success rates and pick α = max(ab_min, 1 + a/3), β likewise.
 
-    bnpo.md §4–5: k = μ(1 − μ)/σ² − 1, a = kμ, b = k(1 − μ). One prompt: μ := 0, σ² := 1 (official),
+    docs/methods/bnpo.md §4–5: k = μ(1 − μ)/σ² − 1, a = kμ, b = k(1 − μ). One prompt: μ := 0, σ² := 1 (official),
     giving α = β = 1. `fallback` is True when σ² <= var_floor or α/β are non-finite (callers then
     use α = β = 1, or raise under `official_compat`).
 
@@ -110,7 +110,7 @@ def beta_normalized_advantages(
     var_floor: float = 1e-12,
     official_compat: bool = False,
 ) -> tuple[Tensor, dict[str, float]]:
-    """BNPO advantage A = (s − p̂(q))/f_N(p̂(q); α, β) for one reward (bnpo.md §3–§10).
+    """BNPO advantage A = (s − p̂(q))/f_N(p̂(q); α, β) for one reward (docs/methods/bnpo.md §3–§10).
 
     Args:
         scores: [N] rewards in [r_min, r_max]; NaN = not applicable (advantage 0, excluded from p̂).

@@ -111,7 +111,7 @@ def value_loss(
     num_seqs: float | Tensor | None = None,
     norm_length: float | None = None,
 ) -> ObjectiveOutput:
-    """Clipped critic loss (verl `compute_value_loss`; PPR uses value_clip 0.5, ppr.md §6).
+    """Clipped critic loss (verl `compute_value_loss`; PPR uses value_clip 0.5, docs/methods/ppr.md §6).
 
     l = ½ · agg(max((V − R)², (V_old + clip(V − V_old, −c, c) − R)²)); without a clip, ½·agg((V − R)²).
 

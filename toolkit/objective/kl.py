@@ -103,7 +103,7 @@ def gaussian_mean_kl(
 ) -> Tensor:
     """Closed-form KL between two Gaussians with the same std: ‖μ_θ − μ_ref‖² / (2σ²).
 
-    This is Flow-GRPO's KL for SDE denoising steps (pref_grpo.md §2/§4; arXiv:2505.05470), with the
+    This is Flow-GRPO's KL for SDE denoising steps (docs/methods/pref_grpo.md §2/§4; arXiv:2505.05470), with the
     squared distance averaged (Flow-GRPO parity, `reduce="mean"`) or summed over the non-batch
     dims. Stack one call per trained step to get the [N, T] tensor `PolicyObjective` accepts as `kl`.
 

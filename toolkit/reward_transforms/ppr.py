@@ -30,7 +30,7 @@ def renorm_token_rewards(
     final_step_mode: FinalStepMode = "raw",
     invalid_prm: InvalidPrm = "neutral",
 ) -> Tensor:
-    """Token rewards of PPR with ReNorm (arXiv:2509.25598; spec ppr.md §5, §6.1).
+    """Token rewards of PPR with ReNorm (arXiv:2509.25598; spec docs/methods/ppr.md §5, §6.1).
 
     Args:
         turn_ends: [N, T] bool, True at the last token of each turn; a row's last True is the final token

@@ -1,4 +1,5 @@
-"""Critic (value model) support for the PPO + GAE path (PPR's official setting, arXiv:2509.25598 §ppr.md 6).
+"""Critic (value model) support for the PPO + GAE path (PPR's official setting, arXiv:2509.25598
+docs/methods/ppr.md §6).
 
 A critic (`toolkit.interfaces.Critic`) is any object with `module` (its trainable nn.Module) and
 `values(rollout) -> [N, T]` (differentiable). The trainer records `rollout.values` under no grad before
