@@ -20,7 +20,7 @@ from modalities.medical_video.tiny import build_tiny_processor, build_tiny_qwen2
 from tests.contracts import PolicyContract
 from toolkit.config import load_config
 from toolkit.rollout import concat_rollouts
-from toolkit.train.runner import build_trainer, fit
+from toolkit.train.runner import build_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_VIDEO = {"fps": 1.0, "min_pixels": 3136, "max_pixels": 3136}
@@ -143,12 +143,3 @@ def test_tiny_yaml_update_moves_weights_with_a_varying_reward(tmp_path: Path) ->
     params = trainer.policy.module.named_parameters()
     moved = [n for n, p in params if p.requires_grad and not torch.equal(p, before[n])]
     assert moved and not any("visual" in n for n in moved)
-
-
-def test_tiny_yaml_checkpoint_resume(tmp_path: Path) -> None:
-    overrides = ("trainer.num_steps=2", "trainer.save_every=1")
-    last = fit(build_trainer(tiny_config(tmp_path, *overrides)))
-    assert last is not None and last.exists()
-    resumed = build_trainer(tiny_config(tmp_path, "trainer.num_steps=3", "trainer.save_every=1", "trainer.resume=auto"))
-    fit(resumed)
-    assert resumed.global_step == 3

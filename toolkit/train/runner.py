@@ -24,7 +24,7 @@ from toolkit.io.run_dir import RunDirError, RunDirLock, prepare_run_dir
 from toolkit.train.eval_hook import BestCheckpoint, evaluate_during_training, set_aside_stale_best
 from toolkit.train.interrupt import GracefulInterrupt
 from toolkit.train.schedules import Scheduler, optimizer_factory
-from toolkit.train.trainer import Trainer
+from toolkit.train.trainer import Trainer, seed_everything
 from toolkit.train.trainer_config import TrainerConfig, check_group_size
 
 log = get_logger(__name__)
@@ -70,12 +70,55 @@ MOVED_KEYS = {
 
 
 def build_trainer(config: Mapping[str, Any]) -> Trainer:
-    """Validate every section, then build the objects and the Trainer."""
+    """Validate every section, then build the objects and the Trainer.
+
+    Everything is seeded with `trainer.seed` first, so components that draw random numbers when built (LoRA
+    adapters, a discriminator head) start the same in every run and process. The cheap parts and the data
+    are built before the policy and sampler, so a bad range or a missing file fails before any weights load.
+    """
     register_secrets(config)  # before any component logs: its keys are scrubbed from every log line
+    spec, trainer_cfg, eval_cfg = validate_run_config(config)
+    if trainer_cfg.num_threads is not None:
+        torch.set_num_threads(trainer_cfg.num_threads)
+    seed_everything(trainer_cfg.seed)
+    normalizer = instantiate(spec.normalizer, where="normalizer")
+    objective = instantiate(spec.objective, where="objective")
+    optimizer = optimizer_factory(spec.optimizer) if spec.optimizer is not None else None
+    scheduler = build_scheduler(spec.scheduler)
+    data = instantiate(spec.data, where="data")
+    eval_data = None
+    if trainer_cfg.eval_every > 0:
+        data_node = eval_cfg.data if eval_cfg.data is not None else spec.data
+        eval_data = instantiate(data_node, where="eval.data")
+    transforms = [instantiate(node, where=f"transforms[{i}]") for i, node in enumerate(spec.transforms)]
+    rewards = {name: instantiate(node, where=f"rewards.{name}") for name, node in spec.rewards.items()}
+    trainer = Trainer(
+        policy=instantiate(spec.policy, where="policy"),
+        sampler=instantiate(spec.sampler, where="sampler"),
+        rewards=rewards,
+        normalizer=normalizer,
+        objective=objective,
+        data=data,
+        transforms=transforms,
+        config=trainer_cfg,
+        run_config=config,
+        critic=instantiate(spec.critic, where="critic") if spec.critic is not None else None,
+        optimizer=optimizer,
+        scheduler=scheduler,
+    )
+    if trainer_cfg.eval_every > 0:
+        trainer.evaluator = instantiate(eval_cfg.evaluator, where="eval.evaluator")
+        trainer.eval_data = eval_data
+    return trainer
+
+
+def validate_run_config(config: Mapping[str, Any]) -> tuple[RunSpec, TrainerConfig, EvalConfig]:
+    """Check every section against its constructor (nothing is built): the spec, trainer and eval settings."""
     spec = build_dataclass(RunSpec, config)
     check_moved_keys(config)
     trainer_cfg = build_dataclass(TrainerConfig, spec.trainer, where="trainer")
-    optimizer = optimizer_factory(spec.optimizer) if spec.optimizer is not None else None
+    if spec.optimizer is not None:
+        optimizer_factory(spec.optimizer)  # validates the node and its ranges
     for name in ("policy", "sampler", "normalizer", "objective", "data"):
         validate(getattr(spec, name), where=name)
     for name, node in spec.rewards.items():
@@ -94,31 +137,7 @@ def build_trainer(config: Mapping[str, Any]) -> Trainer:
         if eval_cfg.data is not None:
             validate(eval_cfg.data, where="eval.data")
     check_group_size(trainer_cfg.group_size, {"normalizer": spec.normalizer, "transforms": spec.transforms})
-    if trainer_cfg.num_threads is not None:
-        torch.set_num_threads(trainer_cfg.num_threads)
-    # The cheap objects first, so that their argument range errors come before any model is built.
-    normalizer = instantiate(spec.normalizer, where="normalizer")
-    objective = instantiate(spec.objective, where="objective")
-    scheduler = build_scheduler(spec.scheduler)
-    trainer = Trainer(
-        policy=instantiate(spec.policy, where="policy"),
-        sampler=instantiate(spec.sampler, where="sampler"),
-        rewards={name: instantiate(node, where=f"rewards.{name}") for name, node in spec.rewards.items()},
-        normalizer=normalizer,
-        objective=objective,
-        data=instantiate(spec.data, where="data"),
-        transforms=[instantiate(node, where=f"transforms[{i}]") for i, node in enumerate(spec.transforms)],
-        config=trainer_cfg,
-        run_config=config,
-        critic=instantiate(spec.critic, where="critic") if spec.critic is not None else None,
-        optimizer=optimizer,
-        scheduler=scheduler,
-    )
-    if trainer_cfg.eval_every > 0:
-        trainer.evaluator = instantiate(eval_cfg.evaluator, where="eval.evaluator")
-        data_node = eval_cfg.data if eval_cfg.data is not None else spec.data
-        trainer.eval_data = instantiate(data_node, where="eval.data")
-    return trainer
+    return spec, trainer_cfg, eval_cfg
 
 
 def check_moved_keys(config: Mapping[str, Any]) -> None:
