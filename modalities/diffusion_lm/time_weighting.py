@@ -15,7 +15,7 @@ from typing import Any, Literal, get_args
 import torch
 from torch import Tensor
 
-from toolkit.interfaces import Advantages, Normalizer
+from toolkit.interfaces import Advantages, Normalizer, Stateful
 from toolkit.rollout import Rollout
 
 Weight = Literal["omega", "none"]
@@ -178,10 +178,8 @@ class TimeWeightedNormalizer:
 
     def state_dict(self) -> dict[str, Any]:
         """The base normalizer's state (stateless bases give {})."""
-        fn = getattr(self.base, "state_dict", None)
-        return {"base": fn()} if callable(fn) else {}
+        return {"base": self.base.state_dict()} if isinstance(self.base, Stateful) else {}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        fn = getattr(self.base, "load_state_dict", None)
-        if callable(fn) and "base" in state:
-            fn(state["base"])
+        if "base" in state and isinstance(self.base, Stateful):
+            self.base.load_state_dict(state["base"])

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from toolkit.interfaces import Advantages, Normalizer
+from toolkit.interfaces import Advantages, Normalizer, Stateful
 from toolkit.rollout import Rollout
 
 
@@ -91,10 +91,8 @@ class CorrectSampleBoost:
 
     def state_dict(self) -> dict[str, Any]:
         """The inner normalizer's state (empty when it is stateless)."""
-        state = getattr(self.inner, "state_dict", None)
-        return {"inner": state()} if callable(state) else {}
+        return {"inner": self.inner.state_dict()} if isinstance(self.inner, Stateful) else {}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        load = getattr(self.inner, "load_state_dict", None)
-        if "inner" in state and callable(load):
-            load(state["inner"])
+        if "inner" in state and isinstance(self.inner, Stateful):
+            self.inner.load_state_dict(state["inner"])
