@@ -215,6 +215,24 @@ def test_progress_plain_lines_to_captured_stdout(capsys: pytest.CaptureFixture[s
     assert lines[1].startswith("step 4/10 reward=0.5 kl=0.002 eta")  # loss/kl preferred over approx_kl
 
 
+def test_progress_hides_kl_while_it_has_been_zero() -> None:
+    console = _plain_console()
+    with ProgressBar(total=5, console=console) as bar:
+        bar.update(1, {"reward/mean": 0.1, "loss/kl": 0.0})  # no KL term: loss/kl = 0 every step
+        bar.update(2, {"reward/mean": 0.2, "loss/kl": 0.0, "policy/approx_kl": 0.003})
+        bar.update(3, {"reward/mean": 0.3, "loss/kl": 0.01})
+        bar.update(4, {"reward/mean": 0.4, "loss/kl": 0.0})  # nonzero before: a zero now is shown
+        bar.update(5, {"reward/mean": 0.5, "loss/kl": math.nan})
+    lines = console.file.getvalue().splitlines()  # type: ignore[attr-defined]
+    assert lines[0].startswith("step 1/5 reward=0.1 eta")
+    assert lines[1].startswith("step 2/5 reward=0.2 kl=0.003 eta")  # the first nonzero KL key
+    assert lines[2].startswith("step 3/5 reward=0.3 kl=0.01 eta")
+    assert lines[3].startswith("step 4/5 reward=0.4 kl=0 eta")
+    assert lines[4] == "step 5/5 reward=0.5 kl=nan"
+    assert tlog.format_progress_fields({"loss/kl": 0.0, "rollout/length_mean": 3.0}) == "len=3"
+    assert tlog.format_progress_fields({"loss/kl": 0.0}, seen_nonzero={"loss/kl"}) == "kl=0"
+
+
 def test_progress_print_every_and_last_step() -> None:
     console = _plain_console()
     with ProgressBar(total=5, console=console, print_every=2) as bar:

@@ -3,7 +3,7 @@
 renorm train CONFIG [key=value ...]      train from a YAML config (resumes by default)
 renorm eval CONFIG [--checkpoint DIR]    score the policy's samples on the eval prompts
 renorm score REWARD --input FILE         run one reward model standalone, JSONL in/out
-renorm plot RUN_DIR                      write PNG curves of a run's metrics
+renorm plot RUN_DIR [RUN_DIR ...]        write PNG curves of a run's metrics (several: overlaid)
 renorm merge BASE TUNED OUT              DLER update-selective merging of two checkpoints
 renorm config CONFIG [key=value ...]     print the resolved config
 """
@@ -65,9 +65,9 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from toolkit.io.plotting import plot_run
+    from toolkit.io.plotting import plot_runs
 
-    for path in plot_run(args.run_dir, args.out_dir, smooth=args.smooth):
+    for path in plot_runs(args.run_dirs, args.out_dir, smooth=args.smooth, ema=args.ema):
         print(path)
     return 0
 
@@ -103,7 +103,7 @@ def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    p = command("train", cmd_train, "Train from a YAML config; key=value pairs override it (e.g. trainer.lr=1e-5).")
+    p = command("train", cmd_train, "Train from a YAML config; key=value pairs override it (e.g. optimizer.lr=1e-5).")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.add_argument(
@@ -123,10 +123,21 @@ def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="JSONL with 'prompt' and 'completion' per line")
     p.add_argument("--output", help="JSONL to write (default: stdout)")
     p.add_argument("--batch-size", type=int, default=64)
-    p = command("plot", cmd_plot, "Write PNG curves (reward, advantage, KL, clip, length, ...) of a run.")
-    p.add_argument("run_dir")
-    p.add_argument("--out-dir")
-    p.add_argument("--smooth", type=int, default=1, help="moving-average window")
+    p = command(
+        "plot",
+        cmd_plot,
+        "Write PNG curves of a run (overview, reward, eval, advantage, KL, clip, length, ...); several runs: overlaid.",
+    )
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="one run, or several to overlay (one colour each)")
+    p.add_argument("--out-dir", help="default: RUN_DIR/plots (one run), compare_A_vs_B/ next to the first run")
+    smoothing = p.add_mutually_exclusive_group()
+    smoothing.add_argument(
+        "--ema", type=float, metavar="ALPHA", help="EMA weight of the newest point in (0, 1]; 1 = raw curves only"
+    )
+    smoothing.add_argument(
+        "--smooth", type=int, metavar="N", help="trailing moving-average window instead of the EMA; 1 = raw curves only"
+    )
+    p.epilog = "Default smoothing: an EMA spanning ~1/10 of each curve, drawn over the faint raw curve."
     p = command("merge", cmd_merge, "Update-selective merging (DLER §4.6): base + scale · top-density(tuned − base).")
     p.add_argument("base")
     p.add_argument("tuned")
@@ -190,10 +201,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RuntimeError as err:
         from toolkit.io.checkpoint import CheckpointError  # lazy: `import toolkit.cli` stays free of torch
         from toolkit.io.run_dir import RunDirError
+        from toolkit.train.scoring import RewardFailure
 
         if isinstance(err, RunDirError):
             print(f"renorm: run dir error: {err}", file=sys.stderr)
             return 2
+        if isinstance(err, RewardFailure):
+            print(f"renorm: reward failure: {err}", file=sys.stderr)
+            return 1
         if not isinstance(err, CheckpointError):
             raise
         print(f"renorm: checkpoint error: {err}", file=sys.stderr)

@@ -8,7 +8,7 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -23,18 +23,30 @@ _PROGRESS_FIELDS = (
     ("kl", ("loss/kl", "policy/approx_kl")),
     ("len", ("rollout/length_mean",)),
 )
+# Fields shown only from a key that has been nonzero: a run without a KL term logs loss/kl = 0 every step.
+_HIDDEN_WHILE_ZERO = frozenset({"kl"})
 
 
-def format_progress_fields(metrics: Mapping[str, float]) -> str:
-    """`reward=0.42 kl=0.001 len=12.3 2.1s/step` from the keys that are present."""
+def format_progress_fields(metrics: Mapping[str, float], seen_nonzero: Collection[str] = ()) -> str:
+    """`reward=0.42 kl=0.001 len=12.3 2.1s/step` from the keys that are present.
+
+    `kl` comes from the first KL key that is nonzero now or was at an earlier step (`seen_nonzero`, the keys
+    `ProgressBar` has seen nonzero), so a run without a KL term shows no `kl=0`.
+    """
     parts = []
     for label, keys in _PROGRESS_FIELDS:
-        key = next((k for k in keys if k in metrics), None)
-        if key is not None:
-            parts.append(f"{label}={float(metrics[key]):.4g}")
+        present = [k for k in keys if k in metrics]
+        if label in _HIDDEN_WHILE_ZERO:
+            present = [k for k in present if k in seen_nonzero or _nonzero(metrics[k])]
+        if present:
+            parts.append(f"{label}={float(metrics[present[0]]):.4g}")
     if "time/step_s" in metrics:
         parts.append(f"{float(metrics['time/step_s']):.3g}s/step")
     return " ".join(parts)
+
+
+def _nonzero(value: float) -> bool:
+    return math.isfinite(float(value)) and float(value) != 0
 
 
 def _format_seconds(seconds: float) -> str:
@@ -68,6 +80,7 @@ class ProgressBar:
         self.console = console if console is not None else _default_console()
         self.plain = (not self.console.is_terminal) if plain is None else plain
         self._progress: Progress | None = None
+        self._nonzero: set[str] = set()  # metric keys seen nonzero so far (see format_progress_fields)
         if enabled and not self.plain:
             self._progress = Progress(
                 TextColumn("[bold]{task.description}"),
@@ -85,7 +98,9 @@ class ProgressBar:
     def update(self, step: int, metrics: Mapping[str, float] | None = None) -> None:
         """Show `step` completed steps and the live fields present in `metrics`."""
         self.step = step
-        stats = format_progress_fields(metrics or {})
+        metrics = metrics or {}
+        self._nonzero.update(k for k, v in metrics.items() if isinstance(v, (int, float)) and _nonzero(v))
+        stats = format_progress_fields(metrics, self._nonzero)
         if self._progress is not None:
             self._progress.update(self._task, completed=step, stats=stats)
         elif self.enabled and (step % self.print_every == 0 or step >= self.total):

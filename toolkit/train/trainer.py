@@ -43,6 +43,7 @@ from toolkit.objective.policy_objective import ObjectiveOutput, PolicyObjective,
 from toolkit.rollout import Rollout
 from toolkit.train.critic import RETURNS_KEY, CriticUpdater
 from toolkit.train.filters import refill
+from toolkit.train.rollout_stats import normalizes_within_groups, rollout_metrics
 from toolkit.train.schedules import OptimizerFactory, Scheduler, default_optimizer
 from toolkit.train.scoring import nanmean, score_rollout
 from toolkit.train.trainer_config import TrainerConfig
@@ -72,6 +73,7 @@ class Trainer:
         seed_everything(cfg.seed)
         self.policy, self.sampler, self.rewards = policy, sampler, dict(rewards)
         self.normalizer, self.objective, self.data, self.transforms = normalizer, objective, data, list(transforms)
+        self._within_groups = normalizes_within_groups(normalizer)  # the illusory-advantage diagnostic applies
         self.run_config = dict(run_config or {})
         self.run_dir = Path(cfg.run_dir)
         self.accelerator: Any = dist.make_accelerator(cfg.mixed_precision, project_dir=str(self.run_dir))
@@ -120,7 +122,7 @@ class Trainer:
         metrics = self.update(rollout)
         self.global_step += 1
         metrics.update(rollout.metrics)
-        metrics.update(rollout_metrics(rollout))
+        metrics.update(rollout_metrics(rollout, self._within_groups))
         metrics["time/sample_s"] = sampled - start
         metrics["time/step_s"] = time.perf_counter() - start
         return metrics, rollout
@@ -305,24 +307,6 @@ class Trainer:
         restore_rng_state(state.rng)
         self.global_step = state.step
         self._batches = None
-
-
-def rollout_metrics(rollout: Rollout) -> dict[str, float]:
-    """Length, truncation and advantage statistics of a processed rollout."""
-    metrics: dict[str, float] = {}
-    lengths = rollout.lengths if rollout.lengths is not None else rollout.mask.sum(dim=1)
-    metrics["rollout/length_mean"] = float(lengths.float().mean())
-    metrics["rollout/length_max"] = float(lengths.max())
-    if rollout.truncated is not None:
-        metrics["rollout/truncated_frac"] = float(rollout.truncated.float().mean())
-    if rollout.advantages is not None:
-        adv = rollout.advantages
-        metrics["advantage/mean"] = float(adv.float().mean())
-        metrics["advantage/std"] = float(adv.float().std()) if adv.numel() > 1 else 0.0
-        metrics["advantage/abs_max"] = float(adv.abs().max())
-    if rollout.scores is not None:
-        metrics["reward/score_mean"] = nanmean(rollout.scores)
-    return metrics
 
 
 def seed_everything(seed: int) -> None:
