@@ -82,7 +82,10 @@ def test_no_secret_reaches_a_run_dir_a_tracker_or_the_logs(
 
 
 def test_renorm_config_prints_no_secret(capsys: pytest.CaptureFixture[str]) -> None:
-    keyed = ["+rewards.keyed._component_=tests.toolkit.io.test_redaction.KeyedReward", f"+rewards.keyed.api_key={SECRET}"]
+    keyed = [
+        "+rewards.keyed._component_=tests.toolkit.io.test_redaction.KeyedReward",
+        f"+rewards.keyed.api_key={SECRET}",
+    ]
     assert main(["config", str(DEMO), f"description=token {SECRET}", *keyed]) == 0
     out = capsys.readouterr().out
     assert SECRET not in out and f"api_key: {REDACTED}" in out and f"token {REDACTED}" in out

@@ -147,8 +147,8 @@ def test_bad_settings_fail_clearly(tmp_path: Path) -> None:
                                     *_scripted()))  # fmt: skip
     with pytest.raises(KeyError, match="nope.*score"):
         fit(trainer)
-    trainer = build_trainer(_config(tmp_path / "b", 1, "trainer.eval_every=1",
-                                    "+eval.evaluator._component_=tests.toolkit.train.test_train_eval.NoMetrics"))  # fmt: skip
+    no_metrics = "+eval.evaluator._component_=tests.toolkit.train.test_train_eval.NoMetrics"
+    trainer = build_trainer(_config(tmp_path / "b", 1, "trainer.eval_every=1", no_metrics))
     with pytest.raises(TypeError, match="metrics"):
         fit(trainer)
 
