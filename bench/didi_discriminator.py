@@ -30,7 +30,8 @@ from modalities.diffusion_lm.nfe_table import load_student  # noqa: E402
 from toolkit.config import load_config  # noqa: E402
 from toolkit.config.schema import instantiate  # noqa: E402
 from toolkit.io.atomic import write_json_atomic
-from toolkit.io.checkpoint import load_checkpoint, resolve_resume
+from toolkit.io.checkpoint import load_checkpoint
+from toolkit.io.resume import resolve_resume
 
 ROOT = Path(__file__).resolve().parents[1]
 

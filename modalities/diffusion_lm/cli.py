@@ -134,7 +134,7 @@ def cmd_train_teacher(args: argparse.Namespace) -> int:
     from modalities.diffusion_lm.masked_diffusion import MaskedDiffusionLM
     from modalities.diffusion_lm.teacher import evaluate_nelbo, train_teacher
     from modalities.diffusion_lm.text_data import TokenDataset, build_text_tokenizer
-    from toolkit.io.checkpoint import resolve_resume
+    from toolkit.io.resume import resolve_resume
 
     s = resolve_teacher_settings(args)
     tokenizer = build_text_tokenizer(s["corpus"])

@@ -130,7 +130,8 @@ def load_student(run: str | Path, teacher_checkpoint: str | Path, use_ema: bool 
     The Trainer saves the student backbone as the model weights and the EMA copy under `policy_state`.
     """
     from modalities.diffusion_lm.teacher import load_teacher
-    from toolkit.io.checkpoint import load_checkpoint, resolve_resume
+    from toolkit.io.checkpoint import load_checkpoint
+    from toolkit.io.resume import resolve_resume
 
     resolved = resolve_resume(str(run), Path(run))
     if resolved is None:

@@ -27,11 +27,11 @@ from toolkit.io.checkpoint import (
     CheckpointState,
     capture_rng_state,
     load_checkpoint,
-    resolve_resume,
     restore_rng_state,
 )
 from toolkit.io.console import ProgressBar
 from toolkit.io.logging import MetricsLogger
+from toolkit.io.resume import resolve_resume
 from toolkit.io.run_dir import RunDirLock, prepare_run_dir
 from toolkit.train.interrupt import GracefulInterrupt
 

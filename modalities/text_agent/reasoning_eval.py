@@ -18,7 +18,7 @@ import torch
 
 from rewards.base import RewardModel
 from toolkit.interfaces import Policy, Sampler
-from toolkit.io.checkpoint import load_policy_weights
+from toolkit.io.resume import load_policy_weights
 from toolkit.train.scoring import score_rollout
 
 AVERAGE = "Avg"

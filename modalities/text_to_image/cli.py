@@ -51,7 +51,7 @@ def build_judge_client(args: argparse.Namespace, config: dict[str, Any]) -> Any:
 def build_policy_and_sampler(config: dict[str, Any], checkpoint: str | None) -> tuple[Any, Any]:
     """Policy and sampler of the config, with the checkpoint's weights loaded when given."""
     from toolkit.config import instantiate, validate
-    from toolkit.io.checkpoint import load_policy_weights
+    from toolkit.io.resume import load_policy_weights
 
     for name in ("policy", "sampler"):
         validate(config.get(name), where=name)

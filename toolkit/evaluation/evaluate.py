@@ -67,7 +67,7 @@ class EvalResult:
 
 def evaluate(config: Mapping[str, Any], checkpoint: str | None = None, output: str | None = None) -> EvalReport:
     """Sample `num_samples` completions for `num_prompts` eval prompts and score them (or run `eval.evaluator`)."""
-    from toolkit.io.checkpoint import load_policy_weights
+    from toolkit.io.resume import load_policy_weights
 
     eval_cfg = build_dataclass(EvalConfig, config.get("eval") or {}, where="eval")
     data_node = eval_cfg.data if eval_cfg.data is not None else config.get("data")

@@ -1,4 +1,4 @@
-"""Checkpoints: atomic save, keep-last-K, complete-only and verified resume, RNG capture.
+"""Checkpoints: atomic save, keep-last-K, complete-only and verified loading, RNG capture (choosing one: `resume`).
 
 Layout: `run_dir/checkpoints/step_{step:08d}/` holding `model.safetensors`, `objects.pt` (optimizer,
 scheduler, normalizer and data state), `rng.pt`, `meta.json` and a `COMPLETE` manifest written last with
@@ -15,7 +15,6 @@ checked against its manifest checksum first. `resume="auto"` skips a latest chec
 from __future__ import annotations
 
 import builtins
-import difflib
 import hashlib
 import json
 import logging
@@ -33,9 +32,8 @@ from typing import Any
 import numpy as np
 import safetensors.torch
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from toolkit.distributed import unwrap
 from toolkit.io.atomic import fsync_dir, fsync_file, write_text_synced
 
 COMPLETE = "COMPLETE"
@@ -44,7 +42,7 @@ OBJECTS_FILE = "objects.pt"
 RNG_FILE = "rng.pt"
 META_FILE = "meta.json"
 FORMAT_VERSION = 2  # 1: sizes only; 2: sizes and SHA-256 per file
-_STEP_DIR = re.compile(r"^step_(\d+)$")
+STEP_DIR = re.compile(r"^step_(\d+)$")
 _TEMP_PREFIX = ".tmp-"
 _TRASH_PREFIX = ".trash-"
 CORRUPT_PREFIX = "corrupt-"
@@ -233,7 +231,7 @@ class CheckpointManager:
         found = [
             entry
             for entry in self.directory.iterdir()
-            if _STEP_DIR.match(entry.name) and entry.is_dir() and (entry / COMPLETE).is_file()
+            if STEP_DIR.match(entry.name) and entry.is_dir() and (entry / COMPLETE).is_file()
         ]
         return sorted(found, key=_step_of)
 
@@ -285,7 +283,7 @@ class CheckpointManager:
 
 
 def _step_of(path: Path) -> int:
-    match = _STEP_DIR.match(path.name)
+    match = STEP_DIR.match(path.name)
     assert match is not None
     return int(match.group(1))
 
@@ -339,7 +337,7 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
     directory = Path(path)
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint directory not found: {directory}")
-    manifest = _read_manifest(directory)
+    manifest = read_manifest(directory)
     for name, expected in manifest["files"].items():
         file = directory / name
         if not file.is_file():
@@ -364,7 +362,7 @@ def safe_torch_load(path: str | Path) -> Any:
         ) from e
 
 
-def _read_manifest(directory: Path) -> dict[str, Any]:
+def read_manifest(directory: Path) -> dict[str, Any]:
     marker = directory / COMPLETE
     if not marker.is_file():
         raise CheckpointError(f"incomplete checkpoint (no {COMPLETE} marker): {directory}")
@@ -388,77 +386,3 @@ def _read(path: Path, reader: Any) -> Any:
         raise
     except Exception as e:
         raise CheckpointError(f"checkpoint file corrupt: {path}: {type(e).__name__}: {e}") from e
-
-
-def resolve_resume(resume: str, run_dir: str | Path, quarantine: bool = False) -> Path | None:
-    """Which checkpoint to resume from.
-
-    Args:
-        resume: "auto" (the latest complete checkpoint of `run_dir` that verifies, or None for a fresh
-            start; newer ones that fail their checksums are skipped with a warning),
-            "never" (None), or a path: a checkpoint directory (must be complete) or a run directory
-            (its latest checkpoint; one must exist). A relative name is also looked up in
-            `run_dir/checkpoints/` (so `step_00000100` works).
-        run_dir: this run's directory.
-        quarantine: with "auto", rename a skipped corrupt checkpoint to `corrupt-step_*` (the main process).
-
-    Raises:
-        CheckpointError: the path is missing, incomplete or holds no checkpoint.
-    """
-    if resume == "auto":
-        return CheckpointManager(run_dir).latest_verified(quarantine=quarantine)
-    if resume == "never":
-        return None
-    if not isinstance(resume, str) or not resume:
-        raise CheckpointError(f"resume must be 'auto', 'never' or a checkpoint path, got {resume!r}")
-    candidates = [Path(resume).expanduser(), CheckpointManager(run_dir).directory / resume]
-    path = next((p for p in candidates if p.exists()), None)
-    if path is None:
-        hint = difflib.get_close_matches(resume, ["auto", "never"], n=1)
-        extra = f"; did you mean '{hint[0]}'?" if hint else " ('auto' and 'never' are the other choices)"
-        raise CheckpointError(f"resume checkpoint not found: {resume}{extra}")
-    return resolve_checkpoint(path)
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory as given, or a run directory's newest checkpoint that verifies.
-
-    Raises:
-        CheckpointError: the path does not exist, is neither a checkpoint (`COMPLETE` inside) nor a run
-            directory (`checkpoints/` inside), or the run holds no complete checkpoint.
-    """
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    if (path / "checkpoints").is_dir() and not (path / COMPLETE).exists():
-        latest = CheckpointManager(path).latest_verified()
-        if latest is None:
-            raise CheckpointError(f"run directory {path} has no complete checkpoint")
-        return latest
-    if not path.is_dir():
-        raise CheckpointError(f"not a checkpoint directory: {path}")
-    if not (path / COMPLETE).exists() and not _STEP_DIR.match(path.name):
-        raise CheckpointError(
-            f"{path} is neither a checkpoint (checkpoints/step_*/ with a {COMPLETE} manifest) nor a run directory "
-            "(holding checkpoints/)"
-        )
-    _read_manifest(path)
-    return path
-
-
-def load_policy_weights(module: nn.Module, checkpoint: str | Path) -> Path:
-    """Load a checkpoint's (or a run directory's newest verified checkpoint's) weights into `module`.
-
-    Names the checkpoint doesn't hold keep their values (a LoRA checkpoint holds adapters only); a name the
-    module lacks is an error. Returns the checkpoint directory that was loaded.
-
-    Raises:
-        CheckpointError: see `resolve_checkpoint` and `load_checkpoint`.
-        ValueError: the checkpoint holds weights the module does not have (another model's checkpoint).
-    """
-    path = resolve_checkpoint(checkpoint)
-    state = load_checkpoint(path)
-    loaded = unwrap(module).load_state_dict(state.model, strict=False)
-    if loaded.unexpected_keys:
-        raise ValueError(f"checkpoint {path} has weights the policy does not: {loaded.unexpected_keys[:5]}")
-    return path

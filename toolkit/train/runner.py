@@ -17,9 +17,9 @@ from toolkit.config import ConfigError, build_dataclass, dump_config, instantiat
 from toolkit.config.types import source_of
 from toolkit.distributed import all_reduce_sum
 from toolkit.evaluation import EvalConfig
-from toolkit.io.checkpoint import resolve_resume
 from toolkit.io.logging import MetricsLogger, ProgressBar, get_logger
 from toolkit.io.redaction import redact, register_secrets
+from toolkit.io.resume import resolve_resume
 from toolkit.io.run_dir import RunDirError, RunDirLock, prepare_run_dir
 from toolkit.train.eval_hook import BestCheckpoint, evaluate_during_training, set_aside_stale_best
 from toolkit.train.interrupt import GracefulInterrupt

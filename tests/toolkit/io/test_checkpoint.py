@@ -26,9 +26,9 @@ from toolkit.io.checkpoint import (
     CheckpointState,
     capture_rng_state,
     load_checkpoint,
-    resolve_resume,
     restore_rng_state,
 )
+from toolkit.io.resume import resolve_resume
 from toolkit.train.interrupt import GracefulInterrupt
 
 REPO = Path(__file__).resolve().parents[3]

@@ -22,8 +22,8 @@ from toolkit.io.checkpoint import (
     CheckpointState,
     file_sha256,
     load_checkpoint,
-    resolve_resume,
 )
+from toolkit.io.resume import resolve_resume
 from toolkit.train.runner import build_trainer, fit
 
 # ---------------------------------------------------------------------------------------------- malicious pickles
@@ -147,7 +147,7 @@ def test_a_full_disk_while_saving_names_the_checkpoint_and_keeps_the_old_ones(
 
 
 def test_eval_takes_a_run_dir_and_loads_its_newest_checkpoint(tmp_path: Path) -> None:
-    from toolkit.io.checkpoint import resolve_checkpoint
+    from toolkit.io.resume import resolve_checkpoint
 
     run_dir = tmp_path / "run"
     fit(build_trainer(tiny_config(run_dir, "trainer.num_steps=2", "trainer.save_every=1")))

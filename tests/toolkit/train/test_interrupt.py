@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 
 from toolkit.cli import main
-from toolkit.io.checkpoint import CheckpointManager, load_checkpoint, resolve_resume
+from toolkit.io.checkpoint import CheckpointManager, load_checkpoint
+from toolkit.io.resume import resolve_resume
 
 ROOT = Path(__file__).resolve().parents[3]
 CONFIG = ROOT / "configs" / "demo" / "tiny_grpo.yaml"
