@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import sys
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from rewards.base import RewardModel
+from rewards.base import FunctionReward, RewardModel
 from toolkit.config import ConfigError, import_object, instantiate, load_config, validate
 from toolkit.config.types import read_text_file
 
@@ -53,11 +56,33 @@ def score_file(reward_spec: str, input_path: Path, output_path: Path | None, bat
             for i, row in enumerate(batch):
                 scored = dict(row, score=_json_float(result.scores[i]))
                 scored.update({f"reward/{k}": _json_float(v[i]) for k, v in result.components.items()})
+                if scored["score"] is None:
+                    scored["null_reason"] = null_reason(model, row)
                 out.write(json.dumps(scored) + "\n")
     finally:
         if output_path:
             out.close()
     return len(rows)
+
+
+def null_reason(model: Any, row: Mapping[str, Any]) -> str:
+    """Why a row scored null: the fields the reward names that the row lacks, or that it found it not applicable.
+
+    The named fields are the keyword parameters of a `FunctionReward`'s function (or of the model's `__call__`)
+    beyond prompt and sample; a reward that reads `**metadata` by hand is not inspected.
+    """
+    target = model.fn if isinstance(model, FunctionReward) else model.__call__
+    try:
+        parameters = list(inspect.signature(target).parameters.values())
+    except (TypeError, ValueError):
+        parameters = []
+    skip = 2  # (prompt, sample) of a function, (prompts, samples) of a model
+    named = [p.name for p in parameters[skip:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    missing = [name for name in named if name not in row]
+    fields = sorted(k for k in row if k not in ("prompt", "completion"))
+    if missing:
+        return f"the row has no {', '.join(repr(m) for m in missing)} field (it has {fields}); the reward reads {named}"
+    return f"the reward returned no score (not applicable) for this row; the row's fields: {fields}"
 
 
 def _json_float(value: torch.Tensor) -> float | None:
