@@ -148,6 +148,7 @@ class PairwisePreferenceJudge:
             "judge/pairs": float(len(jobs)),
             "judge/ties": float(ties),
             "judge/failures": float(failures),
+            "judge/failure_rate": failures / len(jobs) if jobs else 0.0,
             "judge/tie_rate": (ties + failures) / len(jobs) if jobs else 0.0,
             "judge/reasks": float(reasks),
             "judge/latency_s": used.mean_latency_s if used.requests else time.perf_counter() - began,

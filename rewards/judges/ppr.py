@@ -262,6 +262,7 @@ class PrincipleProcessJudge:
             "judge/validity_rate": 1.0 - invalid / len(jobs) if jobs else 1.0,
             "judge/invalid": float(invalid),
             "judge/failures": float(sum(r is None for r in replies)),
+            "judge/failure_rate": sum(r is None for r in replies) / len(jobs) if jobs else 0.0,
             "judge/reasks": float(reasks),
             "judge/latency_s": used.mean_latency_s,
             "judge/process_mean": sum(valid) / len(valid) if valid else 0.0,

@@ -21,6 +21,7 @@ from toolkit.io.logging import MetricsLogger, ProgressBar, get_logger
 from toolkit.io.redaction import redact, register_secrets
 from toolkit.io.resume import resolve_resume
 from toolkit.io.run_dir import RunDirError, RunDirLock, prepare_run_dir
+from toolkit.train.config_drift import CONFIG_FILE, Change, check_resume_config, is_run_key, record_changes
 from toolkit.train.eval_hook import BestCheckpoint, evaluate_during_training, set_aside_stale_best
 from toolkit.train.interrupt import GracefulInterrupt
 from toolkit.train.schedules import Scheduler, optimizer_factory
@@ -198,11 +199,17 @@ def _fit_locked(trainer: Trainer) -> Path | None:
     cfg = trainer.config
     main = trainer.accelerator.is_main_process
     resume_from = resolve_resume(cfg.resume, trainer.run_dir, quarantine=main)
+    changes: list[Change] = []
     if resume_from is not None:
-        trainer.load(resume_from)
+        changes = check_resume_config(trainer.run_dir, redact(trainer.run_config), cfg.allow_config_change)
+        trainer.load(resume_from, keep_new_hyperparameters=any(not is_run_key(key) for key, _, _ in changes))
         log.info("resumed from %s at step %d", resume_from, trainer.global_step)
+        for key, old, new in changes:
+            log.warning("config change on resume at step %d: %s: %r -> %r", trainer.global_step, key, old, new)
     if main:
-        dump_config(redact(trainer.run_config), trainer.run_dir / "config.yaml")
+        if resume_from is None or changes:  # a fresh run, or a recorded change: config.yaml says what runs now
+            dump_config(redact(trainer.run_config), trainer.run_dir / CONFIG_FILE)
+        record_changes(trainer.run_dir, trainer.global_step, changes)
         if resume_from is None:
             set_aside_stale_best(trainer.run_dir)
     trainer.accelerator.wait_for_everyone()

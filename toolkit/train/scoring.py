@@ -136,6 +136,27 @@ def score_rollout(
     return rollout
 
 
+JUDGE_FAILURE_RATE = "judge/failure_rate"
+
+
+def check_judge_failures(metrics: Mapping[str, float], max_failure_frac: float) -> None:
+    """Stop when a judge (a reward model's or a transform's `.../judge/failure_rate`) failed too often this step.
+
+    A judge whose calls fail after their retries falls back (a tie, a neutral score): past `max_failure_frac`
+    of its calls in a step the rewards are mostly fallbacks and training on them is meaningless.
+
+    Raises:
+        RewardFailure: naming the metric and the rate.
+    """
+    for key, rate in metrics.items():
+        if key.endswith(JUDGE_FAILURE_RATE) and rate > max_failure_frac:
+            raise RewardFailure(
+                f"{key} = {rate:.0%} this step: the judge's calls failed after their retries and their rewards are "
+                f"fallbacks (ties, neutral scores). The run stops because more than "
+                f"trainer.max_reward_failure_frac={max_failure_frac:g} failed; check the judge's endpoint"
+            )
+
+
 def nansum_rows(matrix: Tensor) -> Tensor:
     """[N, K] -> [N] sum over the finite entries of each row; NaN when a row has none."""
     finite = torch.isfinite(matrix)

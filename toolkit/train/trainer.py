@@ -41,11 +41,12 @@ from toolkit.io.checkpoint import CheckpointManager, CheckpointState, capture_rn
 from toolkit.io.redaction import redact
 from toolkit.objective.policy_objective import ObjectiveOutput, PolicyObjective, loss_denominators
 from toolkit.rollout import Rollout
+from toolkit.train.config_drift import apply_new_hyperparameters, group_settings
 from toolkit.train.critic import RETURNS_KEY, CriticUpdater
 from toolkit.train.filters import refill
 from toolkit.train.rollout_stats import normalizes_within_groups, rollout_metrics
 from toolkit.train.schedules import OptimizerFactory, Scheduler, default_optimizer
-from toolkit.train.scoring import nanmean, score_rollout
+from toolkit.train.scoring import check_judge_failures, nanmean, score_rollout
 from toolkit.train.trainer_config import TrainerConfig
 
 
@@ -154,6 +155,7 @@ class Trainer:
             rollout.ref_logprobs = self.reference_log_probs(rollout)
         for transform in self.transforms:
             rollout = transform(rollout)
+        check_judge_failures(rollout.metrics, cfg.max_reward_failure_frac)
         if (
             self.transforms and rollout.scores is not None
         ):  # `reward/mean` is the score the normalizer sees, not the sum of the raw components
@@ -291,7 +293,9 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         return path
 
-    def load(self, path: str | Path) -> None:
+    def load(self, path: str | Path, keep_new_hyperparameters: bool = False) -> None:
+        """Restore a checkpoint; `keep_new_hyperparameters` keeps this config's optimizer settings (lr, betas ...)."""
+        fresh = group_settings(self.optimizer)
         state = self.checkpoints.load(Path(path))
         module = dist.unwrap(self.policy.module)
         result = module.load_state_dict(state.model, strict=False)
@@ -299,6 +303,8 @@ class Trainer:
             raise ValueError(f"checkpoint {path} has weights the policy does not: {result.unexpected_keys[:5]}")
         self.optimizer.load_state_dict(state.objects["optimizer"])
         self.scheduler.load_state_dict(state.objects["scheduler"])
+        if keep_new_hyperparameters:
+            apply_new_hyperparameters(self.optimizer, self.scheduler, fresh)
         self.data.load_state_dict(state.objects["data"])
         self.generator.set_state(state.objects["generator"])
         for name, part in self.stateful_parts():

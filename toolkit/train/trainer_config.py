@@ -65,15 +65,18 @@ class TrainerConfig:
     dynamic_sampling_on: str = "scores"
     # Rewards: retries for a reward model that raises, before its scores become NaN (counted).
     reward_retries: int = 2
-    # A reward model still failing after its retries on more than this fraction of a step's samples stops the run
-    # (RewardFailure naming the model, the exception and the first failing input); 1 = train on, its scores NaN.
-    max_reward_failure_frac: float = 0.0
+    # A reward model still failing after its retries on more than this fraction of a step's samples (or a judge on
+    # more than this fraction of its calls) stops the run (RewardFailure naming the model, the exception and the
+    # first failing input, or the judge's failure rate); 1 = train on with NaN scores and fallbacks.
+    max_reward_failure_frac: float = 0.05
     # Checkpoints: every `save_every` steps (0 = only at the end), keep the last `keep_last`.
     save_every: int = 0
     keep_last: int = 3
     resume: str = "auto"
     # resume=never on a run dir holding a run is an error unless true: then the old run is moved aside, not deleted.
     overwrite: bool = False
+    # Resuming with a config that changes what is trained is an error unless true: then applied and recorded.
+    allow_config_change: bool = False
     # Logging.
     log_every: int = 1
     num_log_samples: int = 4

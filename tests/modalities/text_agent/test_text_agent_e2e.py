@@ -27,6 +27,7 @@ from toolkit.config import load_config
 from toolkit.evaluation import evaluate
 from toolkit.rollout import Rollout
 from toolkit.train.runner import build_trainer
+from toolkit.train.scoring import RewardFailure
 from toolkit.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -222,8 +223,8 @@ def flaky_judge_url() -> Iterator[str]:
         yield f"http://127.0.0.1:{server.server_address[1]}/v1"
 
 
-def test_grpo_variant_http_retriever_and_flaky_judge(tmp_path: Path, retriever_url: str, flaky_judge_url: str) -> None:
-    cfg = config("tiny_ppr.yaml", tmp_path, "trainer.num_minibatches=1", "trainer.group_size=2")
+def flaky_judge_config(tmp_path: Path, retriever_url: str, flaky_judge_url: str, *overrides: str) -> dict[str, Any]:
+    cfg = config("tiny_ppr.yaml", tmp_path, "trainer.num_minibatches=1", "trainer.group_size=2", *overrides)
     cfg["sampler"]["tools"] = [
         {"_component_": "modalities.text_agent.tools.search.RetrieverClient", "url": retriever_url, "top_k": 1}
     ]
@@ -240,7 +241,20 @@ def test_grpo_variant_http_retriever_and_flaky_judge(tmp_path: Path, retriever_u
     cfg["transforms"][1]["judge"]["max_retries_invalid"] = 1
     cfg["critic"] = None
     cfg["normalizer"] = {"_component_": "toolkit.advantages.TurnGroupNormalizer", "eps": 1.0e-6}
-    trainer = build_trainer(cfg)
+    return cfg
+
+
+def test_a_judge_failing_on_many_calls_stops_the_run(tmp_path: Path, retriever_url: str, flaky_judge_url: str) -> None:
+    trainer = build_trainer(flaky_judge_config(tmp_path, retriever_url, flaky_judge_url))
+    bias_towards_search(trainer)
+    with pytest.raises(RewardFailure, match=r"judge/failure_rate = \d+% this step.*max_reward_failure_frac=0.05"):
+        for _ in range(2):
+            trainer.step()
+
+
+def test_grpo_variant_http_retriever_and_flaky_judge(tmp_path: Path, retriever_url: str, flaky_judge_url: str) -> None:
+    tolerant = "trainer.max_reward_failure_frac=1.0"  # the judge's timeouts and garbage are counted, not fatal
+    trainer = build_trainer(flaky_judge_config(tmp_path, retriever_url, flaky_judge_url, tolerant))
     bias_towards_search(trainer)
     spy = LossSpy(trainer)
     texts: list[str] = []

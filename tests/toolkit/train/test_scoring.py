@@ -10,7 +10,7 @@ import torch
 from rewards.base import FunctionReward, RewardOutput
 from rewards.text.toy import TargetCharReward
 from toolkit.rollout import Rollout
-from toolkit.train.scoring import RewardFailure, score_rollout
+from toolkit.train.scoring import RewardFailure, check_judge_failures, score_rollout
 
 
 def rollout(completions: list[str], targets: list[str]) -> Rollout:
@@ -100,3 +100,12 @@ def test_trainer_without_rewards_or_transforms_is_an_error(tmp_path) -> None:
 
     with pytest.raises(ValueError, match="no reward models and no reward transforms"):
         build_trainer(tiny_config(tmp_path, "rewards={}", "transforms=[]"))
+
+
+def test_a_judge_outage_stops_the_step_and_a_few_fallbacks_do_not() -> None:
+    check_judge_failures({"judge/failure_rate": 0.04, "reward/medical/judge/failure_rate": 0.05}, 0.05)
+    with pytest.raises(RewardFailure, match=r"reward/medical/judge/failure_rate = 6% this step"):
+        check_judge_failures({"reward/medical/judge/failure_rate": 0.06}, 0.05)
+    with pytest.raises(RewardFailure, match=r"judge/failure_rate = 100% .*ties"):  # Pref-GRPO pairs all ties
+        check_judge_failures({"judge/failure_rate": 1.0, "judge/tie_rate": 1.0}, 0.05)
+    check_judge_failures({"judge/failure_rate": 1.0}, 1.0)  # tolerated: train on the fallbacks
