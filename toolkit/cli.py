@@ -1,10 +1,11 @@
-"""`renorm`: train, eval, score, plot, merge and config from the command line.
+"""`renorm`: train, eval, score, plot, merge, export and config from the command line.
 
 renorm train CONFIG [key=value ...]      train from a YAML config (resumes by default)
 renorm eval CONFIG [--checkpoint DIR]    score the policy's samples on the eval prompts
 renorm score REWARD --input FILE         run one reward model standalone, JSONL in/out
 renorm plot RUN_DIR [RUN_DIR ...]        write PNG curves of a run's metrics (several: overlaid)
 renorm merge BASE TUNED OUT              DLER update-selective merging of two checkpoints
+renorm export [CONFIG] CHECKPOINT OUT    a checkpoint as a Hugging Face model (or PEFT adapter) folder
 renorm config CONFIG [key=value ...]     print the resolved config
 """
 
@@ -27,7 +28,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from toolkit.io.plotting import plot_run
     from toolkit.train.runner import build_trainer, fit
 
-    overrides = [*args.overrides, "trainer.overwrite=true"] if args.overwrite else args.overrides
+    flags = {"trainer.overwrite=true": args.overwrite, "trainer.allow_config_change=true": args.allow_config_change}
+    overrides = [*args.overrides, *(override for override, on in flags.items() if on)]
     config = load_config(args.config, overrides)
     trainer = build_trainer(config)
     last = fit(trainer)
@@ -80,6 +82,17 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from toolkit.config import load_config
+    from toolkit.io.export import export_checkpoint, split_export_args
+
+    config_path, checkpoint, out, overrides = split_export_args([*args.paths, *args.overrides])
+    config = load_config(config_path, overrides)
+    loaded = export_checkpoint(config, checkpoint, out, merge_lora=args.merge_lora, dtype=args.dtype)
+    print(f"exported {loaded} (config {config_path}) to {out}: {', '.join(sorted(p.name for p in out.iterdir()))}")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from toolkit.config import format_config, load_config
     from toolkit.io.redaction import redact
@@ -91,7 +104,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 PLUGIN_GROUP = "renorm.commands"
 
 
-CORE_COMMANDS = ("train", "eval", "score", "plot", "merge", "config")
+CORE_COMMANDS = ("train", "eval", "score", "plot", "merge", "export", "config")
 
 
 def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
@@ -110,6 +123,12 @@ def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
         "--overwrite",
         action="store_true",
         help="with trainer.resume=never on a run dir that holds a run: move that run aside (RUN_DIR.old-*) first",
+    )
+    p.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="resume although the config changes what is trained (lr included): applied and recorded in "
+        "RUN_DIR/config_changes.jsonl",
     )
     p = command("eval", cmd_eval, "Sample from the policy on the eval prompts and report rewards per dataset/task.")
     p.add_argument("config")
@@ -145,6 +164,23 @@ def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--density", type=float, default=0.25)
     p.add_argument("--scale", type=float, default=0.7)
     p.add_argument("--scope", choices=["tensor", "global"], default="tensor")
+    p = command("export", cmd_export, "Write a checkpoint as a Hugging Face folder (full model or PEFT adapter).")
+    p.usage = "%(prog)s [--merge-lora] [--dtype {auto,fp32,bf16}] [CONFIG] CHECKPOINT_OR_RUN_DIR OUT [key=value ...]"
+    p.add_argument(
+        "paths",
+        nargs="+",
+        metavar="PATH",
+        help="[CONFIG] CHECKPOINT_OR_RUN_DIR OUT, then key=value overrides of the config; CONFIG defaults to the "
+        "run's config.yaml (secrets redacted); a run dir exports its newest verified checkpoint",
+    )
+    p.add_argument("--merge-lora", action="store_true", help="LoRA: merge the adapters and write a full model")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="cast the weights (auto: keep)")
+    p.set_defaults(overrides=[])
+    p.epilog = (
+        "Full fine-tuning: config.json, generation_config.json, safetensors, tokenizer and chat template "
+        "(AutoModelForCausalLM.from_pretrained(OUT)). LoRA: adapter_config.json, adapter_model.safetensors and the "
+        "tokenizer (PeftModel.from_pretrained(base, OUT)); with --merge-lora a full model folder."
+    )
     p = command("config", cmd_config, "Print the resolved config (bases merged, overrides applied).")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", metavar="key=value")

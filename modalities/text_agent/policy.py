@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -223,6 +224,35 @@ class CausalLMPolicy:
                 f"unexpected {sorted(set(state) - expected)[:5]}"
             )
         unwrap(self.module).load_state_dict(dict(state), strict=False)
+
+    def export(self, out_dir: str | Path, merge_lora: bool = False, dtype: torch.dtype | None = None) -> None:
+        """Write the policy as a Hugging Face folder into `out_dir` (`renorm export`, toolkit.io.export).
+
+        Full fine-tuning: `save_pretrained` (config.json, generation_config.json, safetensors shards); loads
+        with `AutoModelForCausalLM.from_pretrained`. LoRA: the PEFT adapter folder (adapter_config.json,
+        adapter_model.safetensors under PEFT's saved names); loads with `PeftModel.from_pretrained(base,
+        out_dir)`. The tokenizer (with its chat template) is saved beside either.
+
+        Args:
+            out_dir: an existing folder (written into).
+            merge_lora: merge the adapters into the base weights (`merge_and_unload`) and save a full model.
+                This consumes the adapters: afterwards the policy holds the merged model, as a full-weight
+                policy with no reference (reference="none": the base weights are gone).
+            dtype: cast the module's weights in place before saving (None keeps them).
+        """
+        module: Any = unwrap(self.module)
+        if merge_lora:
+            if not self.is_lora:
+                raise ValueError("merge_lora needs a LoRA policy; this one trains all weights (export it as is)")
+            module = module.merge_and_unload()
+            self.module, self.is_lora, self.reference_mode, self._snapshot = module, False, "none", None
+        if not callable(getattr(module, "save_pretrained", None)):
+            raise ValueError(f"{type(module).__name__} has no save_pretrained; only transformers/peft models export")
+        if dtype is not None:
+            module.to(dtype)
+        module.save_pretrained(str(out_dir))
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(str(out_dir))
 
     def _score(self, module: nn.Module, rollout: Rollout, with_entropy: bool) -> tuple[Tensor, Tensor | None]:
         num_steps = rollout.num_steps

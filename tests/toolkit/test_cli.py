@@ -71,6 +71,7 @@ SUBCOMMAND_PURPOSE = {
     "score": "reward model standalone",
     "plot": "PNG curves",
     "merge": "Update-selective merging",
+    "export": "Hugging Face folder",
     "config": "resolved config",
 }
 

@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from toolkit.io.checkpoint import COMPLETE, META_FILE, OBJECTS_FILE, RNG_FILE
 from toolkit.reward_transforms.common import check_choice
 
 Scope = Literal["tensor", "global"]
@@ -28,6 +29,8 @@ Ties = Literal["keep_all", "exact"]
 PairStream = Callable[[], Iterator[tuple[str, Tensor, Tensor]]]
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+# What a renorm training checkpoint holds besides its weights: resume state, not part of a model folder.
+CHECKPOINT_BOOKKEEPING = frozenset({COMPLETE, META_FILE, OBJECTS_FILE, RNG_FILE})
 
 
 def num_kept(numel: int, density: float) -> int:
@@ -258,8 +261,9 @@ def merge_checkpoints(
     """`update_selective_merge` over Hugging Face safetensors checkpoint directories, shard by shard.
 
     The output mirrors the base checkpoint's sharding (same shard names; index json with the weight map
-    and total size) and safetensors metadata; every other top-level file of `tuned_dir` (config.json,
-    generation_config.json, tokenizer files, ...) is copied. Memory: one base shard plus its tuned tensors.
+    and total size) and safetensors metadata, and gets the model's side files (`_copy_side_files`: the base's
+    config.json, generation_config.json, tokenizer files when it is a Hugging Face folder), so
+    `from_pretrained(out_dir)` loads it. Memory: one base shard plus its tuned tensors.
 
     Returns:
         Statistics: `merge/tensors`, `merge/kept_frac` (fraction of floating entries changed), `merge/shards`.
@@ -297,7 +301,7 @@ def merge_checkpoints(
     if (base_dir / INDEX_NAME).is_file():
         index = {"metadata": {"total_size": size}, "weight_map": dict(sorted(base.weight_map.items()))}
         (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-    _copy_side_files(tuned_dir, out_dir)
+    _copy_side_files(base_dir, tuned_dir, out_dir)
     return {
         "merge/tensors": float(len(order)),
         "merge/kept_frac": changed / total if total else 0.0,
@@ -305,8 +309,16 @@ def merge_checkpoints(
     }
 
 
-def _copy_side_files(source: Path, out_dir: Path) -> None:
+def _copy_side_files(base_dir: Path, tuned_dir: Path, out_dir: Path) -> None:
+    """Copy the model's top-level side files (config, generation config, tokenizer, chat template, ...) to `out_dir`.
+
+    They come from the base when it is a Hugging Face folder (it has config.json): the merged weights have the
+    base's names, dtypes and sharding. Otherwise from the tuned checkpoint. Weights are never copied, nor a
+    renorm training checkpoint's bookkeeping (COMPLETE manifest, optimizer/RNG state, meta.json): it
+    describes the tuned weights and their run, not the merged ones.
+    """
+    source = base_dir if (base_dir / "config.json").is_file() else tuned_dir
     for path in source.iterdir():
         is_weight = path.suffix in (".safetensors", ".bin", ".pt", ".pth") or path.name.endswith(".index.json")
-        if path.is_file() and not is_weight:
+        if path.is_file() and not is_weight and path.name not in CHECKPOINT_BOOKKEEPING:
             shutil.copy2(path, out_dir / path.name)

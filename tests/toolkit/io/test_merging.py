@@ -11,8 +11,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2ForCausalLM
 
-from toolkit.io.merging import kth_largest, merge_checkpoints, num_kept, update_selective_merge
+from modalities.text_agent.policy import CausalLMPolicy
+from modalities.text_agent.tiny import build_char_tokenizer, build_tiny_qwen2
+from toolkit.io.checkpoint import CheckpointManager, CheckpointState
+from toolkit.io.merging import CHECKPOINT_BOOKKEEPING, kth_largest, merge_checkpoints, num_kept, update_selective_merge
 
 ATOL = 1e-5
 
@@ -135,7 +139,7 @@ def test_sharded_checkpoint_round_trip(tmp_path: Path, scope: str, ties: str) ->
     for key in expected:
         assert merged[key].dtype == base[key].dtype and torch.equal(merged[key], expected[key])
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in expected.values())
-    assert json.loads((out_dir / "config.json").read_text())["dir"] == "tuned"
+    assert json.loads((out_dir / "config.json").read_text())["dir"] == "base"  # side files follow the base
     with pytest.raises(FileExistsError, match="not empty"):
         merge_checkpoints(tmp_path / "base", tmp_path / "tuned", out_dir)
 
@@ -149,3 +153,40 @@ def test_single_file_checkpoint_and_missing_dir(tmp_path: Path) -> None:
     assert not (tmp_path / "out" / "model.safetensors.index.json").exists()
     with pytest.raises(FileNotFoundError, match="nowhere"):
         merge_checkpoints(tmp_path / "nowhere", tmp_path / "tuned", tmp_path / "out2")
+
+
+# ---------------------------------------------------------------------------------------------- loadable output
+
+
+def save_tiny_base(directory: Path) -> Qwen2ForCausalLM:
+    """A tiny Qwen2 saved as a Hugging Face folder with its tokenizer (what a hub base model looks like)."""
+    model = build_tiny_qwen2(seed=0)
+    model.save_pretrained(directory)
+    build_char_tokenizer().save_pretrained(directory)
+    return model
+
+
+def test_merged_hf_base_and_exported_tuned_load_with_transformers(tmp_path: Path) -> None:
+    base = save_tiny_base(tmp_path / "base")
+    tuned_policy = CausalLMPolicy(build_tiny_qwen2(seed=1), tokenizer=build_char_tokenizer())
+    (tmp_path / "tuned").mkdir()
+    tuned_policy.export(tmp_path / "tuned")
+    merge_checkpoints(tmp_path / "base", tmp_path / "tuned", tmp_path / "out", density=1.0, scale=1.0)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in (tmp_path / "base").iterdir())
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    input_ids = torch.tensor([[2, 42, 40, 26, 39, 107]])
+    with torch.no_grad():  # density 1, scale 1: the merged model is the tuned one
+        torch.testing.assert_close(merged(input_ids).logits, tuned_policy.module(input_ids).logits, rtol=0, atol=0)
+        assert not torch.equal(merged(input_ids).logits, base(input_ids).logits)
+    assert AutoTokenizer.from_pretrained(tmp_path / "out").chat_template == build_char_tokenizer().chat_template
+
+
+def test_merging_a_training_checkpoint_copies_no_bookkeeping(tmp_path: Path) -> None:
+    base = save_tiny_base(tmp_path / "base")
+    tuned = {name: value + 0.01 for name, value in base.state_dict().items()}
+    checkpoint = CheckpointManager(tmp_path / "run").save(CheckpointState(step=3, model=tuned, meta={"a": 1}))
+    merge_checkpoints(tmp_path / "base", checkpoint, tmp_path / "out")
+    files = {p.name for p in (tmp_path / "out").iterdir()}
+    assert not files & CHECKPOINT_BOOKKEEPING and {"config.json", "generation_config.json", "tokenizer.json"} <= files
+    assert (tmp_path / "out" / "config.json").read_text() == (tmp_path / "base" / "config.json").read_text()
+    AutoModelForCausalLM.from_pretrained(tmp_path / "out")
