@@ -1,4 +1,4 @@
-"""Prompt data source: records from a local JSONL/JSON file or memory, endless seeded epochs, exact resume.
+"""Prompt data source: records from any `toolkit.io.datasets` source or memory, endless seeded epochs, exact resume.
 
 The order of epoch e is a permutation seeded by (seed, e) alone, so `{"epoch", "position"}` is all
 the state a resumed run needs to continue at exactly the next batch.
@@ -6,14 +6,14 @@ the state a resumed run needs to continue at exactly the next batch.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from toolkit.config.types import read_text_file as read_text_file  # re-exported for the modality loaders
+from toolkit.io.datasets import load_records as load_records  # re-exported: the one loader
+from toolkit.io.datasets import map_record
 
 _MIX_SEED = 0x9E3779B97F4A7C15
 _MIX_EPOCH = 0xBF58476D1CE4E5B9
@@ -27,41 +27,6 @@ def epoch_permutation(num_records: int, seed: int, epoch: int) -> list[int]:
     return order
 
 
-def load_records(path: str | Path) -> list[dict[str, Any]]:
-    """Records of a local file: a JSON list when the suffix is `.json`, else JSON Lines (blank lines skipped).
-
-    Raises:
-        FileNotFoundError: the file does not exist.
-        ValueError: bytes that are not UTF-8 (with the offset and line), a malformed line (with its line
-            number) or a record that is not an object.
-    """
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"prompt file not found: {file}")
-    text = read_text_file(file)
-    if file.suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{file}: malformed JSON at line {error.lineno}: {error.msg}") from error
-        if not isinstance(data, list):
-            raise ValueError(f"{file}: a .json prompt file must hold a list of objects, got {type(data).__name__}")
-        located = [(f"record {index}", item) for index, item in enumerate(data)]
-    else:
-        located = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                located.append((f"line {lineno}", json.loads(line)))
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{file}: malformed JSON on line {lineno}: {error.msg}") from error
-    for where, item in located:
-        if not isinstance(item, dict):
-            raise ValueError(f"{file}, {where}: expected a JSON object, got {type(item).__name__}")
-    return [item for _, item in located]
-
-
 class PromptDataset:
     """An endless, seeded, resumable stream of prompt dicts (implements toolkit.interfaces.DataSource).
 
@@ -70,11 +35,17 @@ class PromptDataset:
     may end one epoch and start the next); each epoch is a fresh permutation when `shuffle`.
 
     Args:
-        path: local `.jsonl` (or `.json` list) file; exactly one of `path` and `records`.
+        path: a data source (see `toolkit.io.datasets.load_records`): a local `.jsonl`, `.json` (list),
+            `.parquet` or `.csv` file, a `save_to_disk` folder or a hub id; exactly one of `path` and `records`.
         records: in-memory records (dicts).
         shuffle: permute each epoch; False keeps file order.
         seed: seeds the epoch permutations together with the epoch index.
-        prompt_key: the record field holding the prompt (a string or chat messages).
+        prompt_key: the record field holding the prompt (a string or chat messages), after `fields`.
+        config: the hub subset of a hub id.
+        split: the split of a hub id or saved DatasetDict (optional when there is only one).
+        fields: {record key: dotted path into the row}, e.g. {"prompt": "question", "answer":
+            "reward_model.ground_truth"}; the row's other columns are kept.
+        max_rows: keep the first N rows (before any shuffling); None keeps all.
     """
 
     def __init__(
@@ -84,11 +55,23 @@ class PromptDataset:
         shuffle: bool = True,
         seed: int = 0,
         prompt_key: str = "prompt",
+        config: str | None = None,
+        split: str | None = None,
+        fields: Mapping[str, str] | None = None,
+        max_rows: int | None = None,
     ) -> None:
         if (path is None) == (records is None):
             raise ValueError("give exactly one of path and records")
         source = str(path) if path is not None else "records"
-        raw = load_records(path) if path is not None else [dict(r) for r in records or []]
+        if path is not None:
+            raw = load_records(path, config=config, split=split, fields=fields, max_rows=max_rows)
+        else:
+            if max_rows is not None and max_rows < 1:
+                raise ValueError(f"max_rows must be >= 1 or None, got {max_rows}")
+            if config is not None or split is not None:
+                raise ValueError("config and split choose what to load from path; they do not apply to records")
+            rows = list(records or [])[:max_rows]
+            raw = [map_record(r, fields, f"records, row {i}") for i, r in enumerate(rows)]
         if not raw:
             raise ValueError(f"the prompt dataset from {source} is empty")
         self.records = [_normalize(record, index, prompt_key, source) for index, record in enumerate(raw)]

@@ -1,10 +1,11 @@
-"""QA prompt data for search agents: NQ, TriviaQA, PopQA, HotpotQA, 2Wiki, Musique, Bamboogle from local files.
+"""QA prompt data for search agents: NQ, TriviaQA, PopQA, HotpotQA, 2Wiki, Musique, Bamboogle.
 
 Rows in the Search-R1 / FlashRAG layout (`{"id", "question", "golden_answers", ...}`) from `.jsonl`,
-`.json` or `.parquet` (parquet needs pandas + pyarrow; Search-R1's processed parquet with
-`reward_model.ground_truth.target` and `data_source` is read too). Each row becomes a prompt dict
-`{"prompt", "question", "golden_answers", "dataset", "id"}` with the search-agent instruction template.
-The dataset name comes from a `dataset`/`data_source` field, else from the file or folder name.
+`.json`, `.parquet` or `.csv` files, `save_to_disk` folders or hub ids (`toolkit.io.datasets`; Search-R1's
+processed parquet with `reward_model.ground_truth.target` and `data_source` is read too, other layouts
+through `fields`). Each row becomes a prompt dict `{"prompt", "question", "golden_answers", "dataset", "id"}`
+with the search-agent instruction template. The dataset name comes from a `dataset`/`data_source` field,
+else from the hub config, file or folder name.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from toolkit.data import PromptDataset, read_text_file
+from toolkit.io.datasets import is_hub_id, load_records, map_record
 
 # Our wording of Search-R1's "base" instruction structure (docs/methods/ppr.md §2). It holds exactly one
 # `<answer>...</answer>` match, which the official EM rule (>= 2 matches in prompt + response) assumes.
@@ -75,18 +77,35 @@ def dataset_name_for(path: str | Path) -> str:
     return file.stem
 
 
-def read_rows(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
-    """(location, row) pairs of a `.jsonl`, `.json` (list) or `.parquet` file; locations name file and line.
+def read_rows(
+    path: str | Path,
+    *,
+    config: str | None = None,
+    split: str | None = None,
+    fields: Mapping[str, str] | None = None,
+) -> list[tuple[str, dict[str, Any]]]:
+    """(location, row) pairs of a source, with `fields` mapped in; locations name the file and line or row.
+
+    `.jsonl` / `.json` files are read here (errors name the line); parquet, CSV, dataset folders and hub ids
+    go through `toolkit.io.datasets.load_records`, whose `config`, `split` and `fields` these are.
 
     Raises:
-        FileNotFoundError: the file does not exist.
-        ValueError: a malformed line (with its number), a row that is not an object, or parquet without pandas.
+        FileNotFoundError: no such file or folder (or an uncached hub id offline).
+        ValueError: a malformed line (with its number), a row that is not an object, or a missing field.
     """
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"QA data file not found: {file}")
-    if file.suffix == ".parquet":
-        return _read_parquet(file)
+    if not is_hub_id(path):
+        file = Path(path)
+        if not file.exists():
+            raise FileNotFoundError(f"QA data file not found: {file}")
+        if file.is_file() and file.suffix not in (".parquet", ".csv"):
+            if config is not None or split is not None:
+                raise ValueError(f"config and split apply to hub ids and dataset folders, not to the file {file}")
+            return [(where, map_record(row, fields, where)) for where, row in _read_json_rows(file)]
+    rows = load_records(path, config=config, split=split, fields=fields)
+    return [(f"{path}, row {i}", row) for i, row in enumerate(rows)]
+
+
+def _read_json_rows(file: Path) -> list[tuple[str, dict[str, Any]]]:
     if file.suffix == ".json":
         try:
             data = json.loads(read_text_file(file))
@@ -107,15 +126,6 @@ def read_rows(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
         if not isinstance(row, dict):
             raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
     return located
-
-
-def _read_parquet(file: Path) -> list[tuple[str, dict[str, Any]]]:
-    try:
-        import pandas as pd
-    except ImportError as error:
-        raise ValueError(f"{file}: reading parquet needs pandas and pyarrow") from error
-    frame = pd.read_parquet(file)
-    return [(f"{file}, row {i}", dict(row)) for i, row in enumerate(frame.to_dict(orient="records"))]
 
 
 def _golden_answers(row: Mapping[str, Any], where: str) -> list[str]:
@@ -148,7 +158,7 @@ def qa_prompt(
         "question": question.strip(),
         "golden_answers": _golden_answers(row, where),
         "dataset": name,
-        "id": f"{name}/{row.get('id', index)}",
+        "id": f"{name}/{index if row.get('id') is None else row['id']}",
     }
 
 
@@ -158,20 +168,27 @@ def load_qa_file(
     template: str = "search_r1",
     splits: Sequence[str] | None = None,
     max_rows: int | None = None,
+    *,
+    config: str | None = None,
+    split: str | None = None,
+    fields: Mapping[str, str] | None = None,
 ) -> list[dict[str, Any]]:
-    """Prompt dicts of one file (in file order).
+    """Prompt dicts of one source (in source order).
 
     Args:
-        path: `.jsonl`, `.json` or `.parquet`.
-        dataset: the dataset name of every row; None = the row's field, else inferred from the file name.
+        path: a `.jsonl`, `.json`, `.parquet` or `.csv` file, a `save_to_disk` folder or a hub id.
+        dataset: the dataset name of every row; None = the row's field, else inferred from the hub config
+            or the file name.
         template: see `resolve_template`.
-        splits: keep only rows whose `split` field is one of these; None keeps every row.
+        splits: keep only rows whose `split` column is one of these; None keeps every row.
         max_rows: keep the first `max_rows` rows (after the split filter); None keeps all.
+        config, split, fields: the hub subset, the hub/DatasetDict split and the field mapping (see
+            `toolkit.io.datasets.load_records`), e.g. `fields={"golden_answers": "reward_model.ground_truth"}`.
     """
     resolve_template(template)
-    inferred = dataset_name_for(path)
+    inferred = dataset_name_for(f"{path}/{config}" if config else path)
     records = []
-    for index, (where, row) in enumerate(read_rows(path)):
+    for index, (where, row) in enumerate(read_rows(path, config=config, split=split, fields=fields)):
         if splits is not None and row.get("split") not in splits:
             continue
         records.append(qa_prompt(row, where, index, template, dataset, inferred))
@@ -181,15 +198,18 @@ def load_qa_file(
 
 
 class SearchQADataset(PromptDataset):
-    """Several QA files mixed into one endless, seeded, resumable prompt stream (a DataSource).
+    """Several QA sources mixed into one endless, seeded, resumable prompt stream (a DataSource).
 
     Args:
-        paths: one file or a list of files (`.jsonl`, `.json`, `.parquet`).
+        paths: one source or a list: `.jsonl`, `.json`, `.parquet`, `.csv` files, `save_to_disk` folders, hub ids.
         dataset_names: one name per path, overriding the rows' fields and the file names.
         template: "search_r1", "compact", "question", or a custom string with "{question}".
-        splits: keep only rows whose `split` field is listed (e.g. ["train"] for the synthetic set).
+        splits: keep only rows whose `split` column is listed (e.g. ["train"] for the synthetic set).
         max_per_dataset: the first N rows of each file; None = all.
         shuffle, seed: as PromptDataset (each epoch a seeded permutation of all files' rows).
+        config, split: the hub subset and the split to load (hub ids, saved DatasetDicts) for every path;
+            `split` picks what is loaded, `splits` filters rows by their `split` column.
+        fields: {row key: dotted path} for every path, e.g. {"question": "query", "golden_answers": "answers"}.
     """
 
     def __init__(
@@ -201,6 +221,9 @@ class SearchQADataset(PromptDataset):
         max_per_dataset: int | None = None,
         shuffle: bool = True,
         seed: int = 0,
+        config: str | None = None,
+        split: str | None = None,
+        fields: Mapping[str, str] | None = None,
     ) -> None:
         files = [paths] if isinstance(paths, str) else list(paths)
         if not files:
@@ -212,7 +235,9 @@ class SearchQADataset(PromptDataset):
         records: list[dict[str, Any]] = []
         for i, file in enumerate(files):
             name = dataset_names[i] if dataset_names is not None else None
-            loaded = load_qa_file(file, name, template, splits, max_per_dataset)
+            loaded = load_qa_file(
+                file, name, template, splits, max_per_dataset, config=config, split=split, fields=fields
+            )
             if not loaded:
                 raise ValueError(f"{file}: no QA rows (splits={splits})")
             records.extend(loaded)

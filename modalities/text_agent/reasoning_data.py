@@ -1,6 +1,7 @@
-"""Math reasoning problems from local files: MATH-500 / AIME / AMC / Minerva / OlympiadBench layouts.
+"""Math reasoning problems: MATH-500 / AIME / AMC / Minerva / OlympiadBench / verl layouts.
 
-`load_problems` reads JSONL, a JSON list or parquet (pyarrow, imported only for parquet) and maps the
+`load_problems` reads any `toolkit.io.datasets` source (JSONL, a JSON list, parquet, CSV, a `save_to_disk` folder
+or a hub id; `fields` maps nested columns such as verl's `reward_model.ground_truth`) and maps the
 usual field names onto one record: `problem` (from problem/question/prompt, case-insensitive), `answer`
 (from answer/final_answer/solution; a solution's last `\\boxed{}` becomes the answer, the solution is kept)
 and `dataset`. `ReasoningDataset` turns files into a PromptDataset with a prompt template (e.g. the R1
@@ -14,25 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from rewards.text.math import gold_answer
-from toolkit.data import PromptDataset, load_records
+from toolkit.data import PromptDataset
+from toolkit.io.datasets import load_records, source_name
 
 PROBLEM_KEYS = ("problem", "question", "prompt", "input")
 ANSWER_KEYS = ("answer", "final_answer", "expected_answer", "solution")
 ID_KEYS = ("id", "unique_id", "idx", "problem_id")
-
-
-def read_table(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a local `.jsonl`, `.json` (list) or `.parquet` file."""
-    file = Path(path)
-    if file.suffix != ".parquet":
-        return load_records(file)
-    if not file.is_file():
-        raise FileNotFoundError(f"problem file not found: {file}")
-    try:
-        import pyarrow.parquet as pq
-    except ImportError as err:  # pragma: no cover - pyarrow ships with the dev environment
-        raise ImportError(f"reading {file} needs pyarrow (`pip install pyarrow`)") from err
-    return [dict(row) for row in pq.read_table(file).to_pylist()]
 
 
 def _field(row: Mapping[str, Any], keys: Sequence[str]) -> tuple[str, Any] | None:
@@ -63,11 +51,21 @@ def normalize_problem(row: Mapping[str, Any], index: int, dataset: str, source: 
 
 
 def load_problems(
-    path: str | Path, dataset: str | None = None, max_problems: int | None = None
+    path: str | Path,
+    dataset: str | None = None,
+    max_problems: int | None = None,
+    *,
+    config: str | None = None,
+    split: str | None = None,
+    fields: Mapping[str, str] | None = None,
 ) -> list[dict[str, Any]]:
-    """Normalized problems of one benchmark file; `dataset` defaults to the file name's stem."""
-    name = dataset or Path(path).stem
-    rows = read_table(path)[:max_problems] if max_problems is not None else read_table(path)
+    """Normalized problems of one benchmark source; `dataset` defaults to its name (file stem, hub dataset name).
+
+    `config`, `split` and `fields` are those of `toolkit.io.datasets.load_records`; mapped fields (e.g.
+    `{problem: prompt.0.content, answer: reward_model.ground_truth}`) are found before the usual names.
+    """
+    name = dataset or source_name(path)
+    rows = load_records(path, config=config, split=split, fields=fields, max_rows=max_problems)
     return [normalize_problem(row, i, name, str(path)) for i, row in enumerate(rows)]
 
 
@@ -88,15 +86,19 @@ def format_prompt(problem: str, template: str, system_prompt: str | None, chat: 
 
 
 class ReasoningDataset(PromptDataset):
-    """Math problems from one or more local files as a seeded, resumable prompt stream.
+    """Math problems from one or more sources as a seeded, resumable prompt stream.
 
     Args:
-        paths: one file, a list of files (dataset = file stem), or {dataset name: file}.
+        paths: one source, a list of sources (dataset = file stem or hub dataset name), or {dataset name:
+            source}; a source is a local file, a `save_to_disk` folder or a hub id (`toolkit.io.datasets`).
         prompt_template: the prompt text with a `{problem}` placeholder; other braces are literal (`\\boxed{}`).
         system_prompt: a system message (chat) or a first line (plain text); None for none.
         chat: build chat messages (the sampler applies the tokenizer's chat template).
-        max_problems: keep the first N problems of each file.
+        max_problems: keep the first N problems of each source.
         shuffle, seed: see PromptDataset.
+        config, split: the hub subset and split of every source (hub ids, saved DatasetDicts).
+        fields: {record key: dotted path} for every source, e.g. {"problem": "prompt.0.content",
+            "answer": "reward_model.ground_truth"} for verl's layout.
     """
 
     def __init__(
@@ -108,6 +110,9 @@ class ReasoningDataset(PromptDataset):
         max_problems: int | None = None,
         shuffle: bool = True,
         seed: int = 0,
+        config: str | None = None,
+        split: str | None = None,
+        fields: Mapping[str, str] | None = None,
     ) -> None:
         if PLACEHOLDER not in prompt_template:
             raise ValueError(f"prompt_template must contain '{{problem}}', got {prompt_template!r}")
@@ -116,7 +121,7 @@ class ReasoningDataset(PromptDataset):
         named = _named_paths(paths)
         records = []
         for name, path in named.items():
-            for row in load_problems(path, name, max_problems):
+            for row in load_problems(path, name, max_problems, config=config, split=split, fields=fields):
                 row["prompt"] = format_prompt(row["problem"], prompt_template, system_prompt, chat)
                 records.append(row)
         self.datasets = list(named)
@@ -125,15 +130,15 @@ class ReasoningDataset(PromptDataset):
 
 def _named_paths(paths: str | list[str] | dict[str, str]) -> dict[str, str]:
     if isinstance(paths, str):
-        return {Path(paths).stem: paths}
+        return {source_name(paths): paths}
     if isinstance(paths, Mapping):
         named = {str(k): str(v) for k, v in paths.items()}
     else:
         named = {}
         for path in paths:
-            stem = Path(path).stem
+            stem = source_name(path)
             if stem in named:
-                raise ValueError(f"two files named {stem!r}: give {{name: path}} instead of a list")
+                raise ValueError(f"two sources named {stem!r}: give {{name: path}} instead of a list")
             named[stem] = str(path)
     if not named:
         raise ValueError("paths must name at least one problem file")

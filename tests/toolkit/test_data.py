@@ -141,3 +141,33 @@ def test_bad_states_and_batch_sizes_raise() -> None:
         dataset.load_state_dict({"epoch": 0, "position": 3})
     with pytest.raises(ValueError, match="batch_size"):
         next(dataset.batches(0, torch.Generator()))
+
+
+def test_fields_and_max_rows_apply_to_in_memory_records() -> None:
+    rows = [{"question": {"text": f"q{i}"}, "gold": str(i)} for i in range(4)]
+    dataset = PromptDataset(
+        records=rows, fields={"prompt": "question.text", "answer": "gold"}, max_rows=3, shuffle=False
+    )
+    assert [(r["prompt"], r["answer"], r["id"]) for r in dataset.records] == [
+        ("q0", "0", "0"),
+        ("q1", "1", "1"),
+        ("q2", "2", "2"),
+    ]
+    assert dataset.records[0]["question"] == {"text": "q0"}  # the row's own columns stay
+    with pytest.raises(ValueError, match=r"records, row 0: fields.prompt: 'question.txt' not found"):
+        PromptDataset(records=rows, fields={"prompt": "question.txt"})
+    with pytest.raises(ValueError, match="max_rows must be >= 1"):
+        PromptDataset(records=rows, max_rows=0)
+
+
+def test_parquet_and_csv_files_load(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist([{"prompt": "a"}, {"prompt": "b"}]), tmp_path / "p.parquet")
+    (tmp_path / "p.csv").write_text("prompt\na\nb\n")
+    for name in ("p.parquet", "p.csv"):
+        assert PromptDataset(path=str(tmp_path / name), shuffle=False).next_batch(2) == [
+            {"prompt": "a", "id": "0"},
+            {"prompt": "b", "id": "1"},
+        ]

@@ -175,3 +175,77 @@ def test_shipped_files_are_the_generator_output() -> None:
     questions, corpus = module.build()
     assert (DATA / "synthetic_qa.jsonl").read_text() == "".join(json.dumps(q) + "\n" for q in questions)
     assert (DATA / "corpus.jsonl").read_text() == "".join(json.dumps(d) + "\n" for d in corpus)
+
+
+# ------------------------------------------------------------------------------- sources through toolkit.io.datasets
+
+
+def qa_sources(tmp_path: Path) -> dict[str, tuple[str, dict[str, Any]]]:
+    """Three layouts of the same two questions as {name: (source, extra node keys)}."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    verl = [
+        {
+            "data_source": "nq",
+            "prompt": [{"role": "user", "content": "long instruction"}],
+            "extra_info": {"question": q, "index": i},
+            "reward_model": {"style": "rule", "ground_truth": {"target": answers}},
+        }
+        for i, (q, answers) in enumerate([("who wrote it", ["Ann"]), ("where is it", ["Here", "There"])])
+    ]
+    pq.write_table(pa.Table.from_pylist(verl), tmp_path / "search_r1.parquet")
+    csv = tmp_path / "nq.csv"
+    csv.write_text("query,answer\nwho wrote it,Ann\nwhere is it,Here\n")
+    saved = tmp_path / "nq_saved"  # stands in for a FlashRAG hub dataset: splits, `question` + `golden_answers`
+    rows = [{"id": "test_0", "question": "who wrote it", "golden_answers": ["Ann"]}]
+    rows.append({"id": "test_1", "question": "where is it", "golden_answers": ["Here", "There"]})
+    datasets.DatasetDict(
+        {"test": datasets.Dataset.from_list(rows), "dev": datasets.Dataset.from_list(rows[:1])}
+    ).save_to_disk(str(saved))
+    return {
+        "verl_parquet": (str(tmp_path / "search_r1.parquet"), {"fields": {"question": "extra_info.question"}}),
+        "csv": (str(csv), {"fields": {"question": "query"}}),
+        "save_to_disk": (str(saved), {"split": "test"}),
+    }
+
+
+@pytest.mark.parametrize("layout", ["verl_parquet", "csv", "save_to_disk"])
+def test_sources_through_a_config_node_give_the_same_prompts(tmp_path: Path, layout: str) -> None:
+    from toolkit.config import instantiate, validate
+
+    source, options = qa_sources(tmp_path)[layout]
+    node = {"_component_": "modalities.text_agent.qa_data.SearchQADataset", "paths": source, "shuffle": False}
+    validate({**node, **options}, "data")
+    data = instantiate({**node, **options}, where="data")
+    assert [(r["question"], r["dataset"]) for r in data.records] == [("who wrote it", "nq"), ("where is it", "nq")]
+    assert [r["prompt"] for r in data.records] == [build_prompt("who wrote it"), build_prompt("where is it")]
+    assert data.records[0]["golden_answers"] == ["Ann"] and data.records[1]["golden_answers"][0] == "Here"
+    first = data.next_batch(1)
+    resumed = SearchQADataset(source, shuffle=False, **options)
+    resumed.load_state_dict(json.loads(json.dumps(data.state_dict())))
+    assert resumed.next_batch(3) == data.next_batch(3) and first[0]["question"] == "who wrote it"
+
+
+def test_hub_config_names_the_dataset_and_bad_sources_fail_clearly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import datasets
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_home" / "datasets")
+    with pytest.raises(FileNotFoundError, match=r"'RUC-NLPIR/FlashRAG_datasets' \(config 'nq'\).*renorm data prepare"):
+        SearchQADataset("RUC-NLPIR/FlashRAG_datasets", config="nq", split="test")
+    saved, _ = qa_sources(tmp_path)["save_to_disk"]
+    assert {r["id"] for r in load_qa_file(saved, split="dev")} == {"nq/test_0"}  # the folder name gives "nq"
+    with pytest.raises(ValueError, match=r"fields.question: 'query' not found .*columns: \['golden_answers', 'id'"):
+        load_qa_file(saved, split="test", fields={"question": "query"})
+    jsonl = write_jsonl(tmp_path / "nq.jsonl", flashrag_rows("q", 1))
+    with pytest.raises(ValueError, match="not to the file"):
+        load_qa_file(jsonl, split="train")
+    with pytest.raises(ValueError, match=r"nq.jsonl, line 1: fields.golden_answers: 'answers' not found"):
+        load_qa_file(jsonl, fields={"golden_answers": "answers"})

@@ -171,6 +171,52 @@ def test_prompt_templates_and_chat(tmp_path: Path) -> None:
         ReasoningDataset(str(tmp_path / "a.jsonl"), prompt_template="no slot")
 
 
+def test_verl_parquet_and_saved_dataset_through_a_config_node(tmp_path: Path) -> None:
+    """verl's layout (chat-list `prompt`, `reward_model.ground_truth`) and a `save_to_disk` folder standing in for
+    a hub dataset give the same problems once `fields` maps them; the stream resumes exactly."""
+    import datasets
+
+    from toolkit.config import instantiate, validate
+
+    problems = [("1+1?", "2"), ("2+3?", "5"), ("4+4?", "8")]
+    verl = [
+        {
+            "data_source": "arith",
+            "prompt": [{"role": "user", "content": q}],
+            "reward_model": {"style": "rule", "ground_truth": a},
+        }
+        for q, a in problems
+    ]
+    pq.write_table(pa.Table.from_pylist(verl), tmp_path / "verl_train.parquet")
+    rows = [{"question": q, "solution": f"so \\boxed{{{a}}}", "idx": i} for i, (q, a) in enumerate(problems)]
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)}).save_to_disk(str(saved))
+    node = {
+        "_component_": "modalities.text_agent.reasoning_data.ReasoningDataset",
+        "paths": {"verl": str(tmp_path / "verl_train.parquet")},
+        "fields": {"problem": "prompt.0.content", "answer": "reward_model.ground_truth"},
+        "prompt_template": "{problem} Think.",
+        "seed": 1,
+    }
+    validate(node, "data")
+    from_verl = instantiate(node, where="data")
+    from_saved = ReasoningDataset({"verl": str(saved)}, prompt_template="{problem} Think.", seed=1, split="test")
+    keys = ("problem", "answer", "prompt", "dataset")
+    assert [[r[k] for k in keys] for r in from_verl.records] == [[r[k] for k in keys] for r in from_saved.records]
+    assert [r["answer"] for r in from_saved.records] == ["2", "5", "8"]
+    assert [r["id"] for r in from_saved.records] == ["verl/0", "verl/1", "verl/2"]
+    from_verl.next_batch(2)
+    state = json.loads(json.dumps(from_verl.state_dict()))
+    resumed = instantiate(node, where="data")
+    resumed.load_state_dict(state)
+    assert [r["problem"] for r in resumed.next_batch(4)] == [r["problem"] for r in from_verl.next_batch(4)]
+    with pytest.raises(
+        ValueError, match=r"fields.answer: 'reward_model.truth' not found .*\['ground_truth', 'style'\]"
+    ):
+        ReasoningDataset(str(tmp_path / "verl_train.parquet"), fields={"answer": "reward_model.truth"})
+    assert ReasoningDataset(str(saved), split="test", max_problems=1).datasets == ["saved"]
+
+
 RECIPES = sorted((Path(__file__).resolve().parents[3] / "configs" / "text_reasoning").glob("*.yaml"))
 
 
