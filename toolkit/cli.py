@@ -109,6 +109,7 @@ CORE_COMMANDS = ("train", "eval", "score", "plot", "merge", "export", "config")
 
 def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="renorm", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"renorm {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, func: object, help_text: str) -> argparse.ArgumentParser:
@@ -192,6 +193,16 @@ def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
             continue
         register(sub)
     return parser
+
+
+def package_version() -> str:
+    """The installed distribution's version (`pip install -e .` included), or "unknown" from a bare checkout."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("renorm")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def summary_keys(record: Mapping[str, Any]) -> list[str]:

@@ -493,3 +493,15 @@ def test_summary_table_lists_reward_components_and_averages_finite_values() -> N
     assert "agent/tool_calls_mean" in keys
     mean = mean_records([{"a": 1.0, "b": float("nan")}, {"a": 3, "b": 2.0, "c": "text"}])
     assert mean == {"a": 2.0, "b": 2.0}
+
+
+def test_version_comes_from_the_installed_metadata() -> None:
+    from importlib.metadata import version
+
+    result = run_cli("--version")
+    assert result.code == 0 and result.out.strip() == f"renorm {version('renorm')}"
+
+
+def test_hydra_target_gets_a_hint(tmp_path: Path) -> None:
+    result = run_cli("train", CONFIG, *FAST, f"trainer.run_dir={tmp_path}", "+normalizer._target_=x.Y")
+    assert result.code == 2 and "normalizer._target_: Hydra's _target_ is spelled _component_ here" in result.err

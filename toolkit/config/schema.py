@@ -97,6 +97,9 @@ def _target_hints(target: Any) -> dict[str, Any]:
 
 def _check_reserved(node: Mapping[str, Any], where: str) -> None:
     for key in node:
+        if key in ("_target_", "_partial_target_"):  # Hydra / OmegaConf spelling
+            message = f"Hydra's {key} is spelled {COMPONENT_KEY} here (and _partial_: true for a partial)"
+            raise ConfigError(join_key(where, key), message, source_of(node, key), COMPONENT_KEY)
         if isinstance(key, str) and key.startswith("_") and key.endswith("_") and key not in RESERVED_KEYS:
             raise ConfigError(
                 join_key(where, key), "unknown reserved key", source_of(node, key), closest(key, RESERVED_KEYS)
