@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 	free < $(VENV_GIB) and print(f'WARNING: {free:.1f} GiB free here; the venv needs about $(VENV_GIB) GiB (torch with CUDA libraries). pip will fail with \"No space left on device\" if it runs out.')"
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -c constraints.txt torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev]"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev,video]"
 	touch $(STAMP)
 
 test: $(STAMP)

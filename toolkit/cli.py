@@ -5,8 +5,8 @@ renorm eval CONFIG [--checkpoint DIR]    score the policy's samples on the eval 
 renorm score REWARD --input FILE         run one reward model standalone, JSONL in/out
 renorm plot RUN_DIR [RUN_DIR ...]        write PNG curves of a run's metrics (several: overlaid)
 renorm merge BASE TUNED OUT              DLER update-selective merging of two checkpoints
-renorm export [CONFIG] CHECKPOINT OUT    a checkpoint as a Hugging Face model (or PEFT adapter) folder
-renorm config CONFIG [key=value ...]     print the resolved config
+renorm export [CONFIG] CHECKPOINT OUT    a checkpoint as a transformers / PEFT / diffusers folder (DiDi: safetensors + JSON)
+renorm config CONFIG [key=value ...]     print the resolved config (--validate, --defaults)
 """
 
 from __future__ import annotations
@@ -97,7 +97,23 @@ def cmd_config(args: argparse.Namespace) -> int:
     from toolkit.config import format_config, load_config
     from toolkit.io.redaction import redact
 
-    print(format_config(redact(load_config(args.config, args.overrides))))
+    config = load_config(args.config, args.overrides)
+    if args.validate:
+        from toolkit.train.runner import validate_run_config
+
+        validate_run_config(config)  # what `renorm train` checks before any model loads; errors exit 2
+    if not args.defaults:
+        print(format_config(redact(config)))
+    else:
+        from toolkit.config.defaults import fill_defaults, format_with_defaults
+        from toolkit.evaluation import EvalConfig
+        from toolkit.train.runner import RunSpec
+        from toolkit.train.trainer_config import TrainerConfig
+
+        sections = {"": RunSpec, "trainer": TrainerConfig, "eval": EvalConfig}
+        print(format_with_defaults(fill_defaults(redact(config), sections)), end="")
+    if args.validate:
+        print(f"renorm: {args.config} is a valid run config", file=sys.stderr)
     return 0
 
 
@@ -165,7 +181,7 @@ def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--density", type=float, default=0.25)
     p.add_argument("--scale", type=float, default=0.7)
     p.add_argument("--scope", choices=["tensor", "global"], default="tensor")
-    p = command("export", cmd_export, "Write a checkpoint as a Hugging Face folder (full model or PEFT adapter).")
+    p = command("export", cmd_export, "Write a checkpoint as a Hugging Face folder (transformers, PEFT or diffusers).")
     p.usage = "%(prog)s [--merge-lora] [--dtype {auto,fp32,bf16}] [CONFIG] CHECKPOINT_OR_RUN_DIR OUT [key=value ...]"
     p.add_argument(
         "paths",
@@ -182,9 +198,20 @@ def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
         "(AutoModelForCausalLM.from_pretrained(OUT)). LoRA: adapter_config.json, adapter_model.safetensors and the "
         "tokenizer (PeftModel.from_pretrained(base, OUT)); with --merge-lora a full model folder."
     )
-    p = command("config", cmd_config, "Print the resolved config (bases merged, overrides applied).")
+    p = command("config", cmd_config, "Print the resolved config (bases merged, overrides applied, ${...} resolved).")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument(
+        "--validate",
+        action="store_true",
+        help="run the checks of `renorm train` (every section against its constructor, nothing built); "
+        "a bad key exits 2 naming it",
+    )
+    p.add_argument(
+        "--defaults",
+        action="store_true",
+        help="also show every constructor and TrainerConfig default the config leaves out, each marked '# default'",
+    )
     for plugin in entry_points(group=PLUGIN_GROUP) if plugins else ():
         try:
             register = plugin.load()

@@ -11,6 +11,7 @@ inference code does. Every failure to read a video is a `VideoError`, which the 
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
@@ -30,6 +31,7 @@ VIDEO_MAX_PIXELS_CAP = 768 * 28 * 28  # qwen-vl-utils VIDEO_MAX_TOKEN_NUM * 28^2
 DEFAULT_TOTAL_PIXELS = int(128000 * 28 * 28 * 0.9)  # qwen-vl-utils default (MODEL_SEQ_LEN 128000)
 MAX_ASPECT_RATIO = 200
 _T = TypeVar("_T")
+log = logging.getLogger(__name__)
 
 
 class VideoError(RuntimeError):
@@ -53,7 +55,7 @@ class VideoConfig:
         total_pixels: the whole video's pixel budget (None = qwen-vl-utils' default for a 128k context).
         resize: "two_pass" (factor 56 then 28, qwen-vl-utils 0.0.14's frame-list path), "single_pass" (factor 28,
             its file path), or "auto" (two_pass for frame lists, single_pass for files: parity in both cases).
-        reader: decoder for video files: "decord" or "av".
+        reader: decoder for video files: "decord" (PyAV when decord, the `video` extra, is not installed) or "av".
         box_color, box_width: the region-caption rectangle (green, width 8).
         official_compat: draw the box after the first resize with original-frame coordinates (released code).
         cache_size: processed videos kept in the per-sample LRU cache (0 disables it).
@@ -316,10 +318,13 @@ def _sized(
 
 
 def _decode(path: str, config: VideoConfig) -> tuple[list[Image.Image], float, int]:
-    """(sampled frames, source fps, source frame count) with decord or PyAV."""
-    if config.reader == "decord":
-        import decord
+    """(sampled frames, source fps, source frame count) with decord or PyAV.
 
+    `reader="decord"` without decord installed (an optional extra: no wheels for aarch64 or Apple Silicon) reads
+    with PyAV, which gives the same frames; a warning says so once.
+    """
+    decord = _import_decord() if config.reader == "decord" else None
+    if decord is not None:
         reader = decord.VideoReader(path, ctx=decord.cpu(0))
         total, source_fps = len(reader), float(reader.get_avg_fps())
         indices = sample_frame_indices(total, source_fps, config)
@@ -335,6 +340,22 @@ def _decode(path: str, config: VideoConfig) -> tuple[list[Image.Image], float, i
         raise VideoError(path, "no decodable frames")
     indices = sample_frame_indices(len(decoded), source_fps, config)
     return [decoded[i] for i in indices], source_fps, len(decoded)
+
+
+_warned_no_decord = False
+
+
+def _import_decord() -> Any:
+    """The decord module, or None (with one warning) when it is not installed."""
+    global _warned_no_decord
+    try:
+        import decord
+    except ImportError:
+        if not _warned_no_decord:
+            _warned_no_decord = True
+            log.warning("decord is not installed (pip install 'renorm[video]'); reading video files with PyAV")
+        return None
+    return decord
 
 
 class VideoCache(Generic[_T]):

@@ -241,6 +241,83 @@ def test_config_prints_resolved_values() -> None:
     assert printed["trainer"]["seed"] == original["trainer"]["seed"]  # untouched keys survive
 
 
+def test_config_validate_exits_2_on_a_bad_key_before_any_model(model_spy: list[dict[str, Any]]) -> None:
+    unchecked = run_cli("config", CONFIG, "optimizer.lrr=1")
+    assert unchecked.code == 0  # printing alone checks no key
+    result = run_cli("config", CONFIG, "optimizer.lrr=1", "--validate")
+    assert_config_error(result, "optimizer.lrr", "unknown key", "did you mean 'lr'")
+    assert not result.out and not model_spy
+    typo = run_cli("config", CONFIG, "--validate", "trainer.num_stpes=3")  # overrides may follow the flag
+    assert_config_error(typo, "trainer.num_stpes", "did you mean 'num_steps'")
+
+
+def test_config_validate_runs_the_train_checks(tmp_path: Path, model_spy: list[dict[str, Any]]) -> None:
+    ok = run_cli("config", CONFIG, "--validate")
+    assert ok.code == 0, ok.err
+    assert yaml.safe_load(ok.out)["optimizer"]["lr"] == 1e-3 and "is a valid run config" in ok.err
+    preset = run_cli("config", ROOT / "configs" / "algorithms" / "grpo.yaml", "--validate")
+    assert_config_error(preset, "policy: missing required field of RunSpec")  # a preset is no run config
+    no_hook = run_cli("config", CONFIG, "trainer.eval_every=5", "--validate")  # a cross-section check of train
+    assert no_hook.code == 2 and "needs an `eval.evaluator` hook" in no_hook.err
+    assert not model_spy
+
+
+def test_config_defaults_marks_what_the_config_leaves_out() -> None:
+    result = run_cli("config", CONFIG, "--defaults", "optimizer.eps=1.0e-6")
+    assert result.code == 0, result.err
+    lines = result.out.splitlines()
+    assert "  lr: 0.001" in lines and "  eps: 1.0e-06" in lines  # set in the file or by an override: unmarked
+    for default in (
+        "  amsgrad: false  # default",
+        "  gradient_accumulation_steps: 1  # default",
+        "critic: null  # default",
+    ):
+        assert default in lines, default
+    assert "    vocab_size: 128  # default" in lines  # a nested component (policy.model)
+    printed = yaml.safe_load(result.out)
+    from toolkit.config import load_config
+    from toolkit.train.trainer_config import TrainerConfig
+
+    loaded = load_config(CONFIG, ["optimizer.eps=1.0e-6"])
+    assert {k: printed["trainer"][k] for k in loaded["trainer"]} == loaded["trainer"]
+    assert set(printed["trainer"]) == {f for f in TrainerConfig.__dataclass_fields__}
+    assert printed["objective"]["kl_estimator"] == "k3" and printed["data"]["shuffle"] is True
+
+
+def test_config_defaults_output_loads_back_to_the_same_run(tmp_path: Path) -> None:
+    from toolkit.config import load_config
+    from toolkit.train.runner import validate_run_config
+
+    result = run_cli("config", CONFIG, "--defaults", f"data.path={LETTERS}")
+    assert result.code == 0, result.err
+    saved = tmp_path / "with_defaults.yaml"
+    saved.write_text(result.out, encoding="utf-8")
+    spec, trainer, _ = validate_run_config(load_config(saved))
+    _, original, _ = validate_run_config(load_config(CONFIG))
+    assert trainer == original and spec.data["path"] == str(LETTERS)
+
+
+def test_config_defaults_keeps_secrets_redacted() -> None:
+    secret = "sk-defaults-0123456789"
+    keyed = [
+        "+rewards.keyed._component_=tests.toolkit.io.test_redaction.KeyedReward",
+        f"+rewards.keyed.api_key={secret}",
+    ]
+    result = run_cli("config", CONFIG, "--defaults", *keyed)
+    assert result.code == 0, result.err
+    assert secret not in result.out and "    api_key: <redacted>" in result.out.splitlines()
+    assert "    api_key_env: null  # default" in result.out.splitlines()
+
+
+def test_config_resolves_interpolation_after_overrides(tmp_path: Path) -> None:
+    recipe = ROOT / "configs" / "text_reasoning" / "tiny_grpo.yaml"
+    result = run_cli("config", recipe, f"trainer.run_dir={tmp_path}")
+    assert result.code == 0, result.err
+    assert yaml.safe_load(result.out)["eval"]["evaluator"]["output_dir"] == f"{tmp_path}/eval"
+    bad = run_cli("config", recipe, "eval.evaluator.output_dir=${trainer.rundir}/eval")
+    assert_config_error(bad, "eval.evaluator.output_dir", "no key 'trainer.rundir'", "did you mean 'run_dir'")
+
+
 # ---------------------------------------------------------------------------------------------- train
 
 
@@ -327,8 +404,8 @@ def sampled_weights(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, torch.Ten
 
 def check_eval_json(path: Path, num_rows: int, datasets: set[str]) -> dict[str, Any]:
     report = json.loads(path.read_text())
-    assert set(report) == {"per_dataset", "rows"}
-    assert len(report["rows"]) == num_rows
+    assert set(report) == {"metadata", "per_dataset", "rows"}
+    assert len(report["rows"]) == num_rows == report["metadata"]["num_rows"]
     assert set(report["per_dataset"]) == {"all", *datasets}
     for name, means in report["per_dataset"].items():
         members = [r for r in report["rows"] if name == "all" or r["dataset"] == name]
@@ -376,6 +453,36 @@ def test_eval_loads_the_checkpoint_weights(
     assert set(saved) == set(tuned)
     assert all(torch.equal(saved[k], tuned[k]) for k in saved)
     assert any(not torch.equal(saved[k], base[k]) for k in saved)  # training moved the weights
+
+
+@pytest.mark.timeout(120)
+def test_eval_output_holds_prompts_and_completions(tmp_path: Path) -> None:
+    output = tmp_path / "eval.json"
+    result = run_cli("eval", CONFIG, *FAST, "+eval.num_prompts=3", "+eval.num_samples=2", "--output", output)
+    assert result.code == 0, result.err[-3000:]
+    report = check_eval_json(output, num_rows=6, datasets=set())
+    prompts = {json.loads(line)["prompt"] for line in LETTERS.read_text().splitlines() if line.strip()}
+    for row in report["rows"]:
+        assert row["prompt"] in prompts and isinstance(row["completion"], str)
+    assert [r["prompt"] for r in report["rows"][::2]] == [r["prompt"] for r in report["rows"][1::2]]  # 2 per prompt
+    assert report["metadata"]["max_text_chars"] == 4000 and report["metadata"]["truncated_texts"] == 0
+
+
+def test_eval_output_truncates_long_texts_and_says_so(tmp_path: Path) -> None:
+    from toolkit.evaluation.evaluate import EvalResult, write_output
+
+    rows = [
+        {"dataset": "all", "letters": 1.0, "prompt": "p" * 5000, "completion": "é" * 4000},
+        {"dataset": "all", "letters": 0.0, "prompt": "short", "completion": "c" * 4001},
+    ]
+    write_output(tmp_path / "eval.json", EvalResult(per_dataset={"all": {"letters": 0.5}}, rows=rows))
+    report = json.loads((tmp_path / "eval.json").read_text(encoding="utf-8"))
+    long_prompt, completion = report["rows"][0]["prompt"], report["rows"][0]["completion"]
+    assert long_prompt == "p" * 4000 + "…[truncated 1000 chars]" and completion == "é" * 4000
+    assert report["rows"][1] == {**rows[1], "completion": "c" * 4000 + "…[truncated 1 chars]"}
+    assert report["metadata"]["truncated_texts"] == 2 and "4000 characters" in report["metadata"]["note"]
+    assert rows[0]["prompt"] == "p" * 5000  # the in-memory result keeps the whole text
+    assert report["per_dataset"] == {"all": {"letters": 0.5}}
 
 
 def test_eval_rejects_a_checkpoint_of_another_model(tmp_path: Path) -> None:

@@ -1,7 +1,9 @@
-"""Run configs: YAML files (with `base:` parents) → merged, overridden, validated dicts → objects built from
-`_component_` nodes. `loader` reads and merges, `schema` validates and instantiates, `types` holds the shared
-types and the file reader."""
+"""Run configs: YAML files (with `base:` parents) → merged, overridden, interpolated, validated dicts → objects
+built from `_component_` nodes. `loader` reads and merges, `interpolation` resolves `${...}`, `schema` validates
+and instantiates, `defaults` shows what a config leaves to constructors, `types` holds the shared types and the
+file reader."""
 
+from toolkit.config.interpolation import resolve_interpolations
 from toolkit.config.loader import (
     ConfigDict,
     apply_overrides,
@@ -27,5 +29,6 @@ __all__ = [
     "load_config",
     "merge_configs",
     "provenance",
+    "resolve_interpolations",
     "validate",
 ]

@@ -1,4 +1,4 @@
-"""YAML configs: `base:` inheritance, deep merge, CLI overrides, provenance, atomic dump.
+"""YAML configs: `base:` inheritance, deep merge, CLI overrides, `${...}` interpolation, provenance, atomic dump.
 
 A loaded config is a tree of `ConfigDict`s (plain `dict` subclasses) whose `provenance` maps each key
 to the `file:line` or command-line override that set it, so schema errors (`validate`, `instantiate`,
@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from toolkit.config.interpolation import escape, resolve_interpolations, substitute_config_dir
 from toolkit.config.types import (
     COMPONENT_KEY,
     ConfigError,
@@ -110,6 +111,7 @@ def _read_file(path: Path, key: str, included_from: str | None) -> ConfigDict:
         return ConfigDict()
     if not isinstance(data, ConfigDict):
         raise ConfigError("", f"the top level of {name} must be a mapping, got {show_value(data)}")
+    substitute_config_dir(data, path.parent)
     return data
 
 
@@ -168,20 +170,23 @@ def _replaces(current: Mapping[str, Any], value: Mapping[str, Any]) -> bool:
 _OVERRIDE = re.compile(r"^(?P<op>[+~]?)(?P<key>[\w\-]+(?:\.[\w\-]+)*)(?:=(?P<value>.*))?$", re.DOTALL)
 
 
-def apply_overrides(config: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+def apply_overrides(
+    config: dict[str, Any], overrides: Sequence[str], *, config_dir: Path | None = None
+) -> dict[str, Any]:
     """Apply CLI overrides in order, in place; returns `config`.
 
     `a.b=v` sets `b` in the existing mapping `a` (v parsed as YAML: `3`, `1e-5`, `[1, 2]`, `null`, `''`);
     a new key is allowed there (schema checks reject unknown ones later with the closest name) but a
     missing intermediate mapping is an error unless the override starts with `+`, which creates it.
-    `~a.b` deletes the key. Digits index into lists: `a.items.0=v`.
+    `~a.b` deletes the key. Digits index into lists: `a.items.0=v`. With `config_dir`, `${config_dir}` in a
+    value becomes that folder; other `${...}` stay for `resolve_interpolations`.
     """
     for text in overrides:
-        _apply_override(config, text)
+        _apply_override(config, text, config_dir)
     return config
 
 
-def _apply_override(config: dict[str, Any], text: str) -> None:
+def _apply_override(config: dict[str, Any], text: str, config_dir: Path | None) -> None:
     match = _OVERRIDE.match(text)
     label = f"command-line override '{text}'"
     if match is None:
@@ -201,7 +206,7 @@ def _apply_override(config: dict[str, Any], text: str) -> None:
         if raw is None:
             del parent[int(last)]
         else:
-            parent[int(last)] = _parse_value(raw, key, label)
+            parent[int(last)] = _parse_value(raw, key, label, config_dir)
     elif op == "~":
         if last not in parent:
             raise ConfigError(key, "cannot delete a key that is not set", label, closest(last, parent))
@@ -209,7 +214,7 @@ def _apply_override(config: dict[str, Any], text: str) -> None:
         _set_source(parent, last, None)
     else:
         assert raw is not None
-        parent[last] = _parse_value(raw, key, label)
+        parent[last] = _parse_value(raw, key, label, config_dir)
         _set_source(parent, last, label)
 
 
@@ -246,12 +251,12 @@ def _set_source(mapping: dict[str, Any], key: str, source: str | None) -> None:
         sources[key] = source
 
 
-def _parse_value(raw: str, key: str, label: str) -> Any:
+def _parse_value(raw: str, key: str, label: str, config_dir: Path | None) -> Any:
     if raw == "":
         raise ConfigError(key, "empty override value; write key=null or key=''", label)
     value = _parse_yaml(raw, label)
     _stamp(value, label)
-    return value
+    return value if config_dir is None else substitute_config_dir(value, config_dir)
 
 
 def _stamp(value: Any, label: str) -> None:
@@ -269,14 +274,18 @@ def _stamp(value: Any, label: str) -> None:
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Load a YAML config: parents under `base:` (paths relative to the file, merged left to right,
-    then the file itself on top), then the CLI `overrides` (see `apply_overrides`).
+    then the file itself on top), then the CLI `overrides` (see `apply_overrides`), then `${...}`
+    interpolation (`toolkit.config.interpolation`: `${trainer.run_dir}/eval` follows an override of the run dir).
 
+    `${config_dir}` is the folder of the file that holds it (in an override: of `path`), symlinks resolved.
     Returns a `ConfigDict` tree (a dict) with provenance. Raises ConfigError for malformed YAML (file
     and line), a file that is not UTF-8 (file, byte offset and line), a missing file (and the file that
-    included it), a base cycle or a bad override.
+    included it), a base cycle, a bad override or a bad interpolation (unknown key, cycle, unset variable).
     """
-    config = _load_tree(Path(path).expanduser(), (), "", None)
-    return apply_overrides(config, overrides)
+    file = Path(path).expanduser()
+    config = _load_tree(file, (), "", None)
+    apply_overrides(config, overrides, config_dir=file.resolve().parent)
+    return resolve_interpolations(config)
 
 
 def provenance(config: Mapping[str, Any], where: str = "") -> dict[str, str]:
@@ -302,8 +311,11 @@ def _nested_provenance(value: Any, path: str) -> dict[str, str]:
 
 
 def format_config(config: Mapping[str, Any]) -> str:
-    """The config as YAML text (key order kept; paths and tuples written as strings and lists)."""
-    return yaml.safe_dump(_plain(config, ""), sort_keys=False, allow_unicode=True, width=120)
+    """The config as YAML text (key order kept; paths and tuples written as strings and lists).
+
+    A literal `${` in a resolved value is written `$${`, so `load_config` reads the text back to the same config.
+    """
+    return yaml.safe_dump(plain_value(config, ""), sort_keys=False, allow_unicode=True, width=120)
 
 
 def dump_config(config: Mapping[str, Any], path: Path) -> None:
@@ -313,15 +325,19 @@ def dump_config(config: Mapping[str, Any], path: Path) -> None:
     write_text_atomic(path, format_config(config))
 
 
-def _plain(value: Any, key: str) -> Any:
+def plain_value(value: Any, key: str = "") -> Any:
+    """`value` as YAML-native data (mappings, lists, scalars; a literal `${` as `$${`); ConfigError naming `key`
+    for anything else."""
     if isinstance(value, Mapping):
-        return {str(k): _plain(v, join_key(key, k)) for k, v in value.items()}
+        return {str(k): plain_value(v, join_key(key, k)) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v, join_key(key, i)) for i, v in enumerate(value)]
+        return [plain_value(v, join_key(key, i)) for i, v in enumerate(value)]
     if isinstance(value, PurePath):
-        return str(value)
+        return escape(str(value))
     if isinstance(value, Enum):
-        return _plain(value.value, key)
-    if value is None or isinstance(value, (bool, int, float, str)):
+        return plain_value(value.value, key)
+    if isinstance(value, str):
+        return escape(value)
+    if value is None or isinstance(value, (bool, int, float)):
         return value
     raise ConfigError(key, f"cannot be written as YAML: {show_value(value)}")

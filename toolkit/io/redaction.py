@@ -4,8 +4,9 @@ A key is secret when its name says so (case-insensitive): it contains `api_key`,
 `authorization` or `credential`, or it is `token` or an access token's name (`hf_token`, `access_token`,
 `wandb_token` ...) — not a tokenizer's `pad_token` or a count like `max_tokens`. Redaction replaces its
 value by `REDACTED` and also scrubs every string elsewhere that contains a secret value (a key pasted into
-a URL), including the values of environment variables that `*_env` keys name (`api_key_env: OPENAI_API_KEY`).
-Once `register_secrets` has seen a config, every log record is scrubbed the same way.
+a URL), including the values of environment variables that `*_env` keys name (`api_key_env: OPENAI_API_KEY`)
+and the values a config read with `${env:NAME}` from a variable whose name says it is a secret (`OPENAI_API_KEY`,
+`HF_TOKEN`), wherever they landed. Once `register_secrets` has seen a config, every log record is scrubbed the same way.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ _SECRET_TOKEN = re.compile(
     r"^(.*_)?(hf|hub|huggingface|access|auth|bearer|api|github|gh|wandb|refresh|session|oauth|private|user)_?token$"
 )
 _MIN_SECRET_CHARS = 4  # shorter values ("", "x") would scrub unrelated text
+_ENV_SECRETS: set[str] = set()  # values configs in this process read with ${env:NAME} from a secret NAME
 
 
 def is_secret_key(key: str) -> bool:
@@ -33,6 +35,17 @@ def is_secret_key(key: str) -> bool:
     if lowered.endswith("_env"):
         return False
     return lowered == "token" or bool(_SECRET_TOKEN.match(lowered)) or any(p in lowered for p in SECRET_KEY_PARTS)
+
+
+def note_env_value(name: str, value: str) -> None:
+    """Record that a config read `value` from the environment variable `name` (`${env:NAME}` interpolation).
+
+    When `name` says it is a secret (`is_secret_key`: `OPENAI_API_KEY`, `HF_TOKEN` ...), `value` counts as a secret
+    of every config from now on: `redact` writes it as `REDACTED` and log records are scrubbed of it, whatever key
+    it was interpolated into (`base_url: https://host/?key=${env:OPENAI_API_KEY}`).
+    """
+    if is_secret_key(name) and len(value) >= _MIN_SECRET_CHARS:
+        _ENV_SECRETS.add(value)
 
 
 def secret_values(config: Any) -> set[str]:
@@ -70,7 +83,7 @@ def redact(config: Any, extra_secrets: Iterable[str] = ()) -> Any:
 
     Mappings come back as dicts and tuples as lists; other values are returned as they are.
     """
-    secrets = secret_values(config) | set(extra_secrets)
+    secrets = secret_values(config) | _ENV_SECRETS | set(extra_secrets)
 
     def copy(node: Any) -> Any:
         if isinstance(node, Mapping):
@@ -107,7 +120,7 @@ def _scrubbing_factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
 
 def register_secrets(config: Any) -> set[str]:
     """Remember the secrets of `config` and scrub them from every log record from now on; returns them."""
-    secrets = secret_values(config)
+    secrets = secret_values(config) | _ENV_SECRETS
     _SECRETS.update(secrets)
     if logging.getLogRecordFactory() is not _scrubbing_factory:
         logging.setLogRecordFactory(_scrubbing_factory)
