@@ -17,6 +17,11 @@ import torch
 from toolkit.config import build_dataclass, instantiate, validate
 from toolkit.train.scoring import nanmean, score_rollout
 
+# `--output` holds every row's prompt and completion; each is cut to this many characters (with TRUNCATION_MARK
+# and the number of characters dropped) so the file stays bounded, and the file's `metadata` says so.
+MAX_TEXT_CHARS = 4000
+TRUNCATION_MARK = "…[truncated {} chars]"
+
 
 @dataclass
 class EvalConfig:
@@ -110,11 +115,57 @@ def evaluate(config: Mapping[str, Any], checkpoint: str | None = None, output: s
             row.update({k: float(v[i]) for k, v in extra.items()})
             if rollout.lengths is not None:
                 row["length"] = float(rollout.lengths[i])
+            row.update(row_texts(rollout, i))
             rows.append(row)
     result = EvalResult(per_dataset=aggregate(rows), rows=rows)
     if output:
-        Path(output).write_text(json.dumps({"per_dataset": result.per_dataset, "rows": rows}, indent=2))
+        write_output(output, result)
     return result
+
+
+def row_texts(rollout: Any, i: int) -> dict[str, Any]:
+    """Row `i`'s prompt (a prompt dict's `prompt` field) and completion as text (None when the rollout has none)."""
+    prompt = rollout.prompts[i] if rollout.prompts is not None else None
+    if isinstance(prompt, Mapping) and "prompt" in prompt:
+        prompt = prompt["prompt"]
+    completion = rollout.completions[i] if rollout.completions is not None else None
+    return {"prompt": _as_text(prompt), "completion": _as_text(completion)}
+
+
+def _as_text(value: Any) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (list, dict, int, float, bool)):  # chat messages, token ids: JSON
+        return json.dumps(value, ensure_ascii=False, default=str)
+    return f"<{type(value).__name__}>"  # images, videos, tensors: not text
+
+
+def truncate_text(text: str | None, max_chars: int = MAX_TEXT_CHARS) -> tuple[str | None, bool]:
+    """(`text` cut to `max_chars` plus the marker naming how many characters were dropped, whether it was cut)."""
+    if text is None or len(text) <= max_chars:
+        return text, False
+    return text[:max_chars] + TRUNCATION_MARK.format(len(text) - max_chars), True
+
+
+def write_output(path: str | Path, result: EvalResult) -> None:
+    """`renorm eval --output`: per-dataset means, every row with its prompt and completion (truncated), metadata."""
+    rows, cut = [], 0
+    for row in result.rows:
+        row = dict(row)
+        for key in ("prompt", "completion"):
+            if key in row:
+                row[key], truncated = truncate_text(row[key])
+                cut += truncated
+        rows.append(row)
+    metadata = {
+        "num_rows": len(rows),
+        "max_text_chars": MAX_TEXT_CHARS,
+        "truncated_texts": cut,
+        "note": f"prompts and completions longer than {MAX_TEXT_CHARS} characters are cut and end with "
+        f"{TRUNCATION_MARK.format('N')!r}",
+    }
+    report = {"metadata": metadata, "per_dataset": result.per_dataset, "rows": rows}
+    Path(path).write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
 
 
 def row_data(rollout: Any, keys: list[str]) -> dict[str, torch.Tensor]:

@@ -3,12 +3,13 @@
 `metrics.jsonl` and `samples.jsonl` hold one JSON object per line, flushed and fsynced per call, written by
 the main process only. JSON has no NaN/inf: a non-finite top-level value is written as `null` and named in
 `"nonfinite": {key: "nan" | "inf" | "-inf"}`; `read_metrics` restores the floats (nested ones stay null).
-Console helpers (ProgressBar, tables, get_logger) live in `toolkit.io.console` and are re-exported here.
+A run dir's W&B run id lives in `trackers.json`, so a resumed run continues the same W&B run.
+Console helpers (ProgressBar, tables, get_logger) live in `toolkit.io.console`, tracker helpers in
+`toolkit.io.trackers`; both are re-exported here.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import math
@@ -26,13 +27,24 @@ from toolkit.io.console import (
     print_before_after,
     print_samples_table,
 )
+from toolkit.io.trackers import (
+    TRACKERS_FILE,
+    check_tracker_init_kwargs,
+    check_trackers,
+    init_trackers,
+    to_python,
+    tracker_run_kwargs,
+    wandb_table,
+)
 
 __all__ = [
     "METRICS_FILE",
     "NONFINITE_KEY",
     "SAMPLES_FILE",
+    "TRACKERS_FILE",
     "MetricsLogger",
     "ProgressBar",
+    "check_tracker_init_kwargs",
     "check_trackers",
     "encode_record",
     "first_last",
@@ -44,6 +56,7 @@ __all__ = [
     "read_jsonl",
     "read_metrics",
     "read_samples",
+    "tracker_run_kwargs",
 ]
 
 METRICS_FILE = "metrics.jsonl"
@@ -52,34 +65,9 @@ NONFINITE_KEY = "nonfinite"
 _RESERVED_KEYS = ("step", NONFINITE_KEY)
 _NONFINITE_NAMES = ("nan", "inf", "-inf")
 # tracker name -> (importable modules, any of which suffices; pip package to suggest)
-TRACKER_PACKAGES: dict[str, tuple[tuple[str, ...], str]] = {
-    "tensorboard": (("tensorboard", "tensorboardX"), "tensorboard"),
-    "wandb": (("wandb",), "wandb"),
-    "trackio": (("trackio",), "trackio"),
-    "comet_ml": (("comet_ml",), "comet_ml"),
-    "mlflow": (("mlflow",), "mlflow"),
-    "aim": (("aim",), "aim"),
-    "clearml": (("clearml",), "clearml"),
-    "dvclive": (("dvclive",), "dvclive"),
-    "swanlab": (("swanlab",), "swanlab"),
-}
+
 
 _LOG = logging.getLogger(__name__)
-
-
-def _to_python(value: Any) -> Any:
-    """Tensors/arrays/numpy scalars -> Python builtins (lists, floats...); unknown objects -> str."""
-    if value is None or isinstance(value, (str, bool, int, float)):
-        return value
-    if isinstance(value, Mapping):
-        return {str(k): _to_python(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_to_python(v) for v in value]
-    if hasattr(value, "tolist"):
-        return _to_python(value.tolist())
-    if hasattr(value, "__float__"):
-        return float(value)
-    return str(value)
 
 
 def _null_nonfinite(value: Any) -> Any:
@@ -116,7 +104,7 @@ def encode_record(step: int, values: Mapping[str, Any]) -> str:
     for key, raw in values.items():
         if key in _RESERVED_KEYS:
             raise ValueError(f"key {key!r} is reserved in JSONL records; reserved keys: {list(_RESERVED_KEYS)}")
-        value = _to_python(raw)
+        value = to_python(raw)
         if isinstance(value, float) and not math.isfinite(value):
             nonfinite[key] = "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
         record[key] = _null_nonfinite(value)
@@ -211,73 +199,6 @@ def _ends_cleanly(path: Path) -> bool:
         return f.read(1) == b"\n"
 
 
-def _flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested config -> flat {"a.b": scalar} (trackers such as tensorboard hparams accept scalars only)."""
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(_flatten_config(value, prefix=f"{name}."))
-        elif value is None or isinstance(value, (bool, int, float, str)):
-            flat[name] = value
-        else:
-            flat[name] = str(_to_python(value))
-    return flat
-
-
-def _has_module(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def check_trackers(trackers: Sequence[str]) -> list[str]:
-    """Validate tracker names and that their packages are importable; returns the names."""
-    names = [str(t) for t in trackers]
-    for name in names:
-        if name not in TRACKER_PACKAGES:
-            raise ValueError(f"unknown tracker {name!r}; allowed: {sorted(TRACKER_PACKAGES)}")
-        modules, pip_name = TRACKER_PACKAGES[name]
-        if not any(_has_module(m) for m in modules):
-            raise ImportError(
-                f"tracker {name!r} needs the {pip_name!r} package, which is not installed: "
-                f"`pip install {pip_name}` (or `pip install renorm[tracking]`), or drop it from `trackers`",
-                name=modules[0],
-            )
-    return names
-
-
-def init_trackers(
-    accelerator: Any,
-    trackers: Sequence[str],
-    project: str,
-    config: Mapping[str, Any] | None = None,
-    init_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
-) -> None:
-    """Start accelerate trackers by name, failing loudly where accelerate would silently drop one.
-
-    Trackers missing from `accelerator.log_with` are added (those that write files need
-    `Accelerator(project_dir=...)`). `config` is flattened to scalar "a.b" keys before it is stored.
-    """
-    names = check_trackers(trackers)
-    log_with = list(getattr(accelerator, "log_with", None) or [])
-    missing = [n for n in names if n not in {str(t) for t in log_with}]
-    if missing:
-        from accelerate.tracking import filter_trackers
-
-        try:
-            added = filter_trackers(missing, getattr(accelerator, "logging_dir", None))
-        except ValueError as err:
-            raise ValueError(f"{err} Construct the Accelerator with project_dir=<run dir>.") from err
-        dropped = sorted(set(missing) - {str(t) for t in added})
-        if dropped:
-            raise ImportError(f"accelerate reports trackers {dropped} as unavailable in this environment")
-        accelerator.log_with = log_with + list(added)
-    flat = _flatten_config(config) if config is not None else None
-    accelerator.init_trackers(project, config=flat, init_kwargs={k: dict(v) for k, v in (init_kwargs or {}).items()})
-
-
 class MetricsLogger:
     """Appends metrics and samples to JSONL files in `run_dir` and forwards metrics to accelerate trackers.
 
@@ -292,6 +213,9 @@ class MetricsLogger:
             dropped from both files (atomic rewrite), so the resumed files equal an uninterrupted run's.
         is_main_process: False turns every method into a no-op (other ranks).
         project: Tracker project name (default: the run directory's name).
+        init_kwargs: Per-tracker keyword arguments for accelerate's `init_trackers` ({"wandb": {"entity": ...}}).
+        resumed: True when the run continues from a checkpoint: W&B continues the run whose id `trackers.json`
+            holds (see `tracker_run_kwargs`).
     """
 
     def __init__(
@@ -303,10 +227,13 @@ class MetricsLogger:
         resume_step: int | None = None,
         is_main_process: bool = True,
         project: str | None = None,
+        init_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
+        resumed: bool = False,
     ) -> None:
         if trackers and accelerator is None:
             raise ValueError(f"trackers {list(trackers)} need an accelerator (accelerate.Accelerator); got None")
         check_trackers(trackers)  # fail before touching any file
+        check_tracker_init_kwargs(init_kwargs)
         self.run_dir = Path(run_dir)
         self.accelerator = accelerator
         self.is_main_process = bool(is_main_process) and bool(getattr(accelerator, "is_main_process", True))
@@ -319,7 +246,8 @@ class MetricsLogger:
         for name in (METRICS_FILE, SAMPLES_FILE):
             self._prepare(self.run_dir / name, resume_step)
         if trackers and not getattr(accelerator, "trackers", None):
-            init_trackers(accelerator, trackers, project or self.run_dir.name, config)
+            kwargs = tracker_run_kwargs(self.run_dir, trackers, init_kwargs, resumed)
+            init_trackers(accelerator, trackers, project or self.run_dir.name, config, kwargs)
             self._owns_trackers = True
 
     @staticmethod
@@ -360,10 +288,17 @@ class MetricsLogger:
             self.accelerator.log(values, step=int(step))
 
     def log_samples(self, step: int, rows: Sequence[Mapping[str, Any]]) -> None:
-        """Append one line `{"step": step, **row}` per row (prompt, completion, reward...) to samples.jsonl."""
+        """Append one line `{"step": step, **row}` per row (prompt, completion, reward...) to samples.jsonl.
+
+        With a W&B tracker the rows also go to it as the table `samples` (other trackers take no tables).
+        """
         if not self.is_main_process or not rows:
             return
         self._append(SAMPLES_FILE, "".join(encode_record(step, row) for row in rows))
+        trackers = getattr(self.accelerator, "trackers", None) or []
+        wandb_tracker = next((t for t in trackers if getattr(t, "name", None) == "wandb"), None)
+        if wandb_tracker is not None:
+            wandb_tracker.log({"samples": wandb_table(rows)}, step=int(step))
 
     def close(self) -> None:
         """Close the files and finish the trackers this logger started (idempotent)."""

@@ -6,8 +6,9 @@ import io
 import json
 import logging
 import math
+import sys
 from pathlib import Path
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -17,6 +18,7 @@ from rich.console import Console
 
 import toolkit.io.console as console_mod
 import toolkit.io.logging as tlog
+import toolkit.io.trackers as trackers
 from toolkit.io.logging import (
     MetricsLogger,
     ProgressBar,
@@ -27,6 +29,7 @@ from toolkit.io.logging import (
     print_samples_table,
     read_metrics,
     read_samples,
+    tracker_run_kwargs,
 )
 
 
@@ -180,7 +183,7 @@ def test_init_trackers_unknown_name() -> None:
 
 
 def test_init_trackers_missing_package(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(tlog, "_has_module", lambda module: False)
+    monkeypatch.setattr(trackers, "_has_module", lambda module: False)
     with pytest.raises(ImportError, match=r"tracker 'wandb' needs the 'wandb' package.*pip install wandb"):
         init_trackers(SimpleNamespace(log_with=[]), ["wandb"], "p")
     with pytest.raises(ImportError, match="'tensorboard'"):
@@ -189,7 +192,7 @@ def test_init_trackers_missing_package(monkeypatch: pytest.MonkeyPatch, tmp_path
 
 
 def test_init_trackers_passes_flat_config(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(tlog, "_has_module", lambda module: True)
+    monkeypatch.setattr(trackers, "_has_module", lambda module: True)
     calls: list[tuple[str, Any, Any]] = []
     accelerator = SimpleNamespace(
         log_with=["wandb"],
@@ -197,6 +200,127 @@ def test_init_trackers_passes_flat_config(monkeypatch: pytest.MonkeyPatch) -> No
     )
     init_trackers(accelerator, ["wandb"], "proj", {"optim": {"lr": 1e-5, "betas": (0.9, 0.99)}, "name": None})
     assert calls == [("proj", {"optim.lr": 1e-5, "optim.betas": "[0.9, 0.99]", "name": None}, {})]
+
+
+class StandInWandB:
+    """Records what accelerate's init_trackers builds a wandb tracker with, and what is logged to it."""
+
+    name = "wandb"
+    requires_logging_directory = False
+    main_process_only = False
+    built: list[StandInWandB] = []
+
+    def __init__(self, run_name: str, **kwargs: Any) -> None:
+        self.run_name, self.init_kwargs = run_name, kwargs
+        self.config: dict[str, Any] = {}
+        self.logged: list[tuple[int | None, dict[str, Any]]] = []
+        self.finished = False
+        StandInWandB.built.append(self)
+
+    def start(self) -> None:
+        pass
+
+    def store_init_configuration(self, values: dict[str, Any]) -> None:
+        self.config = values
+
+    def log(self, values: dict[str, Any], step: int | None = None, **kwargs: Any) -> None:
+        self.logged.append((step, values))
+
+    def finish(self) -> None:
+        self.finished = True
+
+
+@pytest.fixture
+def fake_wandb(monkeypatch: pytest.MonkeyPatch) -> type[StandInWandB]:
+    """A `wandb` module whose Table keeps its columns and data, and accelerate building StandInWandB for "wandb"."""
+    import accelerate.accelerator
+
+    module = ModuleType("wandb")
+    module.Table = lambda columns, data: SimpleNamespace(columns=columns, data=data)  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "wandb", module)
+    monkeypatch.setitem(accelerate.accelerator.LOGGER_TYPE_TO_CLASS, "wandb", StandInWandB)
+    monkeypatch.setattr(trackers, "_has_module", lambda module: True)
+    monkeypatch.setattr(StandInWandB, "built", [])
+    return StandInWandB
+
+
+def _accelerator_with(trackers: list[str]) -> Any:
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    accelerator.log_with = list(trackers)  # what Accelerator(log_with=...) keeps when the packages are installed
+    return accelerator
+
+
+def test_tracker_init_kwargs_reach_accelerate_and_resume_keeps_the_wandb_id(
+    tmp_path: Path, fake_wandb: type[StandInWandB]
+) -> None:
+    kwargs = {"wandb": {"entity": "team", "name": "run-1", "tags": ["grpo", "tiny"]}}
+    run_dir = tmp_path / "my-run"
+    with MetricsLogger(run_dir, ["wandb"], _accelerator_with(["wandb"]), {"a": {"b": 1}}, init_kwargs=kwargs):
+        pass
+    with MetricsLogger(run_dir, ["wandb"], _accelerator_with(["wandb"]), resumed=True, init_kwargs=kwargs):
+        pass
+    with MetricsLogger(tmp_path / "other", ["wandb"], _accelerator_with(["wandb"]), project="proj"):
+        pass
+    first, resumed, other = fake_wandb.built
+    assert first.run_name == "my-run" and other.run_name == "proj" and first.config == {"a.b": 1}
+    run_id = first.init_kwargs.pop("id")
+    assert first.init_kwargs == kwargs["wandb"] and kwargs["wandb"].keys() == {"entity", "name", "tags"}  # untouched
+    assert resumed.init_kwargs == {**kwargs["wandb"], "id": run_id, "resume": "allow"}
+    assert other.init_kwargs["id"] != run_id and "resume" not in other.init_kwargs
+    assert json.loads((run_dir / tlog.TRACKERS_FILE).read_text()) == {"wandb": {"id": run_id}}
+    assert all(tracker.finished for tracker in fake_wandb.built)
+
+
+def test_tracker_run_kwargs_fresh_resumed_explicit_and_other_trackers(tmp_path: Path) -> None:
+    tensorboard = {"tensorboard": {"flush_secs": 5}}
+    assert tracker_run_kwargs(tmp_path, ["tensorboard"], tensorboard) == tensorboard
+    assert not (tmp_path / tlog.TRACKERS_FILE).exists()  # nothing to keep without W&B
+    first = tracker_run_kwargs(tmp_path, ["wandb", "tensorboard"], tensorboard)["wandb"]["id"]
+    again = tracker_run_kwargs(tmp_path, ["wandb"], resumed=True)
+    assert again == {"wandb": {"id": first, "resume": "allow"}}
+    fresh = tracker_run_kwargs(tmp_path, ["wandb"])["wandb"]["id"]  # a fresh run in the same dir: a new W&B run
+    assert fresh != first and tracker_run_kwargs(tmp_path, ["wandb"], resumed=True)["wandb"]["id"] == fresh
+    explicit = tracker_run_kwargs(tmp_path, ["wandb"], {"wandb": {"id": "mine", "resume": "must"}}, resumed=True)
+    assert explicit == {"wandb": {"id": "mine", "resume": "must"}}
+    assert json.loads((tmp_path / tlog.TRACKERS_FILE).read_text()) == {"wandb": {"id": "mine"}}
+    assert not list(tmp_path.glob(".*tmp*"))  # written atomically
+    (tmp_path / tlog.TRACKERS_FILE).write_text("{torn")
+    with pytest.raises(ValueError, match="trackers.json is not valid JSON.*delete it"):
+        tracker_run_kwargs(tmp_path, ["wandb"], resumed=True)
+
+
+def test_tracker_init_kwargs_are_validated(tmp_path: Path) -> None:
+    from toolkit.train.trainer_config import TrainerConfig
+
+    with pytest.raises(ValueError, match=r"unknown tracker 'wandbb'; allowed: \[.*'wandb'"):
+        TrainerConfig(tracker_init_kwargs={"wandbb": {"entity": "team"}})
+    with pytest.raises(ValueError, match="wandb.project: set trainer.tracker_project instead"):
+        TrainerConfig(tracker_init_kwargs={"wandb": {"project": "p"}})
+    with pytest.raises(ValueError, match="must be a mapping"):
+        MetricsLogger(tmp_path / "run", init_kwargs={"wandb": ["entity"]})  # type: ignore[dict-item]
+    with pytest.raises(ValueError, match="tracker_project must be a non-empty name"):
+        TrainerConfig(tracker_project=" ")
+    assert not (tmp_path / "run").exists()
+
+
+def test_samples_go_to_wandb_as_a_table_and_not_to_other_trackers(
+    tmp_path: Path, fake_wandb: type[StandInWandB]
+) -> None:
+    other = SimpleNamespace(name="tensorboard", logged=[], finish=lambda: None)
+    other.log = lambda values, step=None: other.logged.append((step, values))
+    accelerator = _accelerator_with(["wandb"])
+    rows = [{"prompt": "p", "completion": "c", "reward": 1.0, "group": 3}, {"prompt": "q", "advantage": -0.5}]
+    with MetricsLogger(tmp_path, ["wandb"], accelerator) as logger:
+        accelerator.trackers.append(other)
+        logger.log_samples(5, rows)
+    [tracker] = fake_wandb.built
+    [(step, values)] = tracker.logged
+    assert step == 5 and list(values) == ["samples"] and other.logged == []
+    assert values["samples"].columns == ["prompt", "completion", "reward", "group", "advantage"]
+    assert values["samples"].data == [["p", "c", 1.0, 3, None], ["q", None, None, None, -0.5]]
+    assert [r["prompt"] for r in read_samples(tmp_path)] == ["p", "q"]
 
 
 def test_trackers_without_accelerator_rejected(tmp_path: Path) -> None:

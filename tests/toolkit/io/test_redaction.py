@@ -53,7 +53,9 @@ def test_no_secret_reaches_a_run_dir_a_tracker_or_the_logs(
     monkeypatch.setenv("RENORM_TEST_JUDGE_KEY", ENV_SECRET)
     recorded: list[Any] = []
     monkeypatch.setattr(run_logging, "check_trackers", lambda trackers: None)
-    monkeypatch.setattr(run_logging, "init_trackers", lambda acc, trackers, project, config: recorded.append(config))
+    monkeypatch.setattr(
+        run_logging, "init_trackers", lambda acc, trackers, project, config, init_kwargs=None: recorded.append(config)
+    )
     run_dir = tmp_path / "run"
     config = tiny_config(
         run_dir,
