@@ -8,12 +8,19 @@ a plain state dict, or a safetensors file; the `backbone.` prefix is optional) m
 non-backbone keys (`noise.*`, the Lightning EMA, optimizer state). The config is inferred from the shapes; heads
 default to hidden/64 (12/16/20 for small/medium/large). `use_ema` reads a Lightning checkpoint's EMA
 `shadow_params`, which MDLM stores in `backbone.parameters()` order (our parameter order is the same).
+
+The exported layout (`renorm export` of a DiDi student, `save_dlm_folder`): `model.safetensors` (the DiT state dict,
+our names), `config.json` ({"format": "renorm-dlm", "format_version": 1, "dit_config", "schedule" (class name),
+"schedule_args", "time_conditioning", "final", "weights": "ema"|"student", "dtype"}) and, when known, the tokenizer's
+`save_pretrained` files. `load_dlm_folder` reads it; `load_dlm` takes it or a `train-teacher` run/checkpoint.
 """
 
 from __future__ import annotations
 
+import json
 import pickle
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +28,16 @@ import torch
 from torch import Tensor
 
 from modalities.diffusion_lm.dit import DiT, DiTConfig
+from modalities.diffusion_lm.masked_diffusion import MaskedDiffusionLM
+from modalities.diffusion_lm.schedules import make_schedule
+from modalities.diffusion_lm.teacher import load_teacher, teacher_meta
 
 PREFIX = "backbone."
 DROPPED = ("rotary_emb.inv_freq",)
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
+DLM_FORMAT, DLM_FORMAT_VERSION = "renorm-dlm", 1
+DLM_WEIGHTS, DLM_CONFIG = "model.safetensors", "config.json"
+SCHEDULE_NAMES = {"LogLinearSchedule": "loglinear", "LinearSchedule": "linear", "CosineSchedule": "cosine"}
 
 
 def _read_raw(path: Path, allow_pickle: bool) -> dict[str, Any]:
@@ -128,3 +141,99 @@ def load_mdlm_checkpoint(
 def save_mdlm_checkpoint(model: DiT, path: str | Path) -> None:
     """Write `model` as an MDLM-style checkpoint {"state_dict": {"backbone.<name>": tensor}} (for interchange)."""
     torch.save({"state_dict": {PREFIX + k: v.detach().cpu() for k, v in model.state_dict().items()}}, Path(path))
+
+
+def save_dlm_folder(
+    model: MaskedDiffusionLM,
+    out_dir: str | Path,
+    tokenizer: Any = None,
+    dtype: torch.dtype | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> None:
+    """Write a DiT-backed masked diffusion LM in the exported layout (module docstring) into the folder `out_dir`.
+
+    Args:
+        model: the model to write (its backbone must be our `DiT`).
+        tokenizer: saved with `save_pretrained` beside the weights (None: none); see `check_tokenizer_fits`.
+        dtype: cast the written weights (None keeps them).
+        extra: more JSON fields for config.json (e.g. {"weights": "ema"}).
+    """
+    import safetensors.torch
+
+    backbone = model.backbone
+    if not isinstance(backbone, DiT):
+        raise ValueError(
+            f"only DiT backbones export to the renorm-dlm layout; this model's is {type(backbone).__name__}"
+        )
+    check_tokenizer_fits(tokenizer, backbone.config.vocab_size)
+    out = Path(out_dir)
+    state = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in backbone.state_dict().items()}
+    safetensors.torch.save_file(state, str(out / DLM_WEIGHTS), metadata={"format": "pt"})
+    meta = {k: v for k, v in teacher_meta(model).items() if k != "kind"}
+    written = next(iter(state.values())).dtype
+    config = {"format": DLM_FORMAT, "format_version": DLM_FORMAT_VERSION, **meta, "final": model.final}
+    config |= {"dtype": str(written).removeprefix("torch."), **dict(extra or {})}
+    (out / DLM_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+
+
+def check_tokenizer_fits(tokenizer: Any, vocab_size: int) -> None:
+    """ValueError unless `tokenizer` (None passes) has at most `vocab_size` ids: the word-level tokenizer holds the
+    mask id (equal sizes), GPT-2's does not (MDLM appends the mask: one id fewer); more ids are another model's."""
+    if tokenizer is not None and len(tokenizer) > vocab_size:
+        raise ValueError(
+            f"tokenizer has {len(tokenizer)} ids, more than the model's vocab_size {vocab_size}: another model's "
+            "tokenizer (pass the one the model was trained with)"
+        )
+
+
+def is_dlm_folder(path: str | Path) -> bool:
+    """True when `path` is a folder holding an exported renorm-dlm `config.json`."""
+    file = Path(path) / DLM_CONFIG
+    if not file.is_file():
+        return False
+    try:
+        return bool(json.loads(file.read_text(encoding="utf-8")).get("format") == DLM_FORMAT)
+    except (ValueError, AttributeError):
+        return False
+
+
+def load_dlm_folder(
+    path: str | Path, device: torch.device | str = "cpu", mixed_precision: str = "no"
+) -> MaskedDiffusionLM:
+    """The masked diffusion LM of an exported folder (`save_dlm_folder`), in fp32 on `device`, in eval mode."""
+    folder = Path(path)
+    if not is_dlm_folder(folder):
+        raise ValueError(f"{folder} is not an exported diffusion-LM folder (no {DLM_CONFIG} with format {DLM_FORMAT})")
+    config = json.loads((folder / DLM_CONFIG).read_text(encoding="utf-8"))
+    if config.get("format_version") != DLM_FORMAT_VERSION:
+        raise ValueError(f"{folder}: format_version {config.get('format_version')} is not {DLM_FORMAT_VERSION}")
+    import safetensors.torch
+
+    backbone = DiT(DiTConfig(**config["dit_config"]))
+    backbone.load_state_dict(safetensors.torch.load_file(str(folder / DLM_WEIGHTS), device="cpu"))
+    model = MaskedDiffusionLM(
+        backbone,
+        schedule=make_schedule(SCHEDULE_NAMES[config["schedule"]], **config["schedule_args"]),
+        time_conditioning=bool(config["time_conditioning"]),
+        mixed_precision=mixed_precision,
+        final=config["final"],
+    )
+    return model.to(device).eval()
+
+
+def load_dlm(path: str | Path, device: torch.device | str = "cpu", mixed_precision: str = "no") -> MaskedDiffusionLM:
+    """An exported folder (`load_dlm_folder`) or a `train-teacher` run or checkpoint directory (`load_teacher`)."""
+    if is_dlm_folder(path):
+        return load_dlm_folder(path, device, mixed_precision)
+    return load_teacher(path, device, mixed_precision)
+
+
+def load_dlm_tokenizer(path: str | Path) -> Any:
+    """The tokenizer saved in an exported folder, or None when it holds none (or `path` is not one)."""
+    if not is_dlm_folder(path) or not (Path(path) / "tokenizer.json").is_file():
+        return None
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast.from_pretrained(str(path))

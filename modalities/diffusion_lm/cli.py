@@ -86,9 +86,12 @@ def _add_train_teacher(sub: Any) -> None:
 def _add_sample(sub: Any) -> None:
     from modalities.diffusion_lm.sampling import TIME_GRIDS
 
-    p = sub.add_parser("sample", help="Sample text from a teacher trained with train-teacher.")
+    p = sub.add_parser("sample", help="Sample text from a teacher trained with train-teacher or an exported student.")
     p.set_defaults(func=cmd_sample)
-    p.add_argument("teacher", help="train-teacher run directory or checkpoint directory")
+    p.add_argument(
+        "teacher",
+        help="train-teacher run directory or checkpoint directory, or a `renorm export` folder (DiDi student)",
+    )
     p.add_argument("--num-samples", type=int, default=4)
     p.add_argument("--length", type=int, default=None, help="default: the teacher's max_length")
     p.add_argument("--num-steps", type=int, default=64)
@@ -97,7 +100,12 @@ def _add_sample(sub: Any) -> None:
     p.add_argument("--temperature", type=float, default=1.0, help="softmax(log x_θ / T) (spec: 1)")
     p.add_argument("--batch-size", type=int, default=64, help="sequences per sampler call")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--corpus", default=None, help="corpus whose vocabulary the teacher was trained with")
+    p.add_argument(
+        "--corpus",
+        default=None,
+        help="corpus whose vocabulary the teacher was trained with (default: an exported folder's tokenizer, else "
+        "the shipped corpus)",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument(
         "--output", default=None, help='write {"text", "input_ids"} JSONL here (atomically) instead of printing'
@@ -179,16 +187,18 @@ def cmd_train_teacher(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    """Sample from a trained teacher; print the decoded texts or write them as JSONL (atomic rename)."""
+    """Sample from a trained teacher or an exported student; print the decoded texts or write them as JSONL."""
     import json
     import os
 
+    from modalities.diffusion_lm.checkpoint_io import check_tokenizer_fits, load_dlm, load_dlm_tokenizer
     from modalities.diffusion_lm.masked_diffusion import sample_in_batches
-    from modalities.diffusion_lm.teacher import load_teacher
     from modalities.diffusion_lm.text_data import build_text_tokenizer
 
-    tokenizer = build_text_tokenizer(args.corpus)
-    model = load_teacher(args.teacher, device=args.device)
+    saved = load_dlm_tokenizer(args.teacher) if args.corpus is None else None
+    tokenizer = saved if saved is not None else build_text_tokenizer(args.corpus)
+    model = load_dlm(args.teacher, device=args.device)
+    check_tokenizer_fits(tokenizer, model.vocab_size)
     length = args.length or getattr(getattr(model.backbone, "config", None), "max_length", 32)
     ids = sample_in_batches(
         model,

@@ -5,7 +5,8 @@ step log-prob follows the `prev_is_mask` convention: Σ over positions masked be
 log(x_ν(z_prev)[z_next] + 1e-10), so positions that stay masked add the constant log(1e-10) (no gradient).
 The analytic per-step KL to the frozen teacher (Jeffrey, β = 0.5, or forward KL; §10) and the entropy are
 means over the step's masked positions. An EMA copy of the student (0.999) is updated after every optimizer
-step and checkpointed through `state_dict()`. Simplified: the last-k trainable option unfreezes blocks only.
+step and checkpointed through `state_dict()`; `export` writes it (or the student) as safetensors + JSON
+(`checkpoint_io.save_dlm_folder`). Simplified: the last-k trainable option unfreezes blocks only.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import copy
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, get_args
 
 import torch
@@ -21,10 +23,12 @@ from torch import Tensor, nn
 
 from modalities.diffusion_lm.backbone import autocast_context
 from modalities.diffusion_lm.masked_diffusion import MaskedDiffusionLM, subs_log_probs
+from toolkit.distributed import unwrap
 from toolkit.rollout import Rollout
 
 Regularization = Literal["jeffrey", "forward_kl", "reverse_kl"]
 LogprobMode = Literal["prev_is_mask", "changed_only"]
+ExportWeights = Literal["ema", "student"]
 LOGPROB_EPS = 1e-10
 
 
@@ -127,6 +131,8 @@ class StudentPolicy:
         ema_decay: float | None = 0.999,
         logprob_mode: LogprobMode = "prev_is_mask",
         disable_dropout: bool = True,
+        tokenizer: Any = None,
+        export_weights: ExportWeights = "ema",
     ) -> None:
         """Set up trainable parameters, the frozen teacher and the EMA copy.
 
@@ -140,17 +146,24 @@ class StudentPolicy:
             ema_decay: EMA decay of `ema` (0.999), or None for no EMA.
             logprob_mode: "prev_is_mask" (spec) or "changed_only".
             disable_dropout: zero the backbone's dropout so re-scored log-probs equal the sampler's (as TRL).
+            tokenizer: the student's tokenizer, saved beside the weights by `export` (None: no tokenizer files;
+                `renorm dlm sample --corpus` then names the vocabulary).
+            export_weights: what `export` writes: "ema" (the EMA student; the student itself without EMA) or
+                "student" (the raw trained weights).
         """
         if regularization not in get_args(Regularization):
             raise ValueError(f"regularization={regularization!r} is not one of {get_args(Regularization)}")
         if logprob_mode not in get_args(LogprobMode):
             raise ValueError(f"logprob_mode={logprob_mode!r} is not one of {get_args(LogprobMode)}")
+        if export_weights not in get_args(ExportWeights):
+            raise ValueError(f"export_weights={export_weights!r} is not one of {get_args(ExportWeights)}")
         if not 0.0 <= jeffrey_beta <= 1.0 or (ema_decay is not None and not 0.0 <= ema_decay < 1.0):
             raise ValueError(f"need 0 <= jeffrey_beta <= 1 and 0 <= ema_decay < 1, got {jeffrey_beta}, {ema_decay}")
         self.student, self.teacher = student, teacher
         self.module: nn.Module = student.backbone
         self.mask_id, self.regularization, self.beta = student.mask_id, regularization, jeffrey_beta
         self.logprob_mode, self.ema_decay = logprob_mode, ema_decay
+        self.tokenizer, self.export_weights = tokenizer, export_weights
         if disable_dropout:
             _disable_dropout(self.module)
         if num_trainable_blocks is not None:
@@ -260,6 +273,32 @@ class StudentPolicy:
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
         self.num_updates = int(state.get("num_updates", 0))
+
+    # ------------------------------------------------------------------ export
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        """The student backbone's whole state dict (what the Trainer checkpoints, frozen blocks included)."""
+        return unwrap(self.module).state_dict()
+
+    def load_trainable_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        """Load what `trainable_state_dict` returned (strict)."""
+        unwrap(self.module).load_state_dict(state)
+
+    def export(self, out_dir: str | Path, merge_lora: bool = False, dtype: torch.dtype | None = None) -> None:
+        """Write the EMA student (or the student, `export_weights`) as `model.safetensors` + `config.json` (+ the
+        tokenizer) into `out_dir`; `checkpoint_io.load_dlm_folder` and `renorm dlm sample OUT` load it.
+
+        Args:
+            out_dir: an existing folder (written into).
+            merge_lora: refused (the student trains all its weights: there are no adapters to merge).
+            dtype: cast the written weights (None keeps them).
+        """
+        from modalities.diffusion_lm.checkpoint_io import save_dlm_folder
+
+        if merge_lora:
+            raise ValueError("merge_lora needs a LoRA policy; the DiDi student trains all weights (export it as is)")
+        use_ema = self.export_weights == "ema" and self.ema is not None
+        model = self.ema_model() if use_ema else self.student
+        save_dlm_folder(model, out_dir, self.tokenizer, dtype, {"weights": "ema" if use_ema else "student"})
 
 
 def _unwrap(module: nn.Module) -> nn.Module:

@@ -3,21 +3,26 @@
 Re-scoring feeds exactly what sampling fed (the prompt's `pixel_values_videos`, `video_grid_thw` and
 `second_per_grid_ts`, with `mm_token_type_ids` so the model builds the same mRoPE positions), so the re-scored
 log-probs equal the sampler's. Log-probs are those of the temperature-scaled full distribution, in fp32 even when
-the model runs in bf16. The vision tower is frozen by default; LoRA (peft) targets the language model only.
+the model runs in bf16, a block of positions at a time (`toolkit.hf.logprobs`). The vision tower is frozen by
+default; LoRA (peft) targets the language model only.
+`export` writes a `save_pretrained` model + processor folder (or a PEFT adapter folder) for `renorm export`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
+import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from toolkit.distributed import unwrap
 from toolkit.hf.generation import left_align, row_slices
+from toolkit.hf.logprobs import token_log_probs_and_entropy
 from toolkit.hf.policy import (
     TORCH_DTYPES,
     DTypeName,
@@ -51,28 +56,6 @@ class VideoFeatures:
     video_grid_thw: Tensor
     second_per_grid_ts: float
     num_tokens: int
-
-
-def token_log_probs(
-    logits: Tensor, tokens: Tensor, temperature: float = 1.0, suppressed: Sequence[int] = ()
-) -> tuple[Tensor, Tensor]:
-    """fp32 log-probs of `tokens` and entropies under softmax(logits / temperature), `suppressed` ids excluded.
-
-    Args:
-        logits: [N, T, V] next-token logits aligned with `tokens`; tokens: [N, T] int64; temperature: > 0.
-        suppressed: token ids given probability 0 (the sampler suppresses the same ids in `generate`).
-
-    Returns:
-        ([N, T] log pi(token), [N, T] entropy H = logsumexp(x) - sum softmax(x)·x), float32.
-    """
-    scaled = logits.float() / temperature
-    if suppressed:
-        scaled = scaled.index_fill(-1, torch.tensor(list(suppressed), device=scaled.device), -math.inf)
-    normalizer = torch.logsumexp(scaled, dim=-1)
-    picked = scaled.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    probs = torch.softmax(scaled, dim=-1)
-    entropy = normalizer - torch.where(probs > 0, probs * scaled, 0.0).sum(-1)
-    return picked - normalizer, entropy
 
 
 def video_batch(videos: Sequence[VideoFeatures], device: torch.device) -> dict[str, Tensor]:
@@ -196,6 +179,50 @@ class VideoVLMPolicy:
         """The weights the trainer updates: the trainable parameters with LoRA, else the full state dict."""
         return trainable_state_dict(self.module, self.is_lora)
 
+    def load_trainable_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        """Load what `trainable_state_dict` returned (strict about missing and unexpected keys)."""
+        if not self.is_lora:
+            unwrap(self.module).load_state_dict(state)
+            return
+        expected = set(self.trainable_state_dict())
+        if set(state) != expected:
+            raise ValueError(
+                f"LoRA state keys differ: missing {sorted(expected - set(state))[:5]}, "
+                f"unexpected {sorted(set(state) - expected)[:5]}"
+            )
+        unwrap(self.module).load_state_dict(dict(state), strict=False)
+
+    def export(self, out_dir: str | Path, merge_lora: bool = False, dtype: torch.dtype | None = None) -> None:
+        """Write the policy as a Hugging Face folder into `out_dir` (`renorm export`, toolkit.io.export).
+
+        Full fine-tuning: the model's `save_pretrained` (config.json, generation_config.json, safetensors) and the
+        processor's (tokenizer, video/image processor configs, chat_template.jinja); loads with
+        `AutoModelForImageTextToText.from_pretrained(out_dir)` and `AutoProcessor.from_pretrained(out_dir)`. LoRA:
+        the PEFT adapter folder beside the processor; loads with `PeftModel.from_pretrained(base, out_dir)`.
+
+        Args:
+            out_dir: an existing folder (written into).
+            merge_lora: merge the adapters into the base weights and save a full model; afterwards the policy holds
+                the merged model as a full-weight policy with no reference (the base weights are gone).
+            dtype: cast the module's weights in place before saving (None keeps them).
+
+        Raises:
+            ValueError: `merge_lora` without LoRA, or a full model holding weights its architecture lacks (the tiny
+                model's `eos_logit` lm_head bias): `from_pretrained` would silently drop them.
+        """
+        module: Any = unwrap(self.module)
+        if merge_lora:
+            if not self.is_lora:
+                raise ValueError("merge_lora needs a LoRA policy; this one trains all weights (export it as is)")
+            module = module.merge_and_unload()
+            self.module, self.is_lora, self.reference_mode, self._snapshot = module, False, "none", None
+        if not self.is_lora:
+            _check_architecture_holds(module)
+        if dtype is not None:
+            module.to(dtype)
+        module.save_pretrained(str(out_dir))
+        self.processor.save_pretrained(str(out_dir))
+
     def _score(self, module: nn.Module, rollout: Rollout) -> tuple[Tensor, Tensor]:
         data, num_steps = rollout.data, rollout.num_steps
         sampled_at = data.get("temperature")
@@ -218,7 +245,7 @@ class VideoVLMPolicy:
                     logits_to_keep=num_steps + 1,
                     **video_batch(videos[rows], device),
                 ).logits
-            lp, ent = token_log_probs(
+            lp, ent = token_log_probs_and_entropy(
                 logits[:, -(num_steps + 1) : -1], ids[:, -num_steps:], self.temperature, self.suppressed_token_ids
             )
             logprobs.append(lp)
@@ -234,6 +261,21 @@ def vision_tower(model: nn.Module) -> nn.Module:
         if isinstance(visual, nn.Module):
             return visual
     raise ValueError(f"{type(model).__name__} has no `visual` tower; expected a Qwen2/2.5/3-VL model")
+
+
+def _check_architecture_holds(model: Any) -> None:
+    """ValueError naming the weights of `model` that a fresh model of its class and config lacks (they would be
+    dropped by `from_pretrained`, changing the outputs)."""
+    if not callable(getattr(model, "save_pretrained", None)):
+        raise ValueError(f"{type(model).__name__} has no save_pretrained; only transformers models export")
+    with torch.device("meta"):  # no memory; a copy of the config, which a constructor may edit
+        fresh = type(model)(copy.deepcopy(model.config))
+    extra = sorted(set(model.state_dict()) - set(fresh.state_dict()))
+    if extra:
+        raise ValueError(
+            f"{type(model).__name__} holds weights its architecture lacks: {extra[:5]}; from_pretrained would drop "
+            "them (the tiny model's lm_head bias: build it with eos_logit: null to export)"
+        )
 
 
 def _load_processor(processor: Any, model: Any) -> Any:

@@ -5,16 +5,20 @@ the text encoder are frozen components. `log_probs` recomputes, at each row's tr
 velocity and the SDE step log-prob of the stored next latent (`modalities.text_to_image.sde`, fp32), so
 re-scoring fresh samples gives ratio 1. Flow-GRPO backprops one timestep at a time; the Trainer asks for
 all T at once, so with `gradient_checkpointing=True` every transformer call is wrapped in
-`torch.utils.checkpoint` and only its inputs stay alive until backward.
+`torch.utils.checkpoint` and only its inputs stay alive until backward. `export` writes the transformer in
+diffusers' format (a `transformer/` folder, or LoRA weights that `pipeline.load_lora_weights` reads).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import shutil
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from pathlib import Path
+from typing import Any, Literal, cast, get_args
 
 import torch
 from torch import Tensor, nn
@@ -79,6 +83,8 @@ class FlowMatchingPolicy:
         kl_reduce: reduction of the analytic KL over latent dims ("mean" = Flow-GRPO).
         vae_scale_factor: pixels per latent cell; None = from the VAE (2^(len(block_out_channels) − 1)) or 8.
         disable_dropout: zero every dropout (LoRA's too), so train-mode re-scoring equals sampling.
+        pipeline: the diffusers pipeline (hub id or folder) the components come from (`from_pretrained` sets it);
+            `export` copies its other components beside the trained transformer.
     """
 
     def __init__(
@@ -98,6 +104,7 @@ class FlowMatchingPolicy:
         kl_reduce: Reduce = "mean",
         vae_scale_factor: int | None = None,
         disable_dropout: bool = True,
+        pipeline: str | None = None,
     ) -> None:
         for name, value, choices in (
             ("arch", arch, Arch),
@@ -113,6 +120,7 @@ class FlowMatchingPolicy:
         if reference == "adapters_off" and lora is None:
             raise ValueError("reference='adapters_off' needs lora; use 'copy' or 'auto' for full fine-tuning")
         self.arch: Arch = arch
+        self.pipeline = pipeline
         self.vae = vae.eval().requires_grad_(False) if vae is not None else None
         self.text_encoder = text_encoder
         self.is_lora = lora is not None
@@ -157,7 +165,9 @@ class FlowMatchingPolicy:
             path, subfolder="vae", torch_dtype=_DTYPES[component_dtype]
         )
         encoder = PipelineTextEncoder.from_pretrained(path, arch, component_dtype, max_sequence_length)
-        return cls(transformer, arch=arch, vae=vae, text_encoder=encoder, lora=lora, dtype=dtype, **kwargs)
+        return cls(
+            transformer, arch=arch, vae=vae, text_encoder=encoder, lora=lora, dtype=dtype, pipeline=path, **kwargs
+        )
 
     @property
     def device(self) -> torch.device:
@@ -394,6 +404,96 @@ class FlowMatchingPolicy:
         if not self.is_lora:
             return module.state_dict()
         return {name: p.detach() for name, p in module.named_parameters() if p.requires_grad}
+
+    def load_trainable_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        """Load what `trainable_state_dict` returned (strict about missing and unexpected keys)."""
+        module = unwrap(self.module)
+        if not self.is_lora:
+            module.load_state_dict(state)
+            return
+        expected = set(self.trainable_state_dict())
+        if set(state) != expected:
+            raise ValueError(
+                f"LoRA state keys differ: missing {sorted(expected - set(state))[:5]}, "
+                f"unexpected {sorted(set(state) - expected)[:5]}"
+            )
+        module.load_state_dict(dict(state), strict=False)
+
+    def export(self, out_dir: str | Path, merge_lora: bool = False, dtype: torch.dtype | None = None) -> None:
+        """Write the transformer in diffusers' format into `out_dir` (`renorm export`, toolkit.io.export).
+
+        Full fine-tuning (or `merge_lora`): `transformer/` (`save_pretrained`; loads with
+        `SD3Transformer2DModel` / `FluxTransformer2DModel.from_pretrained(out_dir, subfolder="transformer")`). A
+        policy loaded from a pipeline (`from_pretrained`) also gets the pipeline's `model_index.json` and its other
+        component folders copied, so `DiffusionPipeline.from_pretrained(out_dir)` loads the trained pipeline; one
+        built from components in code gets `vae/` beside `transformer/` (its text encoder is not a diffusers
+        component). LoRA: `pytorch_lora_weights.safetensors` in diffusers' layout (`transformer.` keys, the LoRA
+        config as metadata), which `pipeline.load_lora_weights(out_dir)` and `transformer.load_lora_adapter(out_dir)`
+        read.
+
+        Args:
+            out_dir: an existing folder (written into).
+            merge_lora: merge the adapters into the transformer and write it in full; afterwards the policy holds the
+                merged transformer as a full-weight policy with no reference (the base weights are gone).
+            dtype: cast the transformer in place before saving (None keeps it; copied components keep theirs).
+        """
+        out, module, vae = Path(out_dir), cast(Any, unwrap(self.module)), cast(Any, self.vae)
+        if merge_lora:
+            if not self.is_lora:
+                raise ValueError("merge_lora needs a LoRA policy; this one trains all weights (export it as is)")
+            module = module.merge_and_unload()
+            self.module, self.is_lora, self.reference_mode, self._snapshot = module, False, "none", None
+        if dtype is not None:
+            module.to(dtype)
+        if self.is_lora:
+            save_lora_weights(module, self.arch, out)
+            return
+        module.save_pretrained(str(out / "transformer"))
+        if self.pipeline is not None:
+            copy_pipeline_components(self.pipeline, out, skip="transformer")
+        elif callable(getattr(vae, "save_pretrained", None)):
+            vae.save_pretrained(str(out / "vae"))
+
+
+def save_lora_weights(peft_model: nn.Module, arch: Arch, out_dir: Path) -> None:
+    """The adapters of a peft-wrapped transformer as diffusers LoRA weights (`pytorch_lora_weights.safetensors`)."""
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+    from peft import get_peft_model_state_dict
+
+    model: Any = peft_model
+    layers = {k.removeprefix("base_model.model."): v for k, v in get_peft_model_state_dict(model).items()}
+    pipeline_cls: Any = StableDiffusion3Pipeline if arch == "sd3" else FluxPipeline
+    pipeline_cls.save_lora_weights(
+        str(out_dir),
+        transformer_lora_layers=layers,
+        transformer_lora_adapter_metadata=model.peft_config["default"].to_dict(),  # rank, alpha and targets
+    )
+
+
+def copy_pipeline_components(source: str, out_dir: Path, skip: str) -> None:
+    """Copy `model_index.json` and every component folder but `skip` of the pipeline `source` (folder or hub id)."""
+    folder = Path(source).expanduser()
+    if not folder.is_dir():
+        from huggingface_hub import hf_hub_download, snapshot_download
+
+        names = _component_names(Path(hf_hub_download(source, "model_index.json")))
+        patterns = ["model_index.json", *(f"{name}/*" for name in names if name != skip)]
+        folder = Path(snapshot_download(source, allow_patterns=patterns))
+    for name in _component_names(folder / "model_index.json"):
+        if name == skip:
+            continue
+        if not (folder / name).is_dir():
+            raise ValueError(f"pipeline {source}: model_index.json names component {name!r}, but {name}/ is missing")
+        shutil.copytree(folder / name, out_dir / name)  # symlinks (a hub cache) are copied as files
+    shutil.copy2(folder / "model_index.json", out_dir / "model_index.json")
+
+
+def _component_names(model_index: Path) -> list[str]:
+    """The components a `model_index.json` lists (entries `name: [library, class]` that are not null)."""
+    index = json.loads(model_index.read_text(encoding="utf-8"))
+    return [
+        k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and None not in v and len(v) == 2
+    ]
 
 
 def latent_shape(arch: Arch, in_channels: int, height: int, width: int, scale: int) -> tuple[int, ...]:

@@ -2,8 +2,10 @@
 
 The policy is rebuilt from the run's config, the checkpoint's trainable weights are loaded into it strictly
 (every name and shape must match: another model's checkpoint is refused) and the policy writes itself
-(`ExportablePolicy.export`): a causal LM as a `save_pretrained` folder, a LoRA policy as a PEFT adapter
-folder or, merged, a full one. The folder is written beside OUT and renamed into place when complete.
+(`ExportablePolicy.export`): a causal LM or video VLM as a `save_pretrained` folder, a LoRA policy as a PEFT adapter
+folder or, merged, a full one; a flow-matching transformer in diffusers' layout; a diffusion-LM student as safetensors
++ JSON. A policy that checkpoints state beyond its weights (`Stateful`: DiDi's EMA student) gets that state too. The
+folder is written beside OUT and renamed into place when complete.
 """
 
 from __future__ import annotations
@@ -23,7 +25,15 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from toolkit.config import instantiate, validate
-from toolkit.io.checkpoint import MODEL_FILE, CheckpointError, file_sha256, read_manifest
+from toolkit.interfaces import Stateful
+from toolkit.io.checkpoint import (
+    MODEL_FILE,
+    OBJECTS_FILE,
+    CheckpointError,
+    file_sha256,
+    read_manifest,
+    safe_torch_load,
+)
 from toolkit.io.redaction import REDACTED
 from toolkit.io.resume import resolve_checkpoint
 
@@ -31,6 +41,9 @@ ExportDType = Literal["auto", "fp32", "bf16"]
 # "auto" keeps the dtype the policy's weights have (the config's `policy.dtype`).
 EXPORT_DTYPES: dict[str, torch.dtype | None] = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}
 RUN_CONFIG = "config.yaml"
+EXPORT_DIR = "export"  # RUN_DIR/export/: where `trainer.export` writes the finished run
+# The name under which the Trainer checkpoints a Stateful policy's state in objects.pt (Trainer.stateful_parts).
+POLICY_STATE = "policy_state"
 # A `key.path=value`, `+key.path=value` or `~key.path` override (toolkit.config.loader's syntax).
 _OVERRIDE = re.compile(r"^(?:\+?[\w\-]+(?:\.[\w\-]+)*=.*|~[\w\-]+(?:\.[\w\-]+)*)$", re.DOTALL)
 
@@ -110,28 +123,35 @@ def load_trained_weights(policy: ExportablePolicy, checkpoint: str | Path) -> Pa
 
     Stricter than `resume.load_policy_weights`, which keeps the values of names a checkpoint lacks: an export
     must hold trained weights only. Only `model.safetensors` is verified against the manifest and read (the
-    optimizer state may be twice the model's size).
+    optimizer state may be twice the model's size), unless the policy is `Stateful`: then `objects.pt` is verified
+    too and its `policy_state` (an EMA copy ...) loaded.
 
     Raises:
         CheckpointError: no checkpoint there, or its weights file is missing or fails its checksum.
         ValueError: the names or shapes differ from the policy's (`check_same_weights`).
     """
     path = resolve_checkpoint(checkpoint)
-    _verify_weights_file(path)
+    _verify_checkpoint_file(path)
     with safe_open(str(path / MODEL_FILE), framework="pt") as f:
         found = {name: tuple(f.get_slice(name).get_shape()) for name in list(f.keys())}
     expected = {name: tuple(t.shape) for name, t in policy.trainable_state_dict().items()}
     check_same_weights(found, expected, path)
     policy.load_trainable_state_dict(load_file(str(path / MODEL_FILE), device="cpu"))
+    if isinstance(policy, Stateful):
+        _verify_checkpoint_file(path, OBJECTS_FILE)
+        state = safe_torch_load(path / OBJECTS_FILE).get(POLICY_STATE)
+        if state is None:
+            raise CheckpointError(f"checkpoint {path} holds no {POLICY_STATE} for {type(policy).__name__}")
+        policy.load_state_dict(state)
     return path
 
 
-def _verify_weights_file(checkpoint: Path) -> None:
-    """CheckpointError unless the checkpoint's weights file has the size (and SHA-256) its manifest records."""
-    entry = read_manifest(checkpoint)["files"].get(MODEL_FILE)
-    file = checkpoint / MODEL_FILE
+def _verify_checkpoint_file(checkpoint: Path, name: str = MODEL_FILE) -> None:
+    """CheckpointError unless the checkpoint's file `name` has the size (and SHA-256) its manifest records."""
+    entry = read_manifest(checkpoint)["files"].get(name)
+    file = checkpoint / name
     if entry is None or not file.is_file():
-        raise CheckpointError(f"checkpoint {checkpoint} holds no {MODEL_FILE}")
+        raise CheckpointError(f"checkpoint {checkpoint} holds no {name}")
     size, digest = (entry, None) if isinstance(entry, int) else (entry["size"], entry["sha256"])
     if file.stat().st_size != size or (digest is not None and file_sha256(file) != digest):
         raise CheckpointError(f"checkpoint file corrupt: {file}: size or SHA-256 differs from the manifest's")
@@ -143,6 +163,7 @@ def export_checkpoint(
     out_dir: str | Path,
     merge_lora: bool = False,
     dtype: ExportDType = "auto",
+    replace: bool = False,
 ) -> Path:
     """Build the config's policy, load `checkpoint` into it and export it to `out_dir`; returns the checkpoint.
 
@@ -152,6 +173,8 @@ def export_checkpoint(
         out_dir: the folder to write; it must not exist or be empty.
         merge_lora: write a LoRA policy's adapters merged into the base weights (a full model).
         dtype: "fp32" or "bf16" casts the weights; "auto" keeps the policy's dtype.
+        replace: an existing `out_dir` is replaced once the new folder is complete (`trainer.export` rewriting
+            RUN_DIR/export/ when a finished run is extended) instead of being an error.
 
     A LoRA checkpoint holds the adapters only: the base weights come from the config's `policy.model`, which
     must name the base the run trained on (a hub id or path, or a seeded builder such as the tiny ones).
@@ -159,7 +182,7 @@ def export_checkpoint(
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"dtype={dtype!r} is not one of {list(EXPORT_DTYPES)}")
     out = Path(out_dir).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not replace)):
         raise FileExistsError(f"export folder {str(out)!r} exists and is not empty; choose a new OUT")
     path = resolve_checkpoint(checkpoint)  # before the policy is built: a wrong path fails in a second
     node = config.get("policy")
@@ -173,7 +196,7 @@ def export_checkpoint(
     if not isinstance(policy, ExportablePolicy):
         raise ValueError(
             f"{type(policy).__name__} cannot be exported yet: only policies with trainable_state_dict, "
-            "load_trainable_state_dict and export (causal-LM policies) can"
+            "load_trainable_state_dict and export can"
         )
     loaded = load_trained_weights(policy, path)
     with _staged(out) as staging:
@@ -183,17 +206,22 @@ def export_checkpoint(
 
 @contextmanager
 def _staged(out: Path) -> Iterator[Path]:
-    """A temporary folder beside `out`, renamed to `out` when the block succeeds (removed when it fails)."""
+    """A temporary folder beside `out`, renamed to `out` when the block succeeds (removed when it fails).
+
+    An existing `out` (empty, or one the caller chose to replace) is moved aside first and removed after the rename.
+    """
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    staging, old = out.with_name(f".{out.name}.tmp-{tag}"), out.with_name(f".{out.name}.old-{tag}")
     staging.mkdir()
     try:
         yield staging
         if out.exists():
-            out.rmdir()  # empty (checked before the export started)
+            os.replace(out, old)
         os.replace(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _redacted_keys(node: Any, where: str) -> list[str]:

@@ -17,7 +17,7 @@ from toolkit.config import ConfigError, build_dataclass, dump_config, instantiat
 from toolkit.config.types import source_of
 from toolkit.distributed import all_reduce_sum
 from toolkit.evaluation import EvalConfig
-from toolkit.io.logging import MetricsLogger, ProgressBar, get_logger
+from toolkit.io.logging import MetricsLogger, ProgressBar, get_logger, print_samples_table
 from toolkit.io.redaction import redact, register_secrets
 from toolkit.io.resume import resolve_resume
 from toolkit.io.run_dir import RunDirError, RunDirLock, prepare_run_dir
@@ -224,6 +224,9 @@ def _fit_locked(trainer: Trainer) -> Path | None:
             config=redact(trainer.run_config),
             resume_step=trainer.global_step,
             is_main_process=main,
+            project=cfg.tracker_project,
+            init_kwargs=cfg.tracker_init_kwargs,
+            resumed=resume_from is not None,
         ) as logger,
         ProgressBar(cfg.num_steps, initial=trainer.global_step, enabled=cfg.progress and main) as bar,
         GracefulInterrupt() as interrupt,
@@ -231,9 +234,7 @@ def _fit_locked(trainer: Trainer) -> Path | None:
         while trainer.global_step < cfg.num_steps:
             metrics, rollout = trainer.step()
             step = trainer.global_step
-            if step % cfg.log_every == 0 or step == cfg.num_steps:
-                logger.log(step, metrics)
-                logger.log_samples(step, sample_rows(rollout, cfg.num_log_samples))
+            log_step(logger, cfg, step, metrics, rollout)
             bar.update(step, metrics)
             if cfg.eval_every and step % cfg.eval_every == 0:
                 evaluated = evaluate_during_training(trainer)
@@ -248,6 +249,11 @@ def _fit_locked(trainer: Trainer) -> Path | None:
                 return last
     if saved_at != trainer.global_step:
         last = trainer.save()
+    if cfg.export and main and last is not None:  # the finished run in its ecosystem's format (`renorm export`)
+        from toolkit.io.export import EXPORT_DIR, export_checkpoint
+
+        export_checkpoint(trainer.run_config, last, trainer.run_dir / EXPORT_DIR, replace=True)
+        log.info("exported %s to %s", last, trainer.run_dir / EXPORT_DIR)
     return last
 
 
@@ -256,21 +262,53 @@ def stop_requested(local: bool) -> bool:
     return bool(all_reduce_sum(torch.tensor(float(local))) > 0)
 
 
-def sample_rows(rollout: Any, count: int) -> list[dict[str, Any]]:
-    """A few (prompt, completion, reward, advantage) rows for the sample table."""
-    rows = []
-    for i in range(min(count, len(rollout))):
-        prompt = rollout.prompts[i] if rollout.prompts is not None else None
-        if isinstance(prompt, Mapping):
-            prompt = prompt.get("prompt")
-        completion = rollout.completions[i] if rollout.completions is not None else None
-        row: dict[str, Any] = {"prompt": _printable(prompt), "completion": _printable(completion)}
-        if rollout.scores is not None:
-            row["reward"] = float(rollout.scores[i])
-        if rollout.advantages is not None:
-            row["advantage"] = float(rollout.advantages[i].float().mean())
-        rows.append(row)
-    return rows
+def log_step(logger: MetricsLogger, cfg: TrainerConfig, step: int, metrics: dict[str, float], rollout: Any) -> None:
+    """Metrics and sampled rows every `log_every` steps (and the last); the rows printed every `print_samples_every`."""
+    log_now = step % cfg.log_every == 0 or step == cfg.num_steps
+    print_now = cfg.print_samples_every > 0 and step % cfg.print_samples_every == 0 and logger.is_main_process
+    if not (log_now or print_now):
+        return
+    rows = sample_rows(rollout, cfg.num_log_samples, seed=step)
+    if log_now:
+        logger.log(step, metrics)
+        logger.log_samples(step, rows)
+    if print_now and rows:
+        print_samples_table(rows, max_rows=len(rows), title=f"samples at step {step}")
+
+
+def sample_rows(rollout: Any, count: int, seed: int = 0) -> list[dict[str, Any]]:
+    """Up to `count` (prompt, completion, reward, advantage, group) rows spread over the rollout's groups.
+
+    Groups are taken in a random order, one row from each, then a second row from each... so `count` rows span
+    `min(count, groups)` groups. The choice uses its own generator seeded with `seed` (the step): reproducible,
+    and the training RNG is never touched.
+    """
+    if count <= 0 or len(rollout) == 0:
+        return []
+    generator = torch.Generator().manual_seed(seed)
+    group_ids = rollout.group_ids.detach().cpu()
+    groups = torch.unique(group_ids)
+    members = [(group_ids == groups[g]).nonzero().flatten() for g in torch.randperm(len(groups), generator=generator)]
+    members = [rows[torch.randperm(len(rows), generator=generator)] for rows in members]
+    depth = max(len(rows) for rows in members)
+    picked = [int(rows[d]) for d in range(depth) for rows in members if d < len(rows)][:count]
+    return [_sample_row(rollout, i) for i in picked]
+
+
+def _sample_row(rollout: Any, i: int) -> dict[str, Any]:
+    prompt = rollout.prompts[i] if rollout.prompts is not None else None
+    if isinstance(prompt, Mapping):
+        prompt = prompt.get("prompt")
+    completion = rollout.completions[i] if rollout.completions is not None else None
+    row: dict[str, Any] = {"prompt": _printable(prompt), "completion": _printable(completion)}
+    if rollout.scores is not None:
+        row["reward"] = float(rollout.scores[i])
+    if rollout.advantages is not None:
+        row["advantage"] = float(rollout.advantages[i].float().mean())
+    row["group"] = int(rollout.group_ids[i])
+    if rollout.dataset_ids is not None:
+        row["dataset"] = rollout.dataset_ids[i]
+    return row
 
 
 def _printable(value: Any) -> Any:

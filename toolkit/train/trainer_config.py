@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from toolkit.config.schema import import_object
 from toolkit.config.types import COMPONENT_KEY, RESERVED_KEYS, ConfigError, source_of
+from toolkit.io.logging import check_tracker_init_kwargs
 
 
 @dataclass
@@ -73,6 +74,9 @@ class TrainerConfig:
     save_every: int = 0
     keep_last: int = 3
     resume: str = "auto"
+    # After the last checkpoint of a finished run, write it to run_dir/export/ in its ecosystem's format (the
+    # main process, `renorm export`'s code: toolkit.io.export); a later export of an extended run replaces it.
+    export: bool = False
     # resume=never on a run dir holding a run is an error unless true: then the old run is moved aside, not deleted.
     overwrite: bool = False
     # Resuming with a config that changes what is trained is an error unless true: then applied and recorded.
@@ -81,6 +85,13 @@ class TrainerConfig:
     log_every: int = 1
     num_log_samples: int = 4
     trackers: list[str] = field(default_factory=list)
+    # Tracker project (default: the run dir's name) and per-tracker keyword arguments for accelerate's
+    # init_trackers, e.g. {wandb: {entity: team, name: run-1, tags: [grpo]}, tensorboard: {flush_secs: 60}}.
+    # A resumed run continues its W&B run (the id is kept in RUN_DIR/trackers.json).
+    tracker_project: str | None = None
+    tracker_init_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Print the logged sample rows as a table every this many steps (0 = never).
+    print_samples_every: int = 0
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -93,6 +104,7 @@ class TrainerConfig:
         frac = self.max_reward_failure_frac
         _check("max_reward_failure_frac", frac, _finite(frac) and 0 <= frac <= 1, "a number in [0, 1]")
         self._check_cross_fields()
+        self._check_tracking()
 
     def _check_optimizer(self) -> None:
         """Ranges whose wrong sign or zero silently changes the update (the sign of a clip norm flips it)."""
@@ -125,6 +137,16 @@ class TrainerConfig:
                 "(one response has no variance): set group_size >= 2 or drop_zero_variance_groups=false"
             )
 
+    def _check_tracking(self) -> None:
+        if self.tracker_project is not None and not self.tracker_project.strip():
+            raise ValueError("trainer.tracker_project must be a non-empty name (or null: the run dir's name)")
+        check_tracker_init_kwargs(self.tracker_init_kwargs)
+        if self.print_samples_every and not self.num_log_samples:
+            raise ValueError(
+                f"trainer.print_samples_every={self.print_samples_every} prints the sampled rows, but "
+                "trainer.num_log_samples=0 samples none: set num_log_samples >= 1 or print_samples_every=0"
+            )
+
 
 # Counts that must be >= 1 (0 would silently skip the step, the update or the log) and counts where 0 means "off".
 _AT_LEAST_ONE = (
@@ -144,6 +166,7 @@ _AT_LEAST_ZERO = (
     "num_log_samples",
     "critic_warmup_steps",
     "eval_every",
+    "print_samples_every",
 )
 
 

@@ -13,12 +13,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from tests.demo_run import run_cli
+from tests.demo_run import run_cli, tiny_config
 from toolkit.cli import CORE_COMMANDS
 from toolkit.config import dump_config
 from toolkit.io.checkpoint import CheckpointError, CheckpointManager, CheckpointState
 from toolkit.io.export import ExportablePolicy, export_checkpoint, load_trained_weights, split_export_args
 from toolkit.io.redaction import REDACTED
+from toolkit.train.runner import build_trainer, fit
 
 HERE = "tests.toolkit.io.test_export"
 
@@ -42,6 +43,23 @@ class StandInPolicy:
         (out_dir / "asked.json").write_text(json.dumps({"merge_lora": merge_lora, "dtype": str(dtype)}))
         if self.fail:
             raise RuntimeError("disk full halfway")
+
+
+class StatefulStandIn(StandInPolicy):
+    """A stand-in that checkpoints state beyond its weights (as DiDi's EMA student); `export` writes that state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.extra = torch.zeros(2)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"extra": self.extra}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.extra = state["extra"]
+
+    def export(self, out_dir: Path, merge_lora: bool = False, dtype: torch.dtype | None = None) -> None:
+        save_file({"extra": self.extra.contiguous()}, str(out_dir / "extra.safetensors"))
 
 
 class NotExportable:
@@ -134,6 +152,36 @@ def test_a_failed_export_leaves_no_folder(run_dir: Path, tmp_path: Path) -> None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
+def test_a_stateful_policy_gets_its_checkpointed_state(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    manager = CheckpointManager(run)
+    manager.save(CheckpointState(step=1, model=trained_weights(), objects={"policy_state": {"extra": torch.ones(2)}}))
+    export_checkpoint(policy_node("StatefulStandIn"), run, tmp_path / "out")
+    assert load_file(str(tmp_path / "out" / "extra.safetensors"))["extra"].tolist() == [1.0, 1.0]
+    manager.save(CheckpointState(step=2, model=trained_weights(), objects={"optimizer": {}}))
+    with pytest.raises(CheckpointError, match="step_00000002 holds no policy_state for StatefulStandIn"):
+        export_checkpoint(policy_node("StatefulStandIn"), run, tmp_path / "out2")
+    objects = run / "checkpoints" / "step_00000001" / "objects.pt"
+    data = bytearray(objects.read_bytes())
+    data[-1] ^= 0xFF
+    objects.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="objects.pt: size or SHA-256 differs"):
+        export_checkpoint(policy_node("StatefulStandIn"), run / "checkpoints" / "step_00000001", tmp_path / "out3")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "run"]
+
+
+def test_replace_swaps_a_finished_export(run_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    export_checkpoint(policy_node(), run_dir / "checkpoints" / "step_00000001", out)
+    (out / "stale.txt").write_text("from the earlier export")
+    with pytest.raises(FileExistsError, match="is not empty"):
+        export_checkpoint(policy_node(), run_dir, out)
+    export_checkpoint(policy_node(), run_dir, out, replace=True)
+    assert sorted(p.name for p in out.iterdir()) == ["asked.json", "model.safetensors"]
+    assert load_file(str(out / "model.safetensors"))["bias"].tolist() == [0.5, -1.5]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "run"]  # no staging or old folder left
+
+
 def test_split_export_args(run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config = run_dir / "config.yaml"
     step = run_dir / "checkpoints" / "step_00000002"
@@ -164,3 +212,25 @@ def test_cli(run_dir: Path, tmp_path: Path) -> None:
     assert code == 2 and "renorm: error: checkpoint" in err and "shape differs" in err
     code, err = run_cli("export", run_dir, out)
     assert code == 1 and "is not empty" in err
+
+
+def same_weights(checkpoint: Path, export: Path) -> bool:
+    trained, written = load_file(str(checkpoint / "model.safetensors")), load_file(str(export / "model.safetensors"))
+    return written.keys() == trained.keys() and all(torch.equal(written[k], trained[k]) for k in trained)
+
+
+def test_trainer_export_writes_the_finished_run(tmp_path: Path) -> None:
+    """trainer.export: the last checkpoint lands in RUN_DIR/export/ (the demo's causal LM); extending the run
+    replaces it with the new last checkpoint's weights; without the knob nothing is exported."""
+    run = tmp_path / "run"
+    first = fit(build_trainer(tiny_config(run, "trainer.num_steps=1", "trainer.export=true")))
+    assert first is not None and first.name == "step_00000001"
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in (run / "export").iterdir()}
+    assert same_weights(first, run / "export")
+    second = fit(build_trainer(tiny_config(run, "trainer.num_steps=2", "trainer.export=true")))
+    assert second is not None and second.name == "step_00000002"
+    assert same_weights(second, run / "export") and not same_weights(first, run / "export")
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".export")]  # no staging or old folder left
+    plain = tmp_path / "plain"
+    fit(build_trainer(tiny_config(plain, "trainer.num_steps=1")))
+    assert not (plain / "export").exists()
