@@ -5,7 +5,7 @@ renorm eval CONFIG [--checkpoint DIR]    score the policy's samples on the eval 
 renorm score REWARD --input FILE         run one reward model standalone, JSONL in/out
 renorm plot RUN_DIR [RUN_DIR ...]        write PNG curves of a run's metrics (several: overlaid)
 renorm merge BASE TUNED OUT              DLER update-selective merging of two checkpoints
-renorm export [CONFIG] CHECKPOINT OUT    a checkpoint as a transformers / PEFT / diffusers folder (DiDi: safetensors + JSON)
+renorm export [CONFIG] CHECKPOINT OUT    a checkpoint as a transformers / PEFT / diffusers / DiDi folder
 renorm config CONFIG [key=value ...]     print the resolved config (--validate, --defaults)
 """
 

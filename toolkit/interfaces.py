@@ -192,3 +192,10 @@ class DataSource(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+
+@runtime_checkable
+class OldLogprobsDeferringSampler(Protocol):
+    """Optional: a sampler that can leave old_logprobs (zeros) to the trainer's first training forward."""
+
+    defer_old_logprobs: bool  # the trainer sets it before every sample() call

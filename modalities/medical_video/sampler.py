@@ -69,6 +69,8 @@ class VideoSampler:
         self.system_prompt = system_prompt
         self.generation_batch_size = generation_batch_size
         self.compute_old_logprobs = compute_old_logprobs
+        # Set by the Trainer when its update is on-policy: it then takes old_logprobs from its own first forward.
+        self.defer_old_logprobs = False
         self.cache: VideoCache[VideoFeatures] = VideoCache(self.video.cache_size)
         self.skipped_total = 0
 
@@ -96,7 +98,7 @@ class VideoSampler:
             rollout.metrics["video/cache_hits"] = float(self.cache.hits - hits)
             rollout.metrics["video/cache_misses"] = float(self.cache.misses - misses)
             rollout.metrics["video/tokens_mean"] = sum(v.num_tokens for v in videos) / len(videos)
-            if self.compute_old_logprobs:
+            if self.compute_old_logprobs and not self.defer_old_logprobs:
                 with torch.no_grad():
                     rollout.old_logprobs = policy.log_probs(rollout).detach()
         finally:

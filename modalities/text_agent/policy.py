@@ -1,7 +1,8 @@
 """Causal-LM policy: owns a (optionally LoRA-wrapped) Hugging Face causal LM and re-scores text rollouts.
 
 Log-probs are those of the temperature-scaled full next-token distribution — top-p/top-k only shape
-the sampler's choice, as in TRL and verl — computed in fp32 even when the model runs in bf16 autocast.
+the sampler's choice, as in TRL and verl — computed in fp32 even when the model runs in bf16 autocast, a block of
+positions at a time (`toolkit.hf.logprobs`: no fp32 [N, T, V] copy of the logits).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch import Tensor, nn
 
 from toolkit.distributed import unwrap
 from toolkit.hf.generation import left_align, row_slices
+from toolkit.hf.logprobs import token_log_probs, token_log_probs_and_entropy
 from toolkit.hf.policy import (
     TORCH_DTYPES,
     DTypeName,
@@ -31,41 +33,6 @@ from toolkit.hf.policy import (
 )
 from toolkit.hf.reference import ReferenceSnapshot
 from toolkit.rollout import Rollout
-
-
-def token_log_probs(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> Tensor:
-    """Log-probs of `tokens` under softmax(logits / temperature), in fp32.
-
-    Args:
-        logits: [N, T, V] next-token logits aligned with `tokens` (any float dtype).
-        tokens: [N, T] int64 token ids.
-        temperature: sampling temperature (> 0).
-
-    Returns:
-        [N, T] float32 log pi(token).
-    """
-    scaled = logits.float() / temperature
-    picked = scaled.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    return picked - torch.logsumexp(scaled, dim=-1)
-
-
-def token_log_probs_and_entropy(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
-    """`token_log_probs` and the entropy of softmax(logits / temperature), from one fp32 pass.
-
-    The log-probs are computed exactly as in `token_log_probs` (bit-identical), and the entropy as
-    H = logsumexp(x) - sum_v softmax(x)_v x_v with x = logits / temperature.
-
-    Args:
-        logits: [N, T, V]; tokens: [N, T]; temperature: > 0.
-
-    Returns:
-        ([N, T] log-probs, [N, T] entropy), float32.
-    """
-    scaled = logits.float() / temperature
-    log_normalizer = torch.logsumexp(scaled, dim=-1)
-    picked = scaled.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    entropy = log_normalizer - (torch.softmax(scaled, dim=-1) * scaled).sum(-1)
-    return picked - log_normalizer, entropy
 
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:

@@ -77,6 +77,9 @@ class SingleTurnSampler:
         generation_batch_size: rows per `generate` call (None = all N rows at once).
         compute_old_logprobs: re-score the rollout for old_logprobs (one extra forward); False
             leaves zeros (evaluation only: such a rollout must not be trained on).
+
+    Attribute `defer_old_logprobs` (set by the Trainer, not a config key): True skips the re-scoring forward
+    and leaves zeros because the trainer's update is on-policy and takes old_logprobs from its own first forward.
     """
 
     def __init__(
@@ -113,6 +116,7 @@ class SingleTurnSampler:
         self.prompt_truncation = prompt_truncation
         self.generation_batch_size = generation_batch_size
         self.compute_old_logprobs = compute_old_logprobs
+        self.defer_old_logprobs = False
 
     def sample(self, policy: Policy, prompts: list[Any], group_size: int, generator: torch.Generator) -> Rollout:
         """G samples per prompt, group-major (`group_ids[i] = i // G`), re-scored for old_logprobs."""
@@ -145,8 +149,14 @@ class SingleTurnSampler:
         return config, eos, pad
 
     def _rescore(self, policy: Policy, rollout: Rollout) -> None:
-        """old_logprobs from one no-grad forward of the policy itself: the on-policy ratio is exactly 1."""
+        """old_logprobs from one no-grad forward of the policy itself: the on-policy ratio is exactly 1.
+
+        Skipped (zeros) when `defer_old_logprobs`: the trainer then uses its first training forward's, detached.
+        """
         if not self.compute_old_logprobs:
+            return
+        if self.defer_old_logprobs:
+            rollout.metrics["time/old_logprobs_s"] = 0.0
             return
         start = time.perf_counter()
         with torch.no_grad():

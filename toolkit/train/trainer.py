@@ -27,6 +27,7 @@ from toolkit.interfaces import (
     DataSource,
     EntropyPolicy,
     Normalizer,
+    OldLogprobsDeferringSampler,
     Policy,
     ReferenceConsumer,
     ReferencePolicy,
@@ -81,6 +82,15 @@ class Trainer:
         # A transform declaring `needs_reference` (KL-in-reward) gets rollout.ref_logprobs before it runs.
         self._transforms_need_reference = any(
             isinstance(t, ReferenceConsumer) and t.needs_reference for t in self.transforms
+        )
+        # TRL's rule: one epoch over one minibatch is on-policy, so the old log-probs are the first training forward's,
+        # detached (ratio exactly 1), and a sampler that re-scores for them skips that forward (`defer_old_logprobs`).
+        # Not when a transform reads rollout.old_logprobs before the update (KL-in-reward, a `needs_reference` one).
+        self.old_logprobs_from_update = (
+            cfg.num_inner_epochs == 1
+            and cfg.num_minibatches == 1
+            and not self._transforms_need_reference
+            and isinstance(sampler, OldLogprobsDeferringSampler)
         )
         needs_reference = objective.needs_reference or self._transforms_need_reference
         if needs_reference and isinstance(policy, ReferenceSnapshotPolicy):
@@ -146,6 +156,8 @@ class Trainer:
     def sample_and_score(self) -> Rollout:
         prompts = self.local_prompts()
         self.policy.module.eval()
+        if isinstance(self.sampler, OldLogprobsDeferringSampler):
+            self.sampler.defer_old_logprobs = self.old_logprobs_from_update
         with torch.no_grad():
             rollout = self.sampler.sample(self.policy, prompts, self.config.group_size, self.generator)
         self.policy.module.train()
@@ -223,6 +235,8 @@ class Trainer:
             logprobs, entropy = self.policy.log_probs_and_entropy(micro)
         else:
             logprobs = self.policy.log_probs(micro)
+        if self.old_logprobs_from_update:
+            micro.old_logprobs = logprobs.detach()
         if self.objective.kl_coef > 0 and isinstance(self.policy, AnalyticKLPolicy):
             kl = self.policy.analytic_kl(micro)
         assert micro.advantages is not None

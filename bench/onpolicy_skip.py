@@ -1,0 +1,159 @@
+"""CPU seconds per on-policy GRPO step with and without the sampler's old-log-prob forward.
+
+With one inner epoch over one minibatch the Trainer takes old_logprobs from its first training forward, detached
+(TRL's rule), and the sampler skips its re-scoring forward; the step's loss, gradients and weights are bitwise the
+same (tests/toolkit/train/test_onpolicy_skip.py). Workload: bench/trainer_vs_trl.py's renorm side (2-layer Qwen2,
+16 prompts x G=8, exactly 32 new tokens, fp32), and a wider model. Both trainers live in one process on one torch
+thread and alternate in ABBA blocks of steps after warm-up; a step's cost is its process CPU time.
+
+    python bench/onpolicy_skip.py [--steps 5 --repeats 6 --warmup 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from bench.trainer_vs_trl import renorm_config  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "onpolicy_skip.md"
+MODELS: dict[str, dict[str, int]] = {
+    "tiny (hidden 64, vocab 512)": {"vocab_size": 512, "hidden_size": 64, "num_layers": 2},
+    "wider (hidden 256, vocab 8192)": {"vocab_size": 8192, "hidden_size": 256, "num_layers": 2},
+}
+SIDES = ("rescored", "skipped")
+
+
+NOTES = """
+## Reading the figures
+
+- The skipped side does exactly the rescored side's work minus the sampler's no-grad forward over the N rows
+  (`time/old_logprobs_s`, the last column but one); the losses, gradients and weights are bitwise equal (asserted
+  here step by step on the losses, and by tests/toolkit/train/test_onpolicy_skip.py on gradients and weights).
+- CPU seconds on one torch thread of a shared 2-core VM: single steps vary by ~30 %, and the load drifts over a
+  run. The paired-block ratio compares blocks run back to back (ABBA), so a slow drift cancels; the saving it shows
+  (1 - ratio times the rescored s/step) is to be read against the skipped forward. Nothing here ran on a GPU.
+- Both trainers live in one process (same caches, allocator, import state) and see the same prompts and draws.
+
+## What was tried
+
+A first run with 4 ABBA blocks reported the medians only and put the tiny model's ratio at 1.14 (skipped slower):
+load drift across blocks on the shared machine; the paired-block ratio and more blocks (6) were added for that.
+"""
+
+
+def build(args: argparse.Namespace, model: dict[str, int], run_dir: str, skip: bool) -> Any:
+    from toolkit.train.runner import build_trainer
+
+    config = renorm_config(args, run_dir)
+    config["policy"]["model"].update(model)
+    config["trainer"].update(progress=False, num_steps=args.warmup + args.repeats * args.steps)
+    trainer = build_trainer(config)
+    assert trainer.old_logprobs_from_update, "the workload is on-policy"
+    trainer.old_logprobs_from_update = skip
+    return trainer
+
+
+def timed_steps(trainer: Any, count: int, rows: dict[str, list[float]]) -> None:
+    for _ in range(count):
+        wall, cpu = time.perf_counter(), time.process_time()
+        metrics, _ = trainer.step()
+        rows["cpu_s"].append(time.process_time() - cpu)
+        rows["wall_s"].append(time.perf_counter() - wall)
+        rows["old_logprobs_s"].append(metrics.get("time/old_logprobs_s", 0.0))
+        rows["loss"].append(metrics["loss/policy"])
+
+
+def compare(args: argparse.Namespace, model: dict[str, int]) -> dict[str, dict[str, list[float]]]:
+    """ABBA blocks of `--steps` steps per side; both trainers see the same prompts and draws, step for step."""
+    rows = {side: {"cpu_s": [], "wall_s": [], "old_logprobs_s": [], "loss": []} for side in SIDES}
+    with tempfile.TemporaryDirectory(prefix="bench_onpolicy_") as tmp:
+        trainers = {side: build(args, model, f"{tmp}/{side}", side == "skipped") for side in SIDES}
+        for trainer in trainers.values():
+            for _ in range(args.warmup):
+                trainer.step()
+        for repeat in range(args.repeats):
+            for side in SIDES if repeat % 2 == 0 else SIDES[::-1]:
+                timed_steps(trainers[side], args.steps, rows[side])
+    assert rows["rescored"]["loss"] == rows["skipped"]["loss"], "the two paths trained differently"
+    return rows
+
+
+def paired_ratio(args: argparse.Namespace, rows: dict[str, dict[str, list[float]]]) -> float:
+    """Median over ABBA blocks of skipped / rescored median CPU s/step of the two sides' same-index blocks (adjacent
+    in time, so slow drifts of a shared machine's load cancel)."""
+    blocks = [
+        [
+            statistics.median(rows[side]["cpu_s"][i : i + args.steps])
+            for i in range(0, len(rows[side]["cpu_s"]), args.steps)
+        ]
+        for side in SIDES
+    ]
+    return statistics.median(skipped / rescored for rescored, skipped in zip(*blocks, strict=True))
+
+
+def report(args: argparse.Namespace, results: dict[str, dict[str, dict[str, list[float]]]]) -> str:
+    lines = [
+        "# On-policy steps without the old-log-prob forward (bench/onpolicy_skip.py)",
+        "",
+        f"Command: `.venv/bin/python bench/onpolicy_skip.py --steps {args.steps} --repeats {args.repeats} "
+        f"--warmup {args.warmup}`",
+        "",
+        f"{datetime.date.today()} · {platform.machine()} · torch {torch.__version__} · 1 thread · CPU, fp32 · "
+        f"16 prompts x G=8, 32 new tokens · {args.repeats} ABBA blocks of {args.steps} steps per side "
+        f"({args.repeats * args.steps} steps each) after {args.warmup} warm-up steps",
+        "",
+        "| model | rescored CPU s/step: median / min | skipped CPU s/step: median / min | ratio skipped / rescored: "
+        "median / min | paired blocks: median ratio | old-log-prob forward (s, rescored mean) | losses equal |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, rows in results.items():
+        rescored, skipped = (rows[side]["cpu_s"] for side in SIDES)
+        medians = [statistics.median(values) for values in (rescored, skipped)]
+        minima = [min(values) for values in (rescored, skipped)]
+        lines.append(
+            f"| {name} | {medians[0]:.3f} / {minima[0]:.3f} | {medians[1]:.3f} / {minima[1]:.3f} | "
+            f"{medians[1] / medians[0]:.3f} / {minima[1] / minima[0]:.3f} | {paired_ratio(args, rows):.3f} | "
+            f"{statistics.fmean(rows['rescored']['old_logprobs_s']):.3f} | "
+            f"{rows['rescored']['loss'] == rows['skipped']['loss']} |"
+        )
+    return "\n".join(lines) + "\n" + NOTES
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5, help="steps per ABBA block")
+    parser.add_argument("--repeats", type=int, default=6, help="ABBA blocks per side")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(1)
+    results = {name: compare(args, model) for name, model in MODELS.items()}
+    text = report(args, results)
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text, encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
