@@ -17,6 +17,7 @@ from toolkit.config import ConfigError, build_dataclass, dump_config, instantiat
 from toolkit.config.types import source_of
 from toolkit.distributed import all_reduce_sum
 from toolkit.evaluation import EvalConfig
+from toolkit.io.export import ExportablePolicy
 from toolkit.io.logging import MetricsLogger, ProgressBar, get_logger, print_samples_table
 from toolkit.io.redaction import redact, register_secrets
 from toolkit.io.resume import resolve_resume
@@ -110,6 +111,11 @@ def build_trainer(config: Mapping[str, Any]) -> Trainer:
     if trainer_cfg.eval_every > 0:
         trainer.evaluator = instantiate(eval_cfg.evaluator, where="eval.evaluator")
         trainer.eval_data = eval_data
+    if trainer_cfg.export and not isinstance(trainer.policy, ExportablePolicy):  # fail now, not after training
+        raise ValueError(
+            f"trainer.export is true but {type(trainer.policy).__name__} cannot be exported (it needs "
+            "trainable_state_dict, load_trainable_state_dict and export): set trainer.export=false"
+        )
     return trainer
 
 

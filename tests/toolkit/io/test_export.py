@@ -234,3 +234,21 @@ def test_trainer_export_writes_the_finished_run(tmp_path: Path) -> None:
     plain = tmp_path / "plain"
     fit(build_trainer(tiny_config(plain, "trainer.num_steps=1")))
     assert not (plain / "export").exists()
+
+
+def not_exportable_lm(**kwargs: Any) -> Any:
+    """A causal-LM policy whose export is switched off, as a policy of a modality without export would be."""
+    from modalities.text_agent.policy import CausalLMPolicy
+
+    class NoExportLM(CausalLMPolicy):
+        export = None  # a Protocol member set to None: isinstance(..., ExportablePolicy) is False
+
+    return NoExportLM(**kwargs)
+
+
+def test_trainer_export_with_a_policy_that_cannot_export_fails_before_training(tmp_path: Path) -> None:
+    config = tiny_config(tmp_path, "trainer.export=true")
+    assert build_trainer(config).config.export  # the causal-LM policy exports: fine
+    config["policy"] = {**config["policy"], "_component_": "tests.toolkit.io.test_export.not_exportable_lm"}
+    with pytest.raises(ValueError, match=r"trainer.export is true but NoExportLM cannot be exported"):
+        build_trainer(config)
