@@ -25,6 +25,7 @@ from toolkit.hf.policy import (
     ReferenceMode,
     bf16_autocast,
     check_policy_options,
+    load_trainable_state_dict,
     reference_log_probs,
     trainable_state_dict,
     unwrap_model,
@@ -181,16 +182,7 @@ class CausalLMPolicy:
 
     def load_trainable_state_dict(self, state: Mapping[str, Tensor]) -> None:
         """Load what `trainable_state_dict` returned (strict about missing and unexpected keys)."""
-        if not self.is_lora:
-            unwrap(self.module).load_state_dict(state)
-            return
-        expected = set(self.trainable_state_dict())
-        if set(state) != expected:
-            raise ValueError(
-                f"LoRA state keys differ: missing {sorted(expected - set(state))[:5]}, "
-                f"unexpected {sorted(set(state) - expected)[:5]}"
-            )
-        unwrap(self.module).load_state_dict(dict(state), strict=False)
+        load_trainable_state_dict(self.module, self.is_lora, state)
 
     def export(self, out_dir: str | Path, merge_lora: bool = False, dtype: torch.dtype | None = None) -> None:
         """Write the policy as a Hugging Face folder into `out_dir` (`renorm export`, toolkit.io.export).

@@ -102,6 +102,24 @@ def trainable_state_dict(module: nn.Module, is_lora: bool) -> dict[str, Tensor]:
     return {name: p.detach() for name, p in bare.named_parameters() if p.requires_grad}
 
 
+def load_trainable_state_dict(module: nn.Module, is_lora: bool, state: Mapping[str, Tensor]) -> None:
+    """Load what `trainable_state_dict` returned: the full state dict, or exactly the LoRA adapters.
+
+    Raises:
+        ValueError: LoRA adapter names that differ from the module's (missing or unexpected).
+    """
+    if not is_lora:
+        unwrap(module).load_state_dict(state)
+        return
+    expected = set(trainable_state_dict(module, is_lora))
+    if set(state) != expected:
+        raise ValueError(
+            f"LoRA state keys differ: missing {sorted(expected - set(state))[:5]}, "
+            f"unexpected {sorted(set(state) - expected)[:5]}"
+        )
+    unwrap(module).load_state_dict(dict(state), strict=False)
+
+
 def unwrap_model(module: nn.Module) -> nn.Module:
     """The transformers model under a peft wrapper (the module itself otherwise)."""
     get_base = getattr(module, "get_base_model", None)
