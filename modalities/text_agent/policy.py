@@ -16,7 +16,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from toolkit.distributed import unwrap
 from toolkit.hf.generation import left_align, row_slices
 from toolkit.hf.logprobs import token_log_probs, token_log_probs_and_entropy
 from toolkit.hf.policy import (
@@ -25,6 +24,7 @@ from toolkit.hf.policy import (
     ReferenceMode,
     bf16_autocast,
     check_policy_options,
+    export_module,
     load_trainable_state_dict,
     reference_log_probs,
     trainable_state_dict,
@@ -199,16 +199,11 @@ class CausalLMPolicy:
                 policy with no reference (reference="none": the base weights are gone).
             dtype: cast the module's weights in place before saving (None keeps them).
         """
-        module: Any = unwrap(self.module)
-        if merge_lora:
-            if not self.is_lora:
-                raise ValueError("merge_lora needs a LoRA policy; this one trains all weights (export it as is)")
-            module = module.merge_and_unload()
+        module = export_module(self.module, self.is_lora, merge_lora, dtype)
+        if merge_lora:  # the adapters are consumed: a full-weight policy with no reference from now on
             self.module, self.is_lora, self.reference_mode, self._snapshot = module, False, "none", None
         if not callable(getattr(module, "save_pretrained", None)):
             raise ValueError(f"{type(module).__name__} has no save_pretrained; only transformers/peft models export")
-        if dtype is not None:
-            module.to(dtype)
         module.save_pretrained(str(out_dir))
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(str(out_dir))

@@ -120,6 +120,22 @@ def load_trainable_state_dict(module: nn.Module, is_lora: bool, state: Mapping[s
     unwrap(module).load_state_dict(dict(state), strict=False)
 
 
+def export_module(module: nn.Module, is_lora: bool, merge_lora: bool, dtype: torch.dtype | None) -> Any:
+    """The bare Hugging Face model a policy exports: its LoRA adapters merged when asked, cast to `dtype`.
+
+    Raises:
+        ValueError: `merge_lora` for a policy that trains all weights.
+    """
+    bare: Any = unwrap(module)
+    if merge_lora:
+        if not is_lora:
+            raise ValueError("merge_lora needs a LoRA policy; this one trains all weights (export it as is)")
+        bare = bare.merge_and_unload()
+    if dtype is not None:
+        bare.to(dtype)
+    return bare
+
+
 def unwrap_model(module: nn.Module) -> nn.Module:
     """The transformers model under a peft wrapper (the module itself otherwise)."""
     get_base = getattr(module, "get_base_model", None)
