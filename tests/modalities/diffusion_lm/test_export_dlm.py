@@ -89,7 +89,7 @@ def test_ema_student_exports_and_loads(trained: tuple[Path, dict[str, Any], Stud
 def test_raw_student_and_no_tokenizer(trained: tuple[Path, dict[str, Any], StudentPolicy], tmp_path: Path) -> None:
     run_dir, config, policy = trained
     out = tmp_path / "raw"
-    export_checkpoint(with_policy(config, export_weights="student"), run_dir, out, dtype="bf16")
+    export_checkpoint(with_policy(config, export_weights="student", tokenizer=None), run_dir, out, dtype="bf16")
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
     meta = json.loads((out / "config.json").read_text())
     assert meta["weights"] == "student" and meta["dtype"] == "bfloat16"
