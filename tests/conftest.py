@@ -12,6 +12,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
+from tests.wandb_stand_in import fake_wandb  # noqa: E402, F401 - a fixture for every test module
+
 # No per-example deadline: on a loaded 2-core CI machine the first example (imports, warm-up) can take
 # seconds, and a timing-flaky failure says nothing about correctness. Speed belongs in bench/.
 settings.register_profile("renorm", deadline=None)

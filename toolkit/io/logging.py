@@ -29,12 +29,16 @@ from toolkit.io.console import (
 )
 from toolkit.io.trackers import (
     TRACKERS_FILE,
+    WANDB_STEP_KEY,
     check_tracker_init_kwargs,
     check_trackers,
     init_trackers,
+    log_to_trackers,
     to_python,
     tracker_run_kwargs,
+    use_step_axis,
     wandb_table,
+    wandb_tracker,
 )
 
 __all__ = [
@@ -249,6 +253,9 @@ class MetricsLogger:
             kwargs = tracker_run_kwargs(self.run_dir, trackers, init_kwargs, resumed)
             init_trackers(accelerator, trackers, project or self.run_dir.name, config, kwargs)
             self._owns_trackers = True
+        tracker = wandb_tracker(accelerator)
+        if tracker is not None:
+            use_step_axis(tracker)
 
     @staticmethod
     def _prepare(path: Path, resume_step: int | None) -> None:
@@ -284,8 +291,8 @@ class MetricsLogger:
             return
         values = {key: _metric_number(key, value) for key, value in metrics.items()}
         self._append(METRICS_FILE, encode_record(step, values))
-        if self.accelerator is not None and getattr(self.accelerator, "trackers", None):
-            self.accelerator.log(values, step=int(step))
+        if self.accelerator is not None:
+            log_to_trackers(self.accelerator, values, step)
 
     def log_samples(self, step: int, rows: Sequence[Mapping[str, Any]]) -> None:
         """Append one line `{"step": step, **row}` per row (prompt, completion, reward...) to samples.jsonl.
@@ -295,10 +302,9 @@ class MetricsLogger:
         if not self.is_main_process or not rows:
             return
         self._append(SAMPLES_FILE, "".join(encode_record(step, row) for row in rows))
-        trackers = getattr(self.accelerator, "trackers", None) or []
-        wandb_tracker = next((t for t in trackers if getattr(t, "name", None) == "wandb"), None)
-        if wandb_tracker is not None:
-            wandb_tracker.log({"samples": wandb_table(rows)}, step=int(step))
+        tracker = wandb_tracker(self.accelerator)
+        if tracker is not None:
+            tracker.log({"samples": wandb_table(rows), WANDB_STEP_KEY: int(step)})
 
     def close(self) -> None:
         """Close the files and finish the trackers this logger started (idempotent)."""

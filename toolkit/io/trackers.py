@@ -1,5 +1,11 @@
 """Experiment trackers through accelerate (TensorBoard, W&B, ...): which are installed, their init settings, and
-the W&B run id kept in `RUN_DIR/trackers.json`, so a resumed run continues the same W&B run."""
+the W&B run id kept in `RUN_DIR/trackers.json`, so a resumed run continues the same W&B run.
+
+W&B drops a `log(step=N)` whose N is below the highest step it has seen, so a run resumed from step k after it
+had logged up to step m > k would lose steps k+1..m on W&B. Metrics therefore go to W&B with the trainer step
+as a value (`train/step`, the x axis of every chart, `define_metric`) and W&B's own step left to count calls:
+nothing is dropped, and the re-run steps k+1..m appear a second time at the same x (the later points are
+the ones the run continued from; `metrics.jsonl` keeps only those)."""
 
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ from typing import Any
 from toolkit.io.atomic import write_json_atomic
 
 TRACKERS_FILE = "trackers.json"
+WANDB_STEP_KEY = "train/step"  # the trainer step as a W&B metric: the x axis of every chart
 TRACKER_PACKAGES: dict[str, tuple[tuple[str, ...], str]] = {
     "tensorboard": (("tensorboard", "tensorboardX"), "tensorboard"),
     "wandb": (("wandb",), "wandb"),
@@ -164,6 +171,29 @@ def init_trackers(
         accelerator.log_with = log_with + list(added)
     flat = _flatten_config(config) if config is not None else None
     accelerator.init_trackers(project, config=flat, init_kwargs={k: dict(v) for k, v in (init_kwargs or {}).items()})
+
+
+def wandb_tracker(accelerator: Any) -> Any | None:
+    """The accelerator's started W&B tracker, or None."""
+    trackers = getattr(accelerator, "trackers", None) or []
+    return next((t for t in trackers if getattr(t, "name", None) == "wandb"), None)
+
+
+def use_step_axis(tracker: Any) -> None:
+    """Plot every W&B metric against `WANDB_STEP_KEY` (see the module docstring)."""
+    run = tracker.run
+    run.define_metric(WANDB_STEP_KEY)
+    run.define_metric("*", step_metric=WANDB_STEP_KEY)
+
+
+def log_to_trackers(accelerator: Any, values: Mapping[str, Any], step: int) -> None:
+    """`values` to every started tracker at trainer step `step`: W&B with the step as the `train/step` value
+    (its own step counting calls), the others with `step=`."""
+    for tracker in getattr(accelerator, "trackers", None) or []:
+        if getattr(tracker, "name", None) == "wandb":
+            tracker.log({**values, WANDB_STEP_KEY: int(step)})
+        else:
+            tracker.log(dict(values), step=int(step))
 
 
 def wandb_table(rows: Sequence[Mapping[str, Any]]) -> Any:

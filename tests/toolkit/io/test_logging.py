@@ -6,9 +6,8 @@ import io
 import json
 import logging
 import math
-import sys
 from pathlib import Path
-from types import ModuleType, SimpleNamespace
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -19,6 +18,7 @@ from rich.console import Console
 import toolkit.io.console as console_mod
 import toolkit.io.logging as tlog
 import toolkit.io.trackers as trackers
+from tests.wandb_stand_in import StandInWandB
 from toolkit.io.logging import (
     MetricsLogger,
     ProgressBar,
@@ -31,6 +31,7 @@ from toolkit.io.logging import (
     read_samples,
     tracker_run_kwargs,
 )
+from toolkit.io.trackers import WANDB_STEP_KEY
 
 
 def _plain_console() -> Console:
@@ -202,48 +203,6 @@ def test_init_trackers_passes_flat_config(monkeypatch: pytest.MonkeyPatch) -> No
     assert calls == [("proj", {"optim.lr": 1e-5, "optim.betas": "[0.9, 0.99]", "name": None}, {})]
 
 
-class StandInWandB:
-    """Records what accelerate's init_trackers builds a wandb tracker with, and what is logged to it."""
-
-    name = "wandb"
-    requires_logging_directory = False
-    main_process_only = False
-    built: list[StandInWandB] = []
-
-    def __init__(self, run_name: str, **kwargs: Any) -> None:
-        self.run_name, self.init_kwargs = run_name, kwargs
-        self.config: dict[str, Any] = {}
-        self.logged: list[tuple[int | None, dict[str, Any]]] = []
-        self.finished = False
-        StandInWandB.built.append(self)
-
-    def start(self) -> None:
-        pass
-
-    def store_init_configuration(self, values: dict[str, Any]) -> None:
-        self.config = values
-
-    def log(self, values: dict[str, Any], step: int | None = None, **kwargs: Any) -> None:
-        self.logged.append((step, values))
-
-    def finish(self) -> None:
-        self.finished = True
-
-
-@pytest.fixture
-def fake_wandb(monkeypatch: pytest.MonkeyPatch) -> type[StandInWandB]:
-    """A `wandb` module whose Table keeps its columns and data, and accelerate building StandInWandB for "wandb"."""
-    import accelerate.accelerator
-
-    module = ModuleType("wandb")
-    module.Table = lambda columns, data: SimpleNamespace(columns=columns, data=data)  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "wandb", module)
-    monkeypatch.setitem(accelerate.accelerator.LOGGER_TYPE_TO_CLASS, "wandb", StandInWandB)
-    monkeypatch.setattr(trackers, "_has_module", lambda module: True)
-    monkeypatch.setattr(StandInWandB, "built", [])
-    return StandInWandB
-
-
 def _accelerator_with(trackers: list[str]) -> Any:
     from accelerate import Accelerator
 
@@ -317,10 +276,35 @@ def test_samples_go_to_wandb_as_a_table_and_not_to_other_trackers(
         logger.log_samples(5, rows)
     [tracker] = fake_wandb.built
     [(step, values)] = tracker.logged
-    assert step == 5 and list(values) == ["samples"] and other.logged == []
+    assert step is None and values[WANDB_STEP_KEY] == 5 and set(values) == {"samples", WANDB_STEP_KEY}
+    assert other.logged == []
     assert values["samples"].columns == ["prompt", "completion", "reward", "group", "advantage"]
     assert values["samples"].data == [["p", "c", 1.0, 3, None], ["q", None, None, None, -0.5]]
     assert [r["prompt"] for r in read_samples(tmp_path)] == ["p", "q"]
+
+
+def test_a_resumed_run_loses_no_wandb_steps(tmp_path: Path, fake_wandb: type[StandInWandB]) -> None:
+    """W&B drops `step=` values below its highest step: resumed from step 2 after logging 4, the trainer steps 3
+    and 4 would vanish. Logged against `train/step` instead, every step arrives, and the last value per step is
+    the continued run's (what metrics.jsonl holds)."""
+    other = SimpleNamespace(name="tensorboard", logged=[], finish=lambda: None)
+    other.log = lambda values, step=None: other.logged.append((step, values))
+    with MetricsLogger(tmp_path, ["wandb"], _accelerator_with(["wandb"])) as logger:
+        for step in range(1, 5):
+            logger.log(step, {"loss": float(step)})
+    accelerator = _accelerator_with(["wandb"])
+    with MetricsLogger(tmp_path, ["wandb"], accelerator, resume_step=2, resumed=True) as logger:
+        accelerator.trackers.append(other)
+        for step in range(3, 6):
+            logger.log(step, {"loss": 10.0 * step})
+    first, resumed = fake_wandb.built
+    assert first.dropped == [] and resumed.dropped == []
+    assert resumed.step_metrics == [(WANDB_STEP_KEY, {}), ("*", {"step_metric": WANDB_STEP_KEY})]
+    [server] = fake_wandb.server.values()
+    last = {row[WANDB_STEP_KEY]: row["loss"] for row in server["history"]}
+    assert [row[WANDB_STEP_KEY] for row in server["history"]] == [1, 2, 3, 4, 3, 4, 5]
+    assert last == {row["step"]: row["loss"] for row in read_metrics(tmp_path)} == {1: 1, 2: 2, 3: 30, 4: 40, 5: 50}
+    assert other.logged == [(3, {"loss": 30.0}), (4, {"loss": 40.0}), (5, {"loss": 50.0})]  # step= as before
 
 
 def test_trackers_without_accelerator_rejected(tmp_path: Path) -> None:

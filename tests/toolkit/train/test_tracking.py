@@ -1,26 +1,24 @@
 """Tracking (issue 23 item 4): tracker settings reach accelerate, a resumed run continues its W&B run, and the
 logged sample rows span groups, are reproducible and leave training untouched.
 
-W&B is not installed here: accelerate builds `StandInWandB` for the "wandb" tracker and `wandb.Table` is a stand-in.
+W&B is not installed here: accelerate builds the stand-in of tests/wandb_stand_in.py for the "wandb" tracker.
 """
 
 from __future__ import annotations
 
 import json
 import random
-import sys
 from pathlib import Path
-from types import ModuleType, SimpleNamespace
-from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
-import toolkit.io.trackers as trackers
 from tests.demo_run import tiny_config
+from tests.wandb_stand_in import StandInWandB
 from toolkit.io.logging import TRACKERS_FILE, read_samples
 from toolkit.io.redaction import REDACTED
+from toolkit.io.trackers import WANDB_STEP_KEY
 from toolkit.rollout import Rollout
 from toolkit.train.runner import build_trainer, fit, sample_rows
 
@@ -35,59 +33,14 @@ SETTINGS = [
 ]
 
 
-class StandInWandB:
-    """What accelerate's init_trackers builds for "wandb": records its project, kwargs, config and logs."""
-
-    name = "wandb"
-    requires_logging_directory = False
-    main_process_only = False
-
-    def __init__(self, run_name: str, **kwargs: Any) -> None:
-        self.run_name, self.init_kwargs = run_name, kwargs
-        self.config: dict[str, Any] = {}
-        self.logged: list[tuple[int | None, dict[str, Any]]] = []
-        RUNS.append(self)
-
-    def start(self) -> None:
-        pass
-
-    def store_init_configuration(self, values: dict[str, Any]) -> None:
-        self.config = values
-
-    def log(self, values: dict[str, Any], step: int | None = None, **kwargs: Any) -> None:
-        self.logged.append((step, values))
-
-    def finish(self) -> None:
-        pass
-
-
-RUNS: list[StandInWandB] = []
-
-
-@pytest.fixture
-def wandb_runs(monkeypatch: pytest.MonkeyPatch) -> list[StandInWandB]:
-    """The W&B runs started from here on; accelerate and toolkit.io.logging take the stand-ins for installed W&B."""
-    import accelerate.accelerator
-    import accelerate.tracking
-
-    module = ModuleType("wandb")
-    module.Table = lambda columns, data: SimpleNamespace(columns=columns, data=data)  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "wandb", module)
-    monkeypatch.setattr(trackers, "_has_module", lambda name: True)
-    monkeypatch.setattr(accelerate.tracking, "filter_trackers", lambda names, logging_dir=None: list(names))
-    monkeypatch.setitem(accelerate.accelerator.LOGGER_TYPE_TO_CLASS, "wandb", StandInWandB)
-    RUNS.clear()
-    return RUNS
-
-
 def test_tracker_settings_reach_wandb_and_a_resume_continues_its_run(
-    tmp_path: Path, wandb_runs: list[StandInWandB]
+    tmp_path: Path, fake_wandb: type[StandInWandB]
 ) -> None:
     run_dir, other_dir = tmp_path / "run", tmp_path / "other-run"
     fit(build_trainer(tiny_config(run_dir, "trainer.num_steps=1", *SETTINGS)))
     fit(build_trainer(tiny_config(run_dir, "trainer.num_steps=2", *SETTINGS)))  # resumes from step 1
     fit(build_trainer(tiny_config(other_dir, "trainer.num_steps=1", "trainer.trackers=[wandb]")))
-    first, resumed, other = wandb_runs
+    first, resumed, other = fake_wandb.built
     run_id = first.init_kwargs.pop("id")
     expected = {"entity": "team", "name": "tiny-grpo", "tags": ["grpo", "tiny"], "settings": {"api_key": SECRET}}
     assert first.run_name == resumed.run_name == "renorm-tests" and first.init_kwargs == expected
@@ -97,8 +50,9 @@ def test_tracker_settings_reach_wandb_and_a_resume_continues_its_run(
     # The secret reaches W&B's init (it needs it) but neither the tracked config nor config.yaml.
     assert first.config["trainer.tracker_init_kwargs.wandb.settings.api_key"] == REDACTED
     assert SECRET not in json.dumps(first.config) and SECRET not in (run_dir / "config.yaml").read_text()
-    assert [step for step, values in first.logged + resumed.logged if "reward/mean" in values] == [1, 2]
-    tables = [(step, values["samples"]) for step, values in first.logged + resumed.logged if "samples" in values]
+    logged = [values for _, values in first.logged + resumed.logged]
+    assert [values[WANDB_STEP_KEY] for values in logged if "reward/mean" in values] == [1, 2]
+    tables = [(values[WANDB_STEP_KEY], values["samples"]) for values in logged if "samples" in values]
     assert [step for step, _ in tables] == [1, 2]
     for step, table in tables:
         assert table.columns[:5] == ["prompt", "completion", "reward", "advantage", "group"]
