@@ -150,7 +150,11 @@ def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
     p = command("eval", cmd_eval, "Sample from the policy on the eval prompts and report rewards per dataset/task.")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", metavar="key=value")
-    p.add_argument("--checkpoint", help="checkpoint dir to load (default: the config's base weights)")
+    p.add_argument(
+        "--checkpoint",
+        help="a checkpoint dir, a run dir (its newest checkpoint) or an export folder (renorm export's OUT, "
+        "RUN_DIR/export); default: the config's base weights",
+    )
     p.add_argument("--output", help="write the results as JSON here")
     p = command("score", cmd_score, "Run one reward model standalone over a JSONL file (prompt, completion, ...).")
     p.add_argument(

@@ -283,6 +283,16 @@ class StudentPolicy:
         """Load what `trainable_state_dict` returned (strict)."""
         unwrap(self.module).load_state_dict(state)
 
+    def load_export(self, folder: str | Path) -> None:
+        """Load what `export` wrote (`model.safetensors` + `config.json`) as the student's weights (the EMA too):
+        `renorm eval --checkpoint OUT` evaluates the exported (by default EMA) student."""
+        from modalities.diffusion_lm.checkpoint_io import load_dlm_folder
+
+        state = load_dlm_folder(folder).backbone.state_dict()
+        unwrap(self.module).load_state_dict(state)
+        if self.ema is not None:
+            self.ema.load_state_dict(state)
+
     def export(self, out_dir: str | Path, merge_lora: bool = False, dtype: torch.dtype | None = None) -> None:
         """Write the EMA student (or the student, `export_weights`) as `model.safetensors` + `config.json` (+ the
         tokenizer) into `out_dir`; `checkpoint_io.load_dlm_folder` and `renorm dlm sample OUT` load it.

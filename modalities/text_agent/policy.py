@@ -25,6 +25,7 @@ from toolkit.hf.policy import (
     bf16_autocast,
     check_policy_options,
     export_module,
+    load_hf_export,
     load_trainable_state_dict,
     reference_log_probs,
     trainable_state_dict,
@@ -183,6 +184,10 @@ class CausalLMPolicy:
     def load_trainable_state_dict(self, state: Mapping[str, Tensor]) -> None:
         """Load what `trainable_state_dict` returned (strict about missing and unexpected keys)."""
         load_trainable_state_dict(self.module, self.is_lora, state)
+
+    def load_export(self, folder: str | Path) -> None:
+        """Load what `export` wrote (a transformers or a PEFT adapter folder): `renorm eval --checkpoint OUT`."""
+        load_hf_export(self.module, self.is_lora, Path(folder))
 
     def export(self, out_dir: str | Path, merge_lora: bool = False, dtype: torch.dtype | None = None) -> None:
         """Write the policy as a Hugging Face folder into `out_dir` (`renorm export`, toolkit.io.export).

@@ -27,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from modalities.text_to_image.sde import Reduce, gaussian_kl, sde_step
 from modalities.text_to_image.text_encoding import CachedTextEncoder, PipelineTextEncoder
 from toolkit.distributed import unwrap
+from toolkit.hf.policy import load_peft_adapters
 from toolkit.hf.reference import ReferenceSnapshot
 from toolkit.rollout import Rollout
 
@@ -418,6 +419,35 @@ class FlowMatchingPolicy:
                 f"unexpected {sorted(set(state) - expected)[:5]}"
             )
         module.load_state_dict(dict(state), strict=False)
+
+    def load_export(self, folder: str | Path) -> None:
+        """Load what `export` wrote (`pytorch_lora_weights.safetensors`, or `transformer/` in diffusers' layout)
+        into this policy's transformer: `renorm eval --checkpoint OUT`.
+
+        Raises:
+            ValueError: LoRA weights for a full-weight policy, or a full transformer for a LoRA one.
+            FileNotFoundError: `folder` holds neither.
+        """
+        out, module = Path(folder), cast(Any, unwrap(self.module))
+        lora_file = out / "pytorch_lora_weights.safetensors"
+        if not (lora_file.is_file() or (out / "transformer").is_dir()):
+            raise FileNotFoundError(
+                f"{out} holds neither transformer/ nor {lora_file.name}: pass `renorm export`'s OUT"
+            )
+        if lora_file.is_file() != self.is_lora:
+            found = "LoRA weights" if lora_file.is_file() else "a full transformer (a merged export?)"
+            raise ValueError(f"{out} holds {found} but this config's policy is {'LoRA' if self.is_lora else 'full'}")
+        if self.is_lora:
+            from safetensors.torch import load_file
+
+            saved = load_file(str(lora_file))
+            state = {"base_model.model." + k.removeprefix("transformer."): v for k, v in saved.items()}
+            load_peft_adapters(module, state, lora_file)
+            return
+        dtype = next(module.parameters()).dtype
+        module.load_state_dict(
+            type(module).from_pretrained(str(out), subfolder="transformer", torch_dtype=dtype).state_dict()
+        )
 
     def export(self, out_dir: str | Path, merge_lora: bool = False, dtype: torch.dtype | None = None) -> None:
         """Write the transformer in diffusers' format into `out_dir` (`renorm export`, toolkit.io.export).

@@ -71,7 +71,12 @@ class EvalResult:
 
 
 def evaluate(config: Mapping[str, Any], checkpoint: str | None = None, output: str | None = None) -> EvalReport:
-    """Sample `num_samples` completions for `num_prompts` eval prompts and score them (or run `eval.evaluator`)."""
+    """Sample `num_samples` completions for `num_prompts` eval prompts and score them (or run `eval.evaluator`).
+
+    `checkpoint` is a checkpoint dir, a run dir (its newest verified checkpoint) or an export folder (`renorm
+    export`'s OUT or RUN_DIR/export, loaded through the policy's `load_export`); None evaluates the config's weights.
+    """
+    from toolkit.io.export import is_export_folder, load_export
     from toolkit.io.resume import load_policy_weights
 
     eval_cfg = build_dataclass(EvalConfig, config.get("eval") or {}, where="eval")
@@ -89,7 +94,9 @@ def evaluate(config: Mapping[str, Any], checkpoint: str | None = None, output: s
     sampler = instantiate(config["sampler"], where="sampler")
     rewards = {k: instantiate(v, where=f"rewards.{k}") for k, v in (config.get("rewards") or {}).items()}
     data = instantiate(data_node, where="eval.data")
-    if checkpoint is not None:
+    if checkpoint is not None and is_export_folder(checkpoint):  # `renorm export`'s OUT, RUN_DIR/export
+        checkpoint = str(load_export(policy, checkpoint))
+    elif checkpoint is not None:
         checkpoint = str(load_policy_weights(policy.module, checkpoint))
     if eval_cfg.evaluator is not None:
         evaluator = instantiate(eval_cfg.evaluator, where="eval.evaluator")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, Literal, get_args
 
 import torch
@@ -140,3 +141,58 @@ def unwrap_model(module: nn.Module) -> nn.Module:
     """The transformers model under a peft wrapper (the module itself otherwise)."""
     get_base = getattr(module, "get_base_model", None)
     return get_base() if callable(get_base) else module
+
+
+def load_peft_adapters(peft_model: nn.Module, state: Mapping[str, Tensor], source: Any) -> None:
+    """Set a peft model's adapters from `state` under PEFT's saved names (`get_peft_model_state_dict`'s keys).
+
+    Raises:
+        ValueError: names that differ from the model's adapters (another rank, targets or base model).
+    """
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    model: Any = peft_model
+    expected = set(get_peft_model_state_dict(model))
+    if set(state) != expected:
+        raise ValueError(
+            f"{source}: the LoRA adapters differ from this config's (rank, targets or base model?): "
+            f"missing {sorted(expected - set(state))[:3]}, unexpected {sorted(set(state) - expected)[:3]}"
+        )
+    set_peft_model_state_dict(model, dict(state))
+
+
+def load_hf_export(module: nn.Module, is_lora: bool, folder: Path) -> None:
+    """Load a folder a token-model policy's `export` wrote (the inverse of `export_module` + `save_pretrained`).
+
+    A PEFT adapter folder (`adapter_config.json`) goes into a LoRA policy's adapters; a transformers model
+    folder (`config.json`) replaces a full-weight policy's weights, loaded with the model class's own
+    `from_pretrained` (its key conversions, tied weights and shards included).
+
+    Raises:
+        ValueError: an adapter folder for a full-weight policy, a full (e.g. merged) model for a LoRA policy,
+            or adapters of another shape.
+        FileNotFoundError: a folder that is neither.
+    """
+    from safetensors.torch import load_file
+
+    bare: Any = unwrap(module)
+    if (folder / "adapter_config.json").is_file():
+        if not is_lora:
+            raise ValueError(
+                f"{folder} holds LoRA adapters (adapter_config.json) but this config's policy trains all weights: "
+                "evaluate it with the run's LoRA settings (policy.lora)"
+            )
+        load_peft_adapters(bare, load_file(str(folder / "adapter_model.safetensors")), folder)
+        return
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{folder} is neither a PEFT adapter folder (adapter_config.json) nor a transformers model folder "
+            "(config.json): pass `renorm export`'s output, a checkpoint or a run dir"
+        )
+    if is_lora:
+        raise ValueError(
+            f"{folder} holds a full model (a merged export?) but this config's policy is LoRA: evaluate it with "
+            "policy.lora unset and the policy's model loaded from the folder"
+        )
+    loaded = type(bare).from_pretrained(str(folder), torch_dtype=next(bare.parameters()).dtype)
+    bare.load_state_dict(loaded.state_dict())

@@ -27,6 +27,7 @@ from torch import Tensor
 from toolkit.config import instantiate, validate
 from toolkit.interfaces import Stateful
 from toolkit.io.checkpoint import (
+    COMPLETE,
     MODEL_FILE,
     OBJECTS_FILE,
     CheckpointError,
@@ -44,6 +45,14 @@ RUN_CONFIG = "config.yaml"
 EXPORT_DIR = "export"  # RUN_DIR/export/: where `trainer.export` writes the finished run
 # The name under which the Trainer checkpoints a Stateful policy's state in objects.pt (Trainer.stateful_parts).
 POLICY_STATE = "policy_state"
+# What an export folder holds at its top (transformers/DLM, PEFT, diffusers pipeline or LoRA); a checkpoint holds none.
+EXPORT_MARKERS = (
+    "config.json",
+    "adapter_config.json",
+    "model_index.json",
+    "transformer",
+    "pytorch_lora_weights.safetensors",
+)
 # A `key.path=value`, `+key.path=value` or `~key.path` override (toolkit.config.loader's syntax).
 _OVERRIDE = re.compile(r"^(?:\+?[\w\-]+(?:\.[\w\-]+)*=.*|~[\w\-]+(?:\.[\w\-]+)*)$", re.DOTALL)
 
@@ -60,6 +69,29 @@ class ExportablePolicy(Protocol):
         """Write the weights (cast to `dtype` unless None; LoRA merged when `merge_lora`) and side files
         into the existing empty folder `out_dir`. May change the policy in place (cast, merge)."""
         ...
+
+
+def is_export_folder(path: str | Path) -> bool:
+    """True for a folder `export` wrote (transformers, PEFT, diffusers or DLM layout), not a checkpoint or run dir."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir() or (folder / COMPLETE).exists() or (folder / "checkpoints").is_dir():
+        return False
+    return any((folder / marker).exists() for marker in EXPORT_MARKERS)
+
+
+def load_export(policy: Any, folder: str | Path) -> Path:
+    """Load an export folder into `policy` (its `load_export`, the inverse of its `export`); returns the folder.
+
+    Raises:
+        ValueError: the policy cannot read its exports, or the folder holds another kind of model (LoRA vs full).
+        FileNotFoundError: the folder is not in the policy's export layout.
+    """
+    loader = getattr(policy, "load_export", None)
+    if not callable(loader):
+        raise ValueError(f"{type(policy).__name__} cannot load an export folder; pass a checkpoint or run dir")
+    path = Path(folder).expanduser()
+    loader(path)
+    return path
 
 
 def split_export_args(tokens: Sequence[str]) -> tuple[Path, Path, Path, list[str]]:

@@ -21,7 +21,8 @@ from modalities.diffusion_lm.text_data import build_text_tokenizer
 from modalities.diffusion_lm.tiny import build_tiny_teacher
 from tests.demo_run import run_cli
 from tests.modalities.diffusion_lm.test_didi_e2e import _config
-from toolkit.io.export import export_checkpoint
+from toolkit.config import instantiate
+from toolkit.io.export import export_checkpoint, load_export
 from toolkit.train.runner import build_trainer, fit
 
 TOKENIZER = {"_component_": "modalities.diffusion_lm.text_data.build_text_tokenizer"}
@@ -84,6 +85,11 @@ def test_ema_student_exports_and_loads(trained: tuple[Path, dict[str, Any], Stud
     assert code == 0, err
     rows = [json.loads(line) for line in samples.read_text().splitlines()]
     assert len(rows) == 2 and all(len(r["input_ids"]) == 32 and r["text"] for r in rows)
+
+    fresh = instantiate(config["policy"], where="policy")  # renorm eval --checkpoint OUT: the exported EMA student
+    load_export(fresh, out)
+    assert torch.equal(log_probs(fresh.student, z, t), expected) and fresh.ema is not None
+    assert all(torch.equal(fresh.ema.state_dict()[k], v) for k, v in policy.ema.state_dict().items())
 
 
 def test_raw_student_and_no_tokenizer(trained: tuple[Path, dict[str, Any], StudentPolicy], tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from modalities.medical_video.policy import VideoVLMPolicy
 from modalities.medical_video.tiny import build_tiny_processor, build_tiny_qwen2_5_vl
+from tests.export_round_trip import assert_export_loads_back
 from tests.modalities.medical_video.test_video_policy import tiny_config
 from toolkit.config import instantiate
 from toolkit.io.export import export_checkpoint
@@ -139,3 +140,11 @@ def test_weights_the_architecture_lacks_are_refused(tmp_path: Path) -> None:
     assert not any(tmp_path.iterdir())
     with pytest.raises(ValueError, match="merge_lora needs a LoRA policy"):
         policy.export(tmp_path, merge_lora=True)
+
+
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # raised inside peft
+def test_eval_takes_the_export_folder(full_run: TrainedRun, lora_run: TrainedRun, tmp_path: Path) -> None:
+    for run, name in ((full_run, "full"), (lora_run, "lora")):
+        export_checkpoint(run.config, run.run_dir, tmp_path / name)
+        policy = assert_export_loads_back(run.config, run.run_dir, tmp_path / name)
+        assert torch.equal(logits_of(policy.module, run.inputs), run.logits)

@@ -17,8 +17,10 @@ from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from tests.demo_run import DEMO, run_cli, tiny_config
+from tests.export_round_trip import assert_export_loads_back
 from toolkit.config import instantiate
-from toolkit.io.export import export_checkpoint
+from toolkit.evaluation import evaluate
+from toolkit.io.export import export_checkpoint, load_export
 from toolkit.train.runner import build_trainer, fit
 
 LORA = "policy.lora={r: 4, lora_alpha: 8, target_modules: [q_proj, v_proj]}"
@@ -166,3 +168,20 @@ def test_cli_end_to_end(full_run: TrainedRun, lora_run: TrainedRun, tmp_path: Pa
     code, err = run_cli("export", DEMO, lora_run.run_dir, tmp_path / "refused")
     assert code == 2 and "renorm: error: checkpoint" in err and "LoRA vs full fine-tuning" in err
     assert not (tmp_path / "refused").exists()
+
+
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # raised inside peft
+def test_eval_takes_the_export_folder(full_run: TrainedRun, lora_run: TrainedRun, tmp_path: Path) -> None:
+    for run, name in ((full_run, "full"), (lora_run, "lora")):
+        export_checkpoint(run.config, run.run_dir, tmp_path / name)
+        assert_export_loads_back(run.config, run.run_dir, tmp_path / name)
+    config = {**full_run.config, "eval": {"num_prompts": 4, "num_samples": 2, "batch_size": 4}}
+    from_export, from_run = evaluate(config, str(tmp_path / "full")), evaluate(config, str(full_run.run_dir))
+    assert from_export.rows == from_run.rows  # same weights, same seeded sampling
+    export_checkpoint(lora_run.config, lora_run.run_dir, tmp_path / "merged", merge_lora=True)
+    with pytest.raises(ValueError, match="holds a full model .*policy.lora unset"):
+        load_export(instantiate(lora_run.config["policy"]), tmp_path / "merged")
+    with pytest.raises(ValueError, match="holds LoRA adapters .*trains all weights"):
+        load_export(instantiate(full_run.config["policy"]), tmp_path / "lora")
+    code, err = run_cli("eval", DEMO, "--checkpoint", tmp_path / "lora", LORA, "+eval.num_prompts=2")
+    assert code == 0, err

@@ -33,6 +33,7 @@ from transformers import (
 from modalities.text_to_image.policy import FlowMatchingPolicy
 from modalities.text_to_image.text_encoding import PipelineTextEncoder
 from modalities.text_to_image.tiny import build_tiny_flux, build_tiny_policy, build_tiny_sd3, build_tiny_vae
+from tests.export_round_trip import assert_export_loads_back
 from tests.modalities.text_to_image.test_t2i_policy import LORA, perturb_lora, tiny_config
 from toolkit.io.export import export_checkpoint
 from toolkit.train.runner import build_trainer, fit
@@ -95,6 +96,8 @@ def test_full_fine_tune_writes_transformer_and_vae(tmp_path: Path) -> None:
     vae = AutoencoderKL.from_pretrained(out / "vae")
     fresh = build_tiny_vae(0).state_dict()
     assert all(torch.equal(value, fresh[name]) for name, value in vae.state_dict().items())
+    policy = assert_export_loads_back(config, tmp_path / "run", out)  # renorm eval --checkpoint OUT
+    assert torch.equal(output_of(policy.module, sd3_inputs()), trained)
 
 
 def test_lora_weights_load_into_a_transformer(lora_run: tuple[Path, dict[str, Any], Tensor], tmp_path: Path) -> None:
@@ -112,6 +115,11 @@ def test_lora_weights_load_into_a_transformer(lora_run: tuple[Path, dict[str, An
     export_checkpoint(config, run_dir, tmp_path / "merged", merge_lora=True)
     merged = SD3Transformer2DModel.from_pretrained(tmp_path / "merged" / "transformer")
     torch.testing.assert_close(output_of(merged, sd3_inputs()), trained, atol=1e-5, rtol=1e-5)
+
+    policy = assert_export_loads_back(config, run_dir, tmp_path / "lora")  # renorm eval --checkpoint OUT
+    assert torch.equal(output_of(policy.module, sd3_inputs()), trained)
+    with pytest.raises(ValueError, match="holds a full transformer .*policy is LoRA"):
+        assert_export_loads_back(config, run_dir, tmp_path / "merged")
 
 
 def test_flux_lora_and_full_exports(tmp_path: Path) -> None:
