@@ -90,6 +90,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     config = load_config(config_path, overrides)
     loaded = export_checkpoint(config, checkpoint, out, merge_lora=args.merge_lora, dtype=args.dtype)
     print(f"exported {loaded} (config {config_path}) to {out}: {', '.join(sorted(p.name for p in out.iterdir()))}")
+    if args.push_to_hub:
+        from toolkit.io.hub import push_to_hub
+
+        url = push_to_hub(out, args.push_to_hub, config, package_version(), private=args.private)
+        print(f"pushed {out} to the Hub repo {args.push_to_hub}: {url}")
     return 0
 
 
@@ -186,7 +191,10 @@ def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--scale", type=float, default=0.7)
     p.add_argument("--scope", choices=["tensor", "global"], default="tensor")
     p = command("export", cmd_export, "Write a checkpoint as a Hugging Face folder (transformers, PEFT or diffusers).")
-    p.usage = "%(prog)s [--merge-lora] [--dtype {auto,fp32,bf16}] [CONFIG] CHECKPOINT_OR_RUN_DIR OUT [key=value ...]"
+    p.usage = (
+        "%(prog)s [--merge-lora] [--dtype {auto,fp32,bf16}] [--push-to-hub REPO [--private]] "
+        "[CONFIG] CHECKPOINT_OR_RUN_DIR OUT [key=value ...]"
+    )
     p.add_argument(
         "paths",
         nargs="+",
@@ -196,6 +204,13 @@ def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
     )
     p.add_argument("--merge-lora", action="store_true", help="LoRA: merge the adapters and write a full model")
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="cast the weights (auto: keep)")
+    p.add_argument(
+        "--push-to-hub",
+        metavar="REPO",
+        help="then upload OUT (with a model card) to this Hub repo, created when missing; the token comes from "
+        "HF_TOKEN or `hf auth login`",
+    )
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     p.set_defaults(overrides=[])
     p.epilog = (
         "Full fine-tuning: config.json, generation_config.json, safetensors, tokenizer and chat template "
