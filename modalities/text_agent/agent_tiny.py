@@ -17,7 +17,8 @@ import copy
 import functools
 import random
 import string
-from collections.abc import Iterable
+import sys
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -62,8 +63,10 @@ _ONSETS = (
 )
 _VOWELS = ("a", "e", "i", "o", "u", "ae", "ia", "y")
 _CODAS = ("", "", "n", "r", "l", "s", "th", "rk", "nd", "m")
-SHIPPED_QA = Path(__file__).resolve().parents[2] / "data" / "text_agent" / "synthetic_qa.jsonl"
-SHIPPED_CORPUS = SHIPPED_QA.with_name("corpus.jsonl")
+# Where the shipped data lives: the repository, or <prefix>/share/renorm/ for an installed wheel (pyproject's
+# data-files, the layout the tiny configs' `${config_dir}/../../data/...` paths read).
+DATA_ROOTS = (Path(__file__).resolve().parents[2], Path(sys.prefix) / "share" / "renorm")
+SHIPPED_FILES = ("synthetic_qa.jsonl", "corpus.jsonl")
 
 
 def invented_name(rng: random.Random, random_letters: float = 0.0) -> str:
@@ -78,13 +81,28 @@ def invented_name(rng: random.Random, random_letters: float = 0.0) -> str:
     return ("".join(syllables) + rng.choice(_CODAS)).capitalize()
 
 
-def shipped_words(paths: Iterable[Path] = (SHIPPED_QA, SHIPPED_CORPUS)) -> set[str]:
-    """Every lower-cased word of the shipped QA set and corpus (files that do not exist are skipped)."""
-    words: set[str] = set()
-    for path in paths:
+def shipped_file(name: str, roots: Sequence[Path] = DATA_ROOTS) -> Path:
+    """`data/text_agent/NAME` of the first root that holds it.
+
+    Raises:
+        FileNotFoundError: no root holds it (a broken install): the warm start could not avoid the shipped words.
+    """
+    for root in roots:
+        path = root / "data" / "text_agent" / name
         if path.is_file():
-            for line in path.read_text(encoding="utf-8").splitlines():
-                words.update("".join(c if c.isalnum() else " " for c in line.lower()).split())
+            return path
+    raise FileNotFoundError(
+        f"the shipped data/text_agent/{name} is in none of {[str(r) for r in roots]}: reinstall renorm "
+        "(the tiny agent's warm start must know the shipped words to stay disjoint from them)"
+    )
+
+
+def shipped_words(paths: Iterable[Path] | None = None) -> set[str]:
+    """Every lower-cased word of the shipped QA set and corpus (default: `shipped_file` of each)."""
+    words: set[str] = set()
+    for path in paths if paths is not None else [shipped_file(name) for name in SHIPPED_FILES]:
+        for line in path.read_text(encoding="utf-8").splitlines():
+            words.update("".join(c if c.isalnum() else " " for c in line.lower()).split())
     return words
 
 

@@ -12,6 +12,7 @@ import torch
 from modalities.text_agent.agent_tiny import (
     RELATIONS,
     build_tiny_search_agent,
+    shipped_file,
     shipped_words,
     trajectory_ids,
     warm_start_facts,
@@ -31,12 +32,25 @@ def words(text: str) -> set[str]:
     return set(re.findall(r"[a-z0-9]+", text.lower()))
 
 
+def test_the_shipped_words_come_from_an_installed_wheel_too(tmp_path: Path) -> None:
+    """A wheel has no repository around its modules: the files are found under <prefix>/share/renorm/, and a
+    missing one is an error, not a silently empty word set (which would let warm-start names hit shipped ones)."""
+    installed = tmp_path / "venv" / "share" / "renorm"
+    (installed / "data" / "text_agent").mkdir(parents=True)
+    (installed / "data" / "text_agent" / "corpus.jsonl").write_text(CORPUS.read_text())
+    roots = (tmp_path / "site-packages", installed)
+    assert shipped_file("corpus.jsonl", roots) == installed / "data" / "text_agent" / "corpus.jsonl"
+    assert shipped_file("corpus.jsonl") == CORPUS  # the repository first
+    with pytest.raises(FileNotFoundError, match="synthetic_qa.jsonl is in none of .*reinstall renorm"):
+        shipped_file("synthetic_qa.jsonl", roots)
+
+
 def test_warm_start_entities_never_occur_in_the_shipped_qa_set_or_corpus() -> None:
     facts = warm_start_facts(num_places=200, seed=0) + warm_start_facts(num_places=200, seed=0, random_letters=0.5)
     assert len(facts) == 2 * 200 * len(RELATIONS)
     assert facts[: 200 * len(RELATIONS)] != facts[200 * len(RELATIONS) :], "random_letters changes the names"
     shipped = words(QA.read_text()) | words(CORPUS.read_text())
-    assert shipped == shipped_words((QA, CORPUS))
+    assert shipped == shipped_words((QA, CORPUS)) == shipped_words()
     template_words = words(" ".join(q + " " + d for q, d in RELATIONS.values()))
     entities = set()
     for row in facts:
