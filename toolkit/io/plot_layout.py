@@ -288,8 +288,49 @@ def _axes_groups(table: Table, keys: Sequence[str], family: Family) -> list[tupl
     groups = []
     for ylabel, members in kinds.items():
         clusters = [members] if ylabel == "fraction" or not family.split_scales else _scale_clusters(members, peak)
-        groups += [(ylabel, chunk) for cluster in clusters for chunk in _chunks(cluster, MAX_SERIES_PER_AXES)]
+        groups += [(ylabel, chunk) for cluster in clusters for chunk in _split_alike(cluster)]
     return groups
+
+
+def _tokens(key: str) -> list[str]:
+    """`key` cut at "/" and ":" with the separators kept: "a/b:c" -> ["a", "/", "b", ":", "c"]."""
+    return re.split(r"([/:])", key)
+
+
+def _split_alike(keys: Sequence[str]) -> list[list[str]]:
+    """`keys` in axes of at most MAX_SERIES_PER_AXES, keys that share a name part together.
+
+    Of the groupings by one part of the name ("dataset_norm/SynthLap:vs/raw" by dataset, task or raw/normalized),
+    the one with the fewest axes that all fit is taken (by dataset: each axes holds one dataset's raw and normalized
+    rewards per task), unless it needs more than one axes beyond balanced chunks in order, which are the fallback.
+    """
+    if len(keys) <= MAX_SERIES_PER_AXES:
+        return [list(keys)] if keys else []
+    tokens = {k: _tokens(k) for k in keys}
+    chunks = _chunks(keys, MAX_SERIES_PER_AXES)
+    best: list[list[str]] | None = None
+    for i in range(0, max(len(t) for t in tokens.values()), 2):
+        by_part: dict[str, list[str]] = {}
+        for key in keys:
+            by_part.setdefault(tokens[key][i] if i < len(tokens[key]) else "", []).append(key)
+        fits = 1 < len(by_part) < len(keys) and max(len(g) for g in by_part.values()) <= MAX_SERIES_PER_AXES
+        if fits and len(by_part) <= len(chunks) + 1 and (best is None or len(by_part) < len(best)):
+            best = list(by_part.values())
+    return best if best is not None else chunks
+
+
+def _pattern(keys: Sequence[str]) -> tuple[str, tuple[str, ...]] | None:
+    """(title, labels) for keys whose names differ only in some parts: the title names the shared parts with "*"
+    for the others ("dataset_norm/*:vs/*"), each label its own parts ("SynthLap · raw"); None when the names have
+    different shapes or differ in their first part."""
+    tokens = [_tokens(k) for k in keys]
+    if len({len(t) for t in tokens}) != 1 or len({t[0] for t in tokens}) != 1:
+        return None
+    varying = [i for i in range(0, len(tokens[0]), 2) if len({t[i] for t in tokens}) > 1]
+    if not varying or varying == [len(tokens[0]) - 1]:
+        return None  # only the last part differs: the plain prefix title says it
+    title = "".join("*" if i in varying else part for i, part in enumerate(tokens[0]))
+    return title, tuple(" · ".join(t[i] for i in varying) for t in tokens)
 
 
 def _panels(
@@ -302,6 +343,10 @@ def _panels(
         ]
     panels = []
     for ylabel, keys in groups:
+        pattern = _pattern(keys) if len(keys) > 1 and not any(merged[k] for k in keys) else None
+        if pattern is not None:
+            panels.append(Panel(tuple(keys), pattern[1], ylabel, pattern[0]))
+            continue
         prefix = _common_prefix(keys) if len(keys) > 1 else ""
         labels = tuple(_label(k, merged[k], prefix) for k in keys)
         panels.append(

@@ -117,6 +117,36 @@ def test_at_most_six_distinct_colours_per_axes() -> None:
     assert [len(_lines(ax)) for ax in reward_axes] == [5, 5]
 
 
+def test_a_family_too_large_for_one_axes_is_split_by_a_shared_name_part() -> None:
+    """MedGRPO's per-(dataset, task) normalization: 2 datasets x 4 tasks x raw/normalized = 16 series. By dataset
+    (8 per axes) does not fit; by task does: each axes compares both datasets' raw and normalized reward of one task,
+    titled with the shared parts and labelled by the others. Without the always-zero raw series, by dataset fits."""
+    datasets, tasks = ("Endo", "Lap"), ("tal", "stg", "vs", "rc")
+    keys = [f"dataset_norm/{d}:{task}/{kind}" for d in datasets for task in tasks for kind in ("raw", "normalized")]
+
+    def panels(zero: set[str]) -> list[Any]:
+        records = [
+            {"step": s, **{k: 0.0 if k in zero else 0.1 * s + 0.01 * i for i, k in enumerate(keys)}}
+            for s in range(1, 6)
+        ]
+        [plan] = [p for p in plan_figures(metric_table({"run": records}), ["run"]) if p.stem == "dataset_norm"]
+        return list(plan.panels)
+
+    by_task = panels(set())
+    assert [panel.title for panel in by_task] == [f"dataset_norm/*:{task}/*" for task in tasks]
+    assert by_task[0].labels == ("Endo · raw", "Endo · normalized", "Lap · raw", "Lap · normalized")
+    by_dataset = panels({f"dataset_norm/{d}:{task}/raw" for d in datasets for task in ("tal", "stg")})
+    assert [panel.title for panel in by_dataset] == ["dataset_norm/Endo:*/*", "dataset_norm/Lap:*/*"]
+    assert by_dataset[0].labels == (
+        "tal · normalized",
+        "stg · normalized",
+        "vs · raw",
+        "vs · normalized",
+        "rc · raw",
+        "rc · normalized",
+    )
+
+
 def test_legends_sit_outside_the_data() -> None:
     fig = build_figures({"run": _records()})["reward"]
     fig.draw_without_rendering()
