@@ -7,12 +7,12 @@ renorm plot RUN_DIR [RUN_DIR ...]        write PNG curves of a run's metrics (se
 renorm merge BASE TUNED OUT              DLER update-selective merging of two checkpoints
 renorm export [CONFIG] CHECKPOINT OUT    a checkpoint as a transformers / PEFT / diffusers / DiDi folder
 renorm config CONFIG [key=value ...]     print the resolved config (--validate, --defaults)
+renorm data list | prepare NAME --out DIR   the datasets the recipes read, written where they read them
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from collections.abc import Mapping, Sequence
 from importlib.metadata import entry_points
@@ -24,6 +24,7 @@ from toolkit.config import ConfigError
 
 def cmd_train(args: argparse.Namespace) -> int:
     from toolkit.config import load_config
+    from toolkit.io.console import window_means
     from toolkit.io.logging import print_before_after, read_metrics
     from toolkit.io.plotting import plot_run
     from toolkit.train.runner import build_trainer, fit
@@ -37,8 +38,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     records = read_metrics(trainer.run_dir)
     if records:
-        window = max(1, min(5, len(records) // 4))  # single steps are noisy: average a few at each end
-        first, final = mean_records(records[:window]), mean_records(records[-window:])
+        window, first, final = window_means(records)  # a few steps averaged at each end
         keys = [k for k in summary_keys(records[0]) if k in first and k in final]
         title = f"{args.config}: first vs last {window} step{'s' if window > 1 else ''}"
         print_before_after(first, final, keys, title=title)
@@ -122,10 +122,48 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    from toolkit.io.prepare import list_datasets, prepare_dataset
+
+    if args.data_command == "list":
+        rows = list_datasets()
+        width = max((len(name) for name, _ in rows), default=0)
+        for name, description in rows:
+            print(f"{name:<{width}}  {description}")
+        return 0
+    files = prepare_dataset(args.name, args.out, source=args.source, limit=args.limit)
+    for path in files:
+        print(path)
+    print(f"renorm: {args.name}: wrote {len(files)} file(s) under {args.out}", file=sys.stderr)
+    return 0
+
+
+def add_data_command(sub: Any) -> None:
+    """`renorm data list` and `renorm data prepare NAME --out DIR [--source S] [--limit N]`."""
+    p = sub.add_parser(
+        "data",
+        help="List the datasets the recipes read, or prepare one where its recipes read it.",
+        description="List the datasets the recipes read (`renorm data list`), or download and convert one "
+        "(`renorm data prepare NAME --out data/NAME`, the folder the recipes read).",
+    )
+    p.set_defaults(func=cmd_data)
+    actions = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    actions.add_parser("list", help="the registered datasets, one line each")
+    prepare = actions.add_parser(
+        "prepare", help="write dataset NAME under --out", description="Write dataset NAME under --out."
+    )
+    prepare.add_argument("name", metavar="NAME", help="a name from `renorm data list`")
+    prepare.add_argument("--out", required=True, type=Path, help="output folder; the recipes read data/NAME")
+    prepare.add_argument(
+        "--source", help="read the upstream data from here (a local file or folder, or a hub id) instead of the hub"
+    )
+    prepare.add_argument("--limit", type=int, help="keep the first N rows (a quick try); default: all")
+
+
 PLUGIN_GROUP = "renorm.commands"
 
 
-CORE_COMMANDS = ("train", "eval", "score", "plot", "merge", "export", "config")
+CORE_COMMANDS = ("train", "eval", "score", "plot", "merge", "export", "config", "data")
 
 
 def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
@@ -231,6 +269,7 @@ def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
         action="store_true",
         help="also show every constructor and TrainerConfig default the config leaves out, each marked '# default'",
     )
+    add_data_command(sub)
     for plugin in entry_points(group=PLUGIN_GROUP) if plugins else ():
         try:
             register = plugin.load()
@@ -256,16 +295,6 @@ def summary_keys(record: Mapping[str, Any]) -> list[str]:
     components = sorted(k for k in record if k.startswith("reward/") and k.count("/") == 1 and k != "reward/mean")
     extra = ("agent/tool_calls_mean", "rollout/length_mean", "advantage/std", "policy/clip_frac")
     return ["reward/mean", *components[:8], *extra]
-
-
-def mean_records(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-    """Per-key mean of the numeric, finite values over `records`."""
-    sums: dict[str, list[float]] = {}
-    for record in records:
-        for key, value in record.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-                sums.setdefault(key, []).append(float(value))
-    return {key: sum(values) / len(values) for key, values in sums.items()}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -592,7 +592,8 @@ def test_merge_missing_checkpoint_is_an_error(two_checkpoints: tuple[Path, Path]
 
 
 def test_summary_table_lists_reward_components_and_averages_finite_values() -> None:
-    from toolkit.cli import mean_records, summary_keys
+    from toolkit.cli import summary_keys
+    from toolkit.io.console import mean_records
 
     record = {"reward/mean": 1.0, "reward/em": 0.5, "reward/em/nan_frac": 0.0, "agent/tool_calls_mean": 1.0}
     keys = summary_keys(record)

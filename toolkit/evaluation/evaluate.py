@@ -76,6 +76,7 @@ def evaluate(config: Mapping[str, Any], checkpoint: str | None = None, output: s
     `checkpoint` is a checkpoint dir, a run dir (its newest verified checkpoint) or an export folder (`renorm
     export`'s OUT or RUN_DIR/export, loaded through the policy's `load_export`); None evaluates the config's weights.
     """
+    from toolkit.io.datasets import check_data_paths
     from toolkit.io.export import is_export_folder, load_export
     from toolkit.io.resume import load_policy_weights
 
@@ -84,6 +85,7 @@ def evaluate(config: Mapping[str, Any], checkpoint: str | None = None, output: s
     for name in ("policy", "sampler"):
         validate(config.get(name), where=name)
     validate(data_node, where="eval.data")
+    check_data_paths(data_node, "eval.data")  # a missing eval file fails before any weights load
     validate(eval_cfg.evaluator, where="eval.evaluator")
     for name, node in (config.get("rewards") or {}).items():
         validate(node, where=f"rewards.{name}")

@@ -176,6 +176,27 @@ def first_last(
     return first, last
 
 
+def mean_records(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Per-key mean of the numeric, finite values over `records`."""
+    sums: dict[str, list[float]] = {}
+    for record in records:
+        for key, value in record.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                sums.setdefault(key, []).append(float(value))
+    return {key: sum(values) / len(values) for key, values in sums.items()}
+
+
+def window_means(
+    records: Sequence[Mapping[str, Any]], max_window: int = 5
+) -> tuple[int, dict[str, float], dict[str, float]]:
+    """(window, means of the first `window` records, of the last): the end-of-training table's figures.
+
+    Single steps are noisy, so a few are averaged at each end: `window` = min(max_window, len // 4), at least 1.
+    """
+    window = max(1, min(max_window, len(records) // 4))
+    return window, mean_records(records[:window]), mean_records(records[-window:])
+
+
 def print_before_after(
     before: Mapping[str, float],
     after: Mapping[str, float],

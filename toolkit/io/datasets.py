@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from toolkit.config.types import read_text_file
+from toolkit.io.prepare import prepare_hint
 
 # An id on the hub: "name" or "owner/name" (letters, digits, "-", "_", ".").
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
@@ -66,11 +67,41 @@ def load_records(
     """
     if max_rows is not None and max_rows < 1:
         raise ValueError(f"max_rows must be >= 1 or None, got {max_rows}")
+    if is_hub_id(source) and prepare_hint(source):  # "data/nq": shaped like a hub id, but a missing prepared folder
+        raise FileNotFoundError(f"data file or folder not found: {source}{prepare_hint(source)}")
     if is_hub_id(source):
         located = _located(_from_hub(str(source), config, split, max_rows), str(source))
     else:
         located = _read_local(Path(source).expanduser(), config, split, max_rows)
     return [map_record(row, fields, where) for where, row in located[:max_rows]]
+
+
+def check_data_paths(node: Any, where: str) -> None:
+    """Fail now, before anything is built, when a local `path`/`paths` source of a data node does not exist.
+
+    Hub ids are left to the loader; a missing `data/NAME/...` path (the recipes' convention) is named with the
+    `renorm data prepare NAME` command that writes it.
+
+    Raises:
+        FileNotFoundError: naming the key (`data.paths.MATH`, `eval.data.paths[2]`), the path and the command.
+    """
+    if not isinstance(node, Mapping):
+        return
+    for key in ("path", "paths"):
+        value = node.get(key)
+        if isinstance(value, Mapping):
+            items: list[tuple[str, Any]] = [(f".{name}", source) for name, source in value.items()]
+        elif isinstance(value, list):
+            items = [(f"[{i}]", source) for i, source in enumerate(value)]
+        else:
+            items = [("", value)]
+        for suffix, source in items:
+            if not isinstance(source, (str, Path)) or (is_hub_id(source) and not prepare_hint(source)):
+                continue
+            if not Path(source).expanduser().exists():
+                raise FileNotFoundError(
+                    f"{where}.{key}{suffix}: data file or folder not found: {source}{prepare_hint(source)}"
+                )
 
 
 def map_record(row: Mapping[str, Any], fields: Mapping[str, str] | None, where: str) -> dict[str, Any]:
@@ -177,7 +208,7 @@ def _read_local(
             raise ValueError(f"config={config!r} applies to hub ids and data folders, not to the saved dataset {path}")
         return _located(_from_folder(path, config, split, max_rows), str(path))
     if not path.is_file():
-        raise FileNotFoundError(f"data file or folder not found: {path}")
+        raise FileNotFoundError(f"data file or folder not found: {path}{prepare_hint(path)}")
     if config is not None or split is not None:
         raise ValueError(f"config and split apply to hub ids and dataset folders, not to the file {path}")
     if path.suffix == ".parquet":

@@ -17,6 +17,7 @@ from toolkit.config import ConfigError, build_dataclass, dump_config, instantiat
 from toolkit.config.types import source_of
 from toolkit.distributed import all_reduce_sum
 from toolkit.evaluation import EvalConfig
+from toolkit.io.datasets import check_data_paths
 from toolkit.io.export import ExportablePolicy
 from toolkit.io.logging import MetricsLogger, ProgressBar, get_logger, print_samples_table
 from toolkit.io.redaction import redact, register_secrets
@@ -144,6 +145,10 @@ def validate_run_config(config: Mapping[str, Any]) -> tuple[RunSpec, TrainerConf
         if eval_cfg.data is not None:
             validate(eval_cfg.data, where="eval.data")
     check_group_size(trainer_cfg.group_size, {"normalizer": spec.normalizer, "transforms": spec.transforms})
+    # Missing data files fail here, in seconds, naming the `renorm data prepare` command that writes them.
+    check_data_paths(spec.data, "data")
+    if trainer_cfg.eval_every > 0:
+        check_data_paths(eval_cfg.data, "eval.data")
     return spec, trainer_cfg, eval_cfg
 
 
