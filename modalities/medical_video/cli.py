@@ -33,8 +33,10 @@ def register(subparsers: Any) -> None:
     ev = sub.add_parser(
         "eval",
         help="MedVidBench results table (CVS, NAP, SA, STG, TAG, DVC, VS, RC) from predictions or a policy.",
-        description="Results table in the MedGRPO project-page layout, macro-averaged over (dataset, fps) buckets, "
-        "from a predictions file or by sampling the policy of a run config (--config).",
+        description="Results table in the MedGRPO project-page layout, scored and pooled as the MedVidBench "
+        "leaderboard does (--parsing/--aggregation official, the default) or with our tolerant parsers and "
+        "(dataset, fps) macro average (lenient/bucket), from a predictions file or by sampling the policy of a run "
+        "config (--config).",
     )
     ev.set_defaults(func=cmd_eval)
     ev.add_argument("predictions", nargs="?", help="JSONL / JSON prediction records")
@@ -42,6 +44,18 @@ def register(subparsers: Any) -> None:
     ev.add_argument("--checkpoint", help="with --config: checkpoint dir to load")
     ev.add_argument("--num-prompts", type=int, help="with --config: rows to answer (default: all eval data)")
     ev.add_argument("--output", help="write the results (and predictions) as JSON here")
+    ev.add_argument(
+        "--parsing",
+        default="official",
+        choices=["official", "lenient"],
+        help="official: the leaderboard evaluator's parsers and zero-scoring of failures; lenient: ours",
+    )
+    ev.add_argument(
+        "--aggregation",
+        default="official",
+        choices=["official", "bucket"],
+        help="official: each column pooled as the leaderboard does; bucket: mean over (dataset, fps)",
+    )
     _scorer_arguments(ev)
 
 
@@ -90,7 +104,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from modalities.medical_video.percentiles import load_predictions
         from toolkit.io.atomic import write_json_atomic
 
-        results = evaluate_predictions(load_predictions(args.predictions), args.similarity, build_judge_from_args(args))
+        results = evaluate_predictions(
+            load_predictions(args.predictions),
+            args.similarity,
+            build_judge_from_args(args),
+            parsing=args.parsing,
+            aggregation=args.aggregation,
+        )
         if args.output:
             write_json_atomic(args.output, results.to_json())
     else:
@@ -112,6 +132,8 @@ def _eval_config(args: argparse.Namespace) -> Any:
             "_component_": "modalities.medical_video.evaluation.MedVidEvaluator",
             "similarity": args.similarity,
             "num_prompts": args.num_prompts,
+            "parsing": args.parsing,
+            "aggregation": args.aggregation,
         }
         if args.judge_url:
             client = {"base_url": args.judge_url, "model": args.judge_model, "api_key_env": args.judge_api_key_env}

@@ -143,9 +143,12 @@ def flatten_events(events: Sequence[tuple[float, float, str]]) -> list[tuple[flo
 
 
 def dvc_f1(
-    pred: Sequence[Segment] | None, gt: Sequence[Segment], thresholds: Sequence[float] = DEFAULT_DVC_THRESHOLDS
+    pred: Sequence[Segment] | None,
+    gt: Sequence[Segment],
+    thresholds: Sequence[float] = DEFAULT_DVC_THRESHOLDS,
+    iou: Callable[[Segment, Segment], float] = dvc_iou,
 ) -> dict[str, float]:
-    """DVC temporal precision, recall and F1: a pred-GT pair with IoU > θ covers both.
+    """DVC temporal precision, recall and F1: a pred-GT pair with `iou` > θ covers both.
 
     P̄, R̄ = mean over θ of #covered preds / #preds and #covered GT / #GT; F1 = 2 P̄ R̄ / (P̄ + R̄);
     everything 0 when either side is empty.
@@ -155,7 +158,7 @@ def dvc_f1(
         return {"precision": 0.0, "recall": 0.0, "f1": 0.0}
     precisions, recalls = [], []
     for theta in thresholds:
-        covered = [[dvc_iou(p, g) > theta for g in gt] for p in pred]
+        covered = [[iou(p, g) > theta for g in gt] for p in pred]
         precisions.append(sum(any(row) for row in covered) / len(pred))
         recalls.append(sum(any(row[j] for row in covered) for j in range(len(gt))) / len(gt))
     p, r = sum(precisions) / len(precisions), sum(recalls) / len(recalls)

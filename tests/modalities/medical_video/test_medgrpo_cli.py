@@ -23,6 +23,7 @@ from toolkit.rollout import Rollout
 
 TOL = 1e-5
 RUBRIC = "R2: 4\nR3: 3\nR8: 5\nR5: 4\nR4: 5"
+CVS_ANSWER = "Two structures: 2, Cystic plate: 2, Hepatocystic triangle: 1"
 
 
 def tal(dataset: str, prediction: str, fps: float = 1.0) -> dict[str, Any]:
@@ -97,11 +98,11 @@ def results_records() -> list[dict[str, Any]]:
     ]  # fmt: skip
 
 
-def test_results_table_layout_and_values() -> None:
+def test_results_table_lenient_bucket_mode() -> None:
     records = [normalize_record(r, f"r{i}") for i, r in enumerate(results_records())]
     judge = MedicalCaptionJudge(FakeJudgeClient(lambda m: RUBRIC), backoff_s=0.0)
-    res = evaluate_predictions(records, similarity="hashing", judge=judge)
-    assert tuple(res.columns) == COLUMNS
+    res = evaluate_predictions(records, similarity="hashing", judge=judge, parsing="lenient", aggregation="bucket")
+    assert tuple(res.columns) == COLUMNS and res.extras == {}
     c = res.columns
     assert c["CVS acc"] == pytest.approx(0.5) and c["SA acc"] == 1.0 and c["NAP acc"] == pytest.approx(0.5)
     assert c["TAG mIoU@0.3"] == pytest.approx(0.5) and res.buckets["TAG mIoU@0.3"] == {"A@0.5": 1.0, "B@1": 0.0}
@@ -110,7 +111,29 @@ def test_results_table_layout_and_values() -> None:
     assert c["VS llm"] == pytest.approx(4.2) and c["DVC llm"] == pytest.approx(4.2) and math.isnan(c["RC llm"])
     text = res.table()
     assert all(column in text for column in ("CVS acc", "TAG mIoU@0.3", "RC llm")) and res.scorer == "llm"
-    assert res.to_json()["columns"]["RC llm"] is None
+    assert res.to_json()["columns"]["RC llm"] is None and "parsing lenient" in text
+
+
+def test_results_table_defaults_to_the_leaderboard_scoring() -> None:
+    records = [normalize_record(r, f"r{i}") for i, r in enumerate(results_records())]
+    judge = MedicalCaptionJudge(FakeJudgeClient(lambda m: RUBRIC), backoff_s=0.0)
+    res = evaluate_predictions(records, similarity="hashing", judge=judge)
+    c = res.columns
+    assert (res.parsing, res.aggregation) == ("official", "official")
+    # "2, 1, 1" names no component: nothing counted, so C80's component-balanced accuracy is 0 (and, in the
+    # evaluator's bucket accuracy, total 0 = "poor" vs "fair"); the SA answer "a: 5/5" shares no aspect with the
+    # (empty) reference, but its level (expert) matches struc_info "E".
+    assert c["CVS acc"] == 0.0 and res.extras == {"CVS bucket acc": 0.0, "SA level acc": 1.0}
+    assert c["SA acc"] == 0.0 and res.counts["SA acc"] == 0 and res.counts["SA level acc"] == 1
+    # TAL pools all samples ((1 + 1 + 0) / 3), not the (dataset, fps) buckets.
+    assert c["TAG mIoU@0.3"] == pytest.approx(2 / 3) and res.buckets["TAG mIoU@0.3"] == {"all": pytest.approx(2 / 3)}
+    assert c["STG mIoU"] == pytest.approx(1 / 7, abs=TOL) and c["NAP acc"] == pytest.approx(0.5)
+    assert c["DVC F1"] == pytest.approx(0.5, abs=TOL) and c["DVC llm"] == pytest.approx(4.2)
+    assert res.to_json()["aggregation"] == "official" and "CVS bucket acc" in res.table()
+    with pytest.raises(ValueError, match="parsing='strict'.*allowed"):
+        evaluate_predictions(records, similarity="hashing", parsing="strict")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="aggregation='macro'.*allowed"):
+        MedVidEvaluator(aggregation="macro")  # type: ignore[arg-type]
 
 
 def test_eval_command_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -120,8 +143,18 @@ def test_eval_command_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert main(["medgrpo", "eval", str(path), "--similarity", "hashing", "--output", str(out)]) == 0
     data = json.loads(out.read_text())
     assert list(data["columns"]) == list(COLUMNS) and data["caption_scorer"] == "similarity"
+    assert (data["parsing"], data["aggregation"]) == ("official", "official")  # the CLI default
+    assert data["columns"]["CVS acc"] == 0.0 and data["columns"]["TAG mIoU@0.3"] == pytest.approx(2 / 3)
     assert 0.0 <= data["columns"]["VS llm"] <= 1.0  # similarity fallback scale
     assert "similarity fallback" in capsys.readouterr().out
+    flags = ["--parsing", "lenient", "--aggregation", "bucket"]
+    assert main(["medgrpo", "eval", str(path), "--similarity", "hashing", "--output", str(out), *flags]) == 0
+    data = json.loads(out.read_text())
+    assert data["parsing"] == "lenient" and data["columns"]["CVS acc"] == pytest.approx(0.5)
+    assert data["columns"]["TAG mIoU@0.3"] == pytest.approx(0.5)
+    with pytest.raises(SystemExit):  # argparse names the allowed choices
+        main(["medgrpo", "eval", str(path), "--parsing", "strict"])
+    assert "invalid choice: 'strict'" in capsys.readouterr().err
     assert main(["medgrpo", "eval"]) == 2
 
 
@@ -149,13 +182,14 @@ class EchoSampler:
 def test_evaluator_hook_samples_and_scores(tmp_path: Path) -> None:
     rows = [
         {"prompt": "q", "task": "tal", "dataset": "A", "answer": "1-2 seconds", "fps": 1.0, "id": "a"},
-        {"prompt": "q", "task": "cvs", "dataset": "C", "answer": "2, 2, 2", "fps": 1.0, "id": "skip"},
-        {"prompt": "q", "task": "cvs", "dataset": "C", "answer": "2, 2, 1", "fps": 1.0, "id": "c"},
+        {"prompt": "q", "task": "cvs", "dataset": "C", "answer": CVS_ANSWER, "fps": 1.0, "id": "skip"},
+        {"prompt": "q", "task": "cvs", "dataset": "C", "answer": CVS_ANSWER, "fps": 1.0, "id": "c"},
     ]
     evaluator = MedVidEvaluator(batch_size=2, similarity="hashing")
     out = tmp_path / "eval.json"
     res = evaluator(policy=SimpleNamespace(), sampler=EchoSampler(), data=FakeData(rows), output=str(out))
     assert res.columns["TAG mIoU@0.3"] == 1.0 and res.columns["CVS acc"] == 1.0 and res.counts["CVS acc"] == 1
+    assert (res.parsing, res.aggregation) == ("official", "official")  # the hook scores as the leaderboard does
     assert len(json.loads(out.read_text())["predictions"]) == 2
 
 
