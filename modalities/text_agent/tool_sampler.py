@@ -73,7 +73,10 @@ class ToolLoopSampler(SingleTurnSampler):
             action; None = `default_invalid_action_message(tool names)`.
         final_turn_message: appended before the final turn to rows that used all `max_turns` turns
             ("" = nothing, as Search-R1: the final turn just runs with search disabled).
-        observation_template: wraps each tool result; exactly one "{}".
+        observation_template: wraps each tool result; exactly one "{}". Search-R1 and PPR use
+            "\n\n<information>{}</information>\n\n" with `strip_observation` (the official recipes set both).
+        strip_observation: strip surrounding whitespace from each tool result before wrapping it (Search-R1's
+            `search_results.strip()`; a passage list ends in a newline). False keeps the text as the tool gave it.
         tool_error_message: observation text of a failed call (`{name}`, `{error}`), wrapped too.
         turn_boundary: where `turn_ends` marks a turn: "action" = its last generated token;
             "observation" = the last token of the observation it triggered (PPR's official placement,
@@ -95,6 +98,7 @@ class ToolLoopSampler(SingleTurnSampler):
         invalid_action_message: str | None = None,
         final_turn_message: str = "",
         observation_template: str = "\n<information>{}</information>\n",
+        strip_observation: bool = False,
         tool_error_message: str = "The {name} tool failed: {error}",
         turn_boundary: TurnBoundary = "action",
         eos_token_ids: Sequence[int] | None = None,
@@ -122,6 +126,8 @@ class ToolLoopSampler(SingleTurnSampler):
             raise ValueError(f"max_observation_tokens must be >= 1 or None, got {max_observation_tokens}")
         if observation_template.count("{}") != 1:
             raise ValueError(f"observation_template must contain exactly one '{{}}', got {observation_template!r}")
+        if not isinstance(strip_observation, bool):
+            raise ValueError(f"strip_observation={strip_observation!r} must be true or false")
         if turn_boundary not in get_args(TurnBoundary):
             raise ValueError(f"turn_boundary={turn_boundary!r} is not one of {list(get_args(TurnBoundary))}")
         self.tools = tool_table(tools)
@@ -135,6 +141,7 @@ class ToolLoopSampler(SingleTurnSampler):
         )
         self.final_turn_message = final_turn_message
         self.observation_template = observation_template
+        self.strip_observation = strip_observation
         self.tool_error_message = tool_error_message
         self.turn_boundary: TurnBoundary = turn_boundary
         self._tool_pattern = action_pattern([*self.tools, ANSWER])
@@ -269,7 +276,8 @@ class ToolLoopSampler(SingleTurnSampler):
         results = run_tools(self.tools, calls, self.tool_error_message)
         for call, (text, failed) in zip(calls, results, strict=True):
             call.row.num_tool_errors += int(failed)
-            ids = encode_observation(tokenizer, self.observation_template, text, self.max_observation_tokens)
+            body = text.strip() if self.strip_observation else text
+            ids = encode_observation(tokenizer, self.observation_template, body, self.max_observation_tokens)
             call.row.add_observation(ids, decode)
         correction = encode_text(tokenizer, self.invalid_action_message)
         for row in invalid:

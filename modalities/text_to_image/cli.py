@@ -29,7 +29,17 @@ def register(subparsers: Any) -> None:
     p.add_argument("--judge-url", help="OpenAI-compatible judge endpoint, e.g. http://localhost:8000/v1")
     p.add_argument("--judge-model", help="served judge model name (with --judge-url)")
     p.add_argument("--judge-api-key-env", help="environment variable holding the judge's API key")
-    p.add_argument("--max-retries-invalid", type=int, default=2, help="re-asks of a reply without a valid score list")
+    p.add_argument(
+        "--parsing",
+        choices=["official", "lenient"],
+        default="official",
+        help="how judge replies are read: as the released UniGenBench script (official) or ours (lenient)",
+    )
+    p.add_argument(
+        "--max-retries-invalid",
+        type=int,
+        help="re-asks of a reply that is not accepted (default: 10 official, as the released script; 2 lenient)",
+    )
 
 
 def build_judge_client(args: argparse.Namespace, config: dict[str, Any]) -> Any:
@@ -70,7 +80,8 @@ def cmd_unigenbench(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     prompts = load_unigenbench_csv(args.csv, args.language)[: args.max_prompts]
-    judge = TestpointJudge(build_judge_client(args, config), max_retries_invalid=args.max_retries_invalid)
+    client = build_judge_client(args, config)
+    judge = TestpointJudge(client, max_retries_invalid=args.max_retries_invalid, parsing=args.parsing)
     policy, sampler = build_policy_and_sampler(config, args.checkpoint)
     report = run_unigenbench(
         prompts, policy_generate(policy, sampler), judge, args.out, args.num_images, args.batch_size, args.seed

@@ -4,9 +4,11 @@ Spec docs/methods/pref_grpo.md §7. The prompt CSV has columns `index`, `prompt_
 "Testpoints" and "Testpoint Description" lists plus the prompt's categories). A sub-dimension's accuracy is
 Σ scores / #(image, testpoint) pairs; its primary dimension is the text before the first "-", stripped (the
 official code keeps a trailing space, e.g. "Attribute "). "overall" here is the mean over primary
-dimensions: the leaderboard's own aggregation is not in the official code (unverified). Images judged
-invalid after re-asks are left out of the counts and reported. Results are resumable: prompts already in
-`results.jsonl` are skipped.
+dimensions: the leaderboard's own aggregation is not in the official code (unverified). Judge replies are
+read as the released evaluation script reads them by default (`parsing: official`, see
+rewards.judges.unigenbench); images without an accepted reply after the re-asks, or left out by the official
+scoring, are left out of the counts and reported. Results are resumable: prompts already in `results.jsonl`
+are skipped.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from rewards.judges.unigenbench import TestpointItem, TestpointJudge
+from rewards.judges.unigenbench import ScoreParsing, TestpointItem, TestpointJudge
 from toolkit.config.types import read_text_file
 from toolkit.io.atomic import write_json_atomic
 
@@ -177,7 +179,7 @@ class UniGenBenchReport:
                     table.add_row(f"  {sub}", f"{c / t:.4f}" if t else "-", f"{c} / {t}")
         table.add_row("overall (mean of primary)", f"{self.scores.overall:.4f}", "")
         if self.scores.invalid_images:
-            table.add_row("invalid judge replies (images left out)", "", str(self.scores.invalid_images))
+            table.add_row("images left out (invalid or skipped judge replies)", "", str(self.scores.invalid_images))
         console = Console(record=True, width=120)
         with console.capture() as capture:
             console.print(table)
@@ -216,7 +218,7 @@ def run_unigenbench(
     results_path = out / "results.jsonl"
     done = {int(r["index"]) for r in read_results(results_path)}
     todo = [p for p in prompts if p.index not in done]
-    totals = {"judge/invalid": 0.0, "judge/failures": 0.0, "judge/reasks": 0.0}
+    totals = {"judge/invalid": 0.0, "judge/excluded": 0.0, "judge/failures": 0.0, "judge/reasks": 0.0}
     columns = (TextColumn("unigenbench"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, disable=not show_progress) as progress:
         task = progress.add_task("prompts", total=len(prompts), completed=len(prompts) - len(todo))
@@ -295,6 +297,8 @@ class UniGenBenchEvaluator:
         out_dir: results folder; None uses `output` without its suffix, else "unigenbench".
         num_images: images per prompt (benchmark protocol: 4).
         max_prompts: evaluate only the first N prompts (None = all).
+        parsing: how judge replies are read: "official" (the released evaluation script) or "lenient".
+        max_retries_invalid: re-asks of a reply that is not accepted (None: 10 official, 2 lenient).
     """
 
     def __init__(
@@ -307,10 +311,11 @@ class UniGenBenchEvaluator:
         batch_size: int = 4,
         max_prompts: int | None = None,
         seed: int = 0,
-        max_retries_invalid: int = 2,
+        max_retries_invalid: int | None = None,
+        parsing: ScoreParsing = "official",
     ) -> None:
         self.prompts = load_unigenbench_csv(csv_path, language)[:max_prompts]
-        self.judge = TestpointJudge(judge, max_retries_invalid=max_retries_invalid)
+        self.judge = TestpointJudge(judge, max_retries_invalid=max_retries_invalid, parsing=parsing)
         self.out_dir, self.num_images, self.batch_size, self.seed = out_dir, num_images, batch_size, seed
 
     def __call__(self, policy: Any, sampler: Any, output: str | None = None, **_: Any) -> UniGenBenchReport:

@@ -3,7 +3,8 @@
 Spec docs/methods/pref_grpo.md §2: every unordered pair i < j of a group is judged once with the lower index shown as
 "Image 1" (order "one", official) or in both orders ("symmetric"); the judge reasons in <think> and answers
 `Image 1 is better` / `Image 2 is better` in <answer>. Anything else counts as a tie (0.5 each); a failed
-call is NaN in the matrix, which the win-rate math also treats as 0.5. Both are counted. The prompt
+call is NaN in the matrix, which the win-rate math also treats as 0.5. Both are counted. Replies are read
+"official" (the released reward function's rule) or "lenient" (ours, more verdicts recovered). The prompt
 wording is ours (the structure follows the official UnifiedReward-Think prompt). Win rates are computed in
 toolkit.reward_transforms.pref_grpo during training; `PairwiseWinRateReward` is the standalone RewardModel.
 """
@@ -26,6 +27,7 @@ from rewards.judges.client import JudgeClient, image_part
 
 PromptStyle = Literal["unifiedreward_think", "answer_only"]
 PairOrder = Literal["one", "symmetric"]
+ReplyParsing = Literal["official", "lenient"]
 
 THINK_PROMPT = (
     "You are given a text caption and two images generated from it (Image 1, then Image 2).\n"
@@ -44,6 +46,7 @@ ANSWER_ONLY_PROMPT = (
 PROMPTS = {"unifiedreward_think": THINK_PROMPT, "answer_only": ANSWER_ONLY_PROMPT}
 
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
+_OFFICIAL_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
 
 def build_pair_messages(
@@ -54,13 +57,20 @@ def build_pair_messages(
     return [{"role": "user", "content": [image_part(first), image_part(second), {"type": "text", "text": text}]}]
 
 
-def parse_preference(text: str | None, require_answer_tag: bool = False) -> float | None:
+def parse_preference(
+    text: str | None, require_answer_tag: bool = False, parsing: ReplyParsing = "lenient"
+) -> float | None:
     """1.0 when Image 1 wins, 0.0 when Image 2 wins, None when the reply says neither (garbage / tie).
 
-    The last <answer> block is read when present, else the whole reply (unless `require_answer_tag`).
-    Matching is case-insensitive on "image 1 is better" / "image 2 is better"; a reply naming both
-    is ambiguous (None).
+    "lenient": the last <answer> block is read when present, else the whole reply (unless
+    `require_answer_tag`); matching is case-insensitive on "image 1 is better" / "image 2 is better",
+    and a reply naming both is ambiguous (None). "official": `parse_official_preference`
+    (`require_answer_tag` does not apply: the official rule always needs the tag).
     """
+    if parsing == "official":
+        return parse_official_preference(text)
+    if parsing != "lenient":
+        raise ValueError(f"parsing={parsing!r} is not supported; allowed: ['lenient', 'official']")
     if text is None:
         return None
     answers = _ANSWER.findall(text)
@@ -71,6 +81,25 @@ def parse_preference(text: str | None, require_answer_tag: bool = False) -> floa
     if first == second:
         return None
     return 1.0 if first else 0.0
+
+
+def parse_official_preference(text: str | None) -> float | None:
+    """The released Pref-GRPO reward's reading of a reply (CodeGoat24/Pref-GRPO `_extract_answer`).
+
+    Only the first `<answer>…</answer>` block counts (tags case-sensitive), stripped; when it is not
+    empty, containing "Image 1 is better" (case-sensitive) wins for Image 1, else containing "Image 2
+    is better" wins for Image 2; everything else, a missing or empty block included, is a tie (None).
+    So a reply naming both verdicts goes to Image 1, and a truncated reply without `</answer>` is a tie.
+    """
+    if text is None:
+        return None
+    match = _OFFICIAL_ANSWER.search(text)
+    answer = match.group(1).strip() if match else ""
+    if not answer:
+        return None
+    if "Image 1 is better" in answer:
+        return 1.0
+    return 0.0 if "Image 2 is better" in answer else None
 
 
 def pair_jobs(group_size: int, order: PairOrder) -> list[tuple[int, int]]:
@@ -93,8 +122,11 @@ class PairwisePreferenceJudge:
         client: a JudgeClient that understands image parts (OpenAIChatClient, HFVisionChatClient, a fake).
         prompt_style: "unifiedreward_think" (CoT, official) or "answer_only".
         order: "one" (official) or "symmetric".
-        require_answer_tag: only an <answer> block counts (False: a bare verdict counts too).
+        require_answer_tag: only an <answer> block counts (False: a bare verdict counts too); "lenient" only.
         max_retries_invalid: re-asks of an unparsable reply (0 = official: it is a tie at once).
+        parsing: "official" (the released reward's rule, `parse_official_preference`; official recipes) or
+            "lenient" (`parse_preference`: last block, any case, a bare verdict counts unless
+            `require_answer_tag`, both verdicts = tie).
     """
 
     def __init__(
@@ -104,6 +136,7 @@ class PairwisePreferenceJudge:
         order: PairOrder = "one",
         require_answer_tag: bool = False,
         max_retries_invalid: int = 0,
+        parsing: ReplyParsing = "lenient",
     ) -> None:
         if prompt_style not in PROMPTS:
             raise ValueError(f"prompt_style={prompt_style!r} is not supported; allowed: {sorted(PROMPTS)}")
@@ -111,8 +144,10 @@ class PairwisePreferenceJudge:
             raise ValueError(f"order={order!r} is not supported; allowed: ['one', 'symmetric']")
         if max_retries_invalid < 0:
             raise ValueError(f"max_retries_invalid must be >= 0, got {max_retries_invalid}")
+        if parsing not in ("official", "lenient"):
+            raise ValueError(f"parsing={parsing!r} is not supported; allowed: ['lenient', 'official']")
         check_client(client)
-        self.client, self.prompt_style, self.order = client, prompt_style, order
+        self.client, self.prompt_style, self.order, self.parsing = client, prompt_style, order, parsing
         self.require_answer_tag, self.max_retries_invalid = require_answer_tag, max_retries_invalid
         self.last_metrics: dict[str, float] = {}
         self.last_replies: list[list[str | None]] = []
@@ -160,7 +195,7 @@ class PairwisePreferenceJudge:
         asked = ask_until_valid(
             self.client,
             prompts,
-            lambda _, answer: parse_preference(answer, self.require_answer_tag),
+            lambda _, answer: parse_preference(answer, self.require_answer_tag, self.parsing),
             self.max_retries_invalid + 1,
         )
         return asked.values, asked.replies, asked.reasks

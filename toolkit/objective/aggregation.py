@@ -44,6 +44,7 @@ def aggregate_loss(
     num_tokens: float | Tensor | None = None,
     num_seqs: float | Tensor | None = None,
     norm_length: float | None = None,
+    count_empty_rows: bool = False,
 ) -> Tensor:
     """Reduce per-step values [N, T] to a scalar, respecting the mask (verl `agg_loss` modes).
 
@@ -53,17 +54,22 @@ def aggregate_loss(
     * `seq_mean_token_sum_norm` (Dr. GRPO, arXiv:2503.20783): Σ masked / (num_seqs · norm_length).
 
     `num_tokens` / `num_seqs` default to this micro-batch's own counts (tokens in the mask, rows with
-    a non-empty mask); pass the global counts of the whole minibatch (all accumulation steps and
-    ranks) so that summing the micro-batch losses gives the minibatch mean. Empty rows contribute 0;
-    an all-False mask gives exactly 0 (graph kept, zero gradients).
+    a non-empty mask, or all rows with `count_empty_rows`); pass the global counts of the whole
+    minibatch (all accumulation steps and ranks) so that summing the micro-batch losses gives the
+    minibatch mean. Empty rows contribute 0 to the sum; an all-False mask gives exactly 0 (graph kept,
+    zero gradients).
 
     Args:
         values: [N, T] per-step losses.
         mask: [N, T] bool.
         aggregation: one of `AGGREGATIONS`.
         num_tokens: global token count for `token_mean`.
-        num_seqs: global count of non-empty rows for the `seq_mean_*` modes.
+        num_seqs: global row count for the `seq_mean_*` modes: rows with a non-empty mask, or all rows
+            with `count_empty_rows`.
         norm_length: constant length (max response length) for `seq_mean_token_sum_norm`.
+        count_empty_rows: True = a row whose mask is all False (e.g. a truncated completion masked out,
+            TRL `mask_truncated_completions`) still counts in the `seq_mean_*` denominator, as TRL's
+            `grpo`/`dr_grpo` losses divide by every row; False = only non-empty rows count (verl).
 
     Returns:
         Scalar float32 tensor.
@@ -83,7 +89,8 @@ def aggregate_loss(
         rows = row_sums / norm_length
     else:
         raise ValueError(f"aggregation={aggregation!r} is not one of {AGGREGATIONS}")
-    return rows.sum() / _denominator(num_seqs, (row_tokens > 0).sum().float(), "num_seqs")
+    own_rows = torch.tensor(float(mask.shape[0]), device=mask.device) if count_empty_rows else (row_tokens > 0).sum()
+    return rows.sum() / _denominator(num_seqs, own_rows.float(), "num_seqs")
 
 
 def loss_denominators(mask: Tensor) -> tuple[Tensor, Tensor]:

@@ -90,6 +90,10 @@ class PolicyObjective:
 
     Numerical safety: log π − log π_old is clamped to ±`log_ratio_clamp` before `exp` (verl clamps
     at ±20), so a ratio never overflows; tokens beyond the clamp get no gradient at token level.
+    Peer conventions that are options here, off by default: verl's dual clip (`ClipTerm(dual_clip=3)`,
+    its `clip_ratio_c`), verl's GSPO bound on the sequence log-ratio (`sequence_log_ratio_clamp=10`),
+    verl's CISPO lower bound (`CISPOTerm(clip_low=0.2)`) and TRL's row count that includes fully masked
+    rows (`count_empty_rows`).
     Masked steps are replaced by zeros before any arithmetic, so NaN/inf padding cannot leak into
     the loss or the gradient, and masked steps get exactly zero gradient. Non-finite values inside
     the mask raise ValueError (after the forward pass, which already synchronises for metrics).
@@ -105,6 +109,8 @@ class PolicyObjective:
         aggregation: Aggregation = "token_mean",
         norm_length: float | None = None,
         log_ratio_clamp: float | None = 20.0,
+        sequence_log_ratio_clamp: float | None = None,
+        count_empty_rows: bool = False,
     ) -> None:
         """Validate and store the config (keyword names are the YAML keys).
 
@@ -118,6 +124,12 @@ class PolicyObjective:
             aggregation: one of `AGGREGATIONS` (see `aggregate_loss`).
             norm_length: constant normalizer (max response length) for "seq_mean_token_sum_norm".
             log_ratio_clamp: bound on |log π − log π_old| before `exp`; None disables it.
+            sequence_log_ratio_clamp: upper bound on GSPO's sequence log-ratio log s_i (ratio_level
+                "sequence" only); a row above it gets ratio exp(bound) and no policy gradient. verl's GSPO
+                loss uses 10 (and no token-level clamp: `log_ratio_clamp: null`); None = no bound.
+            count_empty_rows: True = rows whose mask is all False (TRL `mask_truncated_completions`) count
+                in the `seq_mean_*` denominators, as TRL's `grpo`/`dr_grpo` losses divide by every row; the
+                caller then passes `num_rows` with `num_seqs`. False = only non-empty rows count (verl).
         """
         term = ClipTerm() if term is None else term
         if not isinstance(term, PolicyTerm):
@@ -137,10 +149,21 @@ class PolicyObjective:
             _check_number("norm_length", norm_length, 0.0, strict=True)
         if log_ratio_clamp is not None:
             _check_number("log_ratio_clamp", log_ratio_clamp, 0.0, strict=True)
+        if sequence_log_ratio_clamp is not None:
+            _check_number("sequence_log_ratio_clamp", sequence_log_ratio_clamp, 0.0, strict=True)
+            if ratio_level != "sequence":
+                raise ValueError(
+                    f"sequence_log_ratio_clamp={sequence_log_ratio_clamp} needs ratio_level='sequence', "
+                    f"got {ratio_level!r}"
+                )
+        if not isinstance(count_empty_rows, bool):
+            raise ValueError(f"count_empty_rows={count_empty_rows!r} must be true or false")
         self.term, self.ratio_level, self.aggregation = term, ratio_level, aggregation
         self.kl_estimator, self.kl_coef, self.entropy_coef = kl_estimator, float(kl_coef), float(entropy_coef)
         self.norm_length = norm_length
         self.log_ratio_clamp = log_ratio_clamp
+        self.sequence_log_ratio_clamp = sequence_log_ratio_clamp
+        self.count_empty_rows = count_empty_rows
 
     @property
     def needs_reference(self) -> bool:
@@ -158,6 +181,7 @@ class PolicyObjective:
         kl: Tensor | None = None,
         num_tokens: float | None = None,
         num_seqs: float | None = None,
+        num_rows: float | None = None,
     ) -> ObjectiveOutput:
         """Compute the loss of one micro-batch.
 
@@ -172,6 +196,8 @@ class PolicyObjective:
                 steps, `toolkit.objective.kl.gaussian_mean_kl`); replaces the estimator when given.
             num_tokens: global token count of the minibatch (see `aggregate_loss`).
             num_seqs: global non-empty row count of the minibatch.
+            num_rows: global count of all rows of the minibatch, empty ones included; the `seq_mean_*`
+                denominator when `count_empty_rows` (needed then whenever `num_seqs` is given).
 
         Returns:
             The loss and metrics. `loss/policy + loss/kl + loss/entropy == loss`; `policy/*` are
@@ -179,6 +205,7 @@ class PolicyObjective:
             `policy/entropy` are present only when their inputs are.
         """
         self._check_inputs(logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, kl)
+        num_seqs = self._row_denominator(num_seqs, num_rows)
         lp, old = (torch.where(mask, t.float(), 0.0) for t in (logprobs, old_logprobs))
         adv_full = (advantages.float().unsqueeze(-1) if advantages.dim() == 1 else advantages.float()).expand_as(lp)
         adv = torch.where(mask, adv_full, 0.0)
@@ -192,10 +219,23 @@ class PolicyObjective:
         inputs = [t for t in (logprobs, old_logprobs, adv_full, ref_logprobs, entropy, kl) if t is not None]
         stats["_nonfinite"] = torch.stack([(~torch.isfinite(t.detach()) & mask).sum() for t in inputs]).sum()
         stats["_num_tokens"], stats["_num_seqs"] = loss_denominators(mask)
+        if self.count_empty_rows:
+            stats["_num_seqs"] = torch.tensor(float(mask.shape[0]), device=mask.device)
         values = torch.stack([v.detach().float() for v in stats.values()]).tolist()
         metrics = dict(zip(stats, values, strict=True))
         self._check_after(metrics, num_tokens, num_seqs)
         return ObjectiveOutput(loss, {k: v for k, v in metrics.items() if not k.startswith("_")})
+
+    def _row_denominator(self, num_seqs: float | None, num_rows: float | None) -> float | None:
+        """The `seq_mean_*` denominator the caller gave: `num_rows` with `count_empty_rows`, else `num_seqs`."""
+        if not self.count_empty_rows:
+            return num_seqs
+        if num_seqs is not None and num_rows is None and self.aggregation != "token_mean":
+            raise ValueError(
+                "count_empty_rows=True needs num_rows (the global count of all rows, empty ones included) "
+                "whenever num_seqs is given: num_seqs counts only rows with a non-empty mask"
+            )
+        return num_rows
 
     def _loss_terms(
         self,
@@ -209,7 +249,9 @@ class PolicyObjective:
         """The three signed, weighted loss terms; a zero-weight term is an exact 0 (not added to the graph)."""
 
         def agg(values: Tensor) -> Tensor:
-            return aggregate_loss(values, mask, self.aggregation, num_tokens, num_seqs, self.norm_length)
+            return aggregate_loss(
+                values, mask, self.aggregation, num_tokens, num_seqs, self.norm_length, self.count_empty_rows
+            )
 
         terms = {"loss/policy": agg(policy_steps)}
         zero = terms["loss/policy"].new_zeros(())
@@ -226,6 +268,8 @@ class PolicyObjective:
             log_ratio = log_ratio.clamp(-self.log_ratio_clamp, self.log_ratio_clamp)
         if self.ratio_level == "sequence":
             log_ratio = gspo_token_log_ratio(lp, sequence_log_ratio(log_ratio, mask))
+            if self.sequence_log_ratio_clamp is not None:
+                log_ratio = log_ratio.clamp(max=self.sequence_log_ratio_clamp)
         return torch.exp(log_ratio)
 
     def _kl_steps(self, lp: Tensor, mask: Tensor, ref_logprobs: Tensor | None, kl: Tensor | None) -> Tensor | None:
@@ -286,14 +330,13 @@ class PolicyObjective:
         if self.entropy_coef > 0 and entropy is None:
             raise ValueError(f"entropy_coef={self.entropy_coef} > 0 needs the entropy tensor [N, T]")
 
-    @staticmethod
-    def _check_after(metrics: dict[str, float], num_tokens: float | None, num_seqs: float | None) -> None:
+    def _check_after(self, metrics: dict[str, float], num_tokens: float | None, num_seqs: float | None) -> None:
         """Errors that need the synchronised statistics: non-finite inputs, too-small denominators."""
         if metrics["_nonfinite"] > 0:
             raise ValueError(f"{int(metrics['_nonfinite'])} non-finite values inside the mask of the objective inputs")
         for name, given, local in (
             ("num_tokens", num_tokens, metrics["_num_tokens"]),
-            ("num_seqs", num_seqs, metrics["_num_seqs"]),
+            ("num_rows" if self.count_empty_rows else "num_seqs", num_seqs, metrics["_num_seqs"]),
         ):
             if given is not None and float(given) < local - 1e-6:
                 raise ValueError(f"{name}={given} is smaller than this micro-batch's own count {local:g}")

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
 
+from modalities.text_agent.agent_metrics import answered_after_search, searched
 from modalities.text_agent.policy import CausalLMPolicy
 from modalities.text_agent.tiny import build_char_tokenizer
 from modalities.text_agent.tool_loop import (
@@ -26,8 +28,10 @@ from modalities.text_agent.tool_loop import (
 )
 from modalities.text_agent.tool_sampler import ToolLoopSampler
 from modalities.text_agent.tools.base import ToolError
+from rewards.judges.ppr import split_trajectory
 from tests.contracts import PolicyContract
 from tests.tiny import TINY_VOCAB_SIZE, tiny_lm
+from toolkit.config import load_config
 from toolkit.rollout import Rollout
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -386,6 +390,7 @@ def test_broken_tools_fail_loudly(tool: BrokenTool, error: type[Exception], matc
         ({"tools": {"answer": BrokenTool()}}, "not be one of"),
         ({"tools": {"a b": BrokenTool()}}, "must match"),
         ({"observation_template": "<information></information>"}, "exactly one"),
+        ({"strip_observation": "yes"}, "strip_observation"),
         ({"turn_boundary": "middle"}, "turn_boundary='middle'"),
         ({"max_turns": -1}, "max_turns"),
         ({"max_response_tokens": 0}, "max_response_tokens"),
@@ -396,3 +401,57 @@ def test_broken_tools_fail_loudly(tool: BrokenTool, error: type[Exception], matc
 def test_bad_config_is_rejected(kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         ToolLoopSampler(**kwargs)
+
+
+# Search-R1 / PPR observation text (PeterGriffinJin/Search-R1 a14dc3a4ffc6fe88c1e95038d9738e21ba3f7a06 and
+# Zhuohao-Li/ppr 4b496fac21d7c5052c1b689471ff1a1de6e6147a, search_r1/llm_agent/generation.py and
+# search_utils/llm_agent/generation.py `execute_predictions`): the passages, stripped, between two blank-line pairs.
+CONFIGS = Path(__file__).resolve().parents[3] / "configs" / "text_agent"
+PASSAGES = 'Doc 1(Title: "Paris") France capital\nDoc 2(Title: "Lyon") second city\n'  # `format_hits` layout
+
+
+def observed(sampler_node: Mapping[str, Any]) -> str:
+    """The observation text a recipe's sampler settings give the scripted search turn."""
+    options = {k: sampler_node[k] for k in ("observation_template", "strip_observation") if k in sampler_node}
+    sampler = ToolLoopSampler(
+        tools=[DictSearch({"paris": PASSAGES})],
+        max_turns=1,
+        max_new_tokens_per_turn=12,
+        max_observation_tokens=sampler_node.get("max_observation_tokens"),
+        **options,
+    )
+    rollout = sampler.sample(scripted_policy(SCRIPT), ["Where?"], 1, torch.Generator().manual_seed(0))
+    text = rollout.data["turn_texts"][0][0]["observation"]
+    assert row_text(rollout, 0, rollout.data["info_mask"]) == text  # what the model saw, token for token
+    return str(text)
+
+
+@pytest.mark.parametrize("recipe", ["ppr_qwen2.5-3b.yaml", "search_r1_grpo.yaml", "ppr_grpo.yaml"])
+def test_official_recipes_produce_the_official_observation_text(recipe: str) -> None:
+    sampler_node = load_config(CONFIGS / recipe)["sampler"]
+    assert observed(sampler_node) == "\n\n<information>" + PASSAGES.strip() + "</information>\n\n"
+
+
+def test_tiny_demo_and_the_default_keep_the_passage_as_given() -> None:
+    assert observed(load_config(CONFIGS / "tiny.yaml")["sampler"]) == "<information>" + PASSAGES + "</information>"
+    assert observed({}) == "\n<information>" + PASSAGES + "</information>\n"
+
+
+@pytest.mark.parametrize(
+    "template",
+    ["\n<information>{}</information>\n", "\n\n<information>{}</information>\n\n", "<information>{}</information>"],
+)
+def test_trajectory_readers_parse_every_observation_form(template: str) -> None:
+    """agent_metrics (shaping rewards) and the PPR judge's turn split read ours, the official and the tiny form."""
+
+    def trajectory(observation: str) -> str:
+        return "<search>paris</search>" + template.replace("{}", observation) + "<answer>42</answer>"
+
+    for body in (PASSAGES, PASSAGES.strip()):
+        text = trajectory(body)
+        assert searched(None, text) == 1.0 and answered_after_search(None, text) == 1.0
+        turns = split_trajectory(text)
+        assert [t["action"] for t in turns] == ["<search>paris</search>", "<answer>42</answer>"]
+        assert PASSAGES.strip() in turns[0]["observation"]
+    failed = trajectory("The search tool failed: backend down")
+    assert searched(None, failed) == 0.0 and answered_after_search(None, failed) == 0.0

@@ -96,7 +96,7 @@ def scoring_judge(messages: list[dict[str, Any]]) -> str:
 
 def test_judge_reasks_invalid_replies_then_gives_up() -> None:
     replies = iter(["garbage", "<score>[1]</score>", "bad", "still bad"])
-    judge = TestpointJudge(FakeJudgeClient(lambda m: next(replies)), max_retries_invalid=2)
+    judge = TestpointJudge(FakeJudgeClient(lambda m: next(replies)), max_retries_invalid=2, parsing="lenient")
     item = TestpointItem("p", ["Style"], ["oil"], Image.new("RGB", (4, 4)))
     scores, _ = judge.judge([item, item])
     assert scores == [None, [1]]  # the first reply stays invalid after two re-asks; the second parses at once
@@ -198,6 +198,7 @@ def test_eval_hook(tmp_path: Path) -> None:
         output=str(tmp_path / "r.json"),
     )
     assert report.num_prompts == 2 and (tmp_path / "r" / "scores.json").exists()
+    assert evaluator.judge.parsing == "official" and evaluator.judge.max_retries_invalid == 10
 
 
 def test_cli_runs_against_a_loopback_judge(tmp_path: Path, server: FakeServer) -> None:  # noqa: F811
@@ -205,7 +206,7 @@ def test_cli_runs_against_a_loopback_judge(tmp_path: Path, server: FakeServer) -
         parts = body["messages"][0]["content"]
         assert parts[0]["image_url"]["url"].startswith("data:image/png;base64,")
         count = int(re.search(r"exactly (\d+) elements", parts[1]["text"]).group(1))  # type: ignore[union-attr]
-        return 200, chat_reply(f"<score>{[1] * count}</score>"), 0.0
+        return 200, chat_reply(f"<analysis>{['ok'] * count}</analysis><score>{[1] * count}</score>"), 0.0
 
     server.behaviour = reply
     config = tmp_path / "run.yaml"
@@ -233,6 +234,7 @@ def test_cli_runs_against_a_loopback_judge(tmp_path: Path, server: FakeServer) -
             "evalmodel",
         ]
     )
+    assert args.parsing == "official" and args.max_retries_invalid is None  # `renorm unigenbench` reads officially
     assert args.func(args) == 0
     assert json.loads((out / "scores.json").read_text())["overall"] == 1.0
     assert len(server.bodies) == 6 and server.bodies[0]["model"] == "evalmodel"
@@ -243,7 +245,8 @@ def test_cli_runs_against_a_loopback_judge(tmp_path: Path, server: FakeServer) -
 
 def test_adapter_drives_the_real_tiny_sd3_policy_and_sampler(tmp_path: Path, server: FakeServer) -> None:  # noqa: F811
     """`renorm unigenbench configs/text_to_image/tiny.yaml`: tiny SD3 + VAE images, judged over loopback HTTP."""
-    server.behaviour = lambda i, body: (200, chat_reply("<score>[0, 1]</score>"), 0.0)
+    reply = "<analysis>['a', 'b']</analysis><score>[0, 1]</score>"
+    server.behaviour = lambda i, body: (200, chat_reply(reply), 0.0)
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())
     csv_path = tmp_path / "two.csv"
