@@ -1,5 +1,8 @@
-"""Math correctness and think-format rewards: extraction rules, the DLER and BNPO grading modes, gold answers,
-NaN for missing gold, math-verify's signal timeouts off the main thread, and use through `renorm score`."""
+"""Math correctness (lenient mode) and think-format rewards: extraction rules, gold answers and alternatives, NaN
+for missing gold, math-verify's signal timeouts off the main thread, and use through `renorm score`.
+
+The official modes (deepscaler, bnpo, verl_math_verify) are pinned against the released functions in
+test_math_parity.py."""
 
 from __future__ import annotations
 
@@ -14,13 +17,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import rewards.text.math as math_module
+import rewards.text.math.grader as grader_module
 from rewards.text.format import ThinkFormatReward, think_format_ok
 from rewards.text.math import (
     MathAccuracyReward,
     MathGrader,
     answer_region,
     gold_answer,
+    gold_answers,
     last_boxed,
     normalize_answer_string,
 )
@@ -67,7 +71,10 @@ def test_gold_answer_sources() -> None:
     assert gold_answer({"solution": "no box, 42"}) == "no box, 42"
     assert gold_answer({"answer": 204.0}) == "204"
     assert gold_answer({"answer": "$3$"}) == "3"
-    assert gold_answer({"final_answer": ["$3$", "$4$"]}, ["final_answer"]) == "3, 4"
+    assert gold_answer({"final_answer": ["$3$"]}, ["final_answer"]) == "3"
+    assert gold_answer({"final_answer": ["$3$", "$4$"]}, ["final_answer"]) == ["3", "4"]  # alternatives
+    assert gold_answers({"answer": ["5", "", None, "so \\boxed{five}"]}) == ["5", "five"]
+    assert gold_answers({"answer": [], "solution": "\\boxed{2}"}) == ["2"]
     assert gold_answer({"answer": ""}) is None
     assert gold_answer({}) is None
 
@@ -105,7 +112,13 @@ def test_dler_mode_requires_think_close_then_a_boxed_answer() -> None:
     assert out.metrics["no_think"] == 1.0 and out.metrics["no_answer"] == 1.0
 
 
-def test_bnpo_last_500_characters_rule() -> None:
+def test_list_gold_answers_are_alternatives() -> None:
+    reward = MathAccuracyReward(think_mode="require", require_boxed=True)
+    samples = ["</think>\\boxed{5}", "</think>\\boxed{five}", "</think>\\boxed{6}", "</think>\\boxed{5, five}"]
+    assert scores(reward, samples, answer=[["5", "five"]] * 4) == [1.0, 1.0, 0.0, 0.0]
+
+
+def test_last_500_characters_rule() -> None:
     early = "\\boxed{7}" + " filler" * 100  # the answer is more than 500 characters before the end
     late = "x" * 600 + " so \\boxed{7}"
     bnpo = MathAccuracyReward(think_mode="ignore", last_n_chars=500)
@@ -158,7 +171,7 @@ def test_auto_timeout_mode_works_off_the_main_thread() -> None:
 
 def test_a_call_that_uses_its_whole_timeout_is_counted(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = iter(range(0, 10_000, 10))  # every perf_counter() call is 10 s later: each call "times out"
-    monkeypatch.setattr(math_module.time, "perf_counter", lambda: float(next(clock)))
+    monkeypatch.setattr(grader_module.time, "perf_counter", lambda: float(next(clock)))
     out = MathAccuracyReward(timeout_seconds=5)([""], ["\\boxed{7}"], answer=["7"])
     assert out.metrics["timeouts"] >= 2  # gold parse, prediction parse and verify each counted
 
