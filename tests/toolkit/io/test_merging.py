@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2ForCausalLM
 from modalities.text_agent.policy import CausalLMPolicy
 from modalities.text_agent.tiny import build_char_tokenizer, build_tiny_qwen2
 from toolkit.io.checkpoint import CheckpointManager, CheckpointState
+from toolkit.io.export import is_export_folder, load_export
 from toolkit.io.merging import CHECKPOINT_BOOKKEEPING, kth_largest, merge_checkpoints, num_kept, update_selective_merge
 
 ATOL = 1e-5
@@ -179,6 +180,14 @@ def test_merged_hf_base_and_exported_tuned_load_with_transformers(tmp_path: Path
         torch.testing.assert_close(merged(input_ids).logits, tuned_policy.module(input_ids).logits, rtol=0, atol=0)
         assert not torch.equal(merged(input_ids).logits, base(input_ids).logits)
     assert AutoTokenizer.from_pretrained(tmp_path / "out").chat_template == build_char_tokenizer().chat_template
+    # `renorm eval CONFIG --checkpoint OUT`: the merged folder loads into the config's (full-weight) policy
+    policy = CausalLMPolicy(build_tiny_qwen2(seed=0), tokenizer=build_char_tokenizer())
+    assert is_export_folder(tmp_path / "out")
+    load_export(policy, tmp_path / "out")
+    with torch.no_grad():
+        torch.testing.assert_close(
+            policy.module(input_ids).logits, tuned_policy.module(input_ids).logits, rtol=0, atol=0
+        )
 
 
 def test_merging_a_training_checkpoint_copies_no_bookkeeping(tmp_path: Path) -> None:
