@@ -10,14 +10,13 @@ else from the hub config, file or folder name.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from toolkit.data import PromptDataset, read_text_file
-from toolkit.io.datasets import is_hub_id, load_records, map_record
+from toolkit.data import PromptDataset
+from toolkit.io.datasets import is_hub_id, load_records, map_record, read_json_records
 
 # Our wording of Search-R1's "base" instruction structure (docs/methods/ppr.md §2). It holds exactly one
 # `<answer>...</answer>` match, which the official EM rule (>= 2 matches in prompt + response) assumes.
@@ -100,32 +99,9 @@ def read_rows(
         if file.is_file() and file.suffix not in (".parquet", ".csv"):
             if config is not None or split is not None:
                 raise ValueError(f"config and split apply to hub ids and dataset folders, not to the file {file}")
-            return [(where, map_record(row, fields, where)) for where, row in _read_json_rows(file)]
+            return [(where, map_record(row, fields, where)) for where, row in read_json_records(file)]
     rows = load_records(path, config=config, split=split, fields=fields)
     return [(f"{path}, row {i}", row) for i, row in enumerate(rows)]
-
-
-def _read_json_rows(file: Path) -> list[tuple[str, dict[str, Any]]]:
-    if file.suffix == ".json":
-        try:
-            data = json.loads(read_text_file(file))
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{file}: malformed JSON at line {error.lineno}: {error.msg}") from error
-        if not isinstance(data, list):
-            raise ValueError(f"{file}: a .json QA file must hold a list of objects")
-        located = [(f"{file}, record {i}", row) for i, row in enumerate(data)]
-    else:
-        located = []
-        for lineno, line in enumerate(read_text_file(file).splitlines(), start=1):
-            if line.strip():
-                try:
-                    located.append((f"{file}, line {lineno}", json.loads(line)))
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{file}, line {lineno}: malformed JSON ({error.msg})") from error
-    for where, row in located:
-        if not isinstance(row, dict):
-            raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    return located
 
 
 def _golden_answers(row: Mapping[str, Any], where: str) -> list[str]:

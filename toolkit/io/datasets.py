@@ -168,7 +168,7 @@ def read_json_records(file: Path) -> list[tuple[str, dict[str, Any]]]:
             try:
                 located.append((f"{file}, line {lineno}", json.loads(line)))
             except json.JSONDecodeError as error:
-                raise ValueError(f"{file}: malformed JSON on line {lineno}: {error.msg}") from error
+                raise ValueError(f"{file}, line {lineno}: malformed JSON ({error.msg})") from error
     for where, item in located:
         if not isinstance(item, dict):
             raise ValueError(f"{where}: expected a JSON object, got {type(item).__name__}")

@@ -88,7 +88,7 @@ def test_non_utf8_prompt_data_names_the_file(tmp_path: Path, suffix: str) -> Non
 
 def test_malformed_json_line_names_file_and_line(tmp_path: Path) -> None:
     data = write(tmp_path / "prompts.jsonl", b'{"prompt": "a"}\n\n{"prompt": \n')
-    with pytest.raises(ValueError, match=r"prompts\.jsonl: malformed JSON on line 3"):
+    with pytest.raises(ValueError, match=r"prompts\.jsonl, line 3: malformed JSON"):
         load_records(data)
     listed = write(tmp_path / "prompts.json", b'[{"prompt": "a"},\n {"prompt" "b"}]\n')
     with pytest.raises(ValueError, match=r"prompts\.json: malformed JSON at line 2"):
