@@ -1,14 +1,15 @@
-"""Single-turn text sampler: batched HF `generate` (KV cache, left padding), G samples per prompt.
+"""Single-turn text sampler: G samples per prompt from a rollout engine (`toolkit.engines`: `hf` = batched HF
+`generate`, the default; `server`; `vllm`).
 
-old_logprobs are not taken from `generate`'s scores: after generation the rollout is re-scored with
-one extra no-grad forward through `policy.log_probs` (as TRL does), so the on-policy ratio is exactly
-1 by construction. They are log-probs of the temperature-scaled full distribution (as in TRL and
-verl); top-p/top-k only restrict which token is drawn.
+old_logprobs are not the engine's: after generation the rollout is re-scored with one extra no-grad forward
+through `policy.log_probs` (as TRL does), so the on-policy ratio is exactly 1 by construction whatever the engine.
+They are log-probs of the temperature-scaled full distribution (as in TRL and verl); top-p/top-k only restrict
+which token is drawn. The engine's own log-probs are kept (`data["engine_logprobs"]`) and their mean |Δ| to the
+re-scored ones logged (the train/inference mismatch).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from collections.abc import Sequence
@@ -16,37 +17,27 @@ from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
-from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList, StopStringCriteria
+from transformers import GenerationConfig
 
 from toolkit.distributed import unwrap
-from toolkit.hf.generation import check_sampler_options, left_pad, plain_generation_config, rng_devices, row_slices
+from toolkit.engines import (
+    EngineName,
+    GenerationRequest,
+    GenerationResult,
+    HFEngine,
+    SamplingParams,
+    ServerEngine,
+    build_engine,
+)
+from toolkit.engines.hf import EndTracker as _EndTracker  # noqa: F401  (re-exported: tool_sampler imports it here)
+from toolkit.engines.hf import generation_config
+from toolkit.engines.vllm_engine import VLLMEngine
+from toolkit.hf.generation import check_sampler_options, left_pad
 from toolkit.hf.policy import unwrap_model
 from toolkit.interfaces import Policy
 from toolkit.rollout import Rollout
 
 PromptTruncation = Literal["error", "left"]
-
-
-class _EndTracker(StoppingCriteria):
-    """Stops a row at an EOS id or a stop string and records the step where each row ended (-1: never).
-
-    Being the criterion that decides, it knows exactly which rows `generate` finished and when;
-    inferring that afterwards from pad tokens would be ambiguous when the model emits pad itself.
-    """
-
-    def __init__(self, prompt_width: int, eos_ids: Tensor, stop: StopStringCriteria | None, num_rows: int) -> None:
-        self.prompt_width = prompt_width
-        self.eos_ids = eos_ids
-        self.stop = stop
-        self.ends = torch.full((num_rows,), -1, dtype=torch.long, device=eos_ids.device)
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
-        done = torch.isin(input_ids[:, -1], self.eos_ids)
-        if self.stop is not None:
-            done = done | self.stop(input_ids, scores).to(done.device)
-        newly = done & (self.ends < 0)
-        self.ends[newly] = input_ids.shape[1] - self.prompt_width - 1
-        return done  # type: ignore[return-value]
 
 
 class SingleTurnSampler:
@@ -57,9 +48,9 @@ class SingleTurnSampler:
     {"prompt": s}. Chat messages always go through the tokenizer's chat template (then no extra
     special tokens are added); strings only when `chat_template` is True.
 
-    Sampling is reproducible from `generator`: one seed is drawn from it and `torch.manual_seed(seed)`
-    runs inside `torch.random.fork_rng` (HF `generate` draws from the global RNG), so the same
-    generator state gives the same rollout and the global RNG state is restored afterwards.
+    Sampling is reproducible from `generator`: one seed is drawn from it and handed to the engine (the `hf`
+    engine runs `torch.manual_seed(seed)` inside `torch.random.fork_rng`), so the same generator state gives
+    the same rollout and the global RNG state is restored afterwards.
 
     Args:
         max_new_tokens: generation budget per completion.
@@ -74,9 +65,16 @@ class SingleTurnSampler:
         max_prompt_length: longest prompt in tokens; None = no limit.
         prompt_truncation: what a longer prompt does: "error" (ValueError) or "left" (keep the last
             `max_prompt_length` tokens, dropping the start).
-        generation_batch_size: rows per `generate` call (None = all N rows at once).
+        generation_batch_size: rows per `generate` call of the `hf` engine (None = all N rows at once).
         compute_old_logprobs: re-score the rollout for old_logprobs (one extra forward); False
             leaves zeros (evaluation only: such a rollout must not be trained on).
+        engine: what generates: "hf" (HF `generate` on the policy's module), "server" (`ServerEngine()`:
+            `renorm serve-policy` on 127.0.0.1:8001, weights pushed after every update), "vllm" (colocated,
+            GPU), or an engine node (`toolkit.engines.ServerEngine`, `VLLMEngine`, `HFEngine`) with its options;
+            in Python any object with `generate(policy, request)` (a `toolkit.engines.RolloutEngine`).
+        engine_logprobs: ask the engine for its log-probs of the sampled tokens, keep them as
+            `data["engine_logprobs"]` [N, T] and log their mismatch with the re-scored old_logprobs
+            (`rollout/engine_logprob_abs_diff_mean`, `_max`; not when the trainer defers old_logprobs).
 
     Attribute `defer_old_logprobs` (set by the Trainer, not a config key): True skips the re-scoring forward
     and leaves zeros because the trainer's update is on-policy and takes old_logprobs from its own first forward.
@@ -96,6 +94,8 @@ class SingleTurnSampler:
         prompt_truncation: PromptTruncation = "error",
         generation_batch_size: int | None = None,
         compute_old_logprobs: bool = True,
+        engine: EngineName | HFEngine | ServerEngine | VLLMEngine = "hf",
+        engine_logprobs: bool = True,
     ) -> None:
         check_sampler_options(max_new_tokens, temperature, top_p, top_k, generation_batch_size)
         if prompt_truncation not in get_args(PromptTruncation):
@@ -116,6 +116,8 @@ class SingleTurnSampler:
         self.prompt_truncation = prompt_truncation
         self.generation_batch_size = generation_batch_size
         self.compute_old_logprobs = compute_old_logprobs
+        self.engine = build_engine(engine, generation_batch_size)
+        self.engine_logprobs = engine_logprobs
         self.defer_old_logprobs = False
 
     def sample(self, policy: Policy, prompts: list[Any], group_size: int, generator: torch.Generator) -> Rollout:
@@ -126,27 +128,72 @@ class SingleTurnSampler:
         module.eval()  # dropout off while sampling and re-scoring
         try:
             start = time.perf_counter()
-            rows = [ids for ids in encoded for _ in range(group_size)]
-            sequences = self._generate(policy, tokenizer, rows, seed, temperature)
-            rollout = self._build_rollout(dicts, group_size, tokenizer, sequences, temperature)
+            params = self._sampling_params(policy, tokenizer, unwrap(module), temperature)
+            request = GenerationRequest(encoded, params, group_size, seed, self.engine_logprobs)
+            result = self.engine.generate(policy, request)
+            result.check_rows(request)
+            rollout = self._build_rollout(
+                dicts, group_size, tokenizer, self._sequences(policy, request, result), temperature
+            )
             rollout.metrics["time/generate_s"] = time.perf_counter() - start
+            rollout.metrics.update(result.metrics)
             self._rescore(policy, rollout)
+            self._record_engine_logprobs(rollout, result)
         finally:
             module.train(was_training)
         return rollout
 
-    def _sampling_config(
-        self, policy: Policy, tokenizer: Any, model: nn.Module, temperature: float
-    ) -> tuple[GenerationConfig, list[int], int]:
-        """(generation config, EOS ids, pad id) from this sampler's settings, falling back to the policy's."""
+    def _sampling_params(self, policy: Policy, tokenizer: Any, model: nn.Module, temperature: float) -> SamplingParams:
+        """This sampler's settings as engine `SamplingParams`, falling back to the policy's."""
         eos = self._eos_ids(tokenizer, model)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else None)
         if pad is None:
             raise ValueError("the tokenizer has neither a pad token nor an eos token to pad with")
         top_p = self.top_p if self.top_p is not None else float(getattr(policy, "top_p", 1.0))
         top_k = self.top_k if self.top_k is not None else (getattr(policy, "top_k", None) or 0)
-        config = self._generation_config(temperature, top_p, top_k, eos, pad)
-        return config, eos, pad
+        return SamplingParams(
+            self.max_new_tokens, temperature, top_p, top_k, self.do_sample, tuple(eos), tuple(self.stop_strings), pad
+        )
+
+    def _sampling_config(
+        self, policy: Policy, tokenizer: Any, model: nn.Module, temperature: float
+    ) -> tuple[GenerationConfig, list[int], int]:
+        """(HF generation config, EOS ids, pad id) from this sampler's settings, falling back to the policy's."""
+        params = self._sampling_params(policy, tokenizer, model, temperature)
+        assert params.pad_token_id is not None  # set by _sampling_params
+        eos = list(params.eos_token_ids)
+        return generation_config(params, eos, params.pad_token_id), eos, params.pad_token_id
+
+    def _sequences(
+        self, policy: Policy, request: GenerationRequest, result: GenerationResult
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Left-padded prompts [N, L] (+ bool mask), right-padded responses [N, T], lengths [N] and finished [N]."""
+        device = next(unwrap(policy.module).parameters()).device
+        pad = request.params.pad_token_id
+        assert pad is not None  # set by _sampling_params
+        prompt_ids, prompt_mask = left_pad(request.rows(), pad, device)
+        width = max(len(ids) for ids in result.token_ids)
+        response_ids = torch.full((len(result.token_ids), width), pad, dtype=torch.long)
+        for row, ids in enumerate(result.token_ids):
+            response_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        lengths = torch.tensor([len(ids) for ids in result.token_ids], dtype=torch.long, device=device)
+        finished = torch.tensor([reason == "stop" for reason in result.finish_reasons], device=device)
+        return prompt_ids, prompt_mask, response_ids.to(device), lengths, finished
+
+    def _record_engine_logprobs(self, rollout: Rollout, result: GenerationResult) -> None:
+        """Keep the engine's log-probs [N, T] and log their mean/max |Δ| to the re-scored old_logprobs."""
+        if result.logprobs is None:
+            return
+        engine = torch.zeros(rollout.old_logprobs.shape, dtype=torch.float32)
+        for row, values in enumerate(result.logprobs):
+            engine[row, : len(values)] = torch.tensor(values, dtype=torch.float32)
+        engine = engine.to(rollout.device)
+        rollout.data["engine_logprobs"] = engine
+        if not self.compute_old_logprobs or self.defer_old_logprobs:
+            return  # no re-scored log-probs yet to compare with
+        diff = (rollout.old_logprobs - engine).abs()[rollout.mask]
+        rollout.metrics["rollout/engine_logprob_abs_diff_mean"] = float(diff.mean()) if diff.numel() else 0.0
+        rollout.metrics["rollout/engine_logprob_abs_diff_max"] = float(diff.max()) if diff.numel() else 0.0
 
     def _rescore(self, policy: Policy, rollout: Rollout) -> None:
         """old_logprobs from one no-grad forward of the policy itself: the on-policy ratio is exactly 1.
@@ -214,66 +261,17 @@ class SingleTurnSampler:
             ids = ids[-limit:]
         return ids
 
-    def _generation_config(
-        self, temperature: float, top_p: float, top_k: int, eos: list[int], pad: int
-    ) -> GenerationConfig:
-        sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k} if self.do_sample else {}
-        return GenerationConfig(
-            do_sample=self.do_sample,
-            max_new_tokens=self.max_new_tokens,
-            eos_token_id=eos or None,
-            pad_token_id=pad,
-            use_cache=True,
-            **sampling,
-        )
-
-    def _generate(
-        self, policy: Policy, tokenizer: Any, rows: list[list[int]], seed: int, temperature: float
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Left-padded prompts [N, L] (+ bool mask), responses [N, T] and each row's end step (-1: none)."""
-        module = unwrap(policy.module)  # generate() lives on the bare model, not on its DDP wrapper
-        device = next(module.parameters()).device
-        config, eos, pad = self._sampling_config(policy, tokenizer, module, temperature)
-        stop = StopStringCriteria(tokenizer=tokenizer, stop_strings=self.stop_strings) if self.stop_strings else None
-        prompt_ids, prompt_mask = left_pad(rows, pad, device)
-        eos_tensor = torch.tensor(eos, dtype=torch.long, device=device)
-        autocast = getattr(policy, "autocast_context", contextlib.nullcontext)
-        responses, ends = [], []
-        with (
-            torch.random.fork_rng(devices=rng_devices(device)),
-            torch.no_grad(),
-            autocast(),
-            plain_generation_config(module),
-        ):
-            torch.manual_seed(seed)
-            for part in row_slices(len(rows), self.generation_batch_size or len(rows)):
-                tracker = _EndTracker(prompt_ids.shape[1], eos_tensor, stop, part.stop - part.start)
-                output = module.generate(  # type: ignore[operator]
-                    input_ids=prompt_ids[part],
-                    attention_mask=prompt_mask[part].long(),
-                    generation_config=config,
-                    stopping_criteria=StoppingCriteriaList([tracker]),
-                )
-                responses.append(output[:, prompt_ids.shape[1] :])
-                ends.append(tracker.ends)
-        width = max(r.shape[1] for r in responses)
-        response_ids = torch.cat([nn.functional.pad(r, (0, width - r.shape[1]), value=pad) for r in responses])
-        return prompt_ids, prompt_mask, response_ids, torch.cat(ends)
-
     def _build_rollout(
         self,
         dicts: list[dict[str, Any]],
         group_size: int,
         tokenizer: Any,
-        sequences: tuple[Tensor, Tensor, Tensor, Tensor],
+        sequences: tuple[Tensor, Tensor, Tensor, Tensor, Tensor],
         temperature: float,
     ) -> Rollout:
-        prompt_ids, prompt_mask, response_ids, ends = sequences
+        prompt_ids, prompt_mask, response_ids, lengths, finished = sequences
         rows = [d for d in dicts for _ in range(group_size)]
         device = response_ids.device
-        finished = ends >= 0
-        # A row that never stopped ran the whole budget (its chunk kept generating until max_new_tokens).
-        lengths = torch.where(finished, ends + 1, self.max_new_tokens)
         response_mask = torch.arange(response_ids.shape[1], device=device)[None, :] < lengths[:, None]
         completions = tokenizer.batch_decode(
             [ids[:n] for ids, n in zip(response_ids.tolist(), lengths.tolist(), strict=True)], skip_special_tokens=True

@@ -1,0 +1,184 @@
+"""The `hf` rollout engine: Hugging Face `generate` on the policy's own module (KV cache, left padding).
+
+The CPU default and the reference the other engines are tested against. Sampling is seeded with
+`torch.manual_seed(request.seed)` inside `torch.random.fork_rng` (HF `generate` draws from the global RNG), so a
+request gives the same tokens every time and the global RNG is left alone. The checkpoint's own
+generation_config (repetition penalty, its temperature, ...) is ignored: it would move the sampled
+distribution away from the one the policy scores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    StopStringCriteria,
+)
+
+from toolkit.distributed import unwrap
+from toolkit.engines.base import FinishReason, GenerationRequest, GenerationResult, SamplingParams
+from toolkit.hf.generation import left_pad, plain_generation_config, rng_devices, row_slices
+from toolkit.interfaces import Policy
+
+
+class EndTracker(StoppingCriteria):
+    """Stops a row at an EOS id or a stop string and records the step where each row ended (-1: never).
+
+    Being the criterion that decides, it knows exactly which rows `generate` finished and when;
+    inferring that afterwards from pad tokens would be ambiguous when the model emits pad itself.
+    """
+
+    def __init__(self, prompt_width: int, eos_ids: Tensor, stop: StopStringCriteria | None, num_rows: int) -> None:
+        self.prompt_width = prompt_width
+        self.eos_ids = eos_ids
+        self.stop = stop
+        self.ends = torch.full((num_rows,), -1, dtype=torch.long, device=eos_ids.device)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        done = torch.isin(input_ids[:, -1], self.eos_ids)
+        if self.stop is not None:
+            done = done | self.stop(input_ids, scores).to(done.device)
+        newly = done & (self.ends < 0)
+        self.ends[newly] = input_ids.shape[1] - self.prompt_width - 1
+        return done  # type: ignore[return-value]
+
+
+class TokenLogprobRecorder(LogitsProcessor, StoppingCriteria):
+    """Records the log-prob of each sampled token under the temperature-scaled full distribution, in fp32.
+
+    As a logits processor (custom processors run before HF's temperature/top-k/top-p warpers) it keeps the
+    current step's log-softmax; as a stopping criterion, called once the token is appended, it reads the
+    sampled token's entry and never stops a row. One [n, V] step is held at a time.
+    """
+
+    def __init__(self, temperature: float) -> None:
+        self.temperature = temperature
+        self._step: Tensor | None = None
+        self.values: list[Tensor] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> Any:  # no **kwargs: HF checks
+        if self._step is None:  # the logits-processor call: scores are this step's raw logits
+            self._step = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+            return scores
+        self.values.append(self._step.gather(1, input_ids[:, -1:]).squeeze(1))
+        self._step = None
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def generation_config(params: SamplingParams, eos: list[int], pad: int) -> GenerationConfig:
+    """The HF GenerationConfig of `params` (only what is set here: no checkpoint defaults)."""
+    sampling: dict[str, Any] = {}
+    if params.do_sample:
+        sampling = {"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k}
+    return GenerationConfig(  # type: ignore[no-untyped-call]
+        do_sample=params.do_sample,
+        max_new_tokens=params.max_new_tokens,
+        eos_token_id=eos or None,
+        pad_token_id=pad,
+        use_cache=True,
+        **sampling,
+    )
+
+
+def pad_id(params: SamplingParams, tokenizer: Any) -> int:
+    """The pad id of `params`, else the tokenizer's, else the first EOS id."""
+    if params.pad_token_id is not None:
+        return params.pad_token_id
+    if tokenizer is not None and tokenizer.pad_token_id is not None:
+        return int(tokenizer.pad_token_id)
+    if params.eos_token_ids:
+        return params.eos_token_ids[0]
+    raise ValueError("no pad id: set SamplingParams.pad_token_id, a tokenizer pad token or an eos token")
+
+
+class HFEngine:
+    """Generates with `generate` on the policy's (unwrapped) module, `generation_batch_size` rows per call.
+
+    Args:
+        generation_batch_size: rows per `generate` call (None = all rows at once).
+    """
+
+    def __init__(self, generation_batch_size: int | None = None) -> None:
+        if generation_batch_size is not None and generation_batch_size < 1:
+            raise ValueError(f"generation_batch_size must be >= 1 or None, got {generation_batch_size}")
+        self.generation_batch_size = generation_batch_size
+
+    def generate(self, policy: Policy, request: GenerationRequest) -> GenerationResult:
+        """Sample every row of `request` (prompt-major); the policy's module must be in eval mode for no dropout."""
+        module = unwrap(policy.module)  # generate() lives on the bare model, not on its DDP wrapper
+        device = next(module.parameters()).device
+        params = request.params
+        tokenizer = getattr(policy, "tokenizer", None)
+        pad = pad_id(params, tokenizer)
+        stop = None
+        if params.stop_strings:
+            if tokenizer is None:
+                raise ValueError("stop_strings need a policy with a tokenizer")
+            stop = StopStringCriteria(tokenizer=tokenizer, stop_strings=list(params.stop_strings))
+        rows = request.rows()
+        prompt_ids, prompt_mask = left_pad(rows, pad, device)
+        eos = torch.tensor(list(params.eos_token_ids), dtype=torch.long, device=device)
+        config = generation_config(params, list(params.eos_token_ids), pad)
+        autocast = getattr(policy, "autocast_context", contextlib.nullcontext)
+        tokens: list[list[int]] = []
+        reasons: list[FinishReason] = []
+        logprobs: list[list[float]] = []
+        with (
+            torch.random.fork_rng(devices=rng_devices(device)),
+            torch.no_grad(),
+            autocast(),
+            plain_generation_config(module),
+        ):
+            torch.manual_seed(request.seed)
+            for part in row_slices(len(rows), self.generation_batch_size or len(rows)):
+                out = self._generate_part(module, config, prompt_ids[part], prompt_mask[part], eos, stop, request)
+                tokens += out[0]
+                reasons += out[1]
+                logprobs += out[2]
+        return GenerationResult(tokens, reasons, logprobs if request.return_logprobs else None)
+
+    @staticmethod
+    def _generate_part(
+        module: nn.Module,
+        config: GenerationConfig,
+        prompt_ids: Tensor,
+        prompt_mask: Tensor,
+        eos: Tensor,
+        stop: StopStringCriteria | None,
+        request: GenerationRequest,
+    ) -> tuple[list[list[int]], list[FinishReason], list[list[float]]]:
+        """One `generate` call: (tokens, finish reasons, log-probs) of its rows."""
+        tracker = EndTracker(prompt_ids.shape[1], eos, stop, prompt_ids.shape[0])
+        criteria: list[StoppingCriteria] = [tracker]
+        processors = LogitsProcessorList()
+        recorder = None
+        if request.return_logprobs:
+            recorder = TokenLogprobRecorder(request.params.temperature if request.params.do_sample else 1.0)
+            processors.append(recorder)
+            criteria.append(recorder)
+        output = module.generate(  # type: ignore[operator]
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask.long(),
+            generation_config=config,
+            logits_processor=processors,
+            stopping_criteria=StoppingCriteriaList(criteria),
+        )
+        response = output[:, prompt_ids.shape[1] :].tolist()
+        ends = tracker.ends.tolist()
+        # A row that never stopped ran the whole budget (its batch kept generating until max_new_tokens).
+        lengths = [end + 1 if end >= 0 else request.params.max_new_tokens for end in ends]
+        reasons: list[FinishReason] = ["stop" if end >= 0 else "length" for end in ends]
+        tokens = [ids[:n] for ids, n in zip(response, lengths, strict=True)]
+        values: list[list[float]] = []
+        if recorder is not None:
+            steps = torch.stack(recorder.values, dim=1).tolist()
+            values = [row[:n] for row, n in zip(steps, lengths, strict=True)]
+        return tokens, reasons, values
