@@ -29,7 +29,6 @@ from toolkit.engines import (
     ServerEngine,
     build_engine,
 )
-from toolkit.engines.hf import EndTracker as _EndTracker  # noqa: F401  (re-exported: tool_sampler imports it here)
 from toolkit.engines.hf import generation_config
 from toolkit.engines.vllm_engine import VLLMEngine
 from toolkit.hf.generation import check_sampler_options, left_pad

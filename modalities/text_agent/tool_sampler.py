@@ -22,7 +22,6 @@ from transformers import GenerationConfig, StoppingCriteriaList, StopStringCrite
 from modalities.text_agent.sampler import (
     PromptTruncation,
     SingleTurnSampler,
-    _EndTracker,
     _prompt_key,
     _row_labels,
     left_pad,
@@ -42,6 +41,7 @@ from modalities.text_agent.tool_loop import (
     tool_table,
 )
 from toolkit.distributed import unwrap
+from toolkit.engines.hf import EndTracker
 from toolkit.hf.generation import plain_generation_config, rng_devices
 from toolkit.interfaces import Policy
 from toolkit.rollout import Rollout
@@ -231,7 +231,7 @@ class ToolLoopSampler(SingleTurnSampler):
         config.max_new_tokens = min(self.max_new_tokens, max(row.remaining for row in rows))
         contexts = [row.prompt_ids + row.response for row in rows]
         input_ids, attention_mask = left_pad(contexts, config.pad_token_id, device)
-        tracker = _EndTracker(input_ids.shape[1], eos, stop, len(rows))
+        tracker = EndTracker(input_ids.shape[1], eos, stop, len(rows))
         output = model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask.long(),
