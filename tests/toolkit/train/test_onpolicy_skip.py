@@ -96,7 +96,8 @@ def test_skipping_the_old_logprob_pass_changes_nothing(case: str, tmp_path: Path
     fast_metrics, fast, fast_weights = one_step(path, overrides, tmp_path / "skipped", skip=True)
     micro_batches = len(recorder.grads) * (2 if "trainer.gradient_accumulation_steps=2" in overrides else 1)
     assert recorder.forwards == fast.forwards + 1 and fast.forwards == micro_batches  # one re-scoring pass less
-    compared = [key for key in metrics if not key.startswith("time/")]
+    # the engine-vs-trainer log-prob mismatch needs the re-scoring pass that skipping saves
+    compared = [key for key in metrics if not key.startswith(("time/", "rollout/engine_logprob"))]
     assert {key: metrics[key] for key in compared} == pytest.approx(
         {key: fast_metrics[key] for key in compared}, rel=0, abs=0, nan_ok=True
     )
