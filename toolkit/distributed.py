@@ -1,12 +1,14 @@
-"""The only place that talks to accelerate / torch.distributed.
+"""The only place that builds the accelerator and talks to torch.distributed.
 
 Whole groups stay on one rank; batch-wide statistics (batch std, whitening, Beta fits) gather
-rows from every rank through `gather_rows`, which is the identity in a single process.
+rows from every rank through `gather_rows`, which is the identity in a single process. FSDP2 and
+DeepSpeed specifics the trainer needs live in `toolkit.train.sharding`.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import os
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -52,11 +54,36 @@ def all_reduce_sum(x: Tensor) -> Tensor:
     return y
 
 
+def barrier() -> None:
+    """Wait for every rank (a no-op in a single process)."""
+    if is_distributed():
+        dist.barrier()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank `src`'s `obj` on every rank (picklable objects; the identity in a single process)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's `obj` in rank order, on every rank (`[obj]` in a single process)."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def make_accelerator(mixed_precision: str = "auto", project_dir: str | None = None) -> Accelerator:
     """Build the `accelerate.Accelerator` for a run (the launcher decides DDP/FSDP/DeepSpeed).
 
     `mixed_precision="auto"` picks bf16 when CUDA with bf16 support is present, else full precision;
-    `project_dir` is where file-writing trackers (TensorBoard) put their logs.
+    `project_dir` is where file-writing trackers (TensorBoard) put their logs. Without CUDA, an FSDP or DeepSpeed
+    launch config still gets its engine over gloo (`_cpu_engine_accelerator`): how the 2-process tests run them.
     """
     from accelerate import Accelerator
 
@@ -64,8 +91,41 @@ def make_accelerator(mixed_precision: str = "auto", project_dir: str | None = No
         mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     if mixed_precision not in ("no", "bf16", "fp16"):
         raise ValueError(f"mixed_precision must be one of 'auto', 'no', 'bf16', 'fp16'; got {mixed_precision!r}")
+    if not torch.cuda.is_available() and _launched_with("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
+        return _cpu_engine_accelerator(mixed_precision, project_dir)
     # cpu=True without CUDA lets a torchrun-style launch on CPUs form a gloo process group.
     return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available(), project_dir=project_dir)
+
+
+def _launched_with(*flags: str) -> bool:
+    return any(os.environ.get(flag, "false").lower() == "true" for flag in flags)
+
+
+def _cpu_engine_accelerator(mixed_precision: str, project_dir: str | None) -> Accelerator:
+    """An FSDP2 or DeepSpeed accelerator on CPU processes (gloo), for tests and CPU-only machines.
+
+    accelerate 1.x turns FSDP on only for accelerator devices (a CPU launch falls back to plain MULTI_CPU, which
+    would wrap the model in DDP) and DeepSpeed only when `cpu=False`. FSDP: the gloo accelerator is built, then its
+    state is switched to FSDP with the launch config's plugin, so `prepare`, `backward` and `clip_grad_norm_` take
+    the same FSDP2 code path as on GPUs. DeepSpeed: `cpu=False` with a gloo process group (DeepSpeed itself needs
+    `DS_ACCELERATOR=cpu`).
+    """
+    from accelerate import Accelerator
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, InitProcessGroupKwargs
+
+    if _launched_with("ACCELERATE_USE_DEEPSPEED"):
+        gloo = InitProcessGroupKwargs(backend="gloo")
+        return Accelerator(mixed_precision=mixed_precision, project_dir=project_dir, kwargs_handlers=[gloo])
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=True, project_dir=project_dir)
+    if accelerator.distributed_type == DistributedType.MULTI_CPU:
+        plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* variables of the launch config
+        if mixed_precision != "no":
+            plugin.set_mixed_precision(mixed_precision)
+        accelerator.state.fsdp_plugin = plugin
+        accelerator.state.distributed_type = DistributedType.FSDP
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    return accelerator
 
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:

@@ -216,6 +216,8 @@ class DiT(nn.Module):
     [B, L, V]; `sigma` [B] (float). Runs under bf16 autocast; LayerNorms, σ embedding and logits stay fp32.
     """
 
+    _no_split_modules = ["DiTBlock"]  # the FSDP units (accelerate's transformer auto-wrap reads this, as for HF models)
+
     def __init__(self, config: DiTConfig) -> None:
         super().__init__()
         self.config = config

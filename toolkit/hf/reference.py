@@ -3,6 +3,8 @@
 Shared by the causal-LM, video-VLM and flow-matching policies. The copy is a snapshot of the weights the policy
 was built with: the Trainer takes it before the first optimizer step (`init_reference()`), and a copy requested
 later is refused once the weights may differ from construction, instead of silently becoming the wrong reference.
+Under FSDP2 or DeepSpeed ZeRO-3 the Trainer shards the copy like the policy right after taking it
+(toolkit.train.sharding.prepare), so no rank keeps a second full copy; a copy of an already sharded module is refused.
 """
 
 from __future__ import annotations
@@ -19,6 +21,11 @@ def weight_fingerprint(module: nn.Module) -> Tensor:
     """[P] float64 per-parameter sums (on CPU): cheap evidence that the weights have not changed."""
     with torch.no_grad():
         return torch.stack([p.detach().sum(dtype=torch.float64).cpu() for p in module.parameters()])
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """True when `module` holds FSDP2 shards (DTensor parameters) or ZeRO-3 partitions instead of whole weights."""
+    return any(type(p).__name__ == "DTensor" or hasattr(p, "ds_id") for p in module.parameters())
 
 
 def frozen_copy(module: nn.Module) -> nn.Module:
@@ -61,6 +68,11 @@ class ReferenceSnapshot:
         return self.module
 
     def _check_unchanged(self, module: nn.Module) -> None:
+        if is_sharded(module):
+            raise RuntimeError(
+                "the reference copy must be taken before the policy is sharded (FSDP / ZeRO-3): call "
+                "policy.init_reference() before accelerator.prepare (the Trainer does when the KL term needs it)"
+            )
         # rtol tolerates device moves (reduction order); an optimizer step changes the sums far more.
         changed = not torch.allclose(weight_fingerprint(module), self._fingerprint, rtol=1e-9, atol=1e-12)
         if self._updated or changed:

@@ -4,7 +4,8 @@ Layout: `run_dir/checkpoints/step_{step:08d}/` holding `model.safetensors`, `obj
 scheduler, normalizer and data state), `rng.pt`, `meta.json` and a `COMPLETE` manifest written last with
 every file's size and SHA-256. A checkpoint is written into a hidden temp directory and renamed into place,
 so a crash mid-write leaves the previous checkpoints untouched; only directories with `COMPLETE` count.
-One writer (rank 0) per run.
+One writer (rank 0) per run; the ranks of a sharded (FSDP) run first write their shards into `sharded/` of the
+same temp directory (toolkit.train.sharded_checkpoint), and the manifest covers those files too.
 
 Loading never runs code from a file: `objects.pt` and `rng.pt` are unpickled with
 `torch.load(weights_only=True)` (tensors, numbers, strings and plain containers only), and every file is
@@ -26,7 +27,7 @@ import shutil
 import uuid
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -41,6 +42,7 @@ MODEL_FILE = "model.safetensors"
 OBJECTS_FILE = "objects.pt"
 RNG_FILE = "rng.pt"
 META_FILE = "meta.json"
+SHARDED_DIR = "sharded"  # an FSDP run's torch.distributed.checkpoint shards (toolkit.train.sharded_checkpoint)
 FORMAT_VERSION = 2  # 1: sizes only; 2: sizes and SHA-256 per file
 STEP_DIR = re.compile(r"^step_(\d+)$")
 _TEMP_PREFIX = ".tmp-"
@@ -142,15 +144,16 @@ def _write_pickle(obj: Any, path: Path) -> None:
 
 
 def _write_checkpoint(state: CheckpointState, directory: Path) -> None:
-    """Write every piece into `directory` (fsynced), `COMPLETE` last with the files' sizes."""
+    """Write every piece into `directory` (fsynced), `COMPLETE` last with the size and SHA-256 of every file in it
+    (shards other ranks wrote into subdirectories included)."""
     safetensors.torch.save_file(_model_tensors(state.model), str(directory / MODEL_FILE))
     fsync_file(directory / MODEL_FILE)
     _write_pickle(state.objects, directory / OBJECTS_FILE)
     _write_pickle(state.rng, directory / RNG_FILE)
     write_text_synced(directory / META_FILE, json.dumps(state.meta, indent=2, allow_nan=True))
+    names = sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file())
     files = {
-        name: {"size": (directory / name).stat().st_size, "sha256": file_sha256(directory / name)}
-        for name in (MODEL_FILE, OBJECTS_FILE, RNG_FILE, META_FILE)
+        name: {"size": (directory / name).stat().st_size, "sha256": file_sha256(directory / name)} for name in names
     }
     manifest = {"format_version": FORMAT_VERSION, "step": state.step, "files": files}
     write_text_synced(directory / COMPLETE, json.dumps(manifest, indent=2))
@@ -195,12 +198,32 @@ class CheckpointManager:
     def save(self, state: CheckpointState) -> Path:
         """Write `state` atomically to `path_for(state.step)` (replacing one of the same step), then prune."""
         _check_state(state)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self._remove_stale()
-        final = self.path_for(state.step)
+        temp = self.make_temp(state.step)
+        try:
+            return self.publish(state, temp)
+        finally:
+            if temp.exists():
+                shutil.rmtree(temp, ignore_errors=True)
+
+    def make_temp(self, step: int) -> Path:
+        """A fresh hidden directory to write the checkpoint of `step` into (stale ones of dead writers removed)."""
+        final = self.path_for(step)
         temp = self.directory / f"{_TEMP_PREFIX}{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._remove_stale()
             temp.mkdir()
+        except OSError as e:
+            raise CheckpointError(
+                f"could not write checkpoint {final}: {e.strerror or e} (earlier ones are intact)"
+            ) from e
+        return temp
+
+    def publish(self, state: CheckpointState, temp: Path) -> Path:
+        """Write rank 0's files and the manifest into `temp`, rename it into place, prune; returns the checkpoint."""
+        _check_state(state)
+        final = self.path_for(state.step)
+        try:
             _write_checkpoint(state, temp)
             if final.exists():  # same step again: a crash between the renames falls back to an older step
                 self._discard(final)
@@ -211,16 +234,13 @@ class CheckpointManager:
             raise CheckpointError(
                 f"could not write checkpoint {final}: {reason} (earlier checkpoints are intact)"
             ) from e
-        finally:
-            if temp.exists():
-                shutil.rmtree(temp, ignore_errors=True)
         self._prune(keep=final)
         newer = [p.name for p in self.list() if _step_of(p) > state.step]
         if newer:
             warnings.warn(
                 f"saved step {state.step} but {self.directory} holds later checkpoints {newer}; "
                 "resume='auto' will pick the latest of those",
-                stacklevel=2,
+                stacklevel=3,
             )
         return final
 
@@ -240,9 +260,9 @@ class CheckpointManager:
         checkpoints = self.list()
         return checkpoints[-1] if checkpoints else None
 
-    def load(self, path: str | Path) -> CheckpointState:
+    def load(self, path: str | Path, read_model: bool = True) -> CheckpointState:
         """Load a checkpoint directory (tensors on CPU); see `load_checkpoint`."""
-        return load_checkpoint(path)
+        return load_checkpoint(path, read_model=read_model)
 
     def latest_verified(self, quarantine: bool = False) -> Path | None:
         """The newest complete checkpoint whose files match their manifest, or None.
@@ -307,12 +327,13 @@ def _writer_alive(name: str) -> bool:
 # ---------------------------------------------------------------------------------------------- loading
 
 
-def load_checkpoint(path: str | Path) -> CheckpointState:
+def load_checkpoint(path: str | Path, read_model: bool = True) -> CheckpointState:
     """Load a complete checkpoint directory written by `CheckpointManager.save` (tensors on CPU).
 
     Every file is checked against the manifest (size, and SHA-256 from format 2 on) before it is read;
     `objects.pt` and `rng.pt` are unpickled with `torch.load(weights_only=True)`, so a crafted file cannot run
-    code: anything beyond tensors, numbers, strings and plain containers is refused.
+    code: anything beyond tensors, numbers, strings and plain containers is refused. Without `read_model` the
+    weights file is verified but not read (`model` is empty): a sharded run restores its weights from `sharded/`.
 
     Raises:
         CheckpointError: naming the missing, corrupt or refused file.
@@ -321,7 +342,9 @@ def load_checkpoint(path: str | Path) -> CheckpointState:
     manifest = verify_checkpoint(directory)
     return CheckpointState(
         step=int(manifest["step"]),
-        model=_read(directory / MODEL_FILE, lambda p: safetensors.torch.load_file(str(p), device="cpu")),
+        model=_read(directory / MODEL_FILE, lambda p: safetensors.torch.load_file(str(p), device="cpu"))
+        if read_model
+        else {},
         objects=_read(directory / OBJECTS_FILE, safe_torch_load),
         rng=_read(directory / RNG_FILE, safe_torch_load),
         meta=_read(directory / META_FILE, lambda p: json.loads(p.read_text(encoding="utf-8"))),
@@ -370,13 +393,19 @@ def read_manifest(directory: Path) -> dict[str, Any]:
         manifest: dict[str, Any] = json.loads(marker.read_text(encoding="utf-8"))
         int(manifest["step"])
         for name, expected in dict(manifest["files"]).items():
-            if Path(name).name != name or name in ("", ".", ".."):
-                raise ValueError(f"file name {name!r} is not a plain name inside the checkpoint")
+            _check_relative_name(name)
             if not isinstance(expected, int):
                 int(expected["size"]), str(expected["sha256"])
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"checkpoint file corrupt: {marker}: {e}") from e
     return manifest
+
+
+def _check_relative_name(name: str) -> None:
+    """ValueError unless `name` is a relative path inside the checkpoint ("meta.json", "sharded/__0_0.distcp")."""
+    parts = PurePosixPath(name).parts
+    if not name or "\\" in name or PurePosixPath(name).is_absolute() or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"file name {name!r} is not a plain name or a relative path inside the checkpoint")
 
 
 def _read(path: Path, reader: Any) -> Any:

@@ -4,12 +4,12 @@ step = sample → score → transform rewards → advantages → (reference) →
 `num_inner_epochs` × minibatches × accumulation micro-batches of the PolicyObjective. Everything
 modality-specific lives behind Policy / Sampler / RewardModel; everything algorithm-specific in the
 normalizer, transforms and objective. Distributed: each rank samples whole groups for its slice of
-the prompts; batch statistics are gathered inside the normalizers; accelerate wraps the module.
+the prompts; batch statistics are gathered inside the normalizers; accelerate wraps the module (DDP, FSDP2 or
+DeepSpeed ZeRO: their specifics are in toolkit.train.sharding).
 """
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -42,6 +42,7 @@ from toolkit.io.checkpoint import CheckpointManager, CheckpointState, capture_rn
 from toolkit.io.redaction import redact
 from toolkit.objective.policy_objective import ObjectiveOutput, PolicyObjective, loss_denominators
 from toolkit.rollout import Rollout
+from toolkit.train import sharding
 from toolkit.train.config_drift import apply_new_hyperparameters, group_settings
 from toolkit.train.critic import RETURNS_KEY, CriticUpdater
 from toolkit.train.filters import refill
@@ -93,8 +94,9 @@ class Trainer:
             and isinstance(sampler, OldLogprobsDeferringSampler)
         )
         needs_reference = objective.needs_reference or self._transforms_need_reference
+        reference = None
         if needs_reference and isinstance(policy, ReferenceSnapshotPolicy):
-            policy.init_reference()  # snapshot before any update or resume
+            reference = policy.init_reference()  # snapshot before any update or resume; sharded with the policy
         params = [p for p in policy.module.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the policy has no trainable parameters (all requires_grad=False)")
@@ -102,7 +104,9 @@ class Trainer:
         built = (optimizer or default_optimizer)(params)
         updates = cfg.num_steps * cfg.num_inner_epochs * cfg.num_minibatches
         self.scheduler = (scheduler or Scheduler()).build(built, updates)
-        policy.module, self.optimizer = self.accelerator.prepare(policy.module, built)
+        policy.module, self.optimizer = sharding.prepare(
+            self.accelerator, policy.module, built, cfg, reference=reference, has_critic=critic is not None
+        )
         decay = float(built.defaults.get("weight_decay", 0.0))  # the critic's AdamW shares the policy's decay
         self.critic = (
             CriticUpdater(critic, self.accelerator, cfg.critic_lr, decay, cfg.max_grad_norm, cfg.value_clip)
@@ -139,17 +143,21 @@ class Trainer:
         return metrics, rollout
 
     def collect(self) -> Rollout:
-        """Sample, score and transform; with dynamic sampling, refill until no group is degenerate."""
-        if not self.config.drop_zero_variance_groups:
-            return self.sample_and_score()
-        num_groups = _shard_size(self.config.prompts_per_step)
-        rollout, metrics = refill(
-            self.sample_and_score,
-            num_groups,
-            self.config.max_sampling_rounds,
-            self.config.on_sampling_cap,
-            on=self.config.dynamic_sampling_on,
-        )
+        """Sample, score and transform; with dynamic sampling, refill until no group is degenerate.
+
+        Sharded weights are gathered once for all of it: ranks may need different numbers of refill rounds.
+        """
+        with sharding.gathered_weights(self.accelerator, self.policy.module):
+            if not self.config.drop_zero_variance_groups:
+                return self.sample_and_score()
+            num_groups = _shard_size(self.config.prompts_per_step)
+            rollout, metrics = refill(
+                self.sample_and_score,
+                num_groups,
+                self.config.max_sampling_rounds,
+                self.config.on_sampling_cap,
+                on=self.config.dynamic_sampling_on,
+            )
         rollout.metrics.update(metrics)
         return rollout
 
@@ -207,15 +215,10 @@ class Trainer:
                 tokens, seqs = loss_denominators(minibatch.mask)
                 num_tokens = float(dist.all_reduce_sum(tokens))
                 num_seqs = float(dist.all_reduce_sum(seqs))
-                for micro in minibatch.minibatches(cfg.gradient_accumulation_steps, shuffle=False):
-                    metrics: dict[str, float] = {}
-                    if train_actor:
-                        out = self.micro_loss(micro, num_tokens, num_seqs)
-                        # DDP averages gradients over ranks; the loss already divides by global counts.
-                        self.accelerator.backward(out.loss * dist.world_size())
-                        metrics.update(out.metrics)
-                    if self.critic is not None:
-                        metrics.update(self.critic.backward(micro, num_tokens, dist.world_size()))
+                micros = list(minibatch.minibatches(cfg.gradient_accumulation_steps, shuffle=False))
+                for index, micro in enumerate(micros):
+                    with sharding.micro_step(self.accelerator, last=index == len(micros) - 1):
+                        metrics = self.micro_backward(micro, num_tokens, num_seqs, train_actor)
                     for key, value in metrics.items():
                         totals.setdefault(key, []).append(value)
                 if train_actor:
@@ -225,6 +228,18 @@ class Trainer:
         metrics = {key: float(np.mean(values)) for key, values in totals.items()}
         metrics["optim/lr"] = float(self.scheduler.get_last_lr()[0])
         metrics["time/update_s"] = time.perf_counter() - start
+        return metrics
+
+    def micro_backward(self, micro: Rollout, num_tokens: float, num_seqs: float, train_actor: bool) -> dict[str, float]:
+        """Backward of one micro-batch's actor loss (and critic loss); returns their metrics."""
+        metrics: dict[str, float] = {}
+        if train_actor:
+            out = self.micro_loss(micro, num_tokens, num_seqs)
+            # DDP, FSDP and ZeRO average gradients over ranks; the loss already divides by global counts.
+            sharding.backward(self.accelerator, out.loss * dist.world_size())
+            metrics.update(out.metrics)
+        if self.critic is not None:
+            metrics.update(self.critic.backward(micro, num_tokens, dist.world_size()))
         return metrics
 
     def micro_loss(self, micro: Rollout, num_tokens: float, num_seqs: float) -> ObjectiveOutput:
@@ -253,11 +268,8 @@ class Trainer:
         )
 
     def optimizer_step(self) -> float:
-        grad_norm = math.nan
-        if self.config.max_grad_norm is not None:
-            norm = self.accelerator.clip_grad_norm_(self.policy.module.parameters(), self.config.max_grad_norm)
-            grad_norm = float(norm)
-        self.optimizer.step()
+        grad_norm = sharding.grad_norm(self.accelerator, self.policy.module.parameters(), self.config.max_grad_norm)
+        self.optimizer.step()  # a no-op under DeepSpeed: the engine stepped in the last micro-batch's backward
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if isinstance(self.policy, StepHookPolicy):
@@ -272,22 +284,32 @@ class Trainer:
         return batch[dist.rank() :: dist.world_size()]
 
     # ---------------------------------------------------------------- state
-    def state(self) -> CheckpointState:
-        module = dist.unwrap(self.policy.module)
-        policy = self.policy
-        weights = policy.trainable_state_dict() if isinstance(policy, TrainableStatePolicy) else module.state_dict()
-        objects: dict[str, Any] = {
-            "optimizer": self.optimizer.state_dict(),
+    def state(
+        self,
+        weights: Mapping[str, torch.Tensor] | None = None,
+        rank_states: list[dict[str, Any]] | None = None,
+        **objects: Any,
+    ) -> CheckpointState:
+        """This rank's checkpoint; `weights`, every rank's RNG `rank_states` and `objects` come from a sharded save."""
+        policy, kind = self.policy, sharding.engine(self.accelerator)
+        if weights is None and kind == "fsdp":  # one rank holds only its shards: a checkpoint needs every rank
+            raise RuntimeError("under FSDP a checkpoint is written by trainer.save(manager) on every rank")
+        if weights is None:
+            module = dist.unwrap(policy.module)
+            weights = policy.trainable_state_dict() if isinstance(policy, TrainableStatePolicy) else module.state_dict()
+        parts: dict[str, Any] = {
+            # ZeRO's optimizer state needs unsafe unpickling to load: a DeepSpeed run checkpoints no optimizer state.
+            "optimizer": None if kind == "deepspeed" else self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "data": self.data.state_dict(),
             "generator": self.generator.get_state(),
         }
         for name, part in self.stateful_parts():
-            objects[name] = part.state_dict()
+            parts[name] = part.state_dict()
+        parts.update(objects)
         meta = {"step": self.global_step, "config": redact(self.run_config)}
-        return CheckpointState(
-            step=self.global_step, model=dict(weights), objects=objects, rng=capture_rng_state(), meta=meta
-        )
+        rng = capture_rng_state() | ({"ranks": rank_states} if rank_states else {})
+        return CheckpointState(step=self.global_step, model=dict(weights), objects=parts, rng=rng, meta=meta)
 
     def stateful_parts(self) -> list[tuple[str, Stateful]]:
         """(name, object) pairs checkpointed through their state_dict/load_state_dict (the `Stateful` ones)."""
@@ -300,31 +322,36 @@ class Trainer:
         parts += [(f"transform{i}", t) for i, t in enumerate(self.transforms)]
         return [(name, part) for name, part in parts if isinstance(part, Stateful)]
 
-    def save(self) -> Path | None:
-        path = None
-        if self.accelerator.is_main_process:
-            path = self.checkpoints.save(self.state())
-        self.accelerator.wait_for_everyone()
-        return path
+    def save(self, manager: CheckpointManager | None = None) -> Path | None:
+        """Write a checkpoint into `manager` (this run's by default); every rank calls it, rank 0 writes.
+
+        Every rank's RNG and sampling generator are kept; FSDP shards and ZeRO-3 weights: toolkit.train.sharding.
+        """
+        ranks = sharding.rank_states(self.generator)
+
+        def state(weights: Mapping[str, torch.Tensor] | None = None, **objects: Any) -> CheckpointState:
+            return self.state(weights, rank_states=ranks, **objects)
+
+        return sharding.save_checkpoint(
+            self.accelerator, self.policy, self.optimizer, manager or self.checkpoints, state
+        )
 
     def load(self, path: str | Path, keep_new_hyperparameters: bool = False) -> None:
         """Restore a checkpoint; `keep_new_hyperparameters` keeps this config's optimizer settings (lr, betas ...)."""
         fresh = group_settings(self.optimizer)
-        state = self.checkpoints.load(Path(path))
-        module = dist.unwrap(self.policy.module)
-        result = module.load_state_dict(state.model, strict=False)
-        if result.unexpected_keys:
-            raise ValueError(f"checkpoint {path} has weights the policy does not: {result.unexpected_keys[:5]}")
-        self.optimizer.load_state_dict(state.objects["optimizer"])
+        state = sharding.load_checkpoint(
+            self.accelerator, self.checkpoints, Path(path), self.policy.module, self.optimizer
+        )
         self.scheduler.load_state_dict(state.objects["scheduler"])
         if keep_new_hyperparameters:
             apply_new_hyperparameters(self.optimizer, self.scheduler, fresh)
         self.data.load_state_dict(state.objects["data"])
-        self.generator.set_state(state.objects["generator"])
         for name, part in self.stateful_parts():
             if name in state.objects:
                 part.load_state_dict(state.objects[name])
-        restore_rng_state(state.rng)
+        own = sharding.own_rank_state(state.rng)  # this rank's streams; rank 0's from a one-process checkpoint
+        restore_rng_state(own["rng"] if own else state.rng)
+        self.generator.set_state(own["generator"] if own else state.objects["generator"])
         self.global_step = state.step
         self._batches = None
 
