@@ -215,10 +215,11 @@ class Trainer:
                 tokens, seqs = loss_denominators(minibatch.mask)
                 num_tokens = float(dist.all_reduce_sum(tokens))
                 num_seqs = float(dist.all_reduce_sum(seqs))
+                num_rows = float(dist.all_reduce_sum(torch.tensor(float(minibatch.mask.shape[0]))))  # empty rows too
                 micros = list(minibatch.minibatches(cfg.gradient_accumulation_steps, shuffle=False))
                 for index, micro in enumerate(micros):
                     with sharding.micro_step(self.accelerator, last=index == len(micros) - 1):
-                        metrics = self.micro_backward(micro, num_tokens, num_seqs, train_actor)
+                        metrics = self.micro_backward(micro, num_tokens, num_seqs, train_actor, num_rows)
                     for key, value in metrics.items():
                         totals.setdefault(key, []).append(value)
                 if train_actor:
@@ -230,11 +231,13 @@ class Trainer:
         metrics["time/update_s"] = time.perf_counter() - start
         return metrics
 
-    def micro_backward(self, micro: Rollout, num_tokens: float, num_seqs: float, train_actor: bool) -> dict[str, float]:
+    def micro_backward(
+        self, micro: Rollout, num_tokens: float, num_seqs: float, train_actor: bool, num_rows: float | None = None
+    ) -> dict[str, float]:
         """Backward of one micro-batch's actor loss (and critic loss); returns their metrics."""
         metrics: dict[str, float] = {}
         if train_actor:
-            out = self.micro_loss(micro, num_tokens, num_seqs)
+            out = self.micro_loss(micro, num_tokens, num_seqs, num_rows)
             # DDP, FSDP and ZeRO average gradients over ranks; the loss already divides by global counts.
             sharding.backward(self.accelerator, out.loss * dist.world_size())
             metrics.update(out.metrics)
@@ -242,7 +245,9 @@ class Trainer:
             metrics.update(self.critic.backward(micro, num_tokens, dist.world_size()))
         return metrics
 
-    def micro_loss(self, micro: Rollout, num_tokens: float, num_seqs: float) -> ObjectiveOutput:
+    def micro_loss(
+        self, micro: Rollout, num_tokens: float, num_seqs: float, num_rows: float | None = None
+    ) -> ObjectiveOutput:
         entropy = kl = None
         if self.objective.entropy_coef > 0:
             if not isinstance(self.policy, EntropyPolicy):
@@ -265,6 +270,7 @@ class Trainer:
             kl=kl,
             num_tokens=num_tokens,
             num_seqs=num_seqs,
+            num_rows=num_rows,
         )
 
     def optimizer_step(self) -> float:

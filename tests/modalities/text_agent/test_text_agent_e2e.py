@@ -70,9 +70,9 @@ class LossSpy:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.objective, name)
 
-    def spy_micro_loss(self, micro: Rollout, num_tokens: float, num_seqs: float) -> Any:
+    def spy_micro_loss(self, micro: Rollout, *denominators: float | None) -> Any:
         self._micro = micro
-        return self.micro_loss(micro, num_tokens, num_seqs)
+        return self.micro_loss(micro, *denominators)
 
     def __call__(self, logprobs: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         logprobs.retain_grad()

@@ -11,6 +11,7 @@ sequence log-ratio at 10, `compute_policy_loss_cispo` bounds the IS weight below
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -118,3 +119,18 @@ def test_cispo_weight_bounds(term: CISPOTerm, ratio: float, weight: float) -> No
     old = logprobs - math.log(ratio)
     out = PolicyObjective(term=term)(logprobs, old, torch.tensor([1.0]), torch.ones(1, 1, dtype=torch.bool))
     assert float(out.loss) == pytest.approx(weight, rel=1e-5)
+
+
+def test_the_trainer_gives_count_empty_rows_its_row_count(tmp_path: Path) -> None:
+    """`count_empty_rows` needs the global row count: the trainer passes it, and with no empty row the loss is the
+    one the non-empty rows give (the same weights after a step)."""
+    from tests.demo_run import tiny_config
+    from toolkit.train.runner import build_trainer, fit
+
+    weights = []
+    for name, flag in (("rows", "true"), ("seqs", "false")):
+        overrides = ["trainer.num_steps=1", "objective.aggregation=seq_mean_token_mean"]
+        trainer = build_trainer(tiny_config(tmp_path / name, *overrides, f"+objective.count_empty_rows={flag}"))
+        fit(trainer)
+        weights.append({k: v.clone() for k, v in trainer.policy.module.state_dict().items()})
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
