@@ -4,8 +4,9 @@ T = 2 trained steps per row: step 1 all-mask z_1 → z_τ, step 2 z_τ → x (sp
 step log-prob follows the `prev_is_mask` convention: Σ over positions masked before the step of
 log(x_ν(z_prev)[z_next] + 1e-10), so positions that stay masked add the constant log(1e-10) (no gradient).
 The analytic per-step KL to the frozen teacher (Jeffrey, β = 0.5, or forward KL; §10) and the entropy are
-means over the step's masked positions. An EMA copy of the student (0.999) is updated after every optimizer
-step and checkpointed through `state_dict()`; `export` writes it (or the student) as safetensors + JSON
+means over the step's masked positions; training computes all three from the raw logits a block of positions at a
+time (`subs_stats`: no fp32 [N, L, V] log-probs). An EMA copy of the student (0.999) is updated after every
+optimizer step and checkpointed through `state_dict()`; `export` writes it (or the student) as safetensors + JSON
 (`checkpoint_io.save_dlm_folder`). Simplified: the last-k trainable option unfreezes blocks only.
 """
 
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 
 from modalities.diffusion_lm.backbone import autocast_context
 from modalities.diffusion_lm.masked_diffusion import MaskedDiffusionLM, subs_log_probs
+from modalities.diffusion_lm.subs_stats import subs_stats
 from toolkit.distributed import unwrap
 from toolkit.rollout import Rollout
 
@@ -48,6 +50,13 @@ def step_log_probs(
         [N] float32 log-probs (differentiable through `log_probs_x0`).
     """
     picked = log_probs_x0.float().gather(-1, z_next.unsqueeze(-1)).squeeze(-1)
+    return picked_step_log_probs(picked, z_prev, z_next, mask_id, mode)
+
+
+def picked_step_log_probs(
+    picked: Tensor, z_prev: Tensor, z_next: Tensor, mask_id: int, mode: LogprobMode = "prev_is_mask"
+) -> Tensor:
+    """`step_log_probs` from the picked SUBS log-probs log x_ν(z_prev)[z_next] [N, L] (only masked positions read)."""
     values = torch.log(picked.exp() + LOGPROB_EPS)
     positions = z_prev == mask_id
     if mode == "changed_only":
@@ -174,7 +183,7 @@ class StudentPolicy:
         if ema_decay is not None:
             self.ema = copy.deepcopy(student.backbone).requires_grad_(False).eval()
         self.num_updates = 0
-        # The student's per-step log-probs from the last log_probs call, reused once by analytic_kl on the same
+        # The student's per-step logits from the last log_probs call, reused once by analytic_kl on the same
         # rollout (the Trainer asks for both in one micro-step): one student forward per step instead of two.
         self._reuse: tuple[weakref.ref[Rollout], bool, list[Tensor]] | None = None
 
@@ -183,30 +192,41 @@ class StudentPolicy:
     def device(self) -> torch.device:
         return next(self.module.parameters()).device
 
-    def x0_log_probs(self, z: Tensor, t: Tensor) -> Tensor:
-        """Student SUBS log x_ν(z_t) [N, L, V] through `module` (σ zeroed unless time-conditioned)."""
+    def x0_logits(self, z: Tensor, t: Tensor) -> Tensor:
+        """Raw student logits [N, L, V] through `module` (σ zeroed unless time-conditioned), in the trunk's dtype."""
         sigma = self.student.backbone_sigma(t.to(z.device), z.shape[0]).to(z.device)
         with autocast_context(z.device, self.student.mixed_precision):
-            logits = self.module(z, sigma)
-        return subs_log_probs(logits.float(), z, self.mask_id)
+            logits: Tensor = self.module(z, sigma)
+        return logits
 
-    def teacher_log_probs(self, z: Tensor, t: Tensor) -> Tensor:
+    def x0_log_probs(self, z: Tensor, t: Tensor) -> Tensor:
+        """Student SUBS log x_ν(z_t) [N, L, V] float32 (the sampler's; training reads `x0_logits` in blocks)."""
+        return subs_log_probs(self.x0_logits(z, t).float(), z, self.mask_id)
+
+    def teacher_logits(self, z: Tensor, t: Tensor) -> Tensor:
+        """Raw teacher logits [N, L, V] (no grad), as `MaskedDiffusionLM.logits` computes them before its fp32 cast."""
         if self.teacher is None:
             raise ValueError("StudentPolicy has no teacher: pass `teacher` to use the KL regulariser")
         if next(self.teacher.parameters()).device != z.device:
             self.teacher.to(z.device)
-        with torch.no_grad():
-            return self.teacher.log_probs_x0(z, t)
+        sigma = self.teacher.backbone_sigma(torch.as_tensor(t, device=z.device), z.shape[0]).to(z.device)
+        with torch.no_grad(), autocast_context(z.device, self.teacher.mixed_precision):
+            logits: Tensor = self.teacher.backbone(z, sigma)
+        return logits
 
     def _per_step(self, rollout: Rollout, with_entropy: bool) -> tuple[Tensor, Tensor | None]:
         steps = rollout_steps(rollout, self.mask_id)
         logprobs, entropies, forwards = [], [], []
         for z, target, t in zip(steps.inputs, steps.targets, steps.times, strict=True):
-            log_probs = self.x0_log_probs(z, t)
-            forwards.append(log_probs)
-            logprobs.append(step_log_probs(log_probs, z, target, self.mask_id, self.logprob_mode))
+            logits = self.x0_logits(z, t)
+            forwards.append(logits)
+            # Blockwise over the masked positions (subs_stats): no fp32 [N, L, V] log-probs, the same numbers.
+            stats = subs_stats(logits, z, self.mask_id, targets=target, entropy=with_entropy)
+            assert stats.picked is not None
+            logprobs.append(picked_step_log_probs(stats.picked, z, target, self.mask_id, self.logprob_mode))
             if with_entropy:
-                entropies.append(masked_mean(categorical_entropy(log_probs), z == self.mask_id))
+                assert stats.entropy is not None
+                entropies.append(masked_mean(stats.entropy, z == self.mask_id))
         self._reuse = (weakref.ref(rollout), torch.is_grad_enabled(), forwards) if self.teacher is not None else None
         mask = rollout.mask
         out = torch.where(mask, torch.stack(logprobs, dim=1), 0.0)
@@ -232,8 +252,12 @@ class StudentPolicy:
         cached = reuse[2] if reuse is not None and fresh else None
         kls = []
         for k, (z, t) in enumerate(zip(steps.inputs, steps.times, strict=True)):
-            student = cached[k] if cached is not None else self.x0_log_probs(z, t)
-            div = teacher_divergence(student, self.teacher_log_probs(z, t), self.regularization, self.beta)
+            student = cached[k] if cached is not None else self.x0_logits(z, t)
+            teacher = self.teacher_logits(z, t)
+            div = subs_stats(
+                student, z, self.mask_id, teacher_logits=teacher, regularization=self.regularization, beta=self.beta
+            ).divergence
+            assert div is not None
             kls.append(masked_mean(div, z == self.mask_id))
         return torch.where(rollout.mask, torch.stack(kls, dim=1), 0.0)
 

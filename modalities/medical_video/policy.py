@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from toolkit.distributed import unwrap
+from toolkit.hf.attention import check_attn_implementation, set_attn_implementation
 from toolkit.hf.generation import left_align, row_slices
 from toolkit.hf.logprobs import token_log_probs_and_entropy
 from toolkit.hf.policy import (
@@ -33,6 +36,7 @@ from toolkit.hf.policy import (
     load_trainable_state_dict,
     reference_log_probs,
     trainable_state_dict,
+    unwrap_model,
     wrap_lora,
     zero_dropout,
 )
@@ -40,6 +44,8 @@ from toolkit.hf.reference import ReferenceSnapshot
 from toolkit.rollout import Rollout
 
 # LoRA on the language model's linear layers only (the vision tower stays frozen).
+# Models whose forward takes one pooled vision-tower output per video as mm_encoder_outputs["video"].
+EMBEDDING_REUSE_MODELS = ("qwen2_vl", "qwen2_5_vl")
 LANGUAGE_LORA_TARGETS = r"^(?!.*visual).*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
 
 
@@ -60,13 +66,26 @@ class VideoFeatures:
     num_tokens: int
 
 
-def video_batch(videos: Sequence[VideoFeatures], device: torch.device) -> dict[str, Tensor]:
-    """The model's video kwargs for rows `videos` (one video per row, in row order)."""
-    return {
-        "pixel_values_videos": torch.cat([v.pixel_values_videos for v in videos]).to(device),
+def video_batch(
+    videos: Sequence[VideoFeatures], device: torch.device, embeds: Sequence[Tensor] | None = None
+) -> dict[str, Any]:
+    """The model's video kwargs for rows `videos` (one video per row, in row order).
+
+    With `embeds` (one [tokens, D] vision-tower output per row, `VideoVLMPolicy.video_embeddings`) the model gets
+    them as `mm_encoder_outputs` instead of the patches, so its vision tower does not run; the grid and the seconds
+    per grid step still go in, for the mRoPE positions.
+    """
+    kwargs: dict[str, Any] = {
         "video_grid_thw": torch.cat([v.video_grid_thw for v in videos]).to(device),
         "second_per_grid_ts": torch.tensor([v.second_per_grid_ts for v in videos], device=device),
     }
+    if embeds is None:
+        kwargs["pixel_values_videos"] = torch.cat([v.pixel_values_videos for v in videos]).to(device)
+    else:
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        kwargs["mm_encoder_outputs"] = {"video": BaseModelOutputWithPooling(pooler_output=tuple(embeds))}
+    return kwargs
 
 
 def mm_token_types(input_ids: Tensor, video_token_id: int, image_token_id: int | None = None) -> Tensor:
@@ -88,12 +107,17 @@ class VideoVLMPolicy:
         freeze_vision: keep the vision tower (and its merger) frozen.
         gradient_checkpointing: recompute activations in backward (use_reentrant=False).
         dtype: "float32" keeps fp32 weights (bf16 autocast on CUDA), "bfloat16" casts them, "auto" keeps them.
-        attn_implementation: passed to `from_pretrained` (e.g. "sdpa", "flash_attention_2"); None = default.
+        attn_implementation: attention kernel ("eager", "sdpa", "flash_attention_2", ...; None = the model's),
+            checked before loading (`toolkit.hf.attention`): a hub id loads with it, a built module is switched.
         temperature, top_p, top_k: sampling settings the sampler inherits; log-probs use the temperature only.
         reference: "adapters_off" (LoRA), "copy" (frozen copy taken before the first update), "none", or "auto".
         micro_batch_size: rows per forward when re-scoring (None = all rows at once).
         autocast: bf16 autocast when the module is on CUDA.
         disable_dropout: zero every dropout, so train-mode re-scoring equals sampling.
+        reuse_vision_embeddings: with the vision tower frozen, encode each distinct video once per rollout
+            (`video_embeddings`) and feed the embeddings to generation, the old-log-prob pass and every training and
+            reference forward (Qwen2-VL / Qwen2.5-VL on transformers with `mm_encoder_outputs`). A trainable tower
+            is re-run in every forward, as its gradient needs.
     """
 
     def __init__(
@@ -112,8 +136,11 @@ class VideoVLMPolicy:
         micro_batch_size: int | None = None,
         autocast: bool = True,
         disable_dropout: bool = True,
+        reuse_vision_embeddings: bool = True,
     ) -> None:
         reference_mode = check_policy_options(dtype, reference, temperature, top_p, micro_batch_size, lora is not None)
+        check_attn_implementation(attn_implementation)
+        self.reuse_vision_embeddings = reuse_vision_embeddings
         self.temperature, self.top_p, self.top_k = float(temperature), float(top_p), top_k
         self.micro_batch_size, self.autocast, self.is_lora = micro_batch_size, autocast, lora is not None
         self.reference_mode: ReferenceMode = reference_mode
@@ -215,12 +242,50 @@ class VideoVLMPolicy:
         module.save_pretrained(str(out_dir))
         self.processor.save_pretrained(str(out_dir))
 
+    def video_embeddings(self, videos: Sequence[VideoFeatures]) -> list[Tensor] | None:
+        """One [tokens, D] vision-tower output per row of `videos`, each distinct video encoded once, no grad.
+
+        None when they may not stand in for the tower: `reuse_vision_embeddings` is off, the tower has trainable
+        weights, or the model cannot take them (see `reuses_vision_embeddings`). Encoded under the policy's
+        autocast, one video per call, as the forwards they replace encode it (on CPU the numbers are bitwise theirs).
+        """
+        if not self.reuses_vision_embeddings():
+            return None
+        model: Any = unwrap_model(unwrap(self.module))
+        encoded: dict[int, Tensor] = {}
+        with torch.no_grad(), self.autocast_context():
+            for video in videos:
+                if id(video) not in encoded:
+                    pixels, grid = video.pixel_values_videos.to(self.device), video.video_grid_thw.to(self.device)
+                    encoded[id(video)] = model.get_video_features(pixels, grid, return_dict=True).pooler_output[0]
+        return [encoded[id(video)] for video in videos]
+
+    def reuses_vision_embeddings(self) -> bool:
+        """Whether forwards take precomputed video embeddings: the option is on, no vision weight trains (LoRA on
+        the tower included), the model is a Qwen2-VL / Qwen2.5-VL whose forward has `mm_encoder_outputs`, and the
+        tower's weights are whole on this rank (FSDP / ZeRO-3 shards are gathered only inside the model's forward,
+        so a sharded tower keeps running there)."""
+        model: Any = unwrap_model(unwrap(self.module))
+        if not self.reuse_vision_embeddings or getattr(model.config, "model_type", None) not in EMBEDDING_REUSE_MODELS:
+            return False
+        weights = list(vision_tower(model).parameters())
+        return (
+            "mm_encoder_outputs" in inspect.signature(model.forward).parameters
+            and not any(p.requires_grad for p in weights)
+            and not any(_is_sharded(p) for p in weights)
+        )
+
     def _score(self, module: nn.Module, rollout: Rollout) -> tuple[Tensor, Tensor]:
         data, num_steps = rollout.data, rollout.num_steps
         sampled_at = data.get("temperature")
         if sampled_at is not None and float(sampled_at) != self.temperature:
             raise ValueError(f"rollout sampled at temperature {sampled_at}, the policy scores at {self.temperature}")
         videos: list[VideoFeatures] = data["videos"]
+        # The sampler's embeddings (or, for a rollout without them, one encoding per distinct video for this call).
+        # They serve the reference module too: a frozen tower is the same in the reference copy and with adapters off.
+        embeds = data.get("video_embeds") if self.reuses_vision_embeddings() else None
+        if embeds is None or len(embeds) != len(videos):  # e.g. a rollout joined with one that had none
+            embeds = self.video_embeddings(videos)
         device = next(module.parameters()).device
         prompt_ids, prompt_mask = left_align(data["prompt_ids"], data["prompt_attention_mask"].bool())
         input_ids = torch.cat([prompt_ids, data["response_ids"]], dim=1).to(device)
@@ -235,7 +300,7 @@ class VideoVLMPolicy:
                     mm_token_type_ids=mm_token_types(ids, self.video_token_id, self.image_token_id),
                     use_cache=False,
                     logits_to_keep=num_steps + 1,
-                    **video_batch(videos[rows], device),
+                    **video_batch(videos[rows], device, None if embeds is None else embeds[rows]),
                 ).logits
             lp, ent = token_log_probs_and_entropy(
                 logits[:, -(num_steps + 1) : -1], ids[:, -num_steps:], self.temperature, self.suppressed_token_ids
@@ -253,6 +318,13 @@ def vision_tower(model: nn.Module) -> nn.Module:
         if isinstance(visual, nn.Module):
             return visual
     raise ValueError(f"{type(model).__name__} has no `visual` tower; expected a Qwen2/2.5/3-VL model")
+
+
+def _is_sharded(weight: Tensor) -> bool:
+    """A weight this rank holds only a shard of: an FSDP2 DTensor or a DeepSpeed ZeRO-3 partitioned parameter."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(weight, DTensor) or hasattr(weight, "ds_id")
 
 
 def _check_architecture_holds(model: Any) -> None:
@@ -292,4 +364,5 @@ def _build_model(model: str | nn.Module, dtype: DTypeName, attn_implementation: 
         return AutoModelForImageTextToText.from_pretrained(model, **kwargs)
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a hub id/path or an nn.Module, got {type(model).__name__}")
+    set_attn_implementation(model, attn_implementation)
     return model.to(TORCH_DTYPES[dtype]) if dtype in TORCH_DTYPES else model

@@ -91,8 +91,14 @@ class VideoSampler:
         try:
             start = time.perf_counter()
             rows = [i for i in range(len(dicts)) for _ in range(group_size)]
-            sequences = self._generate(policy, [encoded[i] for i in rows], [videos[i] for i in rows], seed, temperature)
+            row_videos = [videos[i] for i in rows]
+            # A frozen vision tower encodes each prompt's video once here; generation, the old-log-prob pass and the
+            # training forwards take these embeddings (None: the tower runs in every forward).
+            embeds = getattr(policy, "video_embeddings", lambda _: None)(row_videos)
+            sequences = self._generate(policy, [encoded[i] for i in rows], row_videos, embeds, seed, temperature)
             rollout = self._build_rollout(policy, dicts, videos, group_size, sequences, temperature)
+            if embeds is not None:
+                rollout.data["video_embeds"] = embeds
             rollout.metrics["time/generate_s"] = time.perf_counter() - start
             rollout.metrics["video/skipped_prompts"] = float(len(prompts) - len(dicts))
             rollout.metrics["video/cache_hits"] = float(self.cache.hits - hits)
@@ -157,7 +163,13 @@ class VideoSampler:
         return ids
 
     def _generate(
-        self, policy: Policy, rows: list[list[int]], videos: list[VideoFeatures], seed: int, temperature: float
+        self,
+        policy: Policy,
+        rows: list[list[int]],
+        videos: list[VideoFeatures],
+        embeds: list[Tensor] | None,
+        seed: int,
+        temperature: float,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Left-padded prompts [N, L] (+ bool mask) and responses [N, T] padded with the pad id."""
         module = unwrap(policy.module)
@@ -182,7 +194,7 @@ class VideoSampler:
                     attention_mask=prompt_mask[part].long(),
                     mm_token_type_ids=_mm_token_types(ids, video_id, image_id),
                     generation_config=config,
-                    **video_batch(videos[part], device),
+                    **video_batch(videos[part], device, None if embeds is None else embeds[part]),
                 )
                 responses.append(output[:, width:])
         steps = max(r.shape[1] for r in responses)

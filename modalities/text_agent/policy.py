@@ -16,6 +16,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from modalities.text_agent.packing import (
+    PackedLayout,
+    check_packing_support,
+    packed_layout,
+    position_ids_from_mask,
+)
+from toolkit.hf.attention import check_attn_implementation, set_attn_implementation
 from toolkit.hf.generation import left_align, row_slices
 from toolkit.hf.logprobs import token_log_probs, token_log_probs_and_entropy
 from toolkit.hf.policy import (
@@ -35,12 +42,6 @@ from toolkit.hf.policy import (
 )
 from toolkit.hf.reference import ReferenceSnapshot
 from toolkit.rollout import Rollout
-
-
-def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
-    """[N, W] position ids that skip padding (cumsum - 1, 0 on pads), as HF `generate` builds them."""
-    positions = attention_mask.long().cumsum(-1) - 1
-    return positions.masked_fill(attention_mask == 0, 0)
 
 
 def sequence_tensors(data: Mapping[str, Any], num_steps: int) -> tuple[Tensor, Tensor]:
@@ -87,6 +88,12 @@ class CausalLMPolicy:
         micro_batch_size: rows per forward pass when re-scoring (None = all rows at once).
         autocast: run forwards under bf16 autocast when the module is on CUDA.
         disable_dropout: zero every dropout (including LoRA's), so the on-policy ratio is exactly 1.
+        attn_implementation: attention kernel ("eager", "sdpa", "flash_attention_2", ...; None = the model's), checked
+            before the model loads (`toolkit.hf.attention`); a built module is switched to it.
+        packed: padding-free re-scoring forwards (`packed_layout`): a micro-batch's attended tokens are concatenated
+            into one row with per-sequence position ids and no attention mask, from which transformers builds the
+            block-diagonal causal mask (or flash-attention's varlen path), and logits are taken only where a
+            response token is predicted. The same log-probs as the padded forward to float rounding, no work on pads.
     """
 
     def __init__(
@@ -103,8 +110,14 @@ class CausalLMPolicy:
         micro_batch_size: int | None = None,
         autocast: bool = True,
         disable_dropout: bool = True,
+        attn_implementation: str | None = None,
+        packed: bool = False,
     ) -> None:
         reference_mode = check_policy_options(dtype, reference, temperature, top_p, micro_batch_size, lora is not None)
+        check_attn_implementation(attn_implementation)
+        if packed:
+            check_packing_support()
+        self.packed = packed
         if top_k is not None and top_k < 0:
             raise ValueError(f"top_k must be >= 0 or None, got {top_k}")
         self.temperature = float(temperature)
@@ -115,7 +128,7 @@ class CausalLMPolicy:
         self.is_lora = lora is not None
         self.reference_mode: ReferenceMode = reference_mode
         self.tokenizer = _load_tokenizer(tokenizer, model)
-        base: Any = _build_model(model, dtype)
+        base: Any = _build_model(model, dtype, attn_implementation)
         if gradient_checkpointing:
             _enable_checkpointing(base)
             if self.is_lora:
@@ -223,20 +236,32 @@ class CausalLMPolicy:
         device = next(module.parameters()).device
         input_ids, attention_mask = (t.to(device) for t in sequence_tensors(rollout.data, num_steps))
         chunk = self.micro_batch_size or max(len(rollout), 1)
+        mask = rollout.mask.to(device)
+        if self.packed and bool((mask & ~attention_mask[:, -num_steps:]).any()):
+            raise ValueError("rollout.mask trains response positions outside the attention mask: cannot pack them")
         logprobs, entropies = [], []
         for rows in row_slices(len(rollout), chunk):
-            logits = self._response_logits(module, input_ids[rows], attention_mask[rows], num_steps)
-            tokens = input_ids[rows, -num_steps:]
-            if with_entropy:
-                lp, ent = token_log_probs_and_entropy(logits, tokens, self.temperature)
-                entropies.append(ent)
-            else:
-                lp = token_log_probs(logits, tokens, self.temperature)
+            lp, ent = self._rows_log_probs(module, input_ids[rows], attention_mask[rows], num_steps, with_entropy)
             logprobs.append(lp)
-        mask = rollout.mask.to(device)
+            entropies.append(ent)
         result = torch.where(mask, torch.cat(logprobs), 0.0)
-        entropy = torch.where(mask, torch.cat(entropies), 0.0) if with_entropy else None
+        entropy = torch.where(mask, torch.cat([e for e in entropies if e is not None]), 0.0) if with_entropy else None
         return result, entropy
+
+    def _rows_log_probs(
+        self, module: nn.Module, input_ids: Tensor, attention_mask: Tensor, num_steps: int, with_entropy: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        """([n, T] log-probs, [n, T] entropy or None) of the response tokens of rows [n, W], padded or packed."""
+        if self.packed:
+            layout = packed_layout(input_ids, attention_mask, num_steps)
+            logits, tokens, unpack = self._packed_logits(module, layout), layout.tokens[layout.targets], layout.unpack
+        else:
+            logits = self._response_logits(module, input_ids, attention_mask, num_steps)
+            tokens, unpack = input_ids[:, -num_steps:], _identity
+        if not with_entropy:
+            return unpack(token_log_probs(logits, tokens, self.temperature)), None
+        logprobs, entropy = token_log_probs_and_entropy(logits, tokens, self.temperature)
+        return unpack(logprobs), unpack(entropy)
 
     def _response_logits(self, module: nn.Module, input_ids: Tensor, attention_mask: Tensor, num_steps: int) -> Tensor:
         """[n, T, V] logits predicting the last `num_steps` tokens of `input_ids`."""
@@ -252,6 +277,24 @@ class CausalLMPolicy:
             logits: Tensor = module(**kwargs).logits
         return logits[:, -(num_steps + 1) : -1]
 
+    def _packed_logits(self, module: nn.Module, layout: PackedLayout) -> Tensor:
+        """[K, V] logits predicting the K attended response tokens, from one padding-free forward of `layout`."""
+        predicting = layout.targets - 1  # a row's tokens are contiguous: its previous token predicts a target
+        kwargs: dict[str, Any] = {
+            "input_ids": layout.tokens[None],
+            "position_ids": layout.positions[None],
+            "use_cache": False,
+        }
+        if self._accepts_logits_to_keep:
+            kwargs["logits_to_keep"] = predicting
+        with self.autocast_context():
+            logits: Tensor = module(**kwargs).logits[0]
+        return logits if self._accepts_logits_to_keep else logits[predicting]
+
+
+def _identity(values: Tensor) -> Tensor:
+    return values
+
 
 def _load_tokenizer(tokenizer: Any, model: Any) -> Any:
     if tokenizer is None and isinstance(model, str):
@@ -263,11 +306,12 @@ def _load_tokenizer(tokenizer: Any, model: Any) -> Any:
     return tokenizer
 
 
-def _build_model(model: str | nn.Module | Mapping[str, Any], dtype: DTypeName) -> Any:
+def _build_model(model: str | nn.Module | Mapping[str, Any], dtype: DTypeName, attn_implementation: str | None) -> Any:
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    attention = {"attn_implementation": attn_implementation} if attn_implementation is not None else {}
     if isinstance(model, str):
-        return AutoModelForCausalLM.from_pretrained(model, dtype=TORCH_DTYPES.get(dtype, "auto"))
+        return AutoModelForCausalLM.from_pretrained(model, dtype=TORCH_DTYPES.get(dtype, "auto"), **attention)
     if isinstance(model, Mapping):
         if "_component_" in model:
             raise ValueError("model is an unbuilt `_component_` node; build it with the config system first")
@@ -277,9 +321,10 @@ def _build_model(model: str | nn.Module | Mapping[str, Any], dtype: DTypeName) -
             )
         kwargs = dict(model)
         config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
-        built: Any = AutoModelForCausalLM.from_config(config)
+        built: Any = AutoModelForCausalLM.from_config(config, **attention)
     elif isinstance(model, nn.Module):
         built = model
+        set_attn_implementation(built, attn_implementation)
     else:
         raise ValueError(f"model must be a hub id/path, an nn.Module or a config mapping, got {type(model).__name__}")
     return built.to(TORCH_DTYPES[dtype]) if dtype in TORCH_DTYPES else built

@@ -12,10 +12,11 @@ diffusers' format (a `transformer/` folder, or LoRA weights that `pipeline.load_
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import shutil
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast, get_args
@@ -24,6 +25,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from modalities.text_to_image.attention import set_attention_backend
+from modalities.text_to_image.latents import image_ids, latent_shape, unpack
 from modalities.text_to_image.sde import Reduce, gaussian_kl, sde_step
 from modalities.text_to_image.text_encoding import CachedTextEncoder, PipelineTextEncoder
 from toolkit.distributed import unwrap
@@ -80,6 +83,12 @@ class FlowMatchingPolicy:
         timestep_mode: time input: "exact" σ, "quantized" int(σ·1000)/1000 (Pref-GRPO FLUX), "auto" =
             quantized for flux, exact for sd3. The SDE always uses the exact σ.
         cfg_gradient: SD3 CFG gradient: "conditional" (v = sg(v_u) + w(v_c − sg(v_u))) or "both".
+        uncond_without_grad: with "conditional", re-scoring runs the unconditional half as its own forward under
+            `torch.no_grad()` (no activations kept for it); False batches [uncond; cond] through one forward with
+            gradients and detaches v_u after (the same numbers to float rounding, more memory and work).
+        attn_implementation: the transformer's diffusers attention backend ("native", "flash", "_flash_3",
+            "sage", ..., or the transformers names "sdpa", "flash_attention_2", "flash_attention_3"); None keeps
+            the model's (`modalities.text_to_image.attention`).
         micro_batch_size: transitions per transformer call when re-scoring (None = all at once).
         kl_reduce: reduction of the analytic KL over latent dims ("mean" = Flow-GRPO).
         vae_scale_factor: pixels per latent cell; None = from the VAE (2^(len(block_out_channels) − 1)) or 8.
@@ -101,6 +110,8 @@ class FlowMatchingPolicy:
         autocast: bool = True,
         timestep_mode: TimestepMode = "auto",
         cfg_gradient: CfgGradient = "conditional",
+        uncond_without_grad: bool = True,
+        attn_implementation: str | None = None,
         micro_batch_size: int | None = None,
         kl_reduce: Reduce = "mean",
         vae_scale_factor: int | None = None,
@@ -131,11 +142,14 @@ class FlowMatchingPolicy:
         self.gradient_checkpointing, self.autocast = gradient_checkpointing, autocast
         self.quantize_timesteps = timestep_mode == "quantized" or (timestep_mode == "auto" and arch == "flux")
         self.cfg_gradient, self.micro_batch_size, self.kl_reduce = cfg_gradient, micro_batch_size, kl_reduce
+        self.uncond_without_grad = uncond_without_grad
         vae_config: Any = getattr(vae, "config", None)
         self.vae_scale_factor = vae_scale_factor or (
             2 ** (len(vae_config.block_out_channels) - 1) if vae_config is not None else 8
         )
         base = transformer if _param_dtype(transformer) == _DTYPES[dtype] else transformer.to(_DTYPES[dtype])
+        if attn_implementation is not None:
+            set_attention_backend(base, attn_implementation)
         self.module: nn.Module = _wrap_lora(base, lora) if lora is not None else base
         if disable_dropout:
             for sub in self.module.modules():
@@ -218,26 +232,38 @@ class FlowMatchingPolicy:
         guidance: Tensor,
         module: nn.Module | None = None,
         image_size: tuple[int, int] | None = None,
+        checkpointed: bool = False,
+        split_cfg: bool = False,
     ) -> Tensor:
         """[n, ...] float32 velocity at latents [n, ...], per-row sigmas [n], conditioning and guidance [n].
 
-        SD3 with negative embeddings in `cond`: true CFG over one batched [uncond; cond] forward. FLUX: the
-        guidance value goes to the guidance embedder (when the model has one), one forward.
+        SD3 with negative embeddings in `cond`: true CFG, by default over one batched [uncond; cond] forward. With
+        `split_cfg` and cfg_gradient "conditional" the unconditional half is a forward of its own under no_grad (it
+        keeps no activations for backward). FLUX: the guidance value goes to the guidance embedder (when the model
+        has one), one forward. `checkpointed`: each forward that records gradients runs under
+        `torch.utils.checkpoint` (only its inputs stay alive until backward).
         """
         module = self.module if module is None else module
         timesteps = sigmas.float()
         if self.quantize_timesteps:
             timesteps = torch.floor(timesteps * 1000.0) / 1000.0
+        run = functools.partial(_call, checkpointed and torch.is_grad_enabled())
         if self.arch == "flux":
-            return self._flux_velocity(module, latents, timesteps, cond, guidance, image_size)
+            return run(self._flux_velocity, module, latents, timesteps, cond, guidance, image_size)
+        embeds, pooled = cond["prompt_embeds"], cond["pooled_prompt_embeds"]
         if "negative_prompt_embeds" not in cond:
-            return self._sd3_forward(module, latents, timesteps, cond["prompt_embeds"], cond["pooled_prompt_embeds"])
-        embeds = torch.cat([cond["negative_prompt_embeds"], cond["prompt_embeds"]])
-        pooled = torch.cat([cond["negative_pooled_prompt_embeds"], cond["pooled_prompt_embeds"]])
-        both = self._sd3_forward(module, torch.cat([latents, latents]), timesteps.repeat(2), embeds, pooled)
-        v_uncond, v_cond = both.chunk(2)
-        if self.cfg_gradient == "conditional":
-            v_uncond = v_uncond.detach()
+            return run(self._sd3_forward, module, latents, timesteps, embeds, pooled)
+        negative, negative_pooled = cond["negative_prompt_embeds"], cond["negative_pooled_prompt_embeds"]
+        if split_cfg and self.cfg_gradient == "conditional":
+            with torch.no_grad():
+                v_uncond = self._sd3_forward(module, latents, timesteps, negative, negative_pooled)
+            v_cond = run(self._sd3_forward, module, latents, timesteps, embeds, pooled)
+        else:
+            doubled = (torch.cat([latents, latents]), timesteps.repeat(2), torch.cat([negative, embeds]))
+            both = run(self._sd3_forward, module, *doubled, torch.cat([negative_pooled, pooled]))
+            v_uncond, v_cond = both.chunk(2)
+            if self.cfg_gradient == "conditional":
+                v_uncond = v_uncond.detach()
         w = guidance.float().reshape(-1, *([1] * (latents.dim() - 1)))
         return v_uncond + w * (v_cond - v_uncond)
 
@@ -345,10 +371,8 @@ class FlowMatchingPolicy:
         for part in _slices(count, self.micro_batch_size or max(count, 1)):
             cond = {k: v[part] for k, v in trans.cond.items()}
             args = (trans.latents[part], trans.sigmas[part], cond, trans.guidance[part], module, size)
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                v = checkpoint(self.velocity, *args, use_reentrant=False)
-            else:
-                v = self.velocity(*args)
+            # Policy and reference passes split CFG alike, so the analytic KL at the reference weights is exactly 0.
+            v = self.velocity(*args, checkpointed=self.gradient_checkpointing, split_cfg=self.uncond_without_grad)
             outs.append(
                 sde_step(
                     mode,
@@ -526,38 +550,12 @@ def _component_names(model_index: Path) -> list[str]:
     ]
 
 
-def latent_shape(arch: Arch, in_channels: int, height: int, width: int, scale: int) -> tuple[int, ...]:
-    """One latent's shape: [C, H/f, W/f] for SD3, packed [(H/2f)·(W/2f), C_in] tokens for FLUX (C_in = 4C)."""
-    if height % scale or width % scale:
-        raise ValueError(f"height {height} and width {width} must be multiples of the VAE factor {scale}")
-    h, w = height // scale, width // scale
-    if arch == "sd3":
-        return (in_channels, h, w)
-    if h % 2 or w % 2:
-        raise ValueError(f"FLUX packs 2x2 latent cells: height and width must be multiples of {2 * scale}")
-    return ((h // 2) * (w // 2), in_channels)
-
-
-def pack(latents: Tensor) -> Tensor:
-    """FLUX packing [N, C, h, w] → [N, (h/2)(w/2), 4C] (2×2 patches as tokens, diffusers' layout)."""
-    n, c, h, w = latents.shape
-    patches = latents.reshape(n, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
-    return patches.reshape(n, (h // 2) * (w // 2), c * 4)
-
-
-def unpack(tokens: Tensor, h: int, w: int) -> Tensor:
-    """Inverse of `pack`: [N, (h/2)(w/2), 4C] → [N, C, h, w]."""
-    n, _, d = tokens.shape
-    patches = tokens.reshape(n, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
-    return patches.reshape(n, d // 4, h, w)
-
-
-def image_ids(h2: int, w2: int, device: torch.device) -> Tensor:
-    """[h2·w2, 3] FLUX image position ids (0, row, column) of the packed token grid."""
-    ids = torch.zeros(h2, w2, 3, device=device)
-    ids[..., 1] = torch.arange(h2, device=device)[:, None]
-    ids[..., 2] = torch.arange(w2, device=device)[None, :]
-    return ids.reshape(h2 * w2, 3)
+def _call(checkpointed: bool, function: Callable[..., Tensor], *args: Any) -> Tensor:
+    """`function(*args)`, under `torch.utils.checkpoint` (non-reentrant) when `checkpointed`."""
+    if not checkpointed:
+        return function(*args)
+    out: Tensor = checkpoint(function, *args, use_reentrant=False)
+    return out
 
 
 def _param_dtype(module: nn.Module) -> torch.dtype:

@@ -111,14 +111,14 @@ def test_kl_reuses_the_student_forward_with_identical_value_and_gradient() -> No
     fresh = policy.analytic_kl(rollout)
     fresh_grads = torch.autograd.grad(fresh.sum(), params, allow_unused=True)
     calls = 0
-    original = policy.x0_log_probs
+    original = policy.x0_logits
 
     def counting(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         nonlocal calls
         calls += 1
         return original(z, t)
 
-    policy.x0_log_probs = counting  # type: ignore[method-assign]
+    policy.x0_logits = counting  # type: ignore[method-assign]
     logprobs = policy.log_probs(rollout)
     reused = policy.analytic_kl(rollout)
     assert calls == 3  # three steps, one forward each, shared by the log-probs and the KL

@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 import torch
 
+from modalities.text_to_image.latents import pack, unpack
 from modalities.text_to_image.pairwise import PairwiseJudgeTransform
-from modalities.text_to_image.policy import FlowMatchingPolicy, pack, unpack
+from modalities.text_to_image.policy import FlowMatchingPolicy
 from modalities.text_to_image.sampler import FlowSDESampler
 from modalities.text_to_image.sde import flow_grpo_step
 from modalities.text_to_image.tiny import build_tiny_policy

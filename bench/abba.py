@@ -1,0 +1,36 @@
+"""ABBA-interleaved CPU timing for the side-by-side benches: two sides alternate in blocks of steps in one process.
+
+A step's cost is the process CPU time it took (one torch thread keeps it steady on a shared machine); the paired
+ratio compares each side's block with the other side's block of the same index, run back to back, so a slow drift
+of the machine's load cancels.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+
+def run_abba(
+    sides: Sequence[str], step: Callable[[str], float], warmup: int, repeats: int, steps: int
+) -> dict[str, dict[str, list[float]]]:
+    """{side: {"cpu_s": [...], "value": [...]}}: `warmup` untimed steps per side, then `repeats` rounds of blocks of
+    `steps` timed steps, the sides' order reversed every other round; `step(side)` returns a value to compare."""
+    rows: dict[str, dict[str, list[float]]] = {side: {"cpu_s": [], "value": []} for side in sides}
+    for side in sides:
+        for _ in range(warmup):
+            step(side)
+    for repeat in range(repeats):
+        for side in sides if repeat % 2 == 0 else sides[::-1]:
+            for _ in range(steps):
+                start = time.process_time()
+                rows[side]["value"].append(step(side))
+                rows[side]["cpu_s"].append(time.process_time() - start)
+    return rows
+
+
+def paired_ratio(before: list[float], after: list[float], steps: int) -> float:
+    """Median over same-index blocks of `steps` of after / before median CPU seconds."""
+    blocks = [[statistics.median(side[i : i + steps]) for i in range(0, len(side), steps)] for side in (before, after)]
+    return statistics.median(b / a for a, b in zip(*blocks, strict=True))
