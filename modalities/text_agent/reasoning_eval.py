@@ -140,6 +140,14 @@ class ReasoningEvalResult:
     def to_json(self) -> dict[str, Any]:
         return {"results": self.results, "rows": self.rows}
 
+    def metrics(self) -> dict[str, float]:
+        """{"DATASET/METRIC": value} of the one evaluated policy: `trainer.eval_every` logs them as eval/DATASET/METRIC
+        (`trainer.eval_metric: Avg/accuracy` keeps the best checkpoint by mean pass@1)."""
+        if len(self.results) != 1:
+            raise ValueError(f"metrics() describes one evaluated policy, this result holds {sorted(self.results)}")
+        [per_dataset] = self.results.values()
+        return {f"{name}/{key}": float(value) for name, values in per_dataset.items() for key, value in values.items()}
+
 
 class ReasoningEvaluator:
     """`eval.evaluator` for math reasoning: k samples per problem, DLER Table 1 metrics, JSON and a plot.

@@ -110,12 +110,13 @@ class BestCheckpoint:
         return value < self.value if self.mode == "min" else value > self.value
 
     def update(self, trainer: Any, metrics: dict[str, float]) -> bool:
-        """Save a best checkpoint when the metric improved (main process writes; every rank waits); True if saved."""
+        """Save a best checkpoint when the metric improved (every rank takes part: FSDP shards are written by all,
+        the rest by the main process, which records it); True if saved."""
         value = self.value_of(metrics)
         if not self.improves(value):
             return False
+        path = trainer.save(self.manager)
         if trainer.accelerator.is_main_process:
-            path = self.manager.save(trainer.state())
             record = {"metric": self.metric, "mode": self.mode, "value": value, "step": trainer.global_step}
             record["checkpoint"] = str(path)
             write_json_atomic(self.directory / BEST_FILE, record)

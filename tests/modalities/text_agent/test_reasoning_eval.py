@@ -18,6 +18,7 @@ from torch import nn
 from modalities.text_agent.reasoning_data import ReasoningDataset, load_problems
 from modalities.text_agent.reasoning_eval import (
     AVERAGE,
+    ReasoningEvalResult,
     ReasoningEvaluator,
     format_table,
     pass_at_1,
@@ -251,3 +252,10 @@ def test_renorm_eval_runs_the_tiny_recipe(tmp_path: Path, capsys: pytest.Capture
     results = json.loads(output.read_text())["results"]["base"]
     assert set(results) == {"add", "sub", AVERAGE}
     assert results["add"]["num_problems"] == 3 and results["add"]["num_samples"] == 6
+
+
+def test_metrics_name_each_dataset_and_the_average_for_eval_every() -> None:
+    result = ReasoningEvalResult({"policy": {"add": {"accuracy": 50.0, "length": 3.0}, AVERAGE: {"accuracy": 50.0}}})
+    assert result.metrics() == {"add/accuracy": 50.0, "add/length": 3.0, f"{AVERAGE}/accuracy": 50.0}
+    with pytest.raises(ValueError, match="one evaluated policy"):
+        ReasoningEvalResult({"a": {}, "b": {}}).metrics()

@@ -185,3 +185,27 @@ def test_fsdp_refuses_settings_that_let_ranks_run_different_forwards() -> None:
         check_lockstep(TrainerConfig(prompts_per_step=3, group_size=2), 2, "FSDP")
     with pytest.raises(ValueError, match="drop_zero_variance_groups is not supported under ZeRO-3"):
         check_lockstep(TrainerConfig(prompts_per_step=4, group_size=2, drop_zero_variance_groups=True), 2, "ZeRO-3")
+
+
+@pytest.mark.integration
+def test_fsdp_keeps_the_best_checkpoint_of_in_training_evaluation(tmp_path: Path) -> None:
+    """Evaluation every step under FSDP (the reasoning evaluator's pass@1 as `eval_metric`): every rank takes part in
+    writing the best checkpoint, which verifies like any other and holds the sharded state."""
+    run = tmp_path / "run"
+    train = [
+        "-m",
+        "toolkit.cli",
+        "train",
+        str(ROOT / "configs" / "text_reasoning" / "tiny.yaml"),
+        f"trainer.run_dir={run}",
+    ]
+    train += ["trainer.prompts_per_step=4", "trainer.group_size=2", "trainer.num_minibatches=1", "trainer.num_steps=2"]
+    train += ["trainer.progress=false", "trainer.drop_zero_variance_groups=false", "trainer.eval_every=1"]
+    launch("cpu_fsdp.yaml", *train, "+trainer.eval_metric=Avg/accuracy", "eval.evaluator.max_problems=4")
+    best = json.loads((run / "best" / "best.json").read_text())
+    assert best["metric"] == "Avg/accuracy" and best["step"] in (1, 2) and 0 <= best["value"] <= 100
+    checkpoint = Path(best["checkpoint"])
+    verify_checkpoint(checkpoint)
+    assert (checkpoint / "sharded").is_dir() and (checkpoint / MODEL_FILE).is_file()
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "eval/Avg/accuracy" in r] == [1, 2]
