@@ -118,6 +118,7 @@ def refill(
     on: str = "scores",
     atol: float = 0.0,
     include_singletons: bool = False,
+    sync: Callable[[bool], bool] | None = None,
 ) -> tuple[Rollout, dict[str, float]]:
     """Dynamic sampling with a refill cap: generate until `target_groups` non-degenerate groups survive.
 
@@ -128,6 +129,8 @@ def refill(
         on_cap: "error" raises RefillCapError at the cap; "partial" returns the surviving groups (fewer
             than the target) with `filter/cap_hit` = 1. With nothing surviving it raises in both modes.
         on, atol, include_singletons: see `drop_zero_variance_groups`.
+        sync: given "this rank needs another round", whether any rank does (sharded training, where every rank
+            must sample as often as the others: a rank already done samples along and its extra groups are cut).
 
     Returns:
         (rollout with group ids 0..target-1 renumbered in generation order, metrics `filter/rounds`,
@@ -138,7 +141,10 @@ def refill(
         raise ValueError(f"need target_groups >= 1 and max_rounds >= 0, got {target_groups}, {max_rounds}")
     kept: list[Rollout] = []
     generated = survived = rounds = 0
-    while survived < target_groups and (max_rounds == 0 or rounds < max_rounds):
+    while True:
+        more = survived < target_groups and (max_rounds == 0 or rounds < max_rounds)
+        if not (sync(more) if sync is not None else more):
+            break
         batch = _renumber_groups(sample_batch(), start=generated)
         rounds += 1
         generated += int(torch.unique(batch.group_ids).numel())

@@ -88,12 +88,17 @@ def check_lockstep(config: TrainerConfig, world: int, engine_name: str) -> None:
             f"trainer.prompts_per_step={config.prompts_per_step} must be a multiple of the {world} ranks under "
             f"{engine_name}: every rank must run the same forwards"
         )
-    if config.drop_zero_variance_groups:
-        raise ValueError(
-            f"trainer.drop_zero_variance_groups is not supported under {engine_name} yet: each rank decides its own "
-            "number of refill rounds, and every rank must sample the same number of times; set it to false or launch "
-            "with DDP"
-        )
+
+
+def in_lockstep(accelerator: Any) -> bool:
+    """True when every rank must run the same forwards and `generate` calls (FSDP, ZeRO-3): dynamic sampling then
+    refills until every rank has its groups (`any_rank`), the ranks that are done sampling along."""
+    return engine(accelerator) == "fsdp" or _zero_stage(accelerator) == 3
+
+
+def any_rank(flag: bool) -> bool:
+    """True when `flag` is true on any rank (a collective: every rank calls it)."""
+    return bool(dist.all_reduce_sum(torch.tensor(float(flag))).item() > 0)
 
 
 def configure_deepspeed(

@@ -157,6 +157,7 @@ class Trainer:
                 self.config.max_sampling_rounds,
                 self.config.on_sampling_cap,
                 on=self.config.dynamic_sampling_on,
+                sync=sharding.any_rank if sharding.in_lockstep(self.accelerator) else None,
             )
         rollout.metrics.update(metrics)
         return rollout

@@ -89,6 +89,22 @@ def test_refill_reaches_target_and_trims() -> None:
     assert out.metrics["filter/rounds"] == 3
 
 
+def test_refill_in_lockstep_samples_while_any_rank_needs_more() -> None:
+    """Sharded training: this rank has its 1 group after round 1, another rank needs 3 rounds; this one samples along
+    (every rank must call generate as often) and still returns exactly its target, the first surviving groups."""
+    other_rank_needs = iter([True, True, False])
+    asked: list[bool] = []
+
+    def sync(mine: bool) -> bool:
+        asked.append(mine)
+        return mine or next(other_rank_needs)
+
+    rounds = [[1, 0, 1, 1], [0, 1, 0, 0], [1, 0, 0, 0]]
+    out, metrics = refill(batches(rounds, 2), target_groups=1, max_rounds=5, sync=sync)
+    assert asked == [True, False, False, False] and metrics["filter/rounds"] == 3
+    assert out.scores.tolist() == [1, 0] and metrics["filter/kept_groups"] == 1  # type: ignore[union-attr]
+
+
 def test_refill_cap_error_and_partial() -> None:
     rounds = [[1, 1, 0, 1], [0, 0, 1, 1]]
     with pytest.raises(RefillCapError, match="only 1 of 3 target groups.*after 2 generation rounds"):
