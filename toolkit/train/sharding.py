@@ -93,7 +93,8 @@ def check_lockstep(config: TrainerConfig, world: int, engine_name: str) -> None:
 def in_lockstep(accelerator: Any) -> bool:
     """True when every rank must run the same forwards and `generate` calls (FSDP, ZeRO-3): dynamic sampling then
     refills until every rank has its groups (`any_rank`), the ranks that are done sampling along."""
-    return engine(accelerator) == "fsdp" or _zero_stage(accelerator) == 3
+    name = engine(accelerator)
+    return name == "fsdp" or (name == "deepspeed" and _zero_stage(accelerator) == 3)
 
 
 def any_rank(flag: bool) -> bool:
