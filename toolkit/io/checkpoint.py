@@ -16,18 +16,16 @@ checked against its manifest checksum first. `resume="auto"` skips a latest chec
 from __future__ import annotations
 
 import builtins
-import hashlib
 import json
 import logging
 import os
-import pickle
 import random
 import re
 import shutil
 import uuid
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,8 +34,28 @@ import torch
 from torch import Tensor
 
 from toolkit.io.atomic import fsync_dir, fsync_file, write_text_synced
+from toolkit.io.integrity import (
+    COMPLETE,
+    CheckpointError,
+    file_sha256,
+    read_manifest,
+    safe_torch_load,
+    verify_checkpoint,
+)
 
-COMPLETE = "COMPLETE"
+# The integrity helpers are part of the checkpoint API (callers import them from here too).
+__all__ = [
+    "COMPLETE",
+    "CheckpointError",
+    "CheckpointManager",
+    "CheckpointState",
+    "file_sha256",
+    "load_checkpoint",
+    "read_manifest",
+    "safe_torch_load",
+    "verify_checkpoint",
+]
+
 MODEL_FILE = "model.safetensors"
 OBJECTS_FILE = "objects.pt"
 RNG_FILE = "rng.pt"
@@ -48,13 +66,8 @@ STEP_DIR = re.compile(r"^step_(\d+)$")
 _TEMP_PREFIX = ".tmp-"
 _TRASH_PREFIX = ".trash-"
 CORRUPT_PREFIX = "corrupt-"
-_HASH_CHUNK = 1 << 20
 
 log = logging.getLogger(__name__)
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, incomplete or corrupt; the message names the file."""
 
 
 # ---------------------------------------------------------------------------------------------- RNG
@@ -158,15 +171,6 @@ def _write_checkpoint(state: CheckpointState, directory: Path) -> None:
     manifest = {"format_version": FORMAT_VERSION, "step": state.step, "files": files}
     write_text_synced(directory / COMPLETE, json.dumps(manifest, indent=2))
     fsync_dir(directory)
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks (checkpoints can be tens of GB)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_HASH_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _check_state(state: CheckpointState) -> None:
@@ -349,63 +353,6 @@ def load_checkpoint(path: str | Path, read_model: bool = True) -> CheckpointStat
         rng=_read(directory / RNG_FILE, safe_torch_load),
         meta=_read(directory / META_FILE, lambda p: json.loads(p.read_text(encoding="utf-8"))),
     )
-
-
-def verify_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Check every file of a checkpoint directory against its `COMPLETE` manifest; returns the manifest.
-
-    Raises:
-        CheckpointError: the directory, the manifest or a file is missing, or a file's size or SHA-256 differs.
-    """
-    directory = Path(path)
-    if not directory.is_dir():
-        raise CheckpointError(f"checkpoint directory not found: {directory}")
-    manifest = read_manifest(directory)
-    for name, expected in manifest["files"].items():
-        file = directory / name
-        if not file.is_file():
-            raise CheckpointError(f"checkpoint file missing: {file}")
-        size, digest = (expected, None) if isinstance(expected, int) else (expected["size"], expected["sha256"])
-        if file.stat().st_size != size:
-            raise CheckpointError(f"checkpoint file corrupt: {file} has {file.stat().st_size} bytes, expected {size}")
-        if digest is not None and file_sha256(file) != digest:
-            raise CheckpointError(f"checkpoint file corrupt: {file}: SHA-256 differs from the manifest's")
-    return manifest
-
-
-def safe_torch_load(path: str | Path) -> Any:
-    """`torch.load(weights_only=True)` on CPU: refuses (CheckpointError) any pickle that would import or call code."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(
-            f"refusing to load {path}: it holds pickled objects beyond tensors, numbers, strings and plain "
-            f"containers, and loading them could run code from the file ({first_line})"
-        ) from e
-
-
-def read_manifest(directory: Path) -> dict[str, Any]:
-    marker = directory / COMPLETE
-    if not marker.is_file():
-        raise CheckpointError(f"incomplete checkpoint (no {COMPLETE} marker): {directory}")
-    try:
-        manifest: dict[str, Any] = json.loads(marker.read_text(encoding="utf-8"))
-        int(manifest["step"])
-        for name, expected in dict(manifest["files"]).items():
-            _check_relative_name(name)
-            if not isinstance(expected, int):
-                int(expected["size"]), str(expected["sha256"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"checkpoint file corrupt: {marker}: {e}") from e
-    return manifest
-
-
-def _check_relative_name(name: str) -> None:
-    """ValueError unless `name` is a relative path inside the checkpoint ("meta.json", "sharded/__0_0.distcp")."""
-    parts = PurePosixPath(name).parts
-    if not name or "\\" in name or PurePosixPath(name).is_absolute() or any(p in ("", ".", "..") for p in parts):
-        raise ValueError(f"file name {name!r} is not a plain name or a relative path inside the checkpoint")
 
 
 def _read(path: Path, reader: Any) -> Any:

@@ -100,6 +100,26 @@ def test_a_flipped_byte_is_detected_and_auto_resume_falls_back(
     assert manager.list() == [older] and torch.equal(load_checkpoint(older).model["w"], torch.full((64,), 1.0))
 
 
+def test_a_resume_hashes_each_file_once_unless_it_changes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`resume=auto` verifies the checkpoint it picks and the load verifies it again: the second check is a `stat`
+    of each file (tens of GB are not hashed twice); a file rewritten since is hashed again and a flipped byte found."""
+    import toolkit.io.integrity as integrity
+
+    hashed: list[str] = []
+    real = integrity.file_sha256
+    monkeypatch.setattr(integrity, "file_sha256", lambda path: hashed.append(Path(path).name) or real(path))
+    checkpoint = CheckpointManager(tmp_path).save(CheckpointState(step=1, model={"w": torch.ones(64)}, meta={"a": 1}))
+    files = sorted(json.loads((checkpoint / COMPLETE).read_text())["files"])
+    assert resolve_resume("auto", tmp_path) == checkpoint
+    load_checkpoint(checkpoint)
+    assert sorted(hashed) == files  # once each
+    hashed.clear()
+    flip_byte(checkpoint / "model.safetensors")  # rewritten: a new modification time
+    with pytest.raises(CheckpointError, match="SHA-256 differs"):
+        load_checkpoint(checkpoint)
+    assert "model.safetensors" in hashed
+
+
 def test_training_resumes_from_the_newest_checkpoint_that_verifies(tmp_path: Path) -> None:
     fit(build_trainer(tiny_config(tmp_path, "trainer.num_steps=2", "trainer.save_every=1")))
     manager = CheckpointManager(tmp_path)
