@@ -99,7 +99,8 @@ class Trajectory:
     """One row's growing response: token ids, which of them the model generated, and its turns.
 
     `turn_starts[k]` / `action_ends[k]` index the first / last generated token of model turn k in
-    `response`; `turns[k]` is {"action": generated text, "observation": text appended after it}.
+    `response`; `turns[k]` is {"action": generated text, "observation": text appended after it};
+    `engine_logprobs` holds the engine's log-prob of each response token (0 on observations).
     """
 
     prompt_ids: list[int]
@@ -109,6 +110,7 @@ class Trajectory:
     turn_starts: list[int] = field(default_factory=list)
     action_ends: list[int] = field(default_factory=list)
     turns: list[dict[str, str]] = field(default_factory=list)
+    engine_logprobs: list[float] = field(default_factory=list)
     num_tool_calls: int = 0
     num_tool_errors: int = 0
     num_invalid: int = 0
@@ -121,9 +123,12 @@ class Trajectory:
         """Response tokens left before `max_response_tokens`."""
         return self.budget - len(self.response)
 
-    def add_turn(self, ids: list[int], text: str) -> None:
-        """Append one model turn (trained tokens)."""
+    def add_turn(self, ids: list[int], text: str, logprobs: Sequence[float] | None = None) -> None:
+        """Append one model turn (trained tokens) and the engine's log-prob of each (None: zeros)."""
+        if logprobs is not None and len(logprobs) != len(ids):
+            raise ValueError(f"a turn of {len(ids)} tokens came with {len(logprobs)} engine log-probs")
         self.turn_starts.append(len(self.response))
+        self.engine_logprobs.extend(logprobs if logprobs is not None else [0.0] * len(ids))
         self.response.extend(ids)
         self.generated.extend([True] * len(ids))
         self.action_ends.append(len(self.response) - 1)
@@ -138,6 +143,7 @@ class Trajectory:
             ids = ids[: self.remaining]
             self.truncated = self.done = True
         self.response.extend(ids)
+        self.engine_logprobs.extend([0.0] * len(ids))
         self.generated.extend([False] * len(ids))
         self.turns[-1]["observation"] += decode(ids)
 

@@ -1,23 +1,23 @@
 """Multi-turn tool-loop sampler: Search-R1-style agents that call tools between generated turns.
 
-Per turn, ONE batched HF `generate` over the still-active rows runs until the first closing action
-tag (`</search>`, `</{tool}>` for each tool, `</answer>`) or EOS; the last complete action is parsed;
-each tool is called once for all rows that used it; the observation `<information>…</information>`
-is appended as token ids; after `max_turns` such turns a final turn runs with tools disabled.
-Simplifications: every turn re-encodes its whole context (no KV cache kept across turns), and text the
-model wrote after a closing tag inside the same token is kept (the model saw it), not cut as text.
+Per turn, ONE rollout-engine request (`toolkit.engines`: `hf` by default, `server`, `vllm`) over the still-active
+rows, whose prompts are the trajectories' token ids so far, runs until the first closing action tag (`</search>`,
+`</{tool}>` for each tool, `</answer>`) or EOS; the last complete action is parsed; each tool is called once for all
+rows that used it; the observation `<information>…</information>` is appended as token ids; after `max_turns` such
+turns a final turn runs with tools disabled. Simplifications: the `hf` engine re-encodes each turn's whole context (a
+server engine's prefix cache reuses it), and text the model wrote after a closing tag inside the same token is kept
+(the model saw it), not cut as text.
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import time
 from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import Any, Literal, get_args
 
 import torch
-from transformers import GenerationConfig, StoppingCriteriaList, StopStringCriteria
 
 from modalities.text_agent.sampler import (
     PromptTruncation,
@@ -41,8 +41,8 @@ from modalities.text_agent.tool_loop import (
     tool_table,
 )
 from toolkit.distributed import unwrap
-from toolkit.engines.hf import EndTracker
-from toolkit.hf.generation import plain_generation_config, rng_devices
+from toolkit.engines import EngineName, GenerationRequest, GenerationResult, HFEngine, SamplingParams, ServerEngine
+from toolkit.engines.vllm_engine import VLLMEngine
 from toolkit.interfaces import Policy
 from toolkit.rollout import Rollout
 
@@ -55,9 +55,12 @@ class ToolLoopSampler(SingleTurnSampler):
     The rollout uses SingleTurnSampler's layout (`prompt_ids`, `prompt_attention_mask`,
     `response_ids`, `response_attention_mask`, `temperature`), the response being the model's turns
     and the observations between them. `mask` is True only on generated tokens; `data["info_mask"]`
-    on observation tokens. Turns stop through `StopStringCriteria` on the closing tags, which matches
-    a tag whether it is one token (the tiny tokenizer) or spelled over several, and keeps the token
-    that completes it. Prompts, seeding and sampling settings are SingleTurnSampler's.
+    on observation tokens. Turns stop at the closing tags as engine stop strings, which match a tag whether it
+    is one token (the tiny tokenizer) or spelled over several, and keep the token that completes it. Prompts and
+    sampling settings are SingleTurnSampler's; turn k is one engine request seeded with `turn_seed(seed, k)`
+    (turn 0 with the sampler's seed), so `hf` and `server` engines give the same trajectories. The engine's
+    log-probs of the generated tokens are kept as `data["engine_logprobs"]` (0 on observations) and their
+    mismatch with the re-scored old_logprobs logged, as in SingleTurnSampler.
 
     Args:
         tools: the tools, as a list (tag = each tool's `name`) or a mapping tag -> tool.
@@ -81,6 +84,8 @@ class ToolLoopSampler(SingleTurnSampler):
         turn_boundary: where `turn_ends` marks a turn: "action" = its last generated token;
             "observation" = the last token of the observation it triggered (PPR's official placement,
             docs/methods/ppr.md §6.1; those tokens are not trained, so run GAE over `response_attention_mask`).
+        engine, engine_logprobs: as in SingleTurnSampler; every turn is one request of the active rows' token ids
+            so far (a server engine's prefix cache then reuses the context instead of re-encoding it).
     """
 
     def __init__(
@@ -105,6 +110,8 @@ class ToolLoopSampler(SingleTurnSampler):
         max_prompt_length: int | None = None,
         prompt_truncation: PromptTruncation = "error",
         compute_old_logprobs: bool = True,
+        engine: EngineName | HFEngine | ServerEngine | VLLMEngine = "hf",
+        engine_logprobs: bool = True,
     ) -> None:
         super().__init__(
             max_new_tokens=max_new_tokens_per_turn,
@@ -117,6 +124,8 @@ class ToolLoopSampler(SingleTurnSampler):
             max_prompt_length=max_prompt_length,
             prompt_truncation=prompt_truncation,
             compute_old_logprobs=compute_old_logprobs,
+            engine=engine,
+            engine_logprobs=engine_logprobs,
         )
         if max_turns < 0:
             raise ValueError(f"max_turns must be >= 0, got {max_turns}")
@@ -155,56 +164,52 @@ class ToolLoopSampler(SingleTurnSampler):
         was_training = module.training
         module.eval()  # dropout off while sampling and re-scoring
         try:
-            timings = self._run_loop(policy, tokenizer, rows, seed, temperature)
+            params = self._turn_params(policy, tokenizer, temperature)
+            timings = self._run_loop(policy, tokenizer, rows, seed, params)
             device = next(unwrap(module).parameters()).device
             rollout = self._assemble_rollout(dicts, group_size, tokenizer, rows, temperature).to(device)
             rollout.metrics.update(timings)
             self._rescore(policy, rollout)
+            if self.engine_logprobs:
+                self._record_engine_logprobs(rollout, engine_rows(rows))
         finally:
             module.train(was_training)
         return rollout
 
     def _run_loop(
-        self, policy: Policy, tokenizer: Any, rows: list[Trajectory], seed: int, temperature: float
+        self, policy: Policy, tokenizer: Any, rows: list[Trajectory], seed: int, params: dict[bool, SamplingParams]
     ) -> dict[str, float]:
-        """Advance all rows turn by turn (one `generate` per turn); returns timing metrics."""
-        model = unwrap(policy.module)  # generate() lives on the bare model, not on its DDP wrapper
-        device = next(model.parameters()).device
-        config, eos, stops = self._turn_settings(policy, tokenizer, model, temperature)
-        autocast = getattr(policy, "autocast_context", contextlib.nullcontext)
+        """Advance all rows turn by turn (one engine request per turn); returns timing and engine metrics."""
         timings = {"time/generate_s": 0.0, "time/tools_s": 0.0}
-        with torch.random.fork_rng(devices=rng_devices(device)), torch.no_grad(), plain_generation_config(model):
-            torch.manual_seed(seed)
-            for turn in range(self.max_turns + 1):
-                final = turn == self.max_turns
-                if final and turn > 0 and self.final_turn_message:
-                    message = encode_text(tokenizer, self.final_turn_message)
-                    for row in self._active(rows):
-                        row.add_observation(message, partial(tokenizer.decode, skip_special_tokens=True))
-                active = self._active(rows)
-                if not active:
-                    break
-                start = time.perf_counter()
-                with autocast():
-                    outputs = self._generate_turn(model, active, config, stops[final], eos.to(device))
-                timings["time/generate_s"] += time.perf_counter() - start
-                calls, invalid = self._record_turn(tokenizer, active, outputs, final)
-                start = time.perf_counter()
-                self._observe(tokenizer, calls, invalid)
-                timings["time/tools_s"] += time.perf_counter() - start
+        for turn in range(self.max_turns + 1):
+            final = turn == self.max_turns
+            if final and turn > 0 and self.final_turn_message:
+                message = encode_text(tokenizer, self.final_turn_message)
+                for row in self._active(rows):
+                    row.add_observation(message, partial(tokenizer.decode, skip_special_tokens=True))
+            active = self._active(rows)
+            if not active:
+                break
+            start = time.perf_counter()
+            outputs, engine_metrics = self._generate_turn(policy, active, params[final], turn_seed(seed, turn))
+            timings["time/generate_s"] += time.perf_counter() - start
+            for key, value in engine_metrics.items():  # summed over turns (pushes, retries, sync time)
+                timings[key] = timings.get(key, 0.0) + value
+            calls, invalid = self._record_turn(tokenizer, active, outputs, final)
+            start = time.perf_counter()
+            self._observe(tokenizer, calls, invalid)
+            timings["time/tools_s"] += time.perf_counter() - start
         return timings
 
-    def _turn_settings(
-        self, policy: Policy, tokenizer: Any, model: Any, temperature: float
-    ) -> tuple[GenerationConfig, torch.Tensor, dict[bool, StopStringCriteria]]:
-        """Generation config, EOS ids and the stop criteria of tool turns (False) and the final turn (True)."""
-        config, eos, _ = self._sampling_config(policy, tokenizer, model, temperature)
-        closing = [f"</{name}>" for name in self.tools]
-        stops = {
-            False: StopStringCriteria(tokenizer=tokenizer, stop_strings=[*closing, f"</{ANSWER}>"]),
-            True: StopStringCriteria(tokenizer=tokenizer, stop_strings=[f"</{ANSWER}>"]),
+    def _turn_params(self, policy: Policy, tokenizer: Any, temperature: float) -> dict[bool, SamplingParams]:
+        """Sampling settings of tool turns (False: any closing tag stops) and the final turn (True: `</answer>`)."""
+        base = self._sampling_params(policy, tokenizer, unwrap(policy.module), temperature)
+        closing = tuple(f"</{name}>" for name in self.tools)
+        answer = (f"</{ANSWER}>",)
+        return {
+            False: dataclasses.replace(base, stop_strings=closing + answer),
+            True: dataclasses.replace(base, stop_strings=answer),
         }
-        return config, torch.tensor(eos, dtype=torch.long), stops
 
     @staticmethod
     def _active(rows: list[Trajectory]) -> list[Trajectory]:
@@ -215,45 +220,44 @@ class ToolLoopSampler(SingleTurnSampler):
         return [row for row in rows if not row.done]
 
     def _generate_turn(
-        self,
-        model: Any,
-        rows: list[Trajectory],
-        config: GenerationConfig,
-        stop: StopStringCriteria,
-        eos: torch.Tensor,
-    ) -> list[tuple[list[int], bool]]:
-        """One batched `generate` over `rows`' contexts: (kept ids, stopped) per row.
+        self, policy: Policy, rows: list[Trajectory], params: SamplingParams, seed: int
+    ) -> tuple[list[tuple[list[int], bool, list[float]]], dict[str, float]]:
+        """One engine request over `rows`' contexts: ((kept ids, stopped, engine log-probs) per row, engine metrics).
 
         A row that stopped (EOS or closing tag) keeps its ids through the stopping token; one that
         did not keeps at most its remaining response budget.
         """
-        device = eos.device
-        config.max_new_tokens = min(self.max_new_tokens, max(row.remaining for row in rows))
-        contexts = [row.prompt_ids + row.response for row in rows]
-        input_ids, attention_mask = left_pad(contexts, config.pad_token_id, device)
-        tracker = EndTracker(input_ids.shape[1], eos, stop, len(rows))
-        output = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask.long(),
-            generation_config=config,
-            stopping_criteria=StoppingCriteriaList([tracker]),
+        budget = min(self.max_new_tokens, max(row.remaining for row in rows))
+        request = GenerationRequest(
+            [row.prompt_ids + row.response for row in rows],
+            dataclasses.replace(params, max_new_tokens=budget),
+            num_samples=1,
+            seed=seed,
+            return_logprobs=self.engine_logprobs,
         )
-        new_ids = output[:, input_ids.shape[1] :].tolist()
+        result = self.engine.generate(policy, request)
+        result.check_rows(request)
+        values = result.logprobs or [[0.0] * len(ids) for ids in result.token_ids]
         kept = []
-        for row, ids, end in zip(rows, new_ids, tracker.ends.tolist(), strict=True):
-            stopped = 0 <= end < row.remaining
-            kept.append((ids[: end + 1] if stopped else ids[: row.remaining], stopped))
-        return kept
+        for row, ids, reason, logprobs in zip(rows, result.token_ids, result.finish_reasons, values, strict=True):
+            stopped = reason == "stop" and len(ids) <= row.remaining
+            n = len(ids) if stopped else min(len(ids), row.remaining)
+            kept.append((ids[:n], stopped, logprobs[:n]))
+        return kept, result.metrics
 
     def _record_turn(
-        self, tokenizer: Any, rows: list[Trajectory], outputs: list[tuple[list[int], bool]], final: bool
+        self,
+        tokenizer: Any,
+        rows: list[Trajectory],
+        outputs: list[tuple[list[int], bool, list[float]]],
+        final: bool,
     ) -> tuple[list[ToolRequest], list[Trajectory]]:
         """Append each row's turn and parse its action: (tool calls, rows with an invalid action to correct)."""
         calls: list[ToolRequest] = []
         invalid: list[Trajectory] = []
-        for row, (ids, stopped) in zip(rows, outputs, strict=True):
+        for row, (ids, stopped, logprobs) in zip(rows, outputs, strict=True):
             text = tokenizer.decode(ids, skip_special_tokens=True)
-            row.add_turn(ids, text)
+            row.add_turn(ids, text, logprobs)
             if not stopped and row.remaining <= 0:
                 row.truncated = row.done = True
                 continue
@@ -340,3 +344,13 @@ class ToolLoopSampler(SingleTurnSampler):
             "rollout/prompt_length_mean": float(prompt_mask.sum(1).float().mean()),
         }
         return metrics
+
+
+def turn_seed(seed: int, turn: int) -> int:
+    """The engine seed of tool-loop turn `turn`: the sampler's seed for turn 0, a fixed odd stride apart after."""
+    return (seed + turn * 0x9E3779B97F4A7C15) % 2**62
+
+
+def engine_rows(rows: Sequence[Trajectory]) -> GenerationResult:
+    """The trajectories' responses with the engine's log-prob per token (0 on observations), for the mismatch log."""
+    return GenerationResult([row.response for row in rows], ["stop"] * len(rows), [row.engine_logprobs for row in rows])

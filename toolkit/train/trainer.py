@@ -43,6 +43,7 @@ from toolkit.io.redaction import redact
 from toolkit.objective.policy_objective import ObjectiveOutput, PolicyObjective, loss_denominators
 from toolkit.rollout import Rollout
 from toolkit.train import sharding
+from toolkit.train.async_rollouts import AsyncRollouts, build_async_rollouts
 from toolkit.train.config_drift import apply_new_hyperparameters, group_settings
 from toolkit.train.critic import RETURNS_KEY, CriticUpdater
 from toolkit.train.filters import refill
@@ -114,6 +115,8 @@ class Trainer:
             else None
         )
         self.generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + dist.rank())
+        self.update_generator = self.generator  # minibatch shuffling (its own with overlapped async rollouts)
+        self.rollouts: AsyncRollouts | None = build_async_rollouts(self) if cfg.async_rollouts else None
         self.global_step = 0
         self.checkpoints = CheckpointManager(self.run_dir, keep_last=cfg.keep_last)
         self._batches: Iterator[list[Any]] | None = None
@@ -125,11 +128,13 @@ class Trainer:
     def step(self) -> tuple[dict[str, float], Rollout]:
         """One training step; returns its metrics and the scored rollout."""
         start = time.perf_counter()
-        rollout = self.collect()
+        rollout = self.rollouts.next(self.global_step) if self.rollouts is not None else self.collect()
         sampled = time.perf_counter()
         if self.critic is not None:
             rollout.values = self.critic.record_values(rollout)
         rollout = self.compute_advantages(rollout)
+        if self.rollouts is not None:  # a rollout of the previous step's weights: truncated importance sampling
+            rollout = self.rollouts.correct(rollout)
         # Reference log-probs were already taken before the transforms when one of them needs them.
         reference_missing = not self._transforms_need_reference or rollout.ref_logprobs is None
         if self.objective.needs_reference and reference_missing and not isinstance(self.policy, AnalyticKLPolicy):
@@ -142,17 +147,19 @@ class Trainer:
         metrics["time/step_s"] = time.perf_counter() - start
         return metrics, rollout
 
-    def collect(self) -> Rollout:
-        """Sample, score and transform; with dynamic sampling, refill until no group is degenerate.
+    def collect(self, policy: Policy | None = None) -> Rollout:
+        """Sample (with `policy`, the trained one by default), score and transform; with dynamic sampling, refill
+        until no group is degenerate.
 
         Sharded weights are gathered once for all of it: ranks may need different numbers of refill rounds.
         """
-        with sharding.gathered_weights(self.accelerator, self.policy.module):
+        policy = policy or self.policy
+        with sharding.gathered_weights(self.accelerator, policy.module):
             if not self.config.drop_zero_variance_groups:
-                return self.sample_and_score()
+                return self.sample_and_score(policy)
             num_groups = _shard_size(self.config.prompts_per_step)
             rollout, metrics = refill(
-                self.sample_and_score,
+                lambda: self.sample_and_score(policy),
                 num_groups,
                 self.config.max_sampling_rounds,
                 self.config.on_sampling_cap,
@@ -162,14 +169,15 @@ class Trainer:
         rollout.metrics.update(metrics)
         return rollout
 
-    def sample_and_score(self) -> Rollout:
+    def sample_and_score(self, policy: Policy | None = None) -> Rollout:
+        policy = policy or self.policy
         prompts = self.local_prompts()
-        self.policy.module.eval()
+        policy.module.eval()
         if isinstance(self.sampler, OldLogprobsDeferringSampler):
             self.sampler.defer_old_logprobs = self.old_logprobs_from_update
         with torch.no_grad():
-            rollout = self.sampler.sample(self.policy, prompts, self.config.group_size, self.generator)
-        self.policy.module.train()
+            rollout = self.sampler.sample(policy, prompts, self.config.group_size, self.generator)
+        policy.module.train()
         cfg = self.config
         rollout = score_rollout(rollout, self.rewards, cfg.reward_retries, cfg.max_reward_failure_frac)
         if self._transforms_need_reference:
@@ -210,7 +218,7 @@ class Trainer:
         train_actor = self.global_step >= cfg.critic_warmup_steps
         for _ in range(cfg.num_inner_epochs):
             for minibatch in rollout.minibatches(
-                cfg.num_minibatches, self.generator, cfg.shuffle_minibatches, cfg.keep_groups_in_minibatch
+                cfg.num_minibatches, self.update_generator, cfg.shuffle_minibatches, cfg.keep_groups_in_minibatch
             ):
                 # Global denominators, so token_mean is exact across accumulation and ranks.
                 tokens, seqs = loss_denominators(minibatch.mask)
@@ -334,6 +342,8 @@ class Trainer:
 
         Every rank's RNG and sampling generator are kept; FSDP shards and ZeRO-3 weights: toolkit.train.sharding.
         """
+        if self.rollouts is not None:
+            self.rollouts.wait()  # the rollout in flight draws from the data stream and the generator saved here
         ranks = sharding.rank_states(self.generator)
 
         def state(weights: Mapping[str, torch.Tensor] | None = None, **objects: Any) -> CheckpointState:

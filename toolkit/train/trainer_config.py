@@ -58,6 +58,14 @@ class TrainerConfig:
     eval_every: int = 0
     eval_metric: str | None = None
     eval_mode: Literal["min", "max"] = "max"
+    # Async one-step-off-policy rollouts (toolkit.train.async_rollouts): step k+1's rollout is generated in a
+    # background thread with step k's weights while step k updates (staleness 1), corrected per token by
+    # truncated importance sampling ("tis": weight min(ratio, cap)) or masking ("mis": ratio > cap untrained).
+    # async_overlap=false generates in the foreground (staleness 0): exactly the synchronous path.
+    async_rollouts: bool = False
+    async_overlap: bool = True
+    async_correction: Literal["tis", "mis"] = "tis"
+    async_ratio_cap: float = 2.0
     # Dynamic sampling (DAPO/DLER): drop zero-variance groups and refill, at most this many rounds.
     drop_zero_variance_groups: bool = False
     max_sampling_rounds: int = 4
@@ -118,6 +126,10 @@ class TrainerConfig:
     def _check_cross_fields(self) -> None:
         if self.eval_mode not in ("min", "max"):
             raise ValueError(f"trainer.eval_mode must be 'min' or 'max', got {self.eval_mode!r}")
+        if self.async_correction not in ("tis", "mis"):
+            raise ValueError(f"trainer.async_correction must be 'tis' or 'mis', got {self.async_correction!r}")
+        cap = self.async_ratio_cap
+        _check("async_ratio_cap", cap, _finite(cap) and cap >= 1, "a finite number >= 1")
         if self.eval_metric is not None and self.eval_every == 0:
             raise ValueError(f"trainer.eval_metric={self.eval_metric!r} needs trainer.eval_every > 0")
         n = self.prompts_per_step * self.group_size

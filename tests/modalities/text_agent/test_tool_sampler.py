@@ -8,16 +8,17 @@ and under full-sequence re-scoring, so the scripted model is still an ordinary p
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from transformers import PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast, StoppingCriteriaList, StopStringCriteria
 
 from modalities.text_agent.agent_metrics import answered_after_search, searched
 from modalities.text_agent.policy import CausalLMPolicy
+from modalities.text_agent.policy_server import PolicyServer
 from modalities.text_agent.tiny import build_char_tokenizer
 from modalities.text_agent.tool_loop import (
     Tool,
@@ -26,12 +27,16 @@ from modalities.text_agent.tool_loop import (
     encode_observation,
     parse_action,
 )
-from modalities.text_agent.tool_sampler import ToolLoopSampler
+from modalities.text_agent.tool_sampler import ToolLoopSampler, turn_seed
 from modalities.text_agent.tools.base import ToolError
+from modalities.text_agent.tools.retriever_server import serving
 from rewards.judges.ppr import split_trajectory
 from tests.contracts import PolicyContract
+from tests.modalities.text_agent.test_text_policy import sgd_step
 from tests.tiny import TINY_VOCAB_SIZE, tiny_lm
 from toolkit.config import load_config
+from toolkit.engines import ServerEngine
+from toolkit.hf.generation import left_pad
 from toolkit.rollout import Rollout
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -455,3 +460,86 @@ def test_trajectory_readers_parse_every_observation_form(template: str) -> None:
         assert PASSAGES.strip() in turns[0]["observation"]
     failed = trajectory("The search tool failed: backend down")
     assert searched(None, failed) == 0.0 and answered_after_search(None, failed) == 0.0
+
+
+# Engines: every turn is one request of the trajectories' token ids so far (issue 22).
+
+
+@pytest.fixture(scope="module")
+def scripted_server() -> Iterator[PolicyServer]:
+    """`renorm serve-policy`'s server on a loopback thread, holding other weights (seed 1) until the engine pushes."""
+    with serving(PolicyServer(scripted_policy(soft_script(), seed=1), ("127.0.0.1", 0))) as server:
+        yield server
+
+
+class TestToolLoopServerContract(TestToolLoopContract):
+    """The tool-loop contract (ratio 1, masks, observations untrained) through the server engine."""
+
+    server: PolicyServer
+
+    @pytest.fixture(autouse=True)
+    def _server(self, scripted_server: PolicyServer) -> None:
+        self.server = scripted_server
+
+    def make_sampler(self) -> ToolLoopSampler:
+        sampler = super().make_sampler()
+        sampler.engine = ServerEngine(self.server.url, retry_backoff_s=0.01)
+        return sampler
+
+
+def test_server_tool_loop_equals_the_hf_one_after_an_update(scripted_server: PolicyServer) -> None:
+    """Same trajectories, masks, old log-probs and observation tokens through `hf` and `server`, also after a step."""
+    policy = scripted_policy(soft_script())
+    options: dict[str, Any] = {"max_turns": 2, "max_new_tokens_per_turn": 8, "max_response_tokens": 60}
+    options |= {"max_observation_tokens": 10, "invalid_action_message": SHORT_CORRECTION}
+    engines: list[Any] = ["hf", ServerEngine(scripted_server.url, retry_backoff_s=0.01)]
+    samplers = [ToolLoopSampler(tools=[DictSearch()], engine=engine, **options) for engine in engines]
+    prompts = ["Where?", "Capital of X?", "Who?"]
+    for step in range(2):
+        local, served = (s.sample(policy, prompts, 3, torch.Generator().manual_seed(step)) for s in samplers)
+        assert local.data["turn_texts"] == served.data["turn_texts"] and local.completions == served.completions
+        assert (local.data["num_turns"] > 1).any() and local.data["info_mask"].any()  # multi-turn, observed
+        for key in ("response_ids", "response_attention_mask", "info_mask", "prompt_ids", "num_tool_calls"):
+            assert torch.equal(local.data[key], served.data[key]), key
+        for name in ("old_logprobs", "mask", "turn_ends", "truncated"):
+            assert torch.equal(getattr(local, name), getattr(served, name)), name
+        assert not (local.mask & local.data["info_mask"]).any()  # observation tokens are never trained
+        for rollout in (local, served):  # the engine's log-probs are the policy's on generated tokens, 0 elsewhere
+            engine = rollout.data["engine_logprobs"]
+            torch.testing.assert_close(engine[rollout.mask], rollout.old_logprobs[rollout.mask], atol=1e-5, rtol=0)
+            assert (
+                torch.all(engine[~rollout.mask] == 0) and rollout.metrics["rollout/engine_logprob_abs_diff_max"] < 1e-5
+            )
+        assert served.metrics["engine/weight_pushed"] == 1.0  # pushed once per step (first turn), then current
+        with torch.no_grad():
+            ratio = torch.exp(policy.log_probs(served) - served.old_logprobs)[served.mask]
+        torch.testing.assert_close(ratio, torch.ones_like(ratio), atol=1e-6, rtol=0)
+        sgd_step(policy, local)
+
+
+def test_hf_engine_first_turn_is_todays_seeded_generate() -> None:
+    """Turn 0 is exactly `generate` under torch.manual_seed(the sampler's seed), as before the engine seam."""
+    policy = scripted_policy(soft_script())
+    rollout, *_ = run(policy, ["Where?", "Who?"], group_size=2, seed=3, max_turns=0, max_new_tokens_per_turn=8)
+    seed = int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(3)).item())
+    assert turn_seed(seed, 0) == seed and turn_seed(seed, 1) != seed
+    tok = tokenizer()
+    rows = [tok("Where?")["input_ids"]] * 2 + [tok("Who?")["input_ids"]] * 2
+    ids, mask = left_pad(rows, tok.pad_token_id)
+    stop = StopStringCriteria(tokenizer=tok, stop_strings=["</answer>"])
+    torch.manual_seed(seed)
+    out = policy.module.generate(
+        input_ids=ids,
+        attention_mask=mask.long(),
+        do_sample=True,
+        max_new_tokens=8,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        top_k=0,
+        top_p=1.0,
+        temperature=1.0,
+        stopping_criteria=StoppingCriteriaList([stop]),
+    )[:, ids.shape[1] :]
+    for row in range(4):
+        n = int(rollout.lengths[row])
+        assert rollout.data["response_ids"][row, :n].tolist() == out[row, :n].tolist()
