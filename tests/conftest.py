@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -31,3 +32,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def recipe_models(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Tiny stand-ins of every hub model the shipped recipes name, saved once per session (tests/recipe_models.py)."""
+    from tests.recipe_models import build_recipe_models
+
+    return build_recipe_models(tmp_path_factory.mktemp("recipe_models"))

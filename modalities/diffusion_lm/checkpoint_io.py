@@ -9,6 +9,11 @@ non-backbone keys (`noise.*`, the Lightning EMA, optimizer state). The config is
 default to hidden/64 (12/16/20 for small/medium/large). `use_ema` reads a Lightning checkpoint's EMA
 `shadow_params`, which MDLM stores in `backbone.parameters()` order (our parameter order is the same).
 
+A Lightning `.ckpt` pickles more than tensors: MDLM's `hyper_parameters` hold an OmegaConf config and the tokenizer
+object. They load with `torch.load(weights_only=True)`, the objects of data-container packages (`CONTAINER_PACKAGES`)
+allow-listed as inert `OpaqueObject`s that keep their pickled arguments and state: no code of theirs (or the file's)
+runs, and only tensors are read. A file naming any other class or function still needs `allow_pickle=True`.
+
 The exported layout (`renorm export` of a DiDi student, `save_dlm_folder`): `model.safetensors` (the DiT state dict,
 our names), `config.json` ({"format": "renorm-dlm", "format_version": 1, "dit_config", "schedule" (class name),
 "schedule_args", "time_conditioning", "final", "weights": "ema"|"student", "dtype"}) and, when known, the tokenizer's
@@ -17,9 +22,12 @@ our names), `config.json` ({"format": "renorm-dlm", "format_version": 1, "dit_co
 
 from __future__ import annotations
 
+import collections
 import json
 import pickle
 import re
+import typing
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -40,13 +48,81 @@ DLM_WEIGHTS, DLM_CONFIG = "model.safetensors", "config.json"
 SCHEDULE_NAMES = {"LogLinearSchedule": "loglinear", "LinearSchedule": "linear", "CosineSchedule": "cosine"}
 
 
+# Packages whose pickled objects a Lightning checkpoint carries as data (configs, tokenizers, loop state).
+CONTAINER_PACKAGES = (
+    "omegaconf",
+    "lightning",
+    "pytorch_lightning",
+    "lightning_fabric",
+    "transformers",
+    "tokenizers",
+    "numpy",
+)
+# Plain types such objects' state names (OmegaConf metadata: `object_type=dict`, `ref_type=typing.Any`, ...).
+PLAIN_GLOBALS: dict[str, Any] = {
+    f"{t.__module__}.{t.__qualname__}": t
+    for t in (dict, list, tuple, set, frozenset, int, float, complex, str, bytes, bool, collections.OrderedDict)
+} | {"collections.defaultdict": collections.defaultdict, "typing.Any": typing.Any}
+
+
+class OpaqueObject:
+    """An object of a class a checkpoint names but that is never imported: its pickled arguments and state as data."""
+
+    qualified_name = ""
+    args: tuple[Any, ...]
+    state: Any
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> OpaqueObject:
+        obj = super().__new__(cls)
+        obj.args, obj.state = args, None
+        return obj
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"<opaque {self.qualified_name}>"
+
+
+def container_globals(path: Path) -> list[Any]:
+    """(object, name) for `torch.serialization.safe_globals`: every non-tensor global of the zip checkpoint at `path`.
+
+    Plain types map to themselves and classes of `CONTAINER_PACKAGES` to inert `OpaqueObject` subclasses.
+
+    Raises:
+        ValueError: the file names another class or function (it needs `allow_pickle=True`, for trusted files only).
+    """
+    allowed: list[Any] = []
+    unknown: list[str] = []
+    for name in torch.serialization.get_unsafe_globals_in_checkpoint(str(path)):
+        if name in PLAIN_GLOBALS:
+            allowed.append((PLAIN_GLOBALS[name], name))
+        elif name.split(".")[0] in CONTAINER_PACKAGES:
+            allowed.append((type(name.rsplit(".", 1)[-1], (OpaqueObject,), {"qualified_name": name}), name))
+        else:
+            unknown.append(name)
+    if unknown:
+        raise ValueError(
+            f"{path} pickles objects beyond tensors and data containers ({', '.join(sorted(unknown))}); pass "
+            "allow_pickle=True only for a checkpoint you trust"
+        )
+    return allowed
+
+
 def _read_raw(path: Path, allow_pickle: bool) -> dict[str, Any]:
     if path.suffix == ".safetensors":
         import safetensors.torch
 
         return dict(safetensors.torch.load_file(str(path), device="cpu"))
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
+        if allow_pickle:
+            loaded = torch.load(path, map_location="cpu", weights_only=False)
+        else:
+            with torch.serialization.safe_globals(_safe_globals(path)):
+                loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         raise ValueError(
             f"{path} holds pickled objects beyond tensors (Lightning .ckpt hyper-parameters); pass "
@@ -55,6 +131,11 @@ def _read_raw(path: Path, allow_pickle: bool) -> dict[str, Any]:
     if not isinstance(loaded, dict):
         raise ValueError(f"{path}: expected a checkpoint dict or a state dict, got {type(loaded).__name__}")
     return loaded
+
+
+def _safe_globals(path: Path) -> list[Any]:
+    """`container_globals` of a zip-format file; none for a legacy file (its tensors load without help)."""
+    return container_globals(path) if zipfile.is_zipfile(path) else []
 
 
 def mdlm_backbone_state(raw: dict[str, Any], use_ema: bool = False) -> dict[str, Tensor]:
@@ -123,8 +204,9 @@ def load_mdlm_checkpoint(
         path: `.ckpt` (Lightning), `.pt`/`.bin` state dict or `.safetensors`.
         use_ema: load the EMA weights of a Lightning checkpoint instead of the raw ones.
         num_heads: attention heads (not recoverable from shapes); default hidden/64.
-        allow_pickle: unpickle arbitrary objects (needed for Lightning `.ckpt` files; runs code from the file,
-            so only for trusted checkpoints). False loads tensors and plain containers only.
+        allow_pickle: unpickle arbitrary objects (runs code from the file, so only for trusted checkpoints). False
+            loads tensors, plain containers and inert stand-ins of data-container objects (a Lightning `.ckpt`'s
+            OmegaConf config and tokenizer; see the module docstring).
         config_overrides: other DiTConfig fields (max_length, dropout, time_conditioning, mask_id).
     """
     file = Path(path)
