@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import shutil
 from collections.abc import Iterator, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -30,6 +29,7 @@ from modalities.medical_video.synthetic import make_synthetic_medvidbench
 from modalities.text_agent.agent_tiny import shipped_file
 from modalities.text_agent.tools.retriever_server import make_server
 from modalities.text_agent.tools.search import BM25Search
+from tests.modalities.text_agent.test_prepare import MATH_FIXTURES, UPSTREAM
 from tests.modalities.text_agent.test_text_agent_e2e import serve
 from tests.recipe_models import GOLD, RecipeModels
 from tests.test_tiny_configs import FAST
@@ -37,12 +37,12 @@ from toolkit.config import apply_overrides, load_config
 from toolkit.evaluation.evaluate import evaluate
 from toolkit.io.checkpoint import load_checkpoint
 from toolkit.io.logging import read_metrics
+from toolkit.io.prepare import prepare_dataset
 from toolkit.reward_transforms.medgrpo import PercentileTable
 from toolkit.train.runner import build_trainer, fit
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
-TINY_CSV = ROOT / "tests" / "data" / "unigenbench_tiny.csv"
 
 
 def is_run_config(path: Path) -> bool:
@@ -84,23 +84,6 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
     return write_lines(path, [json.dumps(row) for row in rows])
 
 
-def math_rows(count: int = 4) -> list[dict[str, Any]]:
-    """Problems whose answer is `GOLD`, in the usual columns and in verl's (chat-list prompt, reward_model)."""
-    rows = []
-    for n in range(count):
-        problem = f"What is {n + 1} - {n}?"
-        verl = {"prompt": [{"role": "user", "content": problem}], "reward_model": {"ground_truth": GOLD}}
-        rows.append({"problem": problem, "answer": GOLD, **verl})
-    return rows
-
-
-def qa_rows(name: str, count: int = 3) -> list[dict[str, Any]]:
-    """FlashRAG rows: {"id", "question", "golden_answers"}."""
-    return [
-        {"id": f"{name}_{i}", "question": f"which number is one {i}?", "golden_answers": [GOLD]} for i in range(count)
-    ]
-
-
 def write_medvidbench(out: Path) -> None:
     """The synthetic MedVidBench set as train.json / test.json (SFT JSON format, videos relative to the file)."""
     records = make_synthetic_medvidbench(out / "synthetic", num_videos=2, num_frames=4, size=56)
@@ -121,43 +104,38 @@ def write_percentiles(out: Path) -> None:
 
 MATH_TESTS = ("math500", "amc23", "aime24", "aime25", "minerva", "olympiadbench")
 QA_SETS = ("nq", "hotpotqa", "triviaqa", "popqa", "2wikimultihopqa", "musique", "bamboogle")
-PROTEIN = "MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQAPILSRVGDGTQDNLSGAEKAVQVKVKALPDAQFEVVHSLAKWKRQTLGQHDFSAGEGLYTHMKALRPDEDRL"
 
 
 def recipe_data(name: str, out: Path) -> None:
-    """Write dataset `name` under `out` as `renorm data prepare NAME --out out` does: the files its recipes read.
+    """Write dataset `name` under `out` with `renorm data prepare NAME --out out` run on its upstream-layout fixture
+    (tests/data/upstream/NAME), so each recipe reads exactly what the preparer writes.
 
-    A handful of rows in exactly the layout each recipe reads; each branch is where running the preparer on its
-    upstream-layout fixture (tests/data/upstream/NAME) will take over.
+    Text sets keep the fixture's problems and questions with their gold answers set to `GOLD`, the answer the tiny
+    stand-in LM can produce (a fixture's "100" or "\\frac{3}{4}" would leave every group without reward variance).
+    MedVidBench and its percentile table come from the synthetic moving-box set instead (videos are generated).
     """
-    if name == "deepscaler":
-        write_jsonl(out / "train.jsonl", math_rows())
-    elif name == "math":  # MATH-lighteval: problem + solution with a boxed answer
-        write_jsonl(
-            out / "train.jsonl", [{"problem": r["problem"], "solution": f"\\boxed{{{GOLD}}}"} for r in math_rows()]
-        )
-    elif name in MATH_TESTS:
-        write_jsonl(out / "test.jsonl", math_rows(2))
-    elif name in QA_SETS:
-        for split in ("train", "dev", "test"):
-            write_jsonl(out / f"{split}.jsonl", qa_rows(name))
-    elif name == "pickscore":
-        write_lines(out / "train.txt", ["a red apple", "a blue cat on the table", "the red table"])
-    elif name == "unigenbench":
-        write_lines(out / "train_prompt.txt", ["a red apple on the table", "a blue cat"])
-        shutil.copy(TINY_CSV, out / "test_prompts_en.csv")
-    elif name == "openwebtext":
-        write_lines(
-            out / "train.txt", [f"Document {i} says that the quick brown fox jumps {i} times." for i in range(8)]
-        )
-    elif name == "uniref50":
-        write_lines(out / "train.fasta", [line for i in range(4) for line in (f">UniRef50_{i}", PROTEIN[i * 9 :])])
-    elif name == "medvidbench":
+    if name == "medvidbench":
         write_medvidbench(out)
     elif name == "medvidbench-percentiles":
         write_percentiles(out)
     else:
-        raise ValueError(f"no tiny data for dataset {name!r} (a recipe reads data/{name}/...)")
+        written = prepare_dataset(name, out, source=str(UPSTREAM / MATH_FIXTURES.get(name, name)))
+        if name in ("deepscaler", "math", *MATH_TESTS, *QA_SETS):
+            for file in written:
+                rows = [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines()]
+                write_jsonl(file, [with_gold(row) for row in rows])
+
+
+def with_gold(row: dict[str, Any]) -> dict[str, Any]:
+    """A prepared row whose gold answer (in every field a reward reads it from) is `GOLD`."""
+    row = dict(row)
+    if "golden_answers" in row:
+        row["golden_answers"] = [GOLD]
+    if "answer" in row:
+        row["answer"] = GOLD
+    if "solution" in row:
+        row["solution"] = f"\\boxed{{{GOLD}}}"
+    return row
 
 
 DATA_PATH = re.compile(r"^data/(?P<name>[^/]+)/(?P<file>.+)$")
