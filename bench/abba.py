@@ -7,9 +7,11 @@ of the machine's load cancels.
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 
 def run_abba(
@@ -34,3 +36,17 @@ def paired_ratio(before: list[float], after: list[float], steps: int) -> float:
     """Median over same-index blocks of `steps` of after / before median CPU seconds."""
     blocks = [[statistics.median(side[i : i + steps]) for i in range(0, len(side), steps)] for side in (before, after)]
     return statistics.median(b / a for a, b in zip(*blocks, strict=True))
+
+
+def add_abba_arguments(parser: argparse.ArgumentParser, warmup: int, steps: int, repeats: int) -> None:
+    """--warmup, --steps (per block) and --repeats (blocks per side) with this bench's defaults."""
+    parser.add_argument("--warmup", type=int, default=warmup, help="untimed steps per side first")
+    parser.add_argument("--steps", type=int, default=steps, help="steps per ABBA block")
+    parser.add_argument("--repeats", type=int, default=repeats, help="ABBA blocks per side")
+
+
+def publish(text: str, out: Path) -> None:
+    """Print a bench's report and write it to its results file."""
+    print(text)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text, encoding="utf-8")

@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
+from bench.abba import publish  # noqa: E402
 from bench.logprob_memory import status_kib  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "didi_logprob_memory.md"
@@ -214,9 +215,7 @@ def main(argv: list[str] | None = None) -> None:
         for chunk in (None, args.chunk_rows):
             results[step][("blockwise", chunk)] = measure(args, step, "blockwise", chunk)
     text = report(args, results)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text, encoding="utf-8")
+    publish(text, args.out)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
+from bench.abba import add_abba_arguments, publish  # noqa: E402
 from bench.onpolicy_skip import MODELS  # noqa: E402
 from bench.trainer_vs_trl import renorm_config  # noqa: E402
 
@@ -159,9 +160,7 @@ def report(args: argparse.Namespace, results: dict[str, dict[str, dict[str, list
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=3, help="steps per ABBA block")
-    parser.add_argument("--repeats", type=int, default=4, help="ABBA blocks per side")
+    add_abba_arguments(parser, warmup=2, steps=3, repeats=4)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -174,9 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     results = {name: compare(args, model) for name, model in MODELS.items()}
     text = report(args, results)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text, encoding="utf-8")
+    publish(text, args.out)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from bench.abba import add_abba_arguments, publish  # noqa: E402
 from bench.trainer_vs_trl import renorm_config  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "onpolicy_skip.md"
@@ -136,9 +137,7 @@ def report(args: argparse.Namespace, results: dict[str, dict[str, dict[str, list
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=5, help="steps per ABBA block")
-    parser.add_argument("--repeats", type=int, default=6, help="ABBA blocks per side")
+    add_abba_arguments(parser, warmup=2, steps=5, repeats=6)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -150,9 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     results = {name: compare(args, model) for name, model in MODELS.items()}
     text = report(args, results)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text, encoding="utf-8")
+    publish(text, args.out)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.abba import paired_ratio, run_abba  # noqa: E402
+from bench.abba import paired_ratio, publish, run_abba  # noqa: E402
 from bench.logprob_memory import status_kib  # noqa: E402
 from bench.t2i_sde_logprob import build_policy  # noqa: E402
 
@@ -163,9 +163,7 @@ def main(argv: list[str] | None = None) -> None:
             memory = {side: measure_memory(args, size, side, checkpointing) for side in SIDES}
             results.append((size, checkpointing, measure_time(args, size, checkpointing), memory))
     text = report(args, results)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text, encoding="utf-8")
+    publish(text, args.out)
 
 
 if __name__ == "__main__":

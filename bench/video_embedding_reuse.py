@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from bench.abba import paired_ratio, run_abba  # noqa: E402
+from bench.abba import add_abba_arguments, paired_ratio, publish, run_abba  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "video_embedding_reuse.md"
 SIDES = ("re-encoded", "reused")
@@ -112,9 +112,7 @@ def report(args: argparse.Namespace, results: dict[str, dict[str, dict[str, list
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=2, help="steps per ABBA block")
-    parser.add_argument("--repeats", type=int, default=6, help="ABBA blocks per side")
+    add_abba_arguments(parser, warmup=1, steps=2, repeats=6)
     parser.add_argument("--data-dir", default=str(ROOT / "runs" / "bench_video_embedding_reuse"))
     parser.add_argument("--out", type=Path, default=RESULTS)
     return parser.parse_args(argv)
@@ -125,9 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     results = {name: compare(args, overrides) for name, overrides in WORKLOADS.items()}
     text = report(args, results)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text, encoding="utf-8")
+    publish(text, args.out)
 
 
 if __name__ == "__main__":
