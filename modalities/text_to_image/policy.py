@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
-import shutil
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -26,11 +24,11 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from modalities.text_to_image.attention import set_attention_backend
+from modalities.text_to_image.export import load_export_into, write_export
 from modalities.text_to_image.latents import image_ids, latent_shape, unpack
 from modalities.text_to_image.sde import Reduce, gaussian_kl, sde_step
 from modalities.text_to_image.text_encoding import CachedTextEncoder, PipelineTextEncoder
 from toolkit.distributed import unwrap
-from toolkit.hf.policy import load_peft_adapters
 from toolkit.hf.reference import ReferenceSnapshot
 from toolkit.rollout import Rollout
 
@@ -446,44 +444,13 @@ class FlowMatchingPolicy:
 
     def load_export(self, folder: str | Path) -> None:
         """Load what `export` wrote (`pytorch_lora_weights.safetensors`, or `transformer/` in diffusers' layout)
-        into this policy's transformer: `renorm eval --checkpoint OUT`.
-
-        Raises:
-            ValueError: LoRA weights for a full-weight policy, or a full transformer for a LoRA one.
-            FileNotFoundError: `folder` holds neither.
-        """
-        out, module = Path(folder), cast(Any, unwrap(self.module))
-        lora_file = out / "pytorch_lora_weights.safetensors"
-        if not (lora_file.is_file() or (out / "transformer").is_dir()):
-            raise FileNotFoundError(
-                f"{out} holds neither transformer/ nor {lora_file.name}: pass `renorm export`'s OUT"
-            )
-        if lora_file.is_file() != self.is_lora:
-            found = "LoRA weights" if lora_file.is_file() else "a full transformer (a merged export?)"
-            raise ValueError(f"{out} holds {found} but this config's policy is {'LoRA' if self.is_lora else 'full'}")
-        if self.is_lora:
-            from safetensors.torch import load_file
-
-            saved = load_file(str(lora_file))
-            state = {"base_model.model." + k.removeprefix("transformer."): v for k, v in saved.items()}
-            load_peft_adapters(module, state, lora_file)
-            return
-        dtype = next(module.parameters()).dtype
-        module.load_state_dict(
-            type(module).from_pretrained(str(out), subfolder="transformer", torch_dtype=dtype).state_dict()
-        )
+        into this policy's transformer: `renorm eval --checkpoint OUT` (modalities.text_to_image.export)."""
+        load_export_into(unwrap(self.module), self.is_lora, Path(folder))
 
     def export(self, out_dir: str | Path, merge_lora: bool = False, dtype: torch.dtype | None = None) -> None:
-        """Write the transformer in diffusers' format into `out_dir` (`renorm export`, toolkit.io.export).
-
-        Full fine-tuning (or `merge_lora`): `transformer/` (`save_pretrained`; loads with
-        `SD3Transformer2DModel` / `FluxTransformer2DModel.from_pretrained(out_dir, subfolder="transformer")`). A
-        policy loaded from a pipeline (`from_pretrained`) also gets the pipeline's `model_index.json` and its other
-        component folders copied, so `DiffusionPipeline.from_pretrained(out_dir)` loads the trained pipeline; one
-        built from components in code gets `vae/` beside `transformer/` (its text encoder is not a diffusers
-        component). LoRA: `pytorch_lora_weights.safetensors` in diffusers' layout (`transformer.` keys, the LoRA
-        config as metadata), which `pipeline.load_lora_weights(out_dir)` and `transformer.load_lora_adapter(out_dir)`
-        read.
+        """Write the transformer in diffusers' format into `out_dir` (`renorm export`; the layouts:
+        modalities.text_to_image.export): `transformer/` (+ the pipeline's other components, or `vae/`), or with LoRA
+        `pytorch_lora_weights.safetensors` that `pipeline.load_lora_weights(out_dir)` reads.
 
         Args:
             out_dir: an existing folder (written into).
@@ -499,55 +466,7 @@ class FlowMatchingPolicy:
             self.module, self.is_lora, self.reference_mode, self._snapshot = module, False, "none", None
         if dtype is not None:
             module.to(dtype)
-        if self.is_lora:
-            save_lora_weights(module, self.arch, out)
-            return
-        module.save_pretrained(str(out / "transformer"))
-        if self.pipeline is not None:
-            copy_pipeline_components(self.pipeline, out, skip="transformer")
-        elif callable(getattr(vae, "save_pretrained", None)):
-            vae.save_pretrained(str(out / "vae"))
-
-
-def save_lora_weights(peft_model: nn.Module, arch: Arch, out_dir: Path) -> None:
-    """The adapters of a peft-wrapped transformer as diffusers LoRA weights (`pytorch_lora_weights.safetensors`)."""
-    from diffusers import FluxPipeline, StableDiffusion3Pipeline
-    from peft import get_peft_model_state_dict
-
-    model: Any = peft_model
-    layers = {k.removeprefix("base_model.model."): v for k, v in get_peft_model_state_dict(model).items()}
-    pipeline_cls: Any = StableDiffusion3Pipeline if arch == "sd3" else FluxPipeline
-    pipeline_cls.save_lora_weights(
-        str(out_dir),
-        transformer_lora_layers=layers,
-        transformer_lora_adapter_metadata=model.peft_config["default"].to_dict(),  # rank, alpha and targets
-    )
-
-
-def copy_pipeline_components(source: str, out_dir: Path, skip: str) -> None:
-    """Copy `model_index.json` and every component folder but `skip` of the pipeline `source` (folder or hub id)."""
-    folder = Path(source).expanduser()
-    if not folder.is_dir():
-        from huggingface_hub import hf_hub_download, snapshot_download
-
-        names = _component_names(Path(hf_hub_download(source, "model_index.json")))
-        patterns = ["model_index.json", *(f"{name}/*" for name in names if name != skip)]
-        folder = Path(snapshot_download(source, allow_patterns=patterns))
-    for name in _component_names(folder / "model_index.json"):
-        if name == skip:
-            continue
-        if not (folder / name).is_dir():
-            raise ValueError(f"pipeline {source}: model_index.json names component {name!r}, but {name}/ is missing")
-        shutil.copytree(folder / name, out_dir / name)  # symlinks (a hub cache) are copied as files
-    shutil.copy2(folder / "model_index.json", out_dir / "model_index.json")
-
-
-def _component_names(model_index: Path) -> list[str]:
-    """The components a `model_index.json` lists (entries `name: [library, class]` that are not null)."""
-    index = json.loads(model_index.read_text(encoding="utf-8"))
-    return [
-        k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and None not in v and len(v) == 2
-    ]
+        write_export(module, self.arch, self.is_lora, out, pipeline=self.pipeline, vae=vae)
 
 
 def _call(checkpointed: bool, function: Callable[..., Tensor], *args: Any) -> Tensor:
