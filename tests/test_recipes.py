@@ -25,10 +25,10 @@ import pytest
 import torch
 
 from modalities.diffusion_lm.checkpoint_io import PREFIX
-from modalities.medical_video.synthetic import make_synthetic_medvidbench
 from modalities.text_agent.agent_tiny import shipped_file
 from modalities.text_agent.tools.retriever_server import make_server
 from modalities.text_agent.tools.search import BM25Search
+from tests.modalities.medical_video.test_prepare import upstream_source
 from tests.modalities.text_agent.test_prepare import MATH_FIXTURES, UPSTREAM
 from tests.modalities.text_agent.test_text_agent_e2e import serve
 from tests.recipe_models import GOLD, RecipeModels
@@ -84,18 +84,8 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
     return write_lines(path, [json.dumps(row) for row in rows])
 
 
-def write_medvidbench(out: Path) -> None:
-    """The synthetic MedVidBench set as train.json / test.json (SFT JSON format, videos relative to the file)."""
-    records = make_synthetic_medvidbench(out / "synthetic", num_videos=2, num_frames=4, size=56)
-    rows = json.loads(records.read_text(encoding="utf-8"))
-    for row in rows:
-        row["video"] = [f"synthetic/{frame}" for frame in row["video"]]
-    for split in ("train", "test"):
-        (out / f"{split}.json").write_text(json.dumps(rows), encoding="utf-8")
-
-
 def write_percentiles(out: Path) -> None:
-    """A percentile table (`renorm medgrpo fit-percentiles` format) for the synthetic set's pairs and tasks."""
+    """A percentile table (`renorm medgrpo fit-percentiles` format): unseen datasets fall back to its task rows."""
     quartiles = {"p25": 0.0, "p50": 0.1, "p75": 0.3}
     tasks = {task: quartiles for task in ("tal", "stg", "vs", "rc")}
     out.mkdir(parents=True, exist_ok=True)
@@ -112,10 +102,13 @@ def recipe_data(name: str, out: Path) -> None:
 
     Text sets keep the fixture's problems and questions with their gold answers set to `GOLD`, the answer the tiny
     stand-in LM can produce (a fixture's "100" or "\\frac{3}{4}" would leave every group without reward variance).
-    MedVidBench and its percentile table come from the synthetic moving-box set instead (videos are generated).
+    MedVidBench's media are generated for its fixture's JSONs (tests/modalities/medical_video/test_prepare.py); the
+    percentile table is a hand-made one for the recipe's tasks (its preparer needs SFT predictions).
     """
     if name == "medvidbench":
-        write_medvidbench(out)
+        (out.parent / "medvidbench-upstream").mkdir(parents=True, exist_ok=True)
+        source = upstream_source(out.parent / "medvidbench-upstream")  # the fixture JSONs + generated media
+        prepare_dataset(name, out, source=str(source))
     elif name == "medvidbench-percentiles":
         write_percentiles(out)
     else:
