@@ -85,7 +85,8 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
 
 
 def write_percentiles(out: Path) -> None:
-    """A percentile table (`renorm medgrpo fit-percentiles` format): unseen datasets fall back to its task rows."""
+    """A percentile table (`renorm medgrpo fit-percentiles` format) with a row for every task the recipes train on:
+    unseen datasets fall back to it (the preparer's fixture predictions cover only some tasks)."""
     quartiles = {"p25": 0.0, "p50": 0.1, "p75": 0.3}
     tasks = {task: quartiles for task in ("tal", "stg", "vs", "rc")}
     out.mkdir(parents=True, exist_ok=True)
