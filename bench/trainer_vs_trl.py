@@ -1,7 +1,7 @@
 """Seconds per optimizer step: renorm's Trainer vs TRL's GRPOTrainer on one tiny CPU GRPO workload.
 
 Workload (both sides): a random-init 2-layer Qwen2 (hidden 64, vocab 512, same seed, same weights),
-the character tokenizer, 16 plain-text prompts x G=8 samples, exactly 32 new tokens per completion,
+the character tokenizer, 16 plain-text prompts x G=8 samples, exactly 32 new tokens per completion (--max-new-tokens),
 the same letter-share reward, group z-score advantages (unbiased std, eps 1e-4), PPO clip 0.2,
 token-mean loss over all 128 completions, one optimizer step per generation, no KL, no reference
 model, fp32, AdamW at a constant lr. Each side runs in its own subprocess (in ABBA order when
@@ -99,8 +99,9 @@ def renorm_config(args: argparse.Namespace, run_dir: str) -> dict[str, Any]:
         # No EOS ids: every completion runs the full budget (the sampler has no min_new_tokens knob).
         "sampler": {
             "_component_": "modalities.text_agent.sampler.SingleTurnSampler",
-            "max_new_tokens": MAX_NEW_TOKENS,
+            "max_new_tokens": args.max_new_tokens,
             "eos_token_ids": [],
+            "engine": {"_component_": "toolkit.engines.HFEngine", "decode": args.decode},
         },
         "rewards": {"letters": {"_component_": "rewards.text.toy.TargetCharReward"}},
         "normalizer": {"_component_": "toolkit.advantages.GroupNormalizer", "std": "unbiased", "eps": ADV_EPS},
@@ -142,7 +143,7 @@ def run_renorm(args: argparse.Namespace) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------- TRL side
 def trl_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """GRPOConfig keywords: one optimizer step consumes 16 prompts x 8 completions of exactly 32 tokens."""
+    """GRPOConfig keywords: one optimizer step consumes 16 prompts x 8 completions of exactly --max-new-tokens."""
     return {
         "use_cpu": True,
         "bf16": False,
@@ -154,9 +155,9 @@ def trl_settings(args: argparse.Namespace) -> dict[str, Any]:
         "gradient_accumulation_steps": 1,
         "generation_batch_size": NUM_PROMPTS * GROUP_SIZE,
         "num_generations": GROUP_SIZE,
-        "max_completion_length": MAX_NEW_TOKENS,
-        # EOS logits are suppressed until 32 tokens are out, so no completion ends early.
-        "generation_kwargs": {"min_new_tokens": MAX_NEW_TOKENS},
+        "max_completion_length": args.max_new_tokens,
+        # EOS logits are suppressed until the budget is out, so no completion ends early.
+        "generation_kwargs": {"min_new_tokens": args.max_new_tokens},
         "temperature": 1.0,
         "top_p": 1.0,
         "top_k": 0,
@@ -307,6 +308,10 @@ def spawn(side: str, args: argparse.Namespace, result_file: Path) -> dict[str, A
         str(args.lr),
         "--seed",
         str(args.seed),
+        "--max-new-tokens",
+        str(args.max_new_tokens),
+        "--decode",
+        args.decode,
     ]
     command += ["--threads", str(args.threads)] if args.threads is not None else []
     command += ["--profile"] if args.profile else []
@@ -355,7 +360,7 @@ def print_table(record: dict[str, Any]) -> None:
     ]
     print(
         f"\nrenorm Trainer vs TRL {env['trl']} GRPOTrainer: {NUM_PROMPTS} prompts x G={GROUP_SIZE}, "
-        f"{MAX_NEW_TOKENS} new tokens, CPU ({env['usable_cores']} cores), {env['date']}"
+        f"{record['workload']['max_new_tokens']} new tokens, CPU ({env['usable_cores']} cores), {env['date']}"
     )
     print(f"{'':<26}{'renorm':>10}{'TRL':>10}")
     for name, left, right in rows:
@@ -389,7 +394,7 @@ def compare(args: argparse.Namespace) -> None:
     ours, theirs = summarize(runs["renorm"]), summarize(runs["trl"])
     record = {
         "environment": environment(),
-        "workload": {"num_prompts": NUM_PROMPTS, "group_size": GROUP_SIZE, "max_new_tokens": MAX_NEW_TOKENS},
+        "workload": {"num_prompts": NUM_PROMPTS, "group_size": GROUP_SIZE, "max_new_tokens": args.max_new_tokens},
         "args": {k: v for k, v in vars(args).items() if k not in ("side", "result_file")},
         "ratio_median": ours["median_s"] / theirs["median_s"],
         "ratio_mean": ours["mean_s"] / theirs["mean_s"],
@@ -413,14 +418,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=2, help="runs per side, in ABBA order, pooled (>= 1)")
     parser.add_argument("--lr", type=float, default=1e-3, help="constant AdamW learning rate (both sides)")
     parser.add_argument("--seed", type=int, default=0, help="model-init, data and sampling seed (both sides)")
+    parser.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help="tokens per completion (both sides)")
+    parser.add_argument(
+        "--decode",
+        choices=("lean", "generate"),
+        default="lean",
+        help="renorm's hf engine: its lean decode loop (default) or HF generate",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--profile", action="store_true", help="cProfile the measured steps; print the top 15")
     parser.add_argument("--output", default=str(RESULTS), help="where to write the JSON record")
     parser.add_argument("--side", choices=("both", *SIDES), default="both", help=argparse.SUPPRESS)
     parser.add_argument("--result-file", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if min(args.warmup, args.steps, args.repeats) < 1:
-        parser.error(f"--warmup, --steps and --repeats must be >= 1, got {args.warmup}, {args.steps}, {args.repeats}")
+    if min(args.warmup, args.steps, args.repeats, args.max_new_tokens) < 1:
+        parser.error(
+            f"--warmup, --steps, --repeats and --max-new-tokens must be >= 1, got {args.warmup}, {args.steps}, "
+            f"{args.repeats}, {args.max_new_tokens}"
+        )
     if args.side != "both" and args.result_file is None:
         parser.error("--side renorm|trl needs --result-file")
     return args
