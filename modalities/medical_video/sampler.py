@@ -1,4 +1,5 @@
-"""Batched video sampler: G answers per (video, question) prompt with one HF `generate` call per chunk of rows.
+"""Batched video sampler: G answers per (video, question) prompt from a rollout engine (`toolkit.engines`; `hf` = HF
+`generate` on the policy's module, one call per chunk of rows, the video inputs passed as the request's model inputs).
 
 Each prompt's video is read, sized and patchified once (an LRU cache keyed by the record's video, fps, region box and
 the video settings), then shared by its G rows. A video that cannot be read is a counted, logged skip of that prompt
@@ -9,7 +10,6 @@ no-grad forward), so the on-policy ratio is exactly 1; they are log-probs of the
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import time
@@ -18,14 +18,15 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers import GenerationConfig
 
 from modalities.medical_video.data import region_box
 from modalities.medical_video.policy import VideoFeatures, video_batch
 from modalities.medical_video.policy import mm_token_types as _mm_token_types
 from modalities.medical_video.video import VideoCache, VideoConfig, VideoError, load_video
 from toolkit.distributed import unwrap
-from toolkit.hf.generation import check_sampler_options, left_pad, plain_generation_config, rng_devices, row_slices
+from toolkit.engines import EngineName, GenerationRequest, HFEngine, SamplingParams, ServerEngine, build_engine
+from toolkit.engines.vllm_engine import VLLMEngine
+from toolkit.hf.generation import check_sampler_options, left_pad
 from toolkit.interfaces import Policy
 from toolkit.rollout import Rollout
 
@@ -38,7 +39,8 @@ class VideoSampler:
 
     Extra prompt keys (answer, task, dataset, struc_info, rc_info, id, ...) stay in `rollout.prompts` and reach the
     reward models as metadata; "dataset"/"task" fill `rollout.dataset_ids`/`task_ids`. Sampling is reproducible from
-    `generator` (one seed drawn from it seeds `generate` inside `torch.random.fork_rng`).
+    `generator` (one seed drawn from it is the engine's; the `hf` engine seeds `generate` inside
+    `torch.random.fork_rng`).
 
     Args:
         video: a VideoConfig or its kwargs (fps, frame and pixel limits, resize mode, reader, box drawing, cache).
@@ -46,8 +48,12 @@ class VideoSampler:
         temperature, top_p, top_k: None inherits the policy's values; top_k 0 = off.
         do_sample: False = greedy (evaluation).
         system_prompt: an optional system message (e.g. the one-shot format example); None = none (spec §3).
-        generation_batch_size: rows per `generate` call (None = all N rows in one call).
+        generation_batch_size: rows per `generate` call of the `hf` engine (None = all N rows in one call).
         compute_old_logprobs: re-score for old_logprobs; False leaves zeros (evaluation only).
+        engine: what generates: "hf" (HF `generate` on the policy's module, the default) or an `HFEngine` node with
+            its options; in Python any `toolkit.engines.RolloutEngine` that takes multimodal requests
+            (`GenerationRequest.model_inputs`). `server` and `vllm` do not take video yet and raise
+            NotImplementedError when they generate.
     """
 
     def __init__(
@@ -61,6 +67,7 @@ class VideoSampler:
         system_prompt: str | None = None,
         generation_batch_size: int | None = None,
         compute_old_logprobs: bool = True,
+        engine: EngineName | HFEngine | ServerEngine | VLLMEngine = "hf",
     ) -> None:
         check_sampler_options(max_new_tokens, temperature, top_p, top_k, generation_batch_size)
         self.video = video if isinstance(video, VideoConfig) else VideoConfig(**dict(video or {}))
@@ -69,6 +76,7 @@ class VideoSampler:
         self.system_prompt = system_prompt
         self.generation_batch_size = generation_batch_size
         self.compute_old_logprobs = compute_old_logprobs
+        self.engine = build_engine(engine, generation_batch_size)
         # Set by the Trainer when its update is on-policy: it then takes old_logprobs from its own first forward.
         self.defer_old_logprobs = False
         self.cache: VideoCache[VideoFeatures] = VideoCache(self.video.cache_size)
@@ -174,36 +182,26 @@ class VideoSampler:
         """Left-padded prompts [N, L] (+ bool mask) and responses [N, T] padded with the pad id."""
         module = unwrap(policy.module)
         device = next(module.parameters()).device
-        config, eos, pad = self._generation_config(policy, module, temperature)
-        prompt_ids, prompt_mask = left_pad(rows, pad, device)
-        width = prompt_ids.shape[1]
+        params = self._sampling_params(policy, module, temperature)
+        pad = params.pad_token_id
+        assert pad is not None  # set by _sampling_params
         video_id, image_id = int(getattr(policy, "video_token_id")), getattr(policy, "image_token_id", None)  # noqa: B009
-        autocast = getattr(policy, "autocast_context", contextlib.nullcontext)
-        responses = []
-        with (
-            torch.random.fork_rng(devices=rng_devices(device)),
-            torch.no_grad(),
-            autocast(),
-            plain_generation_config(module),
-        ):
-            torch.manual_seed(seed)
-            for part in row_slices(len(rows), self.generation_batch_size or len(rows)):
-                ids = prompt_ids[part]
-                output = module.generate(  # type: ignore[operator]
-                    input_ids=ids,
-                    attention_mask=prompt_mask[part].long(),
-                    mm_token_type_ids=_mm_token_types(ids, video_id, image_id),
-                    generation_config=config,
-                    **video_batch(videos[part], device, None if embeds is None else embeds[part]),
-                )
-                responses.append(output[:, width:])
-        steps = max(r.shape[1] for r in responses)
-        response_ids = torch.cat([nn.functional.pad(r, (0, steps - r.shape[1]), value=pad) for r in responses])
-        return prompt_ids, prompt_mask, response_ids
 
-    def _generation_config(
-        self, policy: Policy, module: nn.Module, temperature: float
-    ) -> tuple[GenerationConfig, list[int], int]:
+        def video_inputs(part: slice, ids: Tensor) -> dict[str, Any]:
+            """The model's video inputs for rows `part` (left-padded prompt ids `ids`)."""
+            return {
+                "mm_token_type_ids": _mm_token_types(ids, video_id, image_id),
+                **video_batch(videos[part], device, None if embeds is None else embeds[part]),
+            }
+
+        request = GenerationRequest(rows, params, 1, seed, return_logprobs=False, model_inputs=video_inputs)
+        result = self.engine.generate(policy, request)
+        result.check_rows(request)
+        prompt_ids, prompt_mask = left_pad(rows, pad, device)
+        return prompt_ids, prompt_mask, result.padded_tokens(pad).to(device)
+
+    def _sampling_params(self, policy: Policy, module: nn.Module, temperature: float) -> SamplingParams:
+        """This sampler's settings as engine `SamplingParams`, falling back to the policy's (and its suppressed ids)."""
         tokenizer = getattr(policy, "tokenizer")  # noqa: B009
         eos: list[int] = []
         model_eos = getattr(getattr(module, "generation_config", None), "eos_token_id", None)
@@ -214,18 +212,16 @@ class VideoSampler:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
         top_p = self.top_p if self.top_p is not None else float(getattr(policy, "top_p", 1.0))
         top_k = self.top_k if self.top_k is not None else (getattr(policy, "top_k", None) or 0)
-        sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k} if self.do_sample else {}
-        suppressed = list(getattr(policy, "suppressed_token_ids", [])) or None
-        config = GenerationConfig(
-            suppress_tokens=suppressed,
-            do_sample=self.do_sample,
+        return SamplingParams(
             max_new_tokens=self.max_new_tokens,
-            eos_token_id=eos,
-            pad_token_id=pad,
-            use_cache=True,
-            **sampling,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            do_sample=self.do_sample,
+            eos_token_ids=tuple(eos),
+            pad_token_id=int(pad),
+            suppress_token_ids=tuple(int(t) for t in getattr(policy, "suppressed_token_ids", [])),
         )
-        return config, eos, pad
 
     def _build_rollout(
         self,
@@ -238,7 +234,7 @@ class VideoSampler:
     ) -> Rollout:
         prompt_ids, prompt_mask, response_ids = sequences
         device = response_ids.device
-        _, eos, _ = self._generation_config(policy, unwrap(policy.module), temperature)
+        eos = list(self._sampling_params(policy, unwrap(policy.module), temperature).eos_token_ids)
         is_end = torch.isin(response_ids, torch.tensor(eos, device=device))
         finished = is_end.any(dim=1)
         first_end = torch.where(is_end, torch.arange(response_ids.shape[1], device=device), response_ids.shape[1])

@@ -7,11 +7,12 @@ old log-probs stay the trainer's whatever the engine (its log-probs are kept to 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, get_args, runtime_checkable
+from typing import Any, Literal, Protocol, get_args, runtime_checkable
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from toolkit.interfaces import Policy
 
@@ -31,6 +32,8 @@ class SamplingParams:
         eos_token_ids: ids that end a completion; the ending token is part of it.
         stop_strings: strings that end a completion; the token completing one is part of it.
         pad_token_id: the id an engine pads with (None: the tokenizer's pad, else the first EOS id).
+        suppress_token_ids: ids never sampled (their logits are set to -inf before any warper, as HF
+            `suppress_tokens` does); the `hf` engine only (`generate` path).
     """
 
     max_new_tokens: int
@@ -41,6 +44,7 @@ class SamplingParams:
     eos_token_ids: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()
     pad_token_id: int | None = None
+    suppress_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -53,6 +57,14 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
 
 
+ModelInputs = Callable[[slice, Tensor], Mapping[str, Any]]
+"""A multimodal request's extra model inputs: called with the request rows of one forward batch (a slice) and their
+left-padded prompt ids [n, L], it returns the keyword inputs the model takes next to `input_ids` and `attention_mask`
+for those rows (Qwen2.5-VL: `pixel_values_videos` or the cached vision embeddings, `video_grid_thw`,
+`second_per_grid_ts`, `mm_token_type_ids`). A callable rather than tensors, because patches are concatenated across
+rows and token types follow the padding, so only the engine's batching decides their shapes."""
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     """`num_samples` completions of each prompt, reproducible from `seed`.
@@ -63,6 +75,9 @@ class GenerationRequest:
         num_samples: completions per prompt (G); the result has P·G rows, prompt-major.
         seed: the engine's sampling seed (the same request and weights give the same tokens).
         return_logprobs: also return the engine's log-prob of each sampled token.
+        model_inputs: extra per-row model inputs of a multimodal prompt (`ModelInputs`, row indices prompt-major as
+            in `rows()`); None = text only. The `hf` engine forwards them to `generate`; `server` and `vllm`
+            do not take them yet.
     """
 
     prompt_ids: Sequence[Sequence[int]]
@@ -70,6 +85,7 @@ class GenerationRequest:
     num_samples: int = 1
     seed: int = 0
     return_logprobs: bool = True
+    model_inputs: ModelInputs | None = None
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:
@@ -79,6 +95,10 @@ class GenerationRequest:
             raise ValueError(f"prompts {empty[:5]} have no tokens")
         if self.num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
+        if self.model_inputs is not None and not callable(self.model_inputs):
+            raise ValueError(
+                f"model_inputs must be callable as (rows, prompt_ids) -> model kwargs, got {self.model_inputs!r:.80}"
+            )
 
     @property
     def num_rows(self) -> int:
@@ -123,6 +143,14 @@ class GenerationResult:
                 if len(ids) != len(values):
                     raise ValueError(f"row {i} has {len(ids)} tokens but {len(values)} log-probs")
 
+    def padded_tokens(self, pad: int) -> Tensor:
+        """The sampled tokens as one [rows, longest] long tensor on the CPU, right-padded with `pad`."""
+        width = max((len(ids) for ids in self.token_ids), default=0)
+        tokens = torch.full((len(self.token_ids), width), pad, dtype=torch.long)
+        for row, ids in enumerate(self.token_ids):
+            tokens[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        return tokens
+
     def check_rows(self, request: GenerationRequest) -> None:
         """Raise unless there is one non-empty completion per requested row (never an empty rollout)."""
         if len(self.token_ids) != request.num_rows:
@@ -157,3 +185,16 @@ def weights_version(module: nn.Module) -> int:
 def weights_key(module: nn.Module) -> tuple[int, int]:
     """(which module, its `weights_version`): what an engine's copy of the weights was last synced from."""
     return id(module), weights_version(module)
+
+
+def text_only(request: GenerationRequest, engine: str) -> None:
+    """Raise NotImplementedError naming what `engine` cannot take yet: multimodal inputs, suppressed tokens."""
+    if request.model_inputs is not None:
+        raise NotImplementedError(
+            f"the {engine} engine does not take multimodal requests yet (GenerationRequest.model_inputs): "
+            "use engine 'hf' for video prompts"
+        )
+    if request.params.suppress_token_ids:
+        raise NotImplementedError(
+            f"the {engine} engine does not take SamplingParams.suppress_token_ids yet: use engine 'hf'"
+        )

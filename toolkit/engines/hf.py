@@ -11,7 +11,9 @@ per-token bookkeeping and `torch.multinomial` (one exponential draw per vocabula
 cache made once per call, finished rows tracked on the device (an "all finished?" host check every
 `stop_check_every` tokens), HF's own temperature / top-k / top-p warpers in `generate`'s order, and inverse-CDF
 sampling (one uniform per row against the cumulative softmax). Greedy decoding is token-identical to `generate`;
-sampling draws from the same distribution but not the same tokens for a seed. Stop strings fall back to `generate`.
+sampling draws from the same distribution but not the same tokens for a seed. Stop strings, suppressed tokens and
+multimodal requests (`GenerationRequest.model_inputs`, forwarded to the model per batch of rows) fall back to
+`generate`.
 """
 
 from __future__ import annotations
@@ -97,6 +99,7 @@ def generation_config(params: SamplingParams, eos: list[int], pad: int) -> Gener
     if params.do_sample:
         sampling = {"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k}
     return GenerationConfig(  # type: ignore[no-untyped-call]
+        suppress_tokens=list(params.suppress_token_ids) or None,
         do_sample=params.do_sample,
         max_new_tokens=params.max_new_tokens,
         eos_token_id=eos or None,
@@ -176,7 +179,13 @@ class HFEngine:
             plain_generation_config(module),
         ):
             torch.manual_seed(request.seed)
-            lean = self.decode == "lean" and stop is None and not module.config.is_encoder_decoder  # type: ignore[union-attr]
+            lean = (
+                self.decode == "lean"
+                and stop is None
+                and request.model_inputs is None
+                and not params.suppress_token_ids
+                and not module.config.is_encoder_decoder  # type: ignore[union-attr]
+            )
             check_every = self.stop_check_every or (1 if device.type == "cpu" else 8)
             for part in row_slices(len(rows), self.generation_batch_size or len(rows)):
                 if lean:
@@ -191,7 +200,10 @@ class HFEngine:
                         check_every,
                     )
                 else:
-                    out = self._generate_part(module, config, prompt_ids[part], prompt_mask[part], eos, stop, request)
+                    extra = {} if request.model_inputs is None else dict(request.model_inputs(part, prompt_ids[part]))
+                    out = self._generate_part(
+                        module, config, prompt_ids[part], prompt_mask[part], eos, stop, request, extra
+                    )
                 tokens += out[0]
                 reasons += out[1]
                 logprobs += out[2]
@@ -206,8 +218,9 @@ class HFEngine:
         eos: Tensor,
         stop: StopStringCriteria | None,
         request: GenerationRequest,
+        model_inputs: dict[str, Any],
     ) -> tuple[list[list[int]], list[FinishReason], list[list[float]]]:
-        """One `generate` call: (tokens, finish reasons, log-probs) of its rows."""
+        """One `generate` call with the rows' extra `model_inputs`: (tokens, finish reasons, log-probs) of its rows."""
         tracker = EndTracker(prompt_ids.shape[1], eos, stop, prompt_ids.shape[0])
         criteria: list[StoppingCriteria] = [tracker]
         processors = LogitsProcessorList()
@@ -222,6 +235,7 @@ class HFEngine:
             generation_config=config,
             logits_processor=processors,
             stopping_criteria=StoppingCriteriaList(criteria),
+            **model_inputs,
         )
         response = output[:, prompt_ids.shape[1] :].tolist()
         ends = tracker.ends.tolist()

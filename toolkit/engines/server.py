@@ -24,7 +24,7 @@ import uuid
 from typing import Any, Literal, get_args
 
 from toolkit import distributed as dist
-from toolkit.engines.base import FinishReason, GenerationRequest, GenerationResult, weights_key
+from toolkit.engines.base import FinishReason, GenerationRequest, GenerationResult, text_only, weights_key
 from toolkit.engines.weights import TransferDtype, encode_weights, policy_weights
 from toolkit.interfaces import Policy
 
@@ -110,7 +110,9 @@ class ServerEngine:
         Raises:
             EngineUnavailableError: every attempt failed (the last error is named).
             ValueError: the server refused the request (4xx) or answered outside the protocol.
+            NotImplementedError: a multimodal request (`model_inputs`) or suppressed tokens (not served yet).
         """
+        text_only(request, "server")
         last: BaseException | None = None
         for attempt in range(self.max_retries + 1):
             if attempt:

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from toolkit.distributed import unwrap
-from toolkit.engines.base import FinishReason, GenerationRequest, GenerationResult, weights_key
+from toolkit.engines.base import FinishReason, GenerationRequest, GenerationResult, text_only, weights_key
 from toolkit.interfaces import Policy
 
 
@@ -85,6 +85,7 @@ class VLLMEngine:
         self.num_syncs = 0
 
     def generate(self, policy: Policy, request: GenerationRequest) -> GenerationResult:
+        text_only(request, "vllm")  # vLLM's multi_modal_data is a later step
         llm = self._engine(policy)
         if self.options["enable_sleep_mode"]:
             llm.wake_up()
