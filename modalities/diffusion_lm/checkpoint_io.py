@@ -12,7 +12,8 @@ default to hidden/64 (12/16/20 for small/medium/large). `use_ema` reads a Lightn
 A Lightning `.ckpt` pickles more than tensors: MDLM's `hyper_parameters` hold an OmegaConf config and the tokenizer
 object. They load with `torch.load(weights_only=True)`, the objects of data-container packages (`CONTAINER_PACKAGES`)
 allow-listed as inert `OpaqueObject`s that keep their pickled arguments and state: no code of theirs (or the file's)
-runs, and only tensors are read. A file naming any other class or function still needs `allow_pickle=True`.
+runs, and only tensors are read. A file naming any other class or function is refused: nothing here unpickles code
+(convert such a file to safetensors where you trust it).
 
 The exported layout (`renorm export` of a DiDi student, `save_dlm_folder`): `model.safetensors` (the DiT state dict,
 our names), `config.json` ({"format": "renorm-dlm", "format_version": 1, "dit_config", "schedule" (class name),
@@ -93,7 +94,7 @@ def container_globals(path: Path) -> list[Any]:
     Plain types map to themselves and classes of `CONTAINER_PACKAGES` to inert `OpaqueObject` subclasses.
 
     Raises:
-        ValueError: the file names another class or function (it needs `allow_pickle=True`, for trusted files only).
+        ValueError: the file names another class or function (refused: loading it could run code).
     """
     allowed: list[Any] = []
     unknown: list[str] = []
@@ -106,27 +107,24 @@ def container_globals(path: Path) -> list[Any]:
             unknown.append(name)
     if unknown:
         raise ValueError(
-            f"{path} pickles objects beyond tensors and data containers ({', '.join(sorted(unknown))}); pass "
-            "allow_pickle=True only for a checkpoint you trust"
+            f"{path} pickles objects beyond tensors and data containers ({', '.join(sorted(unknown))}), so it is not "
+            "loaded (that could run code from the file); save its state dict as .safetensors where you trust it"
         )
     return allowed
 
 
-def _read_raw(path: Path, allow_pickle: bool) -> dict[str, Any]:
+def _read_raw(path: Path) -> dict[str, Any]:
     if path.suffix == ".safetensors":
         import safetensors.torch
 
         return dict(safetensors.torch.load_file(str(path), device="cpu"))
     try:
-        if allow_pickle:
-            loaded = torch.load(path, map_location="cpu", weights_only=False)
-        else:
-            with torch.serialization.safe_globals(_safe_globals(path)):
-                loaded = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_safe_globals(path)):
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         raise ValueError(
-            f"{path} holds pickled objects beyond tensors (Lightning .ckpt hyper-parameters); pass "
-            "allow_pickle=True only for a checkpoint you trust"
+            f"{path} holds pickled objects beyond tensors and data containers, so it is not loaded (that could run "
+            "code from the file); save its state dict as .safetensors where you trust it"
         ) from error
     if not isinstance(loaded, dict):
         raise ValueError(f"{path}: expected a checkpoint dict or a state dict, got {type(loaded).__name__}")
@@ -195,7 +193,6 @@ def load_mdlm_checkpoint(
     path: str | Path,
     use_ema: bool = False,
     num_heads: int | None = None,
-    allow_pickle: bool = False,
     **config_overrides: Any,
 ) -> DiT:
     """A DiT holding an MDLM-format checkpoint's backbone (see the module docstring for the key mapping).
@@ -204,15 +201,12 @@ def load_mdlm_checkpoint(
         path: `.ckpt` (Lightning), `.pt`/`.bin` state dict or `.safetensors`.
         use_ema: load the EMA weights of a Lightning checkpoint instead of the raw ones.
         num_heads: attention heads (not recoverable from shapes); default hidden/64.
-        allow_pickle: unpickle arbitrary objects (runs code from the file, so only for trusted checkpoints). False
-            loads tensors, plain containers and inert stand-ins of data-container objects (a Lightning `.ckpt`'s
-            OmegaConf config and tokenizer; see the module docstring).
         config_overrides: other DiTConfig fields (max_length, dropout, time_conditioning, mask_id).
     """
     file = Path(path)
     if not file.is_file():
         raise ValueError(f"MDLM checkpoint not found: {file}")
-    state = mdlm_backbone_state(_read_raw(file, allow_pickle), use_ema)
+    state = mdlm_backbone_state(_read_raw(file), use_ema)
     model = DiT(infer_dit_config(state, num_heads, **config_overrides))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:

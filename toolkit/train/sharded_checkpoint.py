@@ -190,7 +190,7 @@ class SafeFileSystemReader(FileSystemReader):
 
 
 class _TensorsOnlyPlanner(DefaultLoadPlanner):
-    """DefaultLoadPlanner that refuses pickled (non-tensor) entries instead of `torch.load(weights_only=False)`."""
+    """DefaultLoadPlanner that refuses pickled (non-tensor) entries instead of unpickling them."""
 
     def load_bytes(self, read_item: Any, value: Any) -> None:
         raise pickle.UnpicklingError(

@@ -205,7 +205,7 @@ def _through_disk(state: dict[str, Any]) -> dict[str, Any]:
     buffer = io.BytesIO()
     torch.save(state, buffer)
     buffer.seek(0)
-    return torch.load(buffer, weights_only=False)  # type: ignore[no-any-return]
+    return torch.load(buffer, weights_only=True)  # type: ignore[no-any-return]  # as checkpoints load
 
 
 def test_pool_refresh_replaces_the_oldest_rows_with_fresh_teacher_samples() -> None:

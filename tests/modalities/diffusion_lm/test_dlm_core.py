@@ -300,9 +300,8 @@ def test_mdlm_checkpoint_round_trip(tmp_path: Path) -> None:
     tokens, sigma = torch.randint(0, V, (2, 10)), torch.rand(2)
     torch.testing.assert_close(loaded(tokens, sigma), dit(tokens, sigma))
     torch.save({"state_dict": {"backbone." + k: v for k, v in dit.state_dict().items()}, "cfg": Path("x")}, path)
-    with pytest.raises(ValueError, match="allow_pickle"):
-        load_mdlm_checkpoint(path, num_heads=2)
-    assert load_mdlm_checkpoint(path, num_heads=2, allow_pickle=True).config.num_blocks == 2
+    with pytest.raises(ValueError, match=r"pathlib\.\w*Path.*not loaded .*could run code"):
+        load_mdlm_checkpoint(path, num_heads=2)  # a class outside the data containers: never unpickled
     torch.save({"state_dict": {"model.foo": torch.zeros(1)}}, tmp_path / "bad.ckpt")
     with pytest.raises(ValueError, match="vocab_embed"):
         load_mdlm_checkpoint(tmp_path / "bad.ckpt")
