@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from typing import Any
 
 
@@ -70,7 +69,7 @@ def build_retriever(args: argparse.Namespace) -> Any:
 
 def cmd_serve_retriever(args: argparse.Namespace) -> int:
     """Build the retriever, then serve until Ctrl-C."""
-    from modalities.text_agent.tools.retriever_server import make_server
+    from modalities.text_agent.tools.retriever_server import make_server, serve_until_interrupted
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     retriever = build_retriever(args)
@@ -83,11 +82,4 @@ def cmd_serve_retriever(args: argparse.Namespace) -> int:
         timeout_s=args.timeout_s,
         max_connections=args.max_connections,
     )
-    print(f"serving {len(retriever)} documents ({args.backend}) at {server.url}", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        print("stopped", file=sys.stderr)
-    finally:
-        server.server_close()
-    return 0
+    return serve_until_interrupted(server, f"serving {len(retriever)} documents ({args.backend}) at {server.url}")

@@ -77,14 +77,9 @@ def cmd_serve_policy(args: argparse.Namespace) -> int:
     """Build the policy, then serve until Ctrl-C."""
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     server = build_server(args)
-    print(f"serving {args.config} ({args.model_name}) at {server.url}", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        print("stopped", file=sys.stderr)
-    finally:
-        server.server_close()
-    return 0
+    from modalities.text_agent.tools.retriever_server import serve_until_interrupted
+
+    return serve_until_interrupted(server, f"serving {args.config} ({args.model_name}) at {server.url}")
 
 
 def main(argv: list[str] | None = None) -> int:

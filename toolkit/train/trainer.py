@@ -224,7 +224,9 @@ class Trainer:
                 tokens, seqs = loss_denominators(minibatch.mask)
                 num_tokens = float(dist.all_reduce_sum(tokens))
                 num_seqs = float(dist.all_reduce_sum(seqs))
-                num_rows = float(dist.all_reduce_sum(torch.tensor(float(minibatch.mask.shape[0]))))  # empty rows too
+                num_rows = None  # all rows, empty ones too: the denominator of `count_empty_rows` only
+                if getattr(self.objective, "count_empty_rows", False):
+                    num_rows = float(dist.all_reduce_sum(torch.tensor(float(minibatch.mask.shape[0]))))
                 micros = list(minibatch.minibatches(cfg.gradient_accumulation_steps, shuffle=False))
                 for index, micro in enumerate(micros):
                     with sharding.micro_step(self.accelerator, last=index == len(micros) - 1):

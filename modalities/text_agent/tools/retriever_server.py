@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import sys
 import threading
 import time
 from collections import deque
@@ -374,6 +375,18 @@ class RetrieveHandler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s - " + format, self.client_address[0], *args)
+
+
+def serve_until_interrupted(server: ThreadingHTTPServer, banner: str) -> int:
+    """Print `banner`, serve in the foreground until Ctrl-C, then close the socket (the CLI servers' loop)."""
+    print(banner, flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("stopped", file=sys.stderr)
+    finally:
+        server.server_close()
+    return 0
 
 
 @contextmanager
