@@ -225,7 +225,7 @@ class Trainer:
                 num_tokens = float(dist.all_reduce_sum(tokens))
                 num_seqs = float(dist.all_reduce_sum(seqs))
                 num_rows = None  # all rows, empty ones too: the denominator of `count_empty_rows` only
-                if getattr(self.objective, "count_empty_rows", False):
+                if self.objective.count_empty_rows:
                     num_rows = float(dist.all_reduce_sum(torch.tensor(float(minibatch.mask.shape[0]))))
                 micros = list(minibatch.minibatches(cfg.gradient_accumulation_steps, shuffle=False))
                 for index, micro in enumerate(micros):
