@@ -227,7 +227,7 @@ def test_only_stateful_parts_are_checkpointed_and_restored(tmp_path: Path) -> No
     assert stateful.calls == 1
 
 
-@pytest.mark.parametrize("name", ["trainer.py", "critic.py", "eval_hook.py"])
+@pytest.mark.parametrize("name", ["trainer.py", "update.py", "trainer_state.py", "critic.py", "eval_hook.py"])
 def test_the_trainer_never_duck_types_hooks(name: str) -> None:
     """No hasattr and no getattr(obj, "name", default) in the trainer's hook call sites: hooks are protocols."""
     tree = ast.parse((ROOT / "toolkit" / "train" / name).read_text())
