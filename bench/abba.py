@@ -2,12 +2,15 @@
 
 A step's cost is the process CPU time it took (one torch thread keeps it steady on a shared machine); the paired
 ratio compares each side's block with the other side's block of the same index, run back to back, so a slow drift
-of the machine's load cancels.
+of the machine's load cancels. Also what the benches' markdown reports share: `Report` (head, tables, notes),
+"median / min" cells and `publish`.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -50,3 +53,35 @@ def publish(text: str, out: Path) -> None:
     print(text)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text, encoding="utf-8")
+
+
+def median_min(values: Sequence[float]) -> str:
+    """A "median / min" cell of seconds, 3 decimals."""
+    return f"{statistics.median(values):.3f} / {min(values):.3f}"
+
+
+class Report:
+    """A bench's markdown report, built line by line: the head, tables of formatted cells, then the notes.
+
+    The head is `# title`, the command that reproduces the figures and the setting line (date · machine · torch
+    version · `setting`), each followed by a blank line; prose goes straight into `lines`.
+    """
+
+    def __init__(self, title: str, command: str, setting: str) -> None:
+        import torch
+
+        machine = f"{datetime.date.today()} · {platform.machine()} · torch {torch.__version__}"
+        self.lines = [f"# {title}", "", f"Command: `{command}`", "", f"{machine} · {setting}", ""]
+
+    def table(self, *columns: str) -> None:
+        """Start a markdown table: its header row and the separator row."""
+        self.row(*columns)
+        self.lines.append("|" + "---|" * len(columns))
+
+    def row(self, *cells: object) -> None:
+        """One table row of already formatted cells (anything else is written with `str`)."""
+        self.lines.append("| " + " | ".join(map(str, cells)) + " |")
+
+    def text(self, notes: str) -> str:
+        """The whole report: its lines, then the bench's notes."""
+        return "\n".join(self.lines) + "\n" + notes

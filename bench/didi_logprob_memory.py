@@ -16,10 +16,8 @@ logit are extrapolated to the OWT recipe's micro-batch (32 rows x 1024 tokens, f
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -31,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from bench.abba import publish  # noqa: E402
+from bench.abba import Report, publish  # noqa: E402
 from bench.logprob_memory import status_kib  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "didi_logprob_memory.md"
@@ -159,34 +157,46 @@ def report(args: argparse.Namespace, results: dict[str, dict[tuple[str, int | No
     owt_positions = OWT["rows"] * OWT["length"]
     owt = {"student": 2 * owt_positions * OWT["vocab"], "teacher": owt_positions * OWT["vocab"]}
     default_block = min(positions, max(1, (2**26) // args.vocab))
-    lines = [
-        "# DiDi-Instruct log-prob memory: fp32 [N, L, V] SUBS log-probs vs blockwise (bench/didi_logprob_memory.py)",
-        "",
-        f"Command: `.venv/bin/python bench/didi_logprob_memory.py --rows {args.rows} --length {args.length} "
-        f"--vocab {args.vocab} --chunk-rows {args.chunk_rows} --threads {args.threads}`",
-        "",
-        f"{datetime.date.today()} · {platform.machine()} · torch {torch.__version__} · {args.threads} threads · CPU, "
-        f"fp32 · N={args.rows} rows x L={args.length} x V={args.vocab} "
+    md = Report(
+        "DiDi-Instruct log-prob memory: fp32 [N, L, V] SUBS log-probs vs blockwise (bench/didi_logprob_memory.py)",
+        f".venv/bin/python bench/didi_logprob_memory.py --rows {args.rows} --length {args.length} "
+        f"--vocab {args.vocab} --chunk-rows {args.chunk_rows} --threads {args.threads}",
+        f"{args.threads} threads · CPU, fp32 · N={args.rows} rows x L={args.length} x V={args.vocab} "
         f"({positions * args.vocab * 4 / mib:.0f} MiB per fp32 [N, L, V]); student: T = 2 steps",
-        "",
+    )
+    md.lines += [
         "Extra memory = peak during the call minus what was live before it (weights, rollout). Bytes per logit divide",
         "it by the logits of the call (student: both steps) and are extrapolated to the OWT micro-batch "
         f"({OWT['rows']} x {OWT['length']} x {OWT['vocab']}).",
         "",
-        "| step | side | block (positions) | peak RSS extra (MiB) | ratio | bytes / logit | at the OWT shape (GiB) | "
-        "seconds |",
-        "|---|---|---|---|---|---|---|---|",
     ]
+    md.table(
+        "step",
+        "side",
+        "block (positions)",
+        "peak RSS extra (MiB)",
+        "ratio",
+        "bytes / logit",
+        "at the OWT shape (GiB)",
+        "seconds",
+    )
     for step, rows in results.items():
         base = rows[("direct", None)]["rss_extra"]
         for (side, chunk), row in rows.items():
             block = "-" if side == "direct" else str(default_block if chunk is None else chunk)
             per_logit = row["rss_extra"] / logits[step]
-            lines.append(
-                f"| {step} | {side} | {block} | {row['rss_extra'] / mib:.0f} | {base / row['rss_extra']:.1f}x | "
-                f"{per_logit:.1f} | {per_logit * owt[step] / GIB:.0f} | {row['seconds']:.2f} |"
+            extra = row["rss_extra"]
+            md.row(
+                step,
+                side,
+                block,
+                f"{extra / mib:.0f}",
+                f"{base / extra:.1f}x",
+                f"{per_logit:.1f}",
+                f"{per_logit * owt[step] / GIB:.0f}",
+                f"{row['seconds']:.2f}",
             )
-    return "\n".join(lines) + "\n" + NOTES
+    return md.text(NOTES)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -214,8 +224,7 @@ def main(argv: list[str] | None = None) -> None:
         results[step] = {("direct", None): measure(args, step, "direct", None)}
         for chunk in (None, args.chunk_rows):
             results[step][("blockwise", chunk)] = measure(args, step, "blockwise", chunk)
-    text = report(args, results)
-    publish(text, args.out)
+    publish(report(args, results), args.out)
 
 
 if __name__ == "__main__":

@@ -13,9 +13,7 @@ update (that is the async mode, not built yet): the ratio is the price of the pr
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -33,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from bench.abba import add_abba_arguments, publish  # noqa: E402
+from bench.abba import Report, add_abba_arguments, median_min, paired_ratio, publish  # noqa: E402
 from bench.onpolicy_skip import MODELS  # noqa: E402
 from bench.trainer_vs_trl import renorm_config  # noqa: E402
 
@@ -117,45 +115,38 @@ def compare(args: argparse.Namespace, model: dict[str, int]) -> dict[str, dict[s
     return rows
 
 
-def paired_ratio(args: argparse.Namespace, rows: dict[str, dict[str, list[float]]]) -> float:
-    """Median over ABBA blocks of server / hf median wall s/step of the same-index blocks (adjacent in time)."""
-    blocks = [
-        [
-            statistics.median(rows[side]["wall_s"][i : i + args.steps])
-            for i in range(0, len(rows[side]["wall_s"]), args.steps)
-        ]
-        for side in SIDES
-    ]
-    return statistics.median(server / hf for hf, server in zip(*blocks, strict=True))
-
-
 def report(args: argparse.Namespace, results: dict[str, dict[str, dict[str, list[float]]]]) -> str:
-    lines = [
-        "# Server-mode steps against the synchronous hf engine (bench/engine_server.py)",
-        "",
-        f"Command: `.venv/bin/python bench/engine_server.py --steps {args.steps} --repeats {args.repeats} "
-        f"--warmup {args.warmup}`",
-        "",
-        f"{datetime.date.today()} · {platform.machine()} · torch {torch.__version__} · 1 thread per process · CPU, "
-        f"fp32 · 16 prompts x G=8, 32 new tokens · {args.repeats} ABBA blocks of {args.steps} steps per side "
-        f"({args.repeats * args.steps} steps each) after {args.warmup} warm-up steps · load average (1 min) "
-        f"{args.load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end",
-        "",
-        "| model | hf wall s/step: median / min | server wall s/step: median / min | ratio server / hf: median | "
-        "paired blocks: median ratio | generate s (hf / server, mean) | weight push s (mean) | losses equal |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    md = Report(
+        "Server-mode steps against the synchronous hf engine (bench/engine_server.py)",
+        f".venv/bin/python bench/engine_server.py --steps {args.steps} --repeats {args.repeats} --warmup {args.warmup}",
+        f"1 thread per process · CPU, fp32 · 16 prompts x G=8, 32 new tokens · {args.repeats} ABBA blocks of "
+        f"{args.steps} steps per side ({args.repeats * args.steps} steps each) after {args.warmup} warm-up steps · "
+        f"load average (1 min) {args.load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end",
+    )
+    md.table(
+        "model",
+        "hf wall s/step: median / min",
+        "server wall s/step: median / min",
+        "ratio server / hf: median",
+        "paired blocks: median ratio",
+        "generate s (hf / server, mean)",
+        "weight push s (mean)",
+        "losses equal",
+    )
     for name, rows in results.items():
         hf, server = (rows[side]["wall_s"] for side in SIDES)
-        medians = [statistics.median(values) for values in (hf, server)]
         generate = [statistics.fmean(rows[side]["generate_s"]) for side in SIDES]
-        lines.append(
-            f"| {name} | {medians[0]:.3f} / {min(hf):.3f} | {medians[1]:.3f} / {min(server):.3f} | "
-            f"{medians[1] / medians[0]:.3f} | {paired_ratio(args, rows):.3f} | {generate[0]:.3f} / {generate[1]:.3f} | "
-            f"{statistics.fmean(rows['server']['weight_sync_s']):.3f} | "
-            f"{rows['hf']['loss'] == rows['server']['loss']} |"
+        md.row(
+            name,
+            median_min(hf),
+            median_min(server),
+            f"{statistics.median(server) / statistics.median(hf):.3f}",
+            f"{paired_ratio(hf, server, args.steps):.3f}",  # server / hf of same-index blocks
+            f"{generate[0]:.3f} / {generate[1]:.3f}",
+            f"{statistics.fmean(rows['server']['weight_sync_s']):.3f}",
+            rows["hf"]["loss"] == rows["server"]["loss"],
         )
-    return "\n".join(lines) + "\n" + NOTES
+    return md.text(NOTES)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -172,8 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     args.load_start = os.getloadavg()[0]  # a shared machine: other jobs' load is part of what the figures saw
     torch.set_num_threads(1)
     results = {name: compare(args, model) for name, model in MODELS.items()}
-    text = report(args, results)
-    publish(text, args.out)
+    publish(report(args, results), args.out)
 
 
 if __name__ == "__main__":

@@ -15,22 +15,25 @@ timeline (profile_memory=True) minus the output's bytes. Bytes per logit are ext
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from bench.abba import Report, publish  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "logprob_memory.md"
-ROOT = Path(__file__).resolve().parents[1]
 DLER = {"rows": 16, "steps": 4096, "vocab": 151936}  # DLER-1.5B recipe: micro-batch 16, 4k tokens, Qwen2 vocab
 GIB = 2**30
+OUTPUTS = {False: "log-probs", True: "log-probs + entropy"}  # the table's first column, by `--entropy`
 
 
 NOTES = """
@@ -139,48 +142,63 @@ def block_positions(chunk: int, rows: int, steps: int) -> int:
 
 def report(args: argparse.Namespace, results: dict[bool, dict[tuple[str, int | None], dict[str, Any]]]) -> str:
     mib = 2**20
-    lines = [
-        "# Token log-prob memory: direct fp32 formula vs chunked (bench/logprob_memory.py)",
-        "",
-        f"Command: `.venv/bin/python bench/logprob_memory.py --rows {args.rows} --steps {args.steps} "
-        f"--vocab {args.vocab} --chunk-rows {' '.join(map(str, args.chunk_rows))} --threads {args.threads}`",
-        "",
-        f"{datetime.date.today()} · {platform.machine()} · torch {torch.__version__} · {args.threads} threads · CPU · "
-        f"bf16 logits [N={args.rows}, T+1={args.steps + 1}, V={args.vocab}] "
+    md = Report(
+        "Token log-prob memory: direct fp32 formula vs chunked (bench/logprob_memory.py)",
+        f".venv/bin/python bench/logprob_memory.py --rows {args.rows} --steps {args.steps} "
+        f"--vocab {args.vocab} --chunk-rows {' '.join(map(str, args.chunk_rows))} --threads {args.threads}",
+        f"{args.threads} threads · CPU · bf16 logits [N={args.rows}, T+1={args.steps + 1}, V={args.vocab}] "
         f"({results[False][('direct', None)]['output_bytes'] / mib:.0f} MiB) · temperature {args.temperature}",
-        "",
+    )
+    md.lines += [
         "Extra memory = peak during log-probs + loss + backward minus what was live before (the bf16 logits). Both",
         "sides also hold the bf16 gradient of the logits (autograd's slice backward pads it to [N, T+1, V]).",
         "",
-        "| outputs | side | block (positions) | peak RSS extra (MiB) | profiler timeline extra (MiB) | ratio (RSS) | "
-        "fwd+bwd min (s) |",
-        "|---|---|---|---|---|---|---|",
     ]
+    md.table(
+        "outputs",
+        "side",
+        "block (positions)",
+        "peak RSS extra (MiB)",
+        "profiler timeline extra (MiB)",
+        "ratio (RSS)",
+        "fwd+bwd min (s)",
+    )
     for entropy, rows in results.items():
         base = rows[("direct", None)]["rss_extra"]
         for (side, chunk), row in rows.items():
             block = "-" if chunk is None else str(block_positions(chunk, args.rows, args.steps))
-            name = "log-probs + entropy" if entropy else "log-probs"
-            lines.append(
-                f"| {name} | {side} | {block} | {row['rss_extra'] / mib:.0f} | {row['profiler_extra'] / mib:.0f} "
-                f"| {base / row['rss_extra']:.2f}x | {row['seconds']:.3f} |"
+            extra = row["rss_extra"]
+            md.row(
+                OUTPUTS[entropy],
+                side,
+                block,
+                f"{extra / mib:.0f}",
+                f"{row['profiler_extra'] / mib:.0f}",
+                f"{base / extra:.2f}x",
+                f"{row['seconds']:.3f}",
             )
     elements = args.rows * args.steps * args.vocab
     dler = DLER["rows"] * DLER["steps"] * DLER["vocab"]
     smallest = min(args.chunk_rows)
-    lines += ["", f"## Extrapolated to the DLER-1.5B shape (N=16, T=4096, V=151,936: {dler / 1e9:.2f}e9 logits)", ""]
-    lines += [f"Bytes per logit of the measured extra RSS (chunked: block {smallest}) times the DLER logit count.", ""]
-    lines += ["| outputs | direct: bytes / logit | chunked: bytes / logit | direct (GiB) | chunked (GiB) | ratio |"]
-    lines += ["|---|---|---|---|---|---|"]
+    md.lines += ["", f"## Extrapolated to the DLER-1.5B shape (N=16, T=4096, V=151,936: {dler / 1e9:.2f}e9 logits)", ""]
+    md.lines += [
+        f"Bytes per logit of the measured extra RSS (chunked: block {smallest}) times the DLER logit count.",
+        "",
+    ]
+    md.table("outputs", "direct: bytes / logit", "chunked: bytes / logit", "direct (GiB)", "chunked (GiB)", "ratio")
     for entropy, rows in results.items():
         direct_bytes = rows[("direct", None)]["rss_extra"] / elements
         chunked_bytes = rows[("chunked", smallest)]["rss_extra"] / elements
         gib = (direct_bytes * dler / GIB, chunked_bytes * dler / GIB)
-        lines.append(
-            f"| {'log-probs + entropy' if entropy else 'log-probs'} | {direct_bytes:.1f} | {chunked_bytes:.1f} | "
-            f"{gib[0]:.0f} | {gib[1]:.0f} | {gib[0] / gib[1]:.1f}x |"
+        md.row(
+            OUTPUTS[entropy],
+            f"{direct_bytes:.1f}",
+            f"{chunked_bytes:.1f}",
+            f"{gib[0]:.0f}",
+            f"{gib[1]:.0f}",
+            f"{gib[0] / gib[1]:.1f}x",
         )
-    return "\n".join(lines) + "\n" + NOTES
+    return md.text(NOTES)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -210,10 +228,7 @@ def main(argv: list[str] | None = None) -> None:
         results[entropy] = {("direct", None): measure(args, "direct", entropy, None)}
         for chunk in args.chunk_rows:
             results[entropy][("chunked", chunk)] = measure(args, "chunked", entropy, chunk)
-    text = report(args, results)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text, encoding="utf-8")
+    publish(report(args, results), args.out)
 
 
 if __name__ == "__main__":

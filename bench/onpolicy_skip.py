@@ -12,9 +12,7 @@ thread and alternate in ABBA blocks of steps after warm-up; a step's cost is its
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -28,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.abba import add_abba_arguments, publish  # noqa: E402
+from bench.abba import Report, add_abba_arguments, median_min, paired_ratio, publish  # noqa: E402
 from bench.trainer_vs_trl import renorm_config  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "onpolicy_skip.md"
@@ -94,45 +92,35 @@ def compare(args: argparse.Namespace, model: dict[str, int]) -> dict[str, dict[s
     return rows
 
 
-def paired_ratio(args: argparse.Namespace, rows: dict[str, dict[str, list[float]]]) -> float:
-    """Median over ABBA blocks of skipped / rescored median CPU s/step of the two sides' same-index blocks (adjacent
-    in time, so slow drifts of a shared machine's load cancel)."""
-    blocks = [
-        [
-            statistics.median(rows[side]["cpu_s"][i : i + args.steps])
-            for i in range(0, len(rows[side]["cpu_s"]), args.steps)
-        ]
-        for side in SIDES
-    ]
-    return statistics.median(skipped / rescored for rescored, skipped in zip(*blocks, strict=True))
-
-
 def report(args: argparse.Namespace, results: dict[str, dict[str, dict[str, list[float]]]]) -> str:
-    lines = [
-        "# On-policy steps without the old-log-prob forward (bench/onpolicy_skip.py)",
-        "",
-        f"Command: `.venv/bin/python bench/onpolicy_skip.py --steps {args.steps} --repeats {args.repeats} "
-        f"--warmup {args.warmup}`",
-        "",
-        f"{datetime.date.today()} · {platform.machine()} · torch {torch.__version__} · 1 thread · CPU, fp32 · "
-        f"16 prompts x G=8, 32 new tokens · {args.repeats} ABBA blocks of {args.steps} steps per side "
-        f"({args.repeats * args.steps} steps each) after {args.warmup} warm-up steps",
-        "",
-        "| model | rescored CPU s/step: median / min | skipped CPU s/step: median / min | ratio skipped / rescored: "
-        "median / min | paired blocks: median ratio | old-log-prob forward (s, rescored mean) | losses equal |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    md = Report(
+        "On-policy steps without the old-log-prob forward (bench/onpolicy_skip.py)",
+        f".venv/bin/python bench/onpolicy_skip.py --steps {args.steps} --repeats {args.repeats} --warmup {args.warmup}",
+        f"1 thread · CPU, fp32 · 16 prompts x G=8, 32 new tokens · {args.repeats} ABBA blocks of {args.steps} steps "
+        f"per side ({args.repeats * args.steps} steps each) after {args.warmup} warm-up steps",
+    )
+    md.table(
+        "model",
+        "rescored CPU s/step: median / min",
+        "skipped CPU s/step: median / min",
+        "ratio skipped / rescored: median / min",
+        "paired blocks: median ratio",
+        "old-log-prob forward (s, rescored mean)",
+        "losses equal",
+    )
     for name, rows in results.items():
         rescored, skipped = (rows[side]["cpu_s"] for side in SIDES)
-        medians = [statistics.median(values) for values in (rescored, skipped)]
-        minima = [min(values) for values in (rescored, skipped)]
-        lines.append(
-            f"| {name} | {medians[0]:.3f} / {minima[0]:.3f} | {medians[1]:.3f} / {minima[1]:.3f} | "
-            f"{medians[1] / medians[0]:.3f} / {minima[1] / minima[0]:.3f} | {paired_ratio(args, rows):.3f} | "
-            f"{statistics.fmean(rows['rescored']['old_logprobs_s']):.3f} | "
-            f"{rows['rescored']['loss'] == rows['skipped']['loss']} |"
+        ratios = statistics.median(skipped) / statistics.median(rescored), min(skipped) / min(rescored)
+        md.row(
+            name,
+            median_min(rescored),
+            median_min(skipped),
+            f"{ratios[0]:.3f} / {ratios[1]:.3f}",
+            f"{paired_ratio(rescored, skipped, args.steps):.3f}",  # skipped / rescored of same-index blocks
+            f"{statistics.fmean(rows['rescored']['old_logprobs_s']):.3f}",
+            rows["rescored"]["loss"] == rows["skipped"]["loss"],
         )
-    return "\n".join(lines) + "\n" + NOTES
+    return md.text(NOTES)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -148,8 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(1)
     results = {name: compare(args, model) for name, model in MODELS.items()}
-    text = report(args, results)
-    publish(text, args.out)
+    publish(report(args, results), args.out)
 
 
 if __name__ == "__main__":

@@ -14,11 +14,8 @@ threshold 64 KiB so freed tensors leave the resident set), as bench/logprob_memo
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
-import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -30,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.abba import paired_ratio, publish, run_abba  # noqa: E402
+from bench.abba import Report, median_min, paired_ratio, publish, run_abba  # noqa: E402
 from bench.logprob_memory import status_kib  # noqa: E402
 from bench.t2i_sde_logprob import build_policy  # noqa: E402
 
@@ -111,31 +108,39 @@ def measure_time(args: argparse.Namespace, size: str, checkpointing: bool) -> di
 
 def report(args: argparse.Namespace, results: list[tuple[str, bool, dict[str, Any], dict[str, Any]]]) -> str:
     mib = 2**20
-    lines = [
-        "# SD3 CFG in training: unconditional half under no_grad vs batched with gradients (bench/t2i_cfg_no_grad.py)",
-        "",
-        f"Command: `.venv/bin/python bench/t2i_cfg_no_grad.py --rows {args.rows} --repeats {args.repeats} "
-        f"--steps {args.steps}`",
-        "",
-        f"{datetime.date.today()} · {platform.machine()} · torch {torch.__version__} · 1 thread · CPU, fp32 · "
-        f"{args.rows} rows x 2 trained transitions (M = {2 * args.rows}) per micro-step, CFG 4.5, KL coef 0.04 · "
-        f"{args.repeats} ABBA blocks of {args.steps} micro-steps per side after 1 warm-up",
-        "",
-        "| model | checkpointing | batched CPU s: median / min | split CPU s: median / min | ratio split / batched "
-        "(paired blocks) | batched peak extra (MiB) | split peak extra (MiB) | memory ratio batched / split | "
-        "max loss difference |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+    md = Report(
+        "SD3 CFG in training: unconditional half under no_grad vs batched with gradients (bench/t2i_cfg_no_grad.py)",
+        f".venv/bin/python bench/t2i_cfg_no_grad.py --rows {args.rows} --repeats {args.repeats} --steps {args.steps}",
+        f"1 thread · CPU, fp32 · {args.rows} rows x 2 trained transitions (M = {2 * args.rows}) per micro-step, "
+        f"CFG 4.5, KL coef 0.04 · {args.repeats} ABBA blocks of {args.steps} micro-steps per side after 1 warm-up",
+    )
+    md.table(
+        "model",
+        "checkpointing",
+        "batched CPU s: median / min",
+        "split CPU s: median / min",
+        "ratio split / batched (paired blocks)",
+        "batched peak extra (MiB)",
+        "split peak extra (MiB)",
+        "memory ratio batched / split",
+        "max loss difference",
+    )
     for size, checkpointing, times, memory in results:
         batched, split = times["batched"]["cpu_s"], times["split"]["cpu_s"]
         gap = max(abs(a - b) for a, b in zip(times["batched"]["value"], times["split"]["value"], strict=True))
-        lines.append(
-            f"| {size} | {'on' if checkpointing else 'off'} | {statistics.median(batched):.3f} / {min(batched):.3f} | "
-            f"{statistics.median(split):.3f} / {min(split):.3f} | {paired_ratio(batched, split, args.steps):.3f} | "
-            f"{memory['batched']['rss_extra'] / mib:.0f} | {memory['split']['rss_extra'] / mib:.0f} | "
-            f"{memory['batched']['rss_extra'] / memory['split']['rss_extra']:.2f}x | {gap:.1e} |"
+        extra = {side: memory[side]["rss_extra"] for side in ("batched", "split")}
+        md.row(
+            size,
+            "on" if checkpointing else "off",
+            median_min(batched),
+            median_min(split),
+            f"{paired_ratio(batched, split, args.steps):.3f}",
+            f"{extra['batched'] / mib:.0f}",
+            f"{extra['split'] / mib:.0f}",
+            f"{extra['batched'] / extra['split']:.2f}x",
+            f"{gap:.1e}",
         )
-    return "\n".join(lines) + "\n" + NOTES
+    return md.text(NOTES)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -162,8 +167,7 @@ def main(argv: list[str] | None = None) -> None:
         for checkpointing in (False, True):
             memory = {side: measure_memory(args, size, side, checkpointing) for side in SIDES}
             results.append((size, checkpointing, measure_time(args, size, checkpointing), memory))
-    text = report(args, results)
-    publish(text, args.out)
+    publish(report(args, results), args.out)
 
 
 if __name__ == "__main__":

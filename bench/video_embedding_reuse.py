@@ -15,9 +15,7 @@ after warm-up; a step's cost is its process CPU time; the two sides' losses are 
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -31,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from bench.abba import add_abba_arguments, paired_ratio, publish, run_abba  # noqa: E402
+from bench.abba import Report, add_abba_arguments, median_min, paired_ratio, publish, run_abba  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "video_embedding_reuse.md"
 SIDES = ("re-encoded", "reused")
@@ -85,29 +83,32 @@ def compare(args: argparse.Namespace, overrides: list[str]) -> dict[str, dict[st
 
 
 def report(args: argparse.Namespace, results: dict[str, dict[str, dict[str, list[float]]]]) -> str:
-    lines = [
-        "# Video VLM steps with the frozen vision tower's embeddings reused (bench/video_embedding_reuse.py)",
-        "",
-        f"Command: `.venv/bin/python bench/video_embedding_reuse.py --steps {args.steps} --repeats {args.repeats} "
-        f"--warmup {args.warmup}`",
-        "",
-        f"{datetime.date.today()} · {platform.machine()} · torch {torch.__version__} · 1 thread · CPU, fp32 · "
-        f"4 prompts x G=4, 24 new tokens, 64 video tokens per prompt · {args.repeats} ABBA blocks of {args.steps} "
-        f"steps per side after {args.warmup} warm-up steps",
-        "",
-        "| workload | re-encoded CPU s/step: median / min | reused CPU s/step: median / min | ratio reused / "
-        "re-encoded: median | paired blocks: median ratio | losses equal |",
-        "|---|---|---|---|---|---|",
-    ]
+    md = Report(
+        "Video VLM steps with the frozen vision tower's embeddings reused (bench/video_embedding_reuse.py)",
+        f".venv/bin/python bench/video_embedding_reuse.py --steps {args.steps} --repeats {args.repeats} "
+        f"--warmup {args.warmup}",
+        f"1 thread · CPU, fp32 · 4 prompts x G=4, 24 new tokens, 64 video tokens per prompt · {args.repeats} ABBA "
+        f"blocks of {args.steps} steps per side after {args.warmup} warm-up steps",
+    )
+    md.table(
+        "workload",
+        "re-encoded CPU s/step: median / min",
+        "reused CPU s/step: median / min",
+        "ratio reused / re-encoded: median",
+        "paired blocks: median ratio",
+        "losses equal",
+    )
     for name, rows in results.items():
         encoded, reused = (rows[side]["cpu_s"] for side in SIDES)
-        medians = [statistics.median(encoded), statistics.median(reused)]
-        lines.append(
-            f"| {name} | {medians[0]:.3f} / {min(encoded):.3f} | {medians[1]:.3f} / {min(reused):.3f} | "
-            f"{medians[1] / medians[0]:.3f} | {paired_ratio(encoded, reused, args.steps):.3f} | "
-            f"{rows['re-encoded']['value'] == rows['reused']['value']} |"
+        md.row(
+            name,
+            median_min(encoded),
+            median_min(reused),
+            f"{statistics.median(reused) / statistics.median(encoded):.3f}",
+            f"{paired_ratio(encoded, reused, args.steps):.3f}",
+            rows["re-encoded"]["value"] == rows["reused"]["value"],
         )
-    return "\n".join(lines) + "\n" + NOTES
+    return md.text(NOTES)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -122,8 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(1)
     results = {name: compare(args, overrides) for name, overrides in WORKLOADS.items()}
-    text = report(args, results)
-    publish(text, args.out)
+    publish(report(args, results), args.out)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
 """Tiny stand-ins for every hub model the shipped recipes name, written in each recipe's own checkpoint format.
 
 `build_recipe_models(root)` saves, under `root`, models of the recipes' classes with 1-2 layers and widths of 16-32:
-a Qwen2 causal LM + chat tokenizer, a Qwen2.5-VL + processor, SD3 and FLUX pipelines (transformer, VAE, CLIP/T5 text
-encoders, tokenizers, scheduler), an ESM masked LM (DPLM), an MDLM Lightning-style checkpoint (an OmegaConf config and
-a pickled tokenizer in `hyper_parameters`, as MDLM's `save_hyperparameters()` writes them), a GPT-2 tokenizer, a
-transformers CLIPModel + tokenizer (PickScore), an open_clip model in its hub layout (CLIP score, HPS backbone) and an
-HPS state dict. The recipes load them through their own `from_pretrained` / checkpoint paths.
+a Qwen2 causal LM + chat tokenizer, a Qwen2.5-VL + processor, SD3 and FLUX pipelines (tests/tiny_pipelines.py:
+transformer, VAE, CLIP/T5 text encoders, tokenizers, scheduler), an ESM masked LM (DPLM), an MDLM Lightning-style
+checkpoint (an OmegaConf config and a pickled tokenizer in `hyper_parameters`, as MDLM's `save_hyperparameters()`
+writes them), a GPT-2 tokenizer, a transformers CLIPModel + tokenizer (PickScore), an open_clip model in its hub
+layout (CLIP score, HPS backbone) and an HPS state dict. The recipes load them through their own `from_pretrained` /
+checkpoint paths.
 
 The text LM is random-init, but its tokenizer has whole answer phrases as single tokens (`PHRASES`) and its weights
 hold a constant hidden unit that raises their logits (Qwen2's lm_head has no bias to save): every completion is a
@@ -25,14 +26,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     CLIPConfig,
     CLIPModel,
-    CLIPTextConfig,
-    CLIPTextModel,
     EsmForMaskedLM,
     GPT2TokenizerFast,
-    PreTrainedTokenizerFast,
     Qwen2ForCausalLM,
-    T5Config,
-    T5EncoderModel,
 )
 
 from modalities.diffusion_lm.checkpoint_io import PREFIX
@@ -40,9 +36,8 @@ from modalities.diffusion_lm.dit import DiT
 from modalities.diffusion_lm.tiny import build_tiny_dit
 from modalities.medical_video.tiny import build_tiny_processor, build_tiny_qwen2_5_vl
 from modalities.text_agent.tiny import EOS_TOKEN_ID, build_char_tokenizer, build_tiny_qwen2
-from modalities.text_to_image.tiny import build_tiny_flux, build_tiny_sd3, build_tiny_vae
 from rewards.image.clip import CLIP_MEAN, CLIP_STD, build_tiny_open_clip
-from tests.modalities.text_to_image.test_export_t2i import clip_encoder, clip_tokenizer
+from tests.tiny_pipelines import clip_tokenizer, save_pipeline, vocab_folder
 
 # The gold answer of every tiny problem / question; the phrases answer it right ("1") or wrong ("2").
 GOLD = "1"
@@ -54,7 +49,6 @@ PHRASES = (
     "<search>1</search>",
 )
 PHRASE_LOGIT = 12.0  # the phrases and EOS get this logit, every other token about 0
-TEXT_WIDTH = 32  # T5 width = the transformers' joint_attention_dim; pooled CLIP width = pooled_projection_dim
 
 
 @dataclass(frozen=True)
@@ -132,70 +126,6 @@ def save_video_lm(folder: Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- images
-
-
-def vocab_folder(folder: Path) -> Path:
-    """A scratch folder beside `folder` for the CLIP tokenizer's vocab files (the model folder gets its own copy)."""
-    scratch = folder.with_name(folder.name + "_vocab")
-    scratch.mkdir(parents=True, exist_ok=True)
-    return scratch
-
-
-def t5_parts(seed: int) -> tuple[T5EncoderModel, PreTrainedTokenizerFast]:
-    """A 1-layer T5 encoder (width 32) and a whitespace word-level tokenizer of a few caption words."""
-    words = ["<pad>", "</s>", "<unk>", "a", "red", "blue", "apple", "cat", "on", "the", "table"]
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, "<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
-    )
-    config = T5Config(vocab_size=len(words), d_model=TEXT_WIDTH, d_kv=8, d_ff=64, num_layers=1, num_heads=2)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return T5EncoderModel(config), tokenizer
-
-
-def save_pipeline(folder: Path, arch: str) -> Path:
-    """A `StableDiffusion3Pipeline` ("sd3": CLIP-L/G 16 + 16 wide and T5) or `FluxPipeline` ("flux": CLIP-L pooled 32,
-    T5, guidance embedding) folder around the tiny transformer and VAE, written with `save_pretrained`."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
-
-    tokenizer = clip_tokenizer(vocab_folder(folder))
-    t5, t5_tokenizer = t5_parts(2)
-    common = {"vae": build_tiny_vae(0), "scheduler": FlowMatchEulerDiscreteScheduler(shift=3.0), "tokenizer": tokenizer}
-    pipeline: Any
-    if arch == "sd3":
-        clip_g = {"text_encoder_2": clip_encoder(1, len(tokenizer)), "tokenizer_2": tokenizer}
-        t5_pair = {"text_encoder_3": t5, "tokenizer_3": t5_tokenizer}
-        clip_l = clip_encoder(0, len(tokenizer))
-        pipeline = StableDiffusion3Pipeline(
-            transformer=build_tiny_sd3(0, num_layers=1), text_encoder=clip_l, **clip_g, **t5_pair, **common
-        )
-    else:
-        clip_l = flux_clip_encoder(len(tokenizer), tokenizer.model_max_length)
-        pipeline = FluxPipeline(
-            transformer=build_tiny_flux(0), text_encoder=clip_l, text_encoder_2=t5, tokenizer_2=t5_tokenizer, **common
-        )
-    pipeline.save_pretrained(folder)
-    return folder
-
-
-def flux_clip_encoder(vocab_size: int, max_length: int) -> CLIPTextModel:
-    """FLUX's CLIP-L stand-in: a 1-layer `CLIPTextModel` whose pooled output (width 32) is the pooled projection."""
-    clip = CLIPTextConfig(
-        vocab_size=vocab_size,
-        hidden_size=TEXT_WIDTH,
-        intermediate_size=2 * TEXT_WIDTH,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        max_position_embeddings=max_length,
-        bos_token_id=vocab_size - 2,
-        eos_token_id=vocab_size - 1,
-        pad_token_id=vocab_size - 1,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(4)
-        return CLIPTextModel(clip)
 
 
 def save_clip_model(folder: Path) -> Path:

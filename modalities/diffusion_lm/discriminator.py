@@ -1,132 +1,45 @@
-"""DiDi-Instruct discriminator: a teacher-trunk copy with a spectral-norm per-token head (arXiv:2509.25035).
-
-At the BCE optimum, logit D(z, t) = log q_θ,t(z) − log q_ν,t(z), so its clamped log-odds averaged over
-masked positions is the student's sequence reward (spec docs/methods/didi_instruct.md §6, E4, E6). `DiscriminatorReward`
-is the self-training reward model: every call first runs one discriminator update, then scores.
+"""DiDi-Instruct's self-training reward model (arXiv:2509.25035): `DiscriminatorReward` runs one discriminator update
+on (real, fake) in every call, then scores the fake rows with the clamped log-odds averaged over masked positions
+(spec docs/methods/didi_instruct.md §6, §11). The network and its loss are in `discriminator_model`, the teacher and
+held-out row sources in `discriminator_rows`; configs name `discriminator_from_teacher` here.
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, get_args
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
-from torch.nn.utils.parametrizations import spectral_norm
+from torch import Tensor
 
-from modalities.diffusion_lm.backbone import DenoiserBackbone
+from modalities.diffusion_lm.discriminator_model import (
+    Discriminator,
+    discriminator_from_teacher,
+    discriminator_log_odds,
+    discriminator_loss,
+    sequence_reward,
+    smoothed_bce,
+)
+from modalities.diffusion_lm.discriminator_rows import RealRowSource
 from modalities.diffusion_lm.sampling import check_time_grid
 from rewards.base import RewardOutput
 from toolkit import distributed
 
-
-def discriminator_log_odds(logits: Tensor, eps: float = 1e-6, clip: float | None = 8.0) -> Tensor:
-    """ℓ = log(p + eps) − log(1 − p + eps), p = sigmoid(logits), clamped to ±clip (spec §6).
-
-    Args:
-        logits: [B, L] discriminator logits (any float dtype; computed in float32).
-        eps: the log-odds eps (1e-6).
-        clip: `reward_clip_val` (8.0), or None for no clamp.
-
-    Returns:
-        [B, L] float32 log-odds (≈ logits inside the clamp).
-    """
-    p = torch.sigmoid(logits.float())
-    odds = torch.log(p + eps) - torch.log(1.0 - p + eps)
-    return odds if clip is None else odds.clamp(-clip, clip)
-
-
-def sequence_reward(logits: Tensor, mask: Tensor, eps: float = 1e-6, clip: float | None = 8.0) -> Tensor:
-    """r_i = Σ_ℓ ℓ_iℓ·m_iℓ / (Σ_ℓ m_iℓ + 1e-8): clamped log-odds averaged over masked positions (spec §6, E4).
-
-    Args:
-        logits: [B, L] discriminator logits.
-        mask: [B, L] bool, True where the scored input is masked.
-        eps, clip: as in `discriminator_log_odds`.
-
-    Returns:
-        [B] float32 rewards (0 for a row without masked positions).
-    """
-    m = mask.float()
-    return (discriminator_log_odds(logits, eps, clip) * m).sum(-1) / (m.sum(-1) + 1e-8)
-
-
-def smoothed_bce(logits: Tensor, target: float, mask: Tensor) -> Tensor:
-    """BCE-with-logits against a constant (smoothed) target, averaged over masked positions (spec §6, E6).
-
-    Args:
-        logits: [B, L] discriminator logits.
-        target: the smoothed label (real 1 − s = 0.9, fake s = 0.1).
-        mask: [B, L] bool, positions that count.
-
-    Returns:
-        Scalar float32 loss (0 when the mask is empty).
-    """
-    losses = F.binary_cross_entropy_with_logits(
-        logits.float(), torch.full_like(logits.float(), target), reduction="none"
-    )
-    m = mask.float()
-    return (losses * m).sum() / m.sum().clamp_min(1.0)
-
-
-def discriminator_loss(
-    real_logits: Tensor, real_mask: Tensor, fake_logits: Tensor, fake_mask: Tensor, label_smoothing: float = 0.1
-) -> Tensor:
-    """loss_D = ½(BCE(real, 1 − s) + BCE(fake, s)), each a mean over its masked positions (spec §6, §11).
-
-    Args:
-        real_logits, fake_logits: [B, L] logits on corrupted real / student sequences.
-        real_mask, fake_mask: [B, L] bool masked positions of each side.
-        label_smoothing: s (0.1).
-
-    Returns:
-        Scalar float32 loss.
-    """
-    real = smoothed_bce(real_logits, 1.0 - label_smoothing, real_mask)
-    fake = smoothed_bce(fake_logits, label_smoothing, fake_mask)
-    return 0.5 * (real + fake)
-
-
-class Discriminator(nn.Module):
-    """D_λ(z, σ) -> per-token logits [B, L]: a deep copy of a backbone's trunk + a spectral-norm MLP head.
-
-    Only the last `num_trainable_blocks` blocks of the copied trunk and the head are trainable (spec §6:
-    4 of 12 for MDLM-small). The copy's output layer stays in the module (frozen, unused): `features`
-    stops before it. The head is `SN(Linear(H, H)) → SiLU → SN(Linear(H, 1))`, applied per token.
-    Soft tokens ([B, L, V] floats) pass through the trunk as they do for the backbone (RGAS tilting).
-    """
-
-    def __init__(self, backbone: DenoiserBackbone, num_trainable_blocks: int = 4, head_hidden: int | None = None):
-        """Copy `backbone` and set up the trainable parts.
-
-        Args:
-            backbone: the teacher trunk to copy (not modified).
-            num_trainable_blocks: k last blocks left trainable (0 = head only); at most the number of blocks.
-            head_hidden: the head's hidden width (default: the backbone's hidden size).
-        """
-        super().__init__()
-        blocks = len(backbone.blocks)
-        if not 0 <= num_trainable_blocks <= blocks:
-            raise ValueError(f"num_trainable_blocks={num_trainable_blocks} must be in [0, {blocks}]")
-        self.trunk: nn.Module = copy.deepcopy(backbone)  # type: ignore[assignment]
-        self.trunk.requires_grad_(False)
-        trunk_blocks: nn.ModuleList = self.trunk.blocks  # type: ignore[assignment]
-        for block in list(trunk_blocks)[blocks - num_trainable_blocks :]:
-            block.requires_grad_(True)
-        hidden, width = backbone.hidden_size, head_hidden or backbone.hidden_size
-        self.head = nn.Sequential(
-            spectral_norm(nn.Linear(hidden, width)), nn.SiLU(), spectral_norm(nn.Linear(width, 1))
-        )
-        self.num_trainable_blocks = num_trainable_blocks
-        self.mask_id: int = backbone.mask_id
-        self.vocab_size: int = backbone.vocab_size
-
-    def forward(self, tokens: Tensor, sigma: Tensor) -> Tensor:
-        """Per-token logits [B, L] float32 of `tokens` ([B, L] ids or [B, L, V] soft tokens) at σ [B]."""
-        hidden = self.trunk.features(tokens, sigma)  # type: ignore[operator]
-        return self.head(hidden.float()).squeeze(-1).float()  # type: ignore[no-any-return]
+# With the `discriminator_model` names that configs, docs and tests import from this module (re-exported).
+__all__ = [
+    "Discriminator",
+    "DiscriminatorReward",
+    "RealSource",
+    "Positions",
+    "check_single_process",
+    "discriminator_from_teacher",
+    "discriminator_log_odds",
+    "discriminator_loss",
+    "linear_warmup_decay",
+    "sequence_reward",
+    "smoothed_bce",
+    "stack_sample_tokens",
+]
 
 
 def linear_warmup_decay(step: int, warmup_steps: int, total_steps: int, lr: float, min_lr: float) -> float:
@@ -162,7 +75,7 @@ def check_single_process() -> None:
         )
 
 
-class DiscriminatorReward:
+class DiscriminatorReward(RealRowSource):
     """Self-training reward model: one discriminator update on (real, fake), then the log-odds reward (spec §6, §11).
 
     Inputs through the reward interface: `samples` are the sampler's completion dicts {"tokens": [L] ids,
@@ -357,53 +270,6 @@ class DiscriminatorReward:
             raise ValueError(f"real rows have shape {tuple(real.shape)}, the samples {tuple(shape)}")
         return real
 
-    def sample_teacher_pool(self, length: int) -> Tensor:
-        """[teacher_pool_size, length] teacher samples (CPU), seeded once from this reward's generator."""
-        return self.sample_teacher_rows(self.teacher_pool_size, length, self.generator)
-
-    def sample_teacher_rows(self, count: int, length: int, generator: torch.Generator) -> Tensor:
-        """[count, length] teacher samples (CPU) with `teacher_num_steps` steps, seeded from `generator`."""
-        from modalities.diffusion_lm.masked_diffusion import sample_in_batches
-
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-        return sample_in_batches(
-            self.teacher, count, length, self.teacher_num_steps, seed=seed, time_grid=self.teacher_time_grid
-        )
-
-    @torch.no_grad()
-    def sample_teacher(self, count: int, length: int) -> Tensor:
-        """[count, length] fresh teacher samples (`teacher_num_steps` steps on `teacher_time_grid`, this reward's
-        generator): the real rows of a call without a pool, and a pool's refreshed rows."""
-        rows: Tensor = self.teacher.sample(
-            count, length, self.teacher_num_steps, self.generator, time_grid=self.teacher_time_grid
-        )
-        return rows
-
-    def refresh_pool(self) -> None:
-        """Replace the `teacher_pool_refresh` oldest pooled rows (a ring) with fresh teacher samples."""
-        assert self.teacher_pool is not None
-        size, n = self.teacher_pool.shape[0], self.teacher_pool_refresh
-        rows = self.sample_teacher(n, self.teacher_pool.shape[1])
-        slots = (self.pool_cursor + torch.arange(n)) % size
-        self.teacher_pool[slots] = rows.to(self.teacher_pool.device)
-        self.pool_cursor = int((self.pool_cursor + n) % size)
-
-    def held_out_rows(self, length: int) -> Tensor:
-        """[H, length] rows that never train the discriminator: teacher samples or the `data_holdout` rows."""
-        if self.data_holdout is None:
-            return self.sample_teacher_rows(self.teacher_holdout_size, length, self.monitor_generator)
-        from modalities.diffusion_lm.text_data import collate_input_ids
-
-        count = self.data_holdout_size
-        if hasattr(self.data_holdout, "__len__"):
-            count = min(count, len(self.data_holdout))
-        rows = collate_input_ids(self.data_holdout.next_batch(count))
-        if rows.shape[1] != length:
-            raise ValueError(
-                f"data_holdout rows have length(s) [{rows.shape[1]}], the samples {length} (set its seq_len)"
-            )
-        return rows
-
     @torch.no_grad()
     def holdout_metrics(self, real: Tensor, tau: Tensor) -> dict[str, float]:
         """Accuracy and mean reward on held-out rows against the same on this call's real rows.
@@ -510,11 +376,3 @@ def stack_sample_tokens(samples: Sequence[Any]) -> Tensor:
         raise ValueError("no samples to score")
     rows = [s["tokens"] if isinstance(s, Mapping) else s for s in samples]
     return torch.stack([torch.as_tensor(r, dtype=torch.long) for r in rows])
-
-
-def discriminator_from_teacher(
-    teacher: nn.Module, num_trainable_blocks: int = 4, head_hidden: int | None = None
-) -> Discriminator:
-    """A `Discriminator` on a copy of `teacher`'s backbone (a MaskedDiffusionLM or a bare backbone); for configs."""
-    backbone = getattr(teacher, "backbone", teacher)
-    return Discriminator(backbone, num_trainable_blocks, head_hidden)  # type: ignore[arg-type]

@@ -6,66 +6,47 @@ velocity and the SDE step log-prob of the stored next latent (`modalities.text_t
 re-scoring fresh samples gives ratio 1. Flow-GRPO backprops one timestep at a time; the Trainer asks for
 all T at once, so with `gradient_checkpointing=True` every transformer call is wrapped in
 `torch.utils.checkpoint` and only its inputs stay alive until backward. `export` writes the transformer in
-diffusers' format (a `transformer/` folder, or LoRA weights that `pipeline.load_lora_weights` reads).
+diffusers' format (a `transformer/` folder, or LoRA weights that `pipeline.load_lora_weights` reads). The
+transformer's forward (CFG, guidance) is `velocity.TransformerVelocity`; the gathered transitions `transitions`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import warnings
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Literal, cast, get_args
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from modalities.text_to_image.attention import set_attention_backend
 from modalities.text_to_image.export import load_export_into, write_export
-from modalities.text_to_image.latents import image_ids, latent_shape, unpack
+from modalities.text_to_image.latents import latent_shape, unpack
 from modalities.text_to_image.sde import Reduce, gaussian_kl, sde_step
 from modalities.text_to_image.text_encoding import CachedTextEncoder, PipelineTextEncoder
+from modalities.text_to_image.transitions import (
+    Transitions,
+    gather_transitions,
+    rollout_image_size,
+    scatter_transitions,
+)
+from modalities.text_to_image.velocity import Arch, CfgGradient, TransformerVelocity, param_dtype
 from toolkit.distributed import unwrap
+from toolkit.hf.generation import row_slices
+from toolkit.hf.policy import check_choice, export_module, load_trainable_state_dict, trainable_state_dict
 from toolkit.hf.reference import ReferenceSnapshot
 from toolkit.rollout import Rollout
 
-Arch = Literal["sd3", "flux"]
 ReferenceMode = Literal["auto", "copy", "adapters_off", "none"]
 TimestepMode = Literal["auto", "exact", "quantized"]
-CfgGradient = Literal["conditional", "both"]
 DTypeName = Literal["float32", "bfloat16"]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-# rollout.data keys the sampler writes and the policy reads (see FlowSDESampler).
-COND_KEYS = ("prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds", "negative_pooled_prompt_embeds")
 DEFAULT_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
-def _check(name: str, value: Any, choices: Any) -> None:
-    allowed = get_args(choices)
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not one of {list(allowed)}")
-
-
-@dataclass
-class Transitions:
-    """The (row, step) pairs a re-scoring pass evaluates, flattened to M = mask.sum() entries."""
-
-    rows: Tensor
-    cols: Tensor
-    latents: Tensor
-    next_latents: Tensor
-    sigmas: Tensor
-    next_sigmas: Tensor
-    guards: Tensor
-    eta: Tensor
-    guidance: Tensor
-    cond: dict[str, Tensor]
-
-
-class FlowMatchingPolicy:
+class FlowMatchingPolicy(TransformerVelocity):
     """An SD3 or FLUX transformer as a Policy, ReferencePolicy and AnalyticKLPolicy.
 
     Args:
@@ -124,7 +105,7 @@ class FlowMatchingPolicy:
             ("cfg_gradient", cfg_gradient, CfgGradient),
             ("kl_reduce", kl_reduce, Reduce),
         ):
-            _check(name, value, choices)
+            check_choice(name, value, choices)
         if micro_batch_size is not None and micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1 or None, got {micro_batch_size}")
         if reference == "adapters_off" and lora is None:
@@ -145,7 +126,7 @@ class FlowMatchingPolicy:
         self.vae_scale_factor = vae_scale_factor or (
             2 ** (len(vae_config.block_out_channels) - 1) if vae_config is not None else 8
         )
-        base = transformer if _param_dtype(transformer) == _DTYPES[dtype] else transformer.to(_DTYPES[dtype])
+        base = transformer if param_dtype(transformer) == _DTYPES[dtype] else transformer.to(_DTYPES[dtype])
         if attn_implementation is not None:
             set_attention_backend(base, attn_implementation)
         self.module: nn.Module = _wrap_lora(base, lora) if lora is not None else base
@@ -171,7 +152,7 @@ class FlowMatchingPolicy:
         """Transformer, VAE and text encoders of a diffusers checkpoint (SD3.5 or FLUX.1-dev; GPU recipes)."""
         from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel
 
-        _check("arch", arch, Arch)
+        check_choice("arch", arch, Arch)
         model_cls: Any = SD3Transformer2DModel if arch == "sd3" else FluxTransformer2DModel
         transformer = model_cls.from_pretrained(path, subfolder="transformer", torch_dtype=_DTYPES[dtype])
         vae = AutoencoderKL.from_pretrained(  # type: ignore[no-untyped-call]
@@ -181,22 +162,6 @@ class FlowMatchingPolicy:
         return cls(
             transformer, arch=arch, vae=vae, text_encoder=encoder, lora=lora, dtype=dtype, pipeline=path, **kwargs
         )
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.module.parameters()).device
-
-    @property
-    def config(self) -> Any:
-        """The transformer's diffusers config (through LoRA and DDP wrappers)."""
-        module: Any = unwrap(self.module)
-        get_base = getattr(module, "get_base_model", None)
-        return (get_base() if callable(get_base) else module).config
-
-    def autocast_context(self) -> contextlib.AbstractContextManager[Any]:
-        if self.autocast and self.device.type == "cuda":
-            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
 
     def encode_prompts(self, captions: list[str]) -> tuple[Tensor, Tensor]:
         """([B, L, D], [B, P]) text conditioning on the policy's device (cached per caption)."""
@@ -221,98 +186,13 @@ class FlowMatchingPolicy:
         images: Tensor = vae.decode(latents.to(next(vae.parameters()).dtype)).sample
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
-    # ------------------------------------------------------------------ forward
-    def velocity(
-        self,
-        latents: Tensor,
-        sigmas: Tensor,
-        cond: Mapping[str, Tensor],
-        guidance: Tensor,
-        module: nn.Module | None = None,
-        image_size: tuple[int, int] | None = None,
-        checkpointed: bool = False,
-        split_cfg: bool = False,
-    ) -> Tensor:
-        """[n, ...] float32 velocity at latents [n, ...], per-row sigmas [n], conditioning and guidance [n].
-
-        SD3 with negative embeddings in `cond`: true CFG, by default over one batched [uncond; cond] forward. With
-        `split_cfg` and cfg_gradient "conditional" the unconditional half is a forward of its own under no_grad (it
-        keeps no activations for backward). FLUX: the guidance value goes to the guidance embedder (when the model
-        has one), one forward. `checkpointed`: each forward that records gradients runs under
-        `torch.utils.checkpoint` (only its inputs stay alive until backward).
-        """
-        module = self.module if module is None else module
-        timesteps = sigmas.float()
-        if self.quantize_timesteps:
-            timesteps = torch.floor(timesteps * 1000.0) / 1000.0
-        run = functools.partial(_call, checkpointed and torch.is_grad_enabled())
-        if self.arch == "flux":
-            return run(self._flux_velocity, module, latents, timesteps, cond, guidance, image_size)
-        embeds, pooled = cond["prompt_embeds"], cond["pooled_prompt_embeds"]
-        if "negative_prompt_embeds" not in cond:
-            return run(self._sd3_forward, module, latents, timesteps, embeds, pooled)
-        negative, negative_pooled = cond["negative_prompt_embeds"], cond["negative_pooled_prompt_embeds"]
-        if split_cfg and self.cfg_gradient == "conditional":
-            with torch.no_grad():
-                v_uncond = self._sd3_forward(module, latents, timesteps, negative, negative_pooled)
-            v_cond = run(self._sd3_forward, module, latents, timesteps, embeds, pooled)
-        else:
-            doubled = (torch.cat([latents, latents]), timesteps.repeat(2), torch.cat([negative, embeds]))
-            both = run(self._sd3_forward, module, *doubled, torch.cat([negative_pooled, pooled]))
-            v_uncond, v_cond = both.chunk(2)
-            if self.cfg_gradient == "conditional":
-                v_uncond = v_uncond.detach()
-        w = guidance.float().reshape(-1, *([1] * (latents.dim() - 1)))
-        return v_uncond + w * (v_cond - v_uncond)
-
-    def _sd3_forward(self, module: nn.Module, x: Tensor, t: Tensor, embeds: Tensor, pooled: Tensor) -> Tensor:
-        dtype = _param_dtype(module)
-        with self.autocast_context():
-            out: Tensor = module(
-                hidden_states=x.to(dtype),
-                timestep=(t * 1000.0).to(dtype),
-                encoder_hidden_states=embeds.to(dtype),
-                pooled_projections=pooled.to(dtype),
-                return_dict=False,
-            )[0]
-        return out.float()
-
-    def _flux_velocity(
-        self,
-        module: nn.Module,
-        x: Tensor,
-        t: Tensor,
-        cond: Mapping[str, Tensor],
-        guidance: Tensor,
-        image_size: tuple[int, int] | None,
-    ) -> Tensor:
-        if image_size is None:
-            raise ValueError("FLUX needs the image size for its positional ids")
-        dtype = _param_dtype(module)
-        embeds = cond["prompt_embeds"]
-        cell = self.vae_scale_factor * 2
-        kwargs: dict[str, Any] = {
-            "hidden_states": x.to(dtype),
-            "timestep": t.to(dtype),
-            "encoder_hidden_states": embeds.to(dtype),
-            "pooled_projections": cond["pooled_prompt_embeds"].to(dtype),
-            "txt_ids": torch.zeros(embeds.shape[1], 3, device=x.device, dtype=dtype),
-            "img_ids": image_ids(image_size[0] // cell, image_size[1] // cell, x.device).to(dtype),
-            "return_dict": False,
-        }
-        if getattr(self.config, "guidance_embeds", False):
-            kwargs["guidance"] = guidance.to(dtype)
-        with self.autocast_context():
-            out: Tensor = module(**kwargs)[0]
-        return out.float()
-
     # ------------------------------------------------------------------ scoring
     def log_probs(self, rollout: Rollout) -> Tensor:
         """[N, T] float32 log-probs of the stored transitions at the trained steps (0 where masked)."""
         trans = self.transitions(rollout)
         logprobs, means, stds = self._score(self.module, rollout, trans)
         self._cache = (rollout, trans, means, stds)
-        return self._scatter(rollout, trans, logprobs)
+        return scatter_transitions(rollout, trans, logprobs)
 
     @torch.no_grad()
     def ref_log_probs(self, rollout: Rollout) -> Tensor:
@@ -320,7 +200,7 @@ class FlowMatchingPolicy:
         trans = self.transitions(rollout)
         with self._reference_module() as reference:
             logprobs = self._score(reference, rollout, trans)[0]
-        return self._scatter(rollout, trans, logprobs)
+        return scatter_transitions(rollout, trans, logprobs)
 
     def analytic_kl(self, rollout: Rollout) -> Tensor:
         """[N, T] closed-form KL ‖μ_θ − μ_ref‖² / (2σ²) per trained step (Flow-GRPO), differentiable.
@@ -335,38 +215,20 @@ class FlowMatchingPolicy:
         self._cache = None
         with torch.no_grad(), self._reference_module() as reference:
             ref_means = self._score(reference, rollout, trans)[1]
-        return self._scatter(rollout, trans, gaussian_kl(means, ref_means, stds, self.kl_reduce))
+        return scatter_transitions(rollout, trans, gaussian_kl(means, ref_means, stds, self.kl_reduce))
 
     def transitions(self, rollout: Rollout) -> Transitions:
         """Gather x_k, x_{k+1}, σ_k, σ_{k+1} and conditioning for every (row, trained step) in the mask."""
-        data, device = rollout.data, self.device
-        missing = [k for k in ("latents", "step_indices", "sigmas", "eta", "guidance_scale") if k not in data]
-        if missing:
-            raise ValueError(f"rollout.data lacks {missing}: sample with FlowSDESampler")
-        rows, cols = rollout.mask.to(device).nonzero(as_tuple=True)
-        steps = data["step_indices"].to(device)[rows, cols]
-        latents, sigmas = data["latents"].to(device), data["sigmas"].to(device)
-        return Transitions(
-            rows=rows,
-            cols=cols,
-            latents=latents[rows, steps],
-            next_latents=latents[rows, steps + 1],
-            sigmas=sigmas[rows, steps],
-            next_sigmas=sigmas[rows, steps + 1],
-            guards=sigmas[rows, 1],
-            eta=data["eta"].to(device)[rows],
-            guidance=data["guidance_scale"].to(device)[rows],
-            cond={k: data[k].to(device)[rows] for k in COND_KEYS if k in data},
-        )
+        return gather_transitions(rollout, self.device)
 
     def _score(self, module: nn.Module, rollout: Rollout, trans: Transitions) -> tuple[Tensor, Tensor, Tensor]:
         """(log-probs [M], means [M, ...], stds [M]) of the transitions, in chunks of `micro_batch_size`."""
         sde = rollout.data.get("sde", {})
         mode, reduce = sde.get("step_mode", "flow"), sde.get("reduce", "mean")
-        size = _image_size(rollout)
+        size = rollout_image_size(rollout)
         count = trans.rows.numel()
         outs = []
-        for part in _slices(count, self.micro_batch_size or max(count, 1)):
+        for part in row_slices(count, self.micro_batch_size or max(count, 1)):
             cond = {k: v[part] for k, v in trans.cond.items()}
             args = (trans.latents[part], trans.sigmas[part], cond, trans.guidance[part], module, size)
             # Policy and reference passes split CFG alike, so the analytic KL at the reference weights is exactly 0.
@@ -393,11 +255,6 @@ class FlowMatchingPolicy:
             torch.cat([o.std for o in outs]),
         )
 
-    @staticmethod
-    def _scatter(rollout: Rollout, trans: Transitions, values: Tensor) -> Tensor:
-        out = torch.zeros(rollout.mask.shape, dtype=torch.float32, device=values.device)
-        return out.index_put((trans.rows, trans.cols), values.float())
-
     # ------------------------------------------------------------------ reference and state
     @contextlib.contextmanager
     def _reference_module(self) -> Iterator[nn.Module]:
@@ -423,24 +280,11 @@ class FlowMatchingPolicy:
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
         """LoRA adapter weights (trainable parameters) with LoRA, else the full transformer state dict."""
-        module = unwrap(self.module)
-        if not self.is_lora:
-            return module.state_dict()
-        return {name: p.detach() for name, p in module.named_parameters() if p.requires_grad}
+        return trainable_state_dict(self.module, self.is_lora)
 
     def load_trainable_state_dict(self, state: Mapping[str, Tensor]) -> None:
         """Load what `trainable_state_dict` returned (strict about missing and unexpected keys)."""
-        module = unwrap(self.module)
-        if not self.is_lora:
-            module.load_state_dict(state)
-            return
-        expected = set(self.trainable_state_dict())
-        if set(state) != expected:
-            raise ValueError(
-                f"LoRA state keys differ: missing {sorted(expected - set(state))[:5]}, "
-                f"unexpected {sorted(set(state) - expected)[:5]}"
-            )
-        module.load_state_dict(dict(state), strict=False)
+        load_trainable_state_dict(self.module, self.is_lora, state)
 
     def load_export(self, folder: str | Path) -> None:
         """Load what `export` wrote (`pytorch_lora_weights.safetensors`, or `transformer/` in diffusers' layout)
@@ -458,39 +302,10 @@ class FlowMatchingPolicy:
                 merged transformer as a full-weight policy with no reference (the base weights are gone).
             dtype: cast the transformer in place before saving (None keeps it; copied components keep theirs).
         """
-        out, module, vae = Path(out_dir), cast(Any, unwrap(self.module)), cast(Any, self.vae)
+        module = export_module(self.module, self.is_lora, merge_lora, dtype)
         if merge_lora:
-            if not self.is_lora:
-                raise ValueError("merge_lora needs a LoRA policy; this one trains all weights (export it as is)")
-            module = module.merge_and_unload()
             self.module, self.is_lora, self.reference_mode, self._snapshot = module, False, "none", None
-        if dtype is not None:
-            module.to(dtype)
-        write_export(module, self.arch, self.is_lora, out, pipeline=self.pipeline, vae=vae)
-
-
-def _call(checkpointed: bool, function: Callable[..., Tensor], *args: Any) -> Tensor:
-    """`function(*args)`, under `torch.utils.checkpoint` (non-reentrant) when `checkpointed`."""
-    if not checkpointed:
-        return function(*args)
-    out: Tensor = checkpoint(function, *args, use_reentrant=False)
-    return out
-
-
-def _param_dtype(module: nn.Module) -> torch.dtype:
-    return next(module.parameters()).dtype
-
-
-def _image_size(rollout: Rollout) -> tuple[int, int] | None:
-    size = rollout.data.get("image_size")
-    if size is None:
-        return None
-    return int(size[0, 0]), int(size[0, 1])
-
-
-def _slices(count: int, chunk: int) -> Iterator[slice]:
-    for start in range(0, count, chunk):
-        yield slice(start, min(start + chunk, count))
+        write_export(module, self.arch, self.is_lora, Path(out_dir), pipeline=self.pipeline, vae=self.vae)
 
 
 def _wrap_lora(base: nn.Module, lora: Mapping[str, Any]) -> nn.Module:

@@ -4,7 +4,6 @@ outputs; a policy loaded from a pipeline folder exports a whole pipeline `Diffus
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -13,28 +12,19 @@ import torch
 from diffusers import (
     AutoencoderKL,
     DiffusionPipeline,
-    FlowMatchEulerDiscreteScheduler,
     FluxTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
 from safetensors.torch import load_file
-from tokenizers import Tokenizer, models, pre_tokenizers
 from torch import Tensor, nn
-from transformers import (
-    CLIPTextConfig,
-    CLIPTextModelWithProjection,
-    CLIPTokenizer,
-    PreTrainedTokenizerFast,
-    T5Config,
-    T5EncoderModel,
-)
 
 from modalities.text_to_image.policy import FlowMatchingPolicy
 from modalities.text_to_image.text_encoding import PipelineTextEncoder
 from modalities.text_to_image.tiny import build_tiny_flux, build_tiny_policy, build_tiny_sd3, build_tiny_vae
 from tests.export_round_trip import assert_export_loads_back
 from tests.modalities.text_to_image.test_t2i_policy import LORA, perturb_lora, tiny_config
+from tests.tiny_pipelines import save_pipeline
 from toolkit.io.export import export_checkpoint
 from toolkit.train.runner import build_trainer, fit
 
@@ -144,55 +134,10 @@ def test_flux_lora_and_full_exports(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------- a policy loaded from a pipeline folder
-def clip_tokenizer(folder: Path) -> CLIPTokenizer:
-    """A byte-level CLIP tokenizer with no merges (every byte a token), written to `folder`."""
-    chars = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {c: i for i, c in enumerate([*chars, *(c + "</w>" for c in chars), "<|startoftext|>", "<|endoftext|>"])}
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16)
-
-
-def clip_encoder(seed: int, vocab_size: int) -> CLIPTextModelWithProjection:
-    torch.manual_seed(seed)
-    config = CLIPTextConfig(
-        vocab_size=vocab_size,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        max_position_embeddings=16,
-        projection_dim=16,
-        bos_token_id=vocab_size - 2,
-        eos_token_id=vocab_size - 1,
-        pad_token_id=vocab_size - 1,
-    )
-    return CLIPTextModelWithProjection(config)
-
-
 @pytest.fixture(scope="module")
 def sd3_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny SD3 pipeline folder: transformer, VAE, scheduler, two CLIP text towers (16 + 16 = 32 wide) and a T5."""
-    folder = tmp_path_factory.mktemp("pipeline")
-    tokenizer = clip_tokenizer(folder)
-    torch.manual_seed(2)
-    t5 = T5EncoderModel(T5Config(vocab_size=8, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2))
-    words = Tokenizer(models.WordLevel({"<pad>": 0, "</s>": 1, "<unk>": 2, "a": 3, "red": 4, "apple": 5}, "<unk>"))
-    words.pre_tokenizer = pre_tokenizers.Whitespace()
-    t5_tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, pad_token="<pad>", eos_token="</s>")
-    pipeline = StableDiffusion3Pipeline(
-        transformer=build_tiny_sd3(0),
-        vae=build_tiny_vae(0),
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        text_encoder=clip_encoder(0, len(tokenizer)),
-        tokenizer=tokenizer,
-        text_encoder_2=clip_encoder(1, len(tokenizer)),
-        tokenizer_2=tokenizer,
-        text_encoder_3=t5,
-        tokenizer_3=t5_tokenizer,
-    )
-    pipeline.save_pretrained(folder / "sd3")
-    return folder / "sd3"
+    return save_pipeline(tmp_path_factory.mktemp("pipeline") / "sd3", "sd3")
 
 
 def from_pipeline(folder: Path, **kwargs: Any) -> FlowMatchingPolicy:
