@@ -128,6 +128,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_abba_arguments(parser, warmup=2, steps=5, repeats=6)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="tokens per completion")
+    parser.add_argument("--decode", choices=("generate", "lean"), default="generate", help="HFEngine decode")
     parser.add_argument("--out", type=Path, default=RESULTS)
     return parser.parse_args(argv)
 
