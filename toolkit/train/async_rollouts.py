@@ -2,18 +2,23 @@
 thread, with a snapshot of step k's weights, while step k updates; the staleness is bounded to one step and the
 off-policy gap is corrected by truncated importance sampling.
 
+Failures: whatever the background rollout raised (a `server` engine's EngineUnavailableError after its retries) is
+raised as is by the next step, in the main thread, after that rollout's thread has ended; no rollout is ever empty.
+Each rollout has a daemon thread of its own, so a failed one leaves nothing running. A checkpoint waits for the
+rollout in flight but not for its outcome (the steps taken are saved even when it failed). After a resume, or a
+step that raised, the next step samples on-policy again (the in-flight rollout's prompts are skipped).
+
 Simplified: one process (no sharding), the snapshot is a full copy of the policy (or, with a `server` engine,
 whatever that copy pushes), and dropout must be off in the update: CPU sampling draws from torch's global RNG,
-which the background thread shares with the main one. A checkpoint waits for the rollout in flight; after a
-resume the first step samples on-policy again (the in-flight rollout's prompts are skipped).
+which the background thread shares with the main one.
 """
 
 from __future__ import annotations
 
 import copy
+import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import Future
 from typing import Any, Literal, get_args
 
 import torch
@@ -65,10 +70,40 @@ def importance_weights(
     return weights, kept, metrics
 
 
-@dataclass
 class _Pending:
-    future: Future[Rollout]
-    step: int  # the step whose weights generate it
+    """One rollout generating in a daemon thread of its own; `result()` joins the thread, then returns or raises.
+
+    Args:
+        collect: what generates it (`Trainer.collect`), called with `policy` (the snapshot).
+        step: the step whose weights generate it.
+    """
+
+    def __init__(self, collect: Callable[[Policy], Rollout], policy: Policy, step: int) -> None:
+        self.step = step
+        self.future: Future[Rollout] = Future()
+        # Named after the step it is for; a daemon, so a rollout still retrying never holds the interpreter's exit.
+        self.thread = threading.Thread(
+            target=self._run, args=(collect, policy), name=f"renorm-rollout-{step + 1}", daemon=True
+        )
+        self.thread.start()
+
+    def _run(self, collect: Callable[[Policy], Rollout], policy: Policy) -> None:
+        self.future.set_running_or_notify_cancel()
+        try:
+            rollout = collect(policy)
+        except BaseException as error:  # kept for the main thread, which raises it
+            self.future.set_exception(error)
+        else:
+            self.future.set_result(rollout)
+
+    def join(self) -> None:
+        """Block until the rollout is generated or failed (the thread has ended)."""
+        self.thread.join()
+
+    def result(self) -> Rollout:
+        """The rollout, or its error raised here (the background thread has ended either way)."""
+        self.join()
+        return self.future.result()
 
 
 class AsyncRollouts:
@@ -97,19 +132,23 @@ class AsyncRollouts:
         self.collect, self.policy, self.num_steps = collect, policy, num_steps
         self.overlap, self.correction, self.cap = overlap, correction, cap
         self.snapshot: Policy | None = copy.deepcopy(policy) if overlap else None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="renorm-rollout") if overlap else None
         self._pending: _Pending | None = None
 
     def next(self, step: int) -> Rollout:
-        """Step `step`'s rollout (the prefetched one if any), then start step + 1's with a snapshot of these weights."""
+        """Step `step`'s rollout (the prefetched one if any), then start step + 1's with a snapshot of these weights.
+
+        Raises:
+            Exception: whatever the prefetched rollout raised in the background (EngineUnavailableError when a
+                server stayed down), as is; nothing is left running, and the next call samples in the foreground.
+        """
         if self._pending is not None:
             pending, self._pending = self._pending, None
-            rollout, generated_at = pending.future.result(), pending.step
+            rollout, generated_at = pending.result(), pending.step
         else:
             rollout, generated_at = self.collect(self.policy), step
-        if self._executor is not None and self.snapshot is not None and step + 1 < self.num_steps:
+        if self.snapshot is not None and step + 1 < self.num_steps:
             _copy_weights(self.policy, self.snapshot)
-            self._pending = _Pending(self._executor.submit(self.collect, self.snapshot), step)
+            self._pending = _Pending(self.collect, self.snapshot, step)
         rollout.metrics["async/staleness"] = float(step - generated_at)
         rollout.metrics["async/behaviour_step"] = float(generated_at)
         return rollout
@@ -140,16 +179,16 @@ class AsyncRollouts:
         return rollout
 
     def wait(self) -> None:
-        """Block until the rollout in flight (if any) is generated (before a checkpoint reads the data stream)."""
+        """Block until the rollout in flight (if any) is generated or failed, before a checkpoint reads the data
+        stream and generator it draws from. Its error is not raised here but by the next `next`: the checkpoint of
+        the steps already taken is still written."""
         if self._pending is not None:
-            self._pending.future.result()
+            self._pending.join()
 
     def close(self) -> None:
-        """Drop the rollout in flight and stop the background thread."""
+        """Wait for the rollout in flight (its background thread ends), then drop it and any error it raised."""
         self.wait()
         self._pending = None
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
 
 
 def build_async_rollouts(trainer: Any) -> AsyncRollouts:

@@ -274,6 +274,8 @@ class Trainer:
     def load(self, path: str | Path, keep_new_hyperparameters: bool = False) -> None:
         """Restore a checkpoint; `keep_new_hyperparameters` keeps this config's optimizer settings (lr, betas ...)."""
         fresh = group_settings(self.optimizer) if keep_new_hyperparameters else None
+        if self.rollouts is not None:
+            self.rollouts.close()  # a rollout prefetched with the weights being replaced is dropped
         state = sharding.load_checkpoint(
             self.accelerator, self.checkpoints, Path(path), self.policy.module, self.optimizer
         )

@@ -4,10 +4,6 @@ with the weights pushed every step; then the server is killed and the next step 
 from __future__ import annotations
 
 import argparse
-import os
-import re
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,26 +11,11 @@ import pytest
 import torch
 
 from modalities.text_agent.serve_policy import register
-from tests.demo_run import DEMO, FAST, ROOT, tiny_config
+from tests.demo_run import tiny_config
+from tests.toolkit.engines.serve_helpers import start_server, stop_server
 from tests.toolkit.engines.test_engine_contract import request_for
 from toolkit.engines import EngineUnavailableError, HFEngine, ServerEngine
 from toolkit.train.runner import build_trainer
-
-
-def start_server(log: Path) -> tuple[subprocess.Popen[str], str]:
-    """`serve-policy` on the demo config, as a subprocess on a free loopback port; (process, API url)."""
-    threads = f"trainer.num_threads={torch.get_num_threads()}"  # the trainer's thread count: bitwise-equal math
-    command = [sys.executable, "-m", "modalities.text_agent.serve_policy", str(DEMO), *FAST, threads, "--port", "0"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    stderr = log.open("w")
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
-    assert process.stdout is not None
-    line = process.stdout.readline()  # "serving ... at http://127.0.0.1:PORT/v1", once it listens
-    match = re.search(r"at (http://127\.0\.0\.1:\d+/v1)$", line.strip())
-    if match is None:
-        process.kill()
-        raise AssertionError(f"serve-policy did not start: {line!r}\n{log.read_text()}")
-    return process, match.group(1)
 
 
 def test_serve_policy_parses_its_command_line() -> None:
@@ -77,13 +58,11 @@ def test_tiny_grpo_trains_through_serve_policy_then_a_dead_server_fails_clearly(
             abs(a - b) for rows in zip(stale.logprobs, local.logprobs, strict=True) for a, b in zip(*rows, strict=True)
         )
         assert gap < 1e-5 < stale_gap
-        process.kill()
-        process.wait(timeout=30)
+        stop_server(process)
         start = time.perf_counter()
         with pytest.raises(EngineUnavailableError, match=r"failed 3 attempts .*Is `renorm serve-policy`"):
             trainer.step()
         assert time.perf_counter() - start < 30
         assert "POST /v1/weights 200" in (tmp_path / "server.log").read_text()  # its access log
     finally:
-        process.kill()
-        process.wait(timeout=30)
+        stop_server(process)

@@ -1,16 +1,22 @@
 """Async one-step-off-policy rollouts: the TIS/MIS correction by hand, exact equivalence with the synchronous path
-when the overlap is off, and the fast tiny GRPO demo trained with overlap, each rollout from the previous weights."""
+when the overlap is off, the fast tiny GRPO demo trained with overlap, each rollout from the previous weights, and a
+background rollout's failure raised by the next step with no thread left behind."""
 
 from __future__ import annotations
 
 import math
+import threading
 from pathlib import Path
+from typing import cast
 
 import pytest
 import torch
 
 from tests.demo_run import tiny_config
-from toolkit.train.async_rollouts import BEHAVIOUR_KEY, importance_weights
+from toolkit.engines import EngineUnavailableError
+from toolkit.interfaces import Policy
+from toolkit.rollout import Rollout
+from toolkit.train.async_rollouts import BEHAVIOUR_KEY, AsyncRollouts, importance_weights
 from toolkit.train.runner import build_trainer
 from toolkit.train.trainer_config import TrainerConfig
 
@@ -92,3 +98,41 @@ def test_async_training_uses_the_previous_steps_weights(tmp_path: Path) -> None:
         ratio = torch.exp(trained - behaviour)[mask]
         assert metrics["async/is_ratio_max"] == pytest.approx(float(ratio.max()), rel=1e-4)
     trainer.rollouts.close()  # type: ignore[union-attr]
+
+
+class _LinearPolicy:
+    def __init__(self) -> None:
+        self.module = torch.nn.Linear(2, 2)
+
+
+def _rollout() -> Rollout:
+    return Rollout(torch.zeros(1, dtype=torch.long), torch.zeros(1, 1), torch.ones(1, 1, dtype=torch.bool))
+
+
+def test_a_failed_background_rollout_is_raised_by_the_next_step_and_leaves_no_thread() -> None:
+    """Calls 2 and 4 (the prefetches of steps 1 and 2) fail: the first is raised by next(1), not by wait() (so a
+    checkpoint of step 0 is still written); next(1) then samples in the foreground; close() drops the second."""
+    policy = cast(Policy, _LinearPolicy())
+    callers: list[tuple[threading.Thread, Policy]] = []
+    release = threading.Event()
+
+    def collect(with_policy: Policy) -> Rollout:
+        callers.append((threading.current_thread(), with_policy))
+        if len(callers) in (2, 4):
+            release.wait(timeout=30)
+            raise EngineUnavailableError(f"the rollout server at http://127.0.0.1:9/v1 failed (call {len(callers)})")
+        return _rollout()
+
+    rollouts = AsyncRollouts(collect, policy, num_steps=3)
+    assert rollouts.next(0).metrics["async/staleness"] == 0.0
+    (background,) = [t for t in threading.enumerate() if t.name == "renorm-rollout-1"]
+    assert background.daemon and background.is_alive()  # a daemon: it never keeps the process alive
+    release.set()
+    rollouts.wait()
+    assert not background.is_alive() and callers[1] == (background, rollouts.snapshot)
+    with pytest.raises(EngineUnavailableError, match=r"127\.0\.0\.1:9/v1 failed \(call 2\)"):
+        rollouts.next(1)
+    retried = rollouts.next(1)
+    assert retried.metrics["async/staleness"] == 0.0 and callers[2] == (threading.current_thread(), policy)
+    rollouts.close()  # joins the failed prefetch of step 2 and drops its error
+    assert len(callers) == 4 and not [t for t in threading.enumerate() if t.name.startswith("renorm-rollout")]
