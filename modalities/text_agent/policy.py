@@ -264,18 +264,23 @@ class CausalLMPolicy:
         return unpack(logprobs), unpack(entropy)
 
     def _response_logits(self, module: nn.Module, input_ids: Tensor, attention_mask: Tensor, num_steps: int) -> Tensor:
-        """[n, T, V] logits predicting the last `num_steps` tokens of `input_ids`."""
+        """[n, T, V] logits predicting the last `num_steps` tokens of `input_ids`.
+
+        The last token predicts nothing trained, so it is left out of the forward: the logits come out exactly
+        [n, T, V] (no [n, T + 1, V] tensor whose slice would cost a zero-filled copy in backward).
+        """
+        inputs, mask = input_ids[:, :-1], attention_mask[:, :-1]
         kwargs: dict[str, Any] = {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask.long(),
-            "position_ids": position_ids_from_mask(attention_mask),
+            "input_ids": inputs,
+            "attention_mask": mask.long(),
+            "position_ids": position_ids_from_mask(mask),
             "use_cache": False,
         }
         if self._accepts_logits_to_keep:
-            kwargs["logits_to_keep"] = num_steps + 1
+            kwargs["logits_to_keep"] = num_steps
         with self.autocast_context():
             logits: Tensor = module(**kwargs).logits
-        return logits[:, -(num_steps + 1) : -1]
+        return logits if self._accepts_logits_to_keep else logits[:, -num_steps:]
 
     def _packed_logits(self, module: nn.Module, layout: PackedLayout) -> Tensor:
         """[K, V] logits predicting the K attended response tokens, from one padding-free forward of `layout`."""

@@ -98,7 +98,11 @@ def _blocks(num_rows: int, num_steps: int, chunk_rows: int) -> list[tuple[slice,
 
 def _scaled(block: Tensor, temperature: float, suppressed: Tensor | None) -> Tensor:
     """fp32 logits / temperature of one block, suppressed ids at -inf (exactly the direct formula's ops)."""
-    scaled = block.float() / temperature
+    scaled = block.float()
+    if temperature != 1.0:  # x / 1.0 == x exactly: skip a full pass (and a copy of fp32 logits)
+        scaled = scaled / temperature
+    elif scaled is block and suppressed is None:
+        return scaled  # the logits themselves: read-only below
     return scaled if suppressed is None else scaled.index_fill(-1, suppressed, -torch.inf)
 
 
@@ -143,16 +147,23 @@ class _SelectedLogProbs(torch.autograd.Function):
         for rows, steps in _blocks(logits.shape[0], logits.shape[1], chunk_rows):
             scaled = _scaled(logits[rows, steps], temperature, suppressed)
             grad = grad_logprobs[rows, steps]
+            # fp32 logits without the entropy term: computed in place in the output block (same ops, same values).
+            in_place = grad_logits.dtype == torch.float32 and not (with_entropy and grad_entropy is not None)
             # d(picked - logsumexp)/dx as autograd computes it: exp(x - lse) * (-g), plus g at the target.
-            probs = (scaled - normalizers[rows, steps].unsqueeze(-1)).exp_()
+            out = grad_logits[rows, steps] if in_place else None
+            probs = torch.sub(scaled, normalizers[rows, steps].unsqueeze(-1), out=out).exp_()
             if with_entropy and grad_entropy is not None:
                 # Plus dH/dx = p (E[x] - x): p (g_H (E[x] - x) - g), 0 where p = 0 (suppressed ids: x = -inf).
                 spread = (expected[rows, steps].unsqueeze(-1) - scaled).mul_(grad_entropy[rows, steps].unsqueeze(-1))
                 block = torch.where(probs > 0, spread.sub_(grad.unsqueeze(-1)).mul_(probs), 0.0)
             else:
-                block = probs * (-grad).unsqueeze(-1)
+                block = probs.mul_((-grad).unsqueeze(-1))
             block.scatter_add_(-1, targets[rows, steps].unsqueeze(-1), grad.unsqueeze(-1))
             if suppressed is not None:
                 block.index_fill_(-1, suppressed, 0.0)
-            grad_logits[rows, steps] = block / temperature
+            if in_place:
+                if temperature != 1.0:
+                    block.div_(temperature)
+            else:
+                grad_logits[rows, steps] = block / temperature
         return grad_logits, None, None, None, None, None
