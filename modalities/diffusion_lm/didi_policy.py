@@ -5,14 +5,14 @@ step log-prob follows the `prev_is_mask` convention: Σ over positions masked be
 log(x_ν(z_prev)[z_next] + 1e-10), so positions that stay masked add the constant log(1e-10) (no gradient).
 The analytic per-step KL to the frozen teacher (Jeffrey, β = 0.5, or forward KL; §10) and the entropy are
 means over the step's masked positions; training computes all three from the raw logits a block of positions at a
-time (`subs_stats`: no fp32 [N, L, V] log-probs). An EMA copy of the student (0.999) is updated after every
-optimizer step and checkpointed through `state_dict()`; `export` writes it (or the student) as safetensors + JSON
+time (`subs_stats`: no fp32 [N, L, V] log-probs). An EMA copy of the student (0.999; `student_ema`: sharded like the
+student under FSDP2) is updated after every optimizer step and checkpointed through `state_dict()` (under FSDP also
+as shards, `sharded_state_dict`); `export` writes it (or the student) as safetensors + JSON
 (`checkpoint_io.save_dlm_folder`). Simplified: the last-k trainable option unfreezes blocks only.
 """
 
 from __future__ import annotations
 
-import copy
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -24,9 +24,11 @@ from torch import Tensor, nn
 
 from modalities.diffusion_lm.backbone import autocast_context
 from modalities.diffusion_lm.masked_diffusion import MaskedDiffusionLM, subs_log_probs
+from modalities.diffusion_lm.student_ema import StudentEMA
 from modalities.diffusion_lm.subs_stats import subs_stats
 from toolkit.distributed import unwrap
 from toolkit.rollout import Rollout
+from toolkit.train.sharded_copy import LOAD_SHARDS
 
 Regularization = Literal["jeffrey", "forward_kl", "reverse_kl"]
 LogprobMode = Literal["prev_is_mask", "changed_only"]
@@ -169,7 +171,7 @@ class StudentPolicy:
         if not 0.0 <= jeffrey_beta <= 1.0 or (ema_decay is not None and not 0.0 <= ema_decay < 1.0):
             raise ValueError(f"need 0 <= jeffrey_beta <= 1 and 0 <= ema_decay < 1, got {jeffrey_beta}, {ema_decay}")
         self.student, self.teacher = student, teacher
-        self.module: nn.Module = student.backbone
+        self._module: nn.Module = student.backbone
         self.mask_id, self.regularization, self.beta = student.mask_id, regularization, jeffrey_beta
         self.logprob_mode, self.ema_decay = logprob_mode, ema_decay
         self.tokenizer, self.export_weights = tokenizer, export_weights
@@ -179,13 +181,30 @@ class StudentPolicy:
             _train_last_blocks(self.module, num_trainable_blocks)
         if teacher is not None:
             teacher.requires_grad_(False).eval()
-        self.ema: nn.Module | None = None
-        if ema_decay is not None:
-            self.ema = copy.deepcopy(student.backbone).requires_grad_(False).eval()
+        # Taken when the Trainer hands back the prepared student (the `module` setter) or at first use.
+        self._ema = StudentEMA(student.backbone, ema_decay) if ema_decay is not None else None
         self.num_updates = 0
         # The student's per-step logits from the last log_probs call, reused once by analytic_kl on the same
         # rollout (the Trainer asks for both in one micro-step): one student forward per step instead of two.
         self._reuse: tuple[weakref.ref[Rollout], bool, list[Tensor]] | None = None
+
+    @property
+    def module(self) -> nn.Module:
+        """The student backbone (what the Trainer's optimizer, accelerate and checkpoints see)."""
+        return self._module
+
+    @module.setter
+    def module(self, module: nn.Module) -> None:
+        """The Trainer hands back the prepared student here, before any update: the EMA copy is taken now, as this
+        rank's shards when `module` is FSDP2-sharded (no rank holds a whole EMA)."""
+        self._module = module
+        if self._ema is not None:
+            self._ema.take(module, updated=self.num_updates > 0, prepared=True)
+
+    @property
+    def ema(self) -> nn.Module | None:
+        """The EMA student backbone (None without EMA); taken from the initial student at first use."""
+        return None if self._ema is None else self._ema.take(self._module, updated=self.num_updates > 0)
 
     # ------------------------------------------------------------------ forwards
     @property
@@ -264,25 +283,28 @@ class StudentPolicy:
     # ------------------------------------------------------------------ EMA
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
-        """EMA update ema ← decay·ema + (1 − decay)·student (called by the Trainer after each step)."""
-        self.num_updates += 1
+        """EMA update ema ← decay·ema + (1 − decay)·student (called by the Trainer after each step; shard by shard
+        under FSDP2)."""
         self._reuse = None  # the weights changed: a cached forward is stale
-        if self.ema is None or self.ema_decay is None:
-            return
-        source = _unwrap(self.module)
-        ema_state, state = self.ema.state_dict(), source.state_dict()
-        for key, value in ema_state.items():
-            if value.is_floating_point():
-                value.lerp_(state[key].to(value.device), 1.0 - self.ema_decay)
-            else:
-                value.copy_(state[key])
+        if self._ema is not None:
+            self._ema.update(self.module, updated=self.num_updates > 0)
+        self.num_updates += 1
 
     def ema_model(self) -> MaskedDiffusionLM:
-        """The EMA student as a MaskedDiffusionLM sharing the student's schedule (the student itself without EMA)."""
-        if self.ema is None:
+        """The EMA student as a MaskedDiffusionLM sharing the student's schedule (the student itself without EMA).
+
+        Raises:
+            ValueError: the EMA is sharded (FSDP2): export a checkpoint (`renorm export`), which holds it gathered.
+        """
+        ema = self.ema
+        if ema is None:
             return self.student
+        if self._ema is not None and self._ema.sharded:
+            raise ValueError(
+                "the EMA is sharded (FSDP2): `renorm export` a checkpoint of the run, which holds it whole"
+            )
         return MaskedDiffusionLM(
-            self.ema,
+            ema,
             self.student.schedule,
             self.student.time_conditioning,
             self.student.mixed_precision,
@@ -290,12 +312,31 @@ class StudentPolicy:
         )
 
     def state_dict(self) -> dict[str, Any]:
-        """EMA weights and the update count (the student weights are the Trainer's `module` state)."""
-        return {"ema": None if self.ema is None else self.ema.state_dict(), "num_updates": self.num_updates}
+        """EMA weights and the update count (the student weights are the Trainer's `module` state).
+
+        The EMA is None while it is sharded: an FSDP checkpoint holds its shards (`sharded_state_dict`) and its
+        gathered weights (`full_state_dict`), written by toolkit.train.sharding on every rank.
+        """
+        if self._ema is None:
+            return {"ema": None, "num_updates": self.num_updates}
+        self._ema.take(self._module, updated=self.num_updates > 0)
+        return {"ema": self._ema.state_dict(), "num_updates": self.num_updates}
+
+    def sharded_state_dict(self) -> dict[str, Any]:
+        """This rank's EMA shards under FSDP2 ({"ema": DTensors}), saved with the student's; {} otherwise."""
+        shards = self._ema.sharded_state_dict() if self._ema is not None else {}
+        return {"ema": shards} if shards else {}
+
+    def full_state_dict(self) -> dict[str, Any]:
+        """`state_dict()` with the EMA gathered whole (collective under FSDP2; kept on rank 0 only)."""
+        ema = self._ema.full_state_dict() if self._ema is not None else None
+        return {"ema": ema, "num_updates": self.num_updates}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if self.ema is not None and state.get("ema") is not None:
-            self.ema.load_state_dict(state["ema"])
+        """Load `state_dict()`'s (or `full_state_dict()`'s) output; a sharded EMA reads its shards through the loader
+        that toolkit.train.sharding puts into the state of an FSDP checkpoint (collective)."""
+        if self._ema is not None and state.get("ema") is not None:
+            self._ema.load_state_dict(state["ema"], state.get(LOAD_SHARDS))
         self.num_updates = int(state.get("num_updates", 0))
 
     # ------------------------------------------------------------------ export
@@ -314,8 +355,8 @@ class StudentPolicy:
 
         state = load_dlm_folder(folder).backbone.state_dict()
         unwrap(self.module).load_state_dict(state)
-        if self.ema is not None:
-            self.ema.load_state_dict(state)
+        if self._ema is not None:
+            self._ema.load_state_dict(state, None)
 
     def export(self, out_dir: str | Path, merge_lora: bool = False, dtype: torch.dtype | None = None) -> None:
         """Write the EMA student (or the student, `export_weights`) as `model.safetensors` + `config.json` (+ the
@@ -330,14 +371,9 @@ class StudentPolicy:
 
         if merge_lora:
             raise ValueError("merge_lora needs a LoRA policy; the DiDi student trains all weights (export it as is)")
-        use_ema = self.export_weights == "ema" and self.ema is not None
+        use_ema = self.export_weights == "ema" and self._ema is not None
         model = self.ema_model() if use_ema else self.student
         save_dlm_folder(model, out_dir, self.tokenizer, dtype, {"weights": "ema" if use_ema else "student"})
-
-
-def _unwrap(module: nn.Module) -> nn.Module:
-    inner = getattr(module, "module", None)
-    return inner if isinstance(inner, nn.Module) else module
 
 
 def _disable_dropout(module: nn.Module) -> None:

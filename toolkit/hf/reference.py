@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from toolkit.distributed import unwrap
+from toolkit.train import sharded_copy
 
 
 def weight_fingerprint(module: nn.Module) -> Tensor:
@@ -61,7 +62,11 @@ class ReferenceSnapshot:
         """The frozen copy, taken now from `module` on the first call; on `module`'s device."""
         if self.module is None:
             self._check_unchanged(module)
-            self.module = frozen_copy(module)
+            # Under FSDP2 a storage-less skeleton, filled with the sharded policy's own shards by
+            # toolkit.train.sharding.prepare: no rank ever holds a second full copy of the weights.
+            self.module = sharded_copy.frozen_skeleton(module) if sharded_copy.fsdp_pending() else frozen_copy(module)
+        if sharded_copy.is_skeleton(self.module):
+            return self.module
         device = next(module.parameters()).device
         if next(self.module.parameters()).device != device:
             self.module.to(device)

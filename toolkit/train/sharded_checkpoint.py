@@ -4,13 +4,16 @@
 optimizer tensors into `sharded/` (`save_sharded`), then rank 0 its usual files, with the whole trained weights
 gathered into `model.safetensors` (`full_weights`: what `renorm export` and evaluation read), and the manifest over
 all of them. A resumed run reads the shards back resharded to its own layout (`load_sharded`), also with another
-world size. torch's reader unpickles the `.metadata` file and non-tensor entries with plain pickle; here the metadata
-goes through an allowlist of its own classes and non-tensor entries are refused, as `torch.load(weights_only=True)`
-does for `objects.pt`. Imported only when needed: torch.distributed.checkpoint takes seconds to import.
+world size. A policy's own sharded state (`ShardedStatePolicy`: DiDi's EMA) is written beside the module's shards and
+read back through the loader `attach_policy_shards` puts into its checkpointed state. torch's reader unpickles the
+`.metadata` file and non-tensor entries with plain pickle; here the metadata goes through an allowlist of its own
+classes and non-tensor entries are refused, as `torch.load(weights_only=True)` does for `objects.pt`. Imported only
+when needed: torch.distributed.checkpoint takes seconds to import.
 """
 
 from __future__ import annotations
 
+import functools
 import pickle
 import shutil
 from collections.abc import Mapping
@@ -35,6 +38,7 @@ from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 from toolkit import distributed
 from toolkit.interfaces import TrainableStatePolicy
 from toolkit.io.checkpoint import SHARDED_DIR, CheckpointError, CheckpointManager, CheckpointState
+from toolkit.train.sharded_copy import LOAD_SHARDS, POLICY_SHARDS, ShardedStatePolicy
 
 
 def save_checkpoint(manager: CheckpointManager, state: CheckpointState | None, policy: Any, optimizer: Any) -> Path:
@@ -58,7 +62,7 @@ def save_checkpoint(manager: CheckpointManager, state: CheckpointState | None, p
         raise error or CheckpointError(f"the main process could not start a checkpoint in {manager.directory}")
     path: Path | None = None
     try:
-        save_sharded(Path(shared) / SHARDED_DIR, policy.module, optimizer)
+        save_sharded(Path(shared) / SHARDED_DIR, policy.module, optimizer, policy_shards(policy))
         distributed.barrier()
         if main:
             assert state is not None and temp is not None
@@ -90,14 +94,23 @@ def full_weights(policy: Any) -> dict[str, Tensor]:
     return weights
 
 
-def save_sharded(directory: Path, module: nn.Module, optimizer: Any) -> None:
+def policy_shards(policy: Any) -> dict[str, Any]:
+    """The policy's own sharded state (`ShardedStatePolicy.sharded_state_dict`); {} for any other policy."""
+    return policy.sharded_state_dict() if isinstance(policy, ShardedStatePolicy) else {}
+
+
+def save_sharded(
+    directory: Path, module: nn.Module, optimizer: Any, policy_state: Mapping[str, Any] | None = None
+) -> None:
     """Write the module's and optimizer's tensors as shards with torch.distributed.checkpoint (collective).
 
     The optimizer's param groups (lr, betas, parameter names) are not tensors: `param_groups` gives them for the
-    rank-0 `objects.pt`.
+    rank-0 `objects.pt`. `policy_state`: the policy's own shards (`policy_shards`), written under `POLICY_SHARDS`.
     """
     model_state, optim_state = get_state_dict(module, [_bare(optimizer)])
-    tensors = {"model": model_state, "optimizer": optim_state["state"]}
+    tensors: dict[str, Any] = {"model": model_state, "optimizer": optim_state["state"]}
+    if policy_state:
+        tensors[POLICY_SHARDS] = dict(policy_state)
     _check_tensors_only(tensors)
     dcp_save(tensors, checkpoint_id=str(directory))
 
@@ -117,14 +130,33 @@ def load_sharded(directory: Path, module: nn.Module, optimizer: Any, param_group
     bare = _bare(optimizer)
     model_state, optim_state = get_state_dict(module, [bare])  # the shapes to fill (optimizer state initialised)
     tensors = {"model": model_state, "optimizer": optim_state["state"]}
+    _load(directory, tensors)
+    optim: Any = {"state": tensors["optimizer"], "param_groups": param_groups}
+    set_state_dict(module, [bare], model_state_dict=model_state, optim_state_dict=optim)
+
+
+def attach_policy_shards(directory: Path, objects: dict[str, Any], name: str) -> None:
+    """When the shards in `directory` hold a policy's own state, put its loader into `objects[name]` (the policy's
+    checkpointed state) under `LOAD_SHARDS`: `loader(tensors)` reads them into `tensors` in place (collective)."""
+    state = objects.get(name)
+    prefix = POLICY_SHARDS + "."
+    keys = SafeFileSystemReader(str(directory)).read_metadata().state_dict_metadata
+    if isinstance(state, dict) and any(key.startswith(prefix) for key in keys):
+        state[LOAD_SHARDS] = functools.partial(load_policy_shards, directory)
+
+
+def load_policy_shards(directory: Path, tensors: Mapping[str, Any]) -> None:
+    """Read the policy's own shards that `save_sharded` wrote into `tensors` (its `sharded_state_dict()`), in place."""
+    _load(directory, {POLICY_SHARDS: dict(tensors)})
+
+
+def _load(directory: Path, tensors: dict[str, Any]) -> None:
     try:
         dcp_load(tensors, storage_reader=SafeFileSystemReader(str(directory)), planner=_TensorsOnlyPlanner())
     except CheckpointException as e:  # every rank's failure, wrapped by torch.distributed.checkpoint
         refused = [line.strip() for line in str(e).splitlines() if "refusing" in line]
         reason = refused[0] if refused else str(e).strip().splitlines()[-1]
         raise CheckpointError(f"could not load the shards in {directory}: {reason}") from e
-    optim: Any = {"state": tensors["optimizer"], "param_groups": param_groups}
-    set_state_dict(module, [bare], model_state_dict=model_state, optim_state_dict=optim)
 
 
 def _bare(optimizer: Any) -> torch.optim.Optimizer:

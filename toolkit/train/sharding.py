@@ -2,11 +2,14 @@
 
 `prepare` fills the DeepSpeed settings the trainer's own micro-batching implies (accelerate cannot infer a micro-batch
 size without a DataLoader), shards the policy (accelerate's FSDP2 auto-wrap over the module's `_no_split_modules`
-blocks) and its frozen reference copy the same way. `micro_step`, `backward` and `grad_norm` give one optimizer step
-per `gradient_accumulation_steps` micro-batches on every engine (DeepSpeed steps inside the last backward).
+blocks) and its frozen reference copy the same way: under FSDP2 the reference arrives as a storage-less skeleton
+and is filled from the sharded policy's own shards (toolkit.train.sharded_copy), so no rank holds a second full
+copy. `micro_step`, `backward` and `grad_norm` give one optimizer step per `gradient_accumulation_steps`
+micro-batches on every engine (DeepSpeed steps inside the last backward).
 `gathered_weights` unshards the policy once for all of a step's sampling instead of all-gathering every block per token.
 `save_checkpoint` / `load_checkpoint` keep every rank's RNG streams and, under FSDP, torch.distributed.checkpoint
-shards (toolkit.train.sharded_checkpoint, loaded without running code from the files).
+shards (toolkit.train.sharded_checkpoint, loaded without running code from the files), a policy's own sharded state
+(DiDi's EMA) among them.
 """
 
 from __future__ import annotations
@@ -52,8 +55,10 @@ def prepare(
 ) -> tuple[nn.Module, Any]:
     """`accelerator.prepare(module, optimizer)` plus what FSDP2 / DeepSpeed need; returns both prepared.
 
-    `reference` (a policy's frozen reference copy, taken before this) is sharded like the policy, in place, so no
-    rank holds a second full copy. A critic is refused under a sharding engine (its state is saved unsharded).
+    `reference` (a policy's frozen reference copy, taken before this) is sharded like the policy, in place. Under
+    FSDP2 it is a skeleton without storage (`toolkit.hf.reference` takes it so when the accelerate state is FSDP)
+    that receives each rank's shards of the prepared policy: no rank ever holds a second full copy. ZeRO-3
+    partitions a full copy. A critic is refused under a sharding engine (its state is saved unsharded).
     """
     kind = engine(accelerator)
     zero3 = kind == "deepspeed" and _zero_stage(accelerator) == 3
@@ -70,11 +75,11 @@ def prepare(
     prepared_module, prepared_optimizer = accelerator.prepare(module, optimizer)
     copy = reference if reference is not None and reference is not module else None
     if kind == "fsdp":
-        from accelerate.utils import fsdp2_prepare_model
+        from toolkit.train.sharded_copy import shard_like
 
         _init_fsdp_root(prepared_module)
         if copy is not None:
-            _init_fsdp_root(fsdp2_prepare_model(accelerator, copy))
+            _init_fsdp_root(shard_like(accelerator, copy, prepared_module))
     elif zero3 and copy is not None:
         _partition_with_zero3(accelerator, copy)
     return prepared_module, prepared_optimizer
@@ -252,18 +257,20 @@ def save_checkpoint(
     """Save a checkpoint into `manager` from every rank; `make_state(weights=None, **objects)` builds rank 0's.
 
     FSDP: every rank writes its shards, the whole weights are gathered into `model.safetensors` (export and
-    evaluation read it) and the optimizer's param groups go into `objects.pt`. ZeRO-3: the weights are gathered for
-    rank 0's state dict. Otherwise rank 0 saves as in one process.
+    evaluation read it) and the optimizer's param groups go into `objects.pt`; a policy's own sharded state (DiDi's
+    EMA) is written as shards too, and gathered once as its `policy_state` for export. ZeRO-3: the weights are
+    gathered for rank 0's state dict. Otherwise rank 0 saves as in one process.
     """
     main = accelerator.is_main_process
     if engine(accelerator) == "fsdp":
+        from toolkit.io.export import POLICY_STATE
         from toolkit.train import sharded_checkpoint as sharded
 
         weights = sharded.full_weights(policy)
-        groups = {"param_groups": sharded.param_groups(policy.module, optimizer)}
-        return sharded.save_checkpoint(
-            manager, make_state(weights, optimizer=groups) if main else None, policy, optimizer
-        )
+        objects: dict[str, Any] = {"optimizer": {"param_groups": sharded.param_groups(policy.module, optimizer)}}
+        if sharded.policy_shards(policy):
+            objects[POLICY_STATE] = policy.full_state_dict()  # collective; replaces rank 0's unsharded state_dict()
+        return sharded.save_checkpoint(manager, make_state(weights, **objects) if main else None, policy, optimizer)
     with gathered_weights(accelerator, policy.module):
         state = make_state() if main else None
     path = manager.save(state) if state is not None else None
@@ -280,9 +287,11 @@ def load_checkpoint(
     check_resumable(accelerator, path, sharded)
     state = manager.load(path, read_model=not sharded)
     if sharded:
-        from toolkit.train.sharded_checkpoint import load_sharded
+        from toolkit.io.export import POLICY_STATE
+        from toolkit.train.sharded_checkpoint import attach_policy_shards, load_sharded
 
         load_sharded(path / SHARDED_DIR, module, optimizer, state.objects["optimizer"]["param_groups"])
+        attach_policy_shards(path / SHARDED_DIR, state.objects, POLICY_STATE)  # read by the policy's load_state_dict
         return state
     result = dist.unwrap(module).load_state_dict(state.model, strict=False)
     if result.unexpected_keys:
