@@ -10,36 +10,32 @@ distribution away from the one the policy scores.
 per-token bookkeeping and `torch.multinomial` (one exponential draw per vocabulary entry) outweigh the model: a KV
 cache made once per call, finished rows tracked on the device (an "all finished?" host check every
 `stop_check_every` tokens), HF's own temperature / top-k / top-p warpers in `generate`'s order, and inverse-CDF
-sampling (one uniform per row against the cumulative softmax). Greedy decoding is token-identical to `generate`;
-sampling draws from the same distribution but not the same tokens for a seed. Stop strings, suppressed tokens and
-multimodal requests (`GenerationRequest.model_inputs`, forwarded to the model per batch of rows) fall back to
-`generate`.
+sampling (one uniform per row against the cumulative softmax). On a static cache the model's attention masks are
+made once per `MASK_CHUNK` steps with transformers' `create_masks_for_generate`, not rebuilt every token. Greedy
+decoding is token-identical to `generate`; sampling draws from the same distribution but not the same tokens for
+a seed. Stop strings, suppressed tokens and multimodal requests (`GenerationRequest.model_inputs`, forwarded to
+the model per batch of rows) fall back to `generate`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 from transformers import (
-    DynamicCache,
     GenerationConfig,
     LogitsProcessor,
     LogitsProcessorList,
-    StaticCache,
     StoppingCriteria,
     StoppingCriteriaList,
     StopStringCriteria,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
 )
 
 from toolkit.distributed import unwrap
 from toolkit.engines.base import FinishReason, GenerationRequest, GenerationResult, SamplingParams
+from toolkit.engines.lean import CacheKind, lean_decode
 from toolkit.hf.generation import left_pad, plain_generation_config, rng_devices, row_slices
 from toolkit.hf.policy import check_choice
 from toolkit.interfaces import Policy
@@ -90,7 +86,6 @@ class TokenLogprobRecorder(LogitsProcessor, StoppingCriteria):
 
 
 DecodeMode = Literal["generate", "lean"]
-CacheKind = Literal["dynamic", "static"]
 
 
 def generation_config(params: SamplingParams, eos: list[int], pad: int) -> GenerationConfig:
@@ -248,135 +243,3 @@ class HFEngine:
             steps = torch.stack(recorder.values, dim=1).tolist()
             values = [row[:n] for row, n in zip(steps, lengths, strict=True)]
         return tokens, reasons, values
-
-
-# ---------------------------------------------------------------------------------------------- the lean loop
-def sampling_warpers(params: SamplingParams) -> list[LogitsProcessor]:
-    """HF's warpers for `params`, in `generate`'s order (temperature, top-k, top-p); none when greedy."""
-    if not params.do_sample:
-        return []
-    warpers: list[LogitsProcessor] = []
-    if params.temperature != 1.0:
-        warpers.append(TemperatureLogitsWarper(params.temperature))
-    if params.top_k != 0:
-        warpers.append(TopKLogitsWarper(top_k=params.top_k))
-    if params.top_p < 1.0:
-        warpers.append(TopPLogitsWarper(top_p=params.top_p))
-    return warpers
-
-
-def sample_rows(scores: Tensor) -> Tensor:
-    """One token per row of `scores` [n, V] (processed logits, -inf = excluded), drawn from softmax(scores).
-
-    Inverse-CDF sampling: a uniform per row scaled to the row's total mass, the first index whose running sum
-    exceeds it. The draw is kept strictly below the total, so it always lands on a token of positive probability.
-    Same distribution as `torch.multinomial(softmax(scores), 1)`, one random number per row instead of V.
-    """
-    cdf = torch.softmax(scores, dim=-1).cumsum_(dim=-1)
-    total = cdf[:, -1:]
-    draw = torch.rand(total.shape, dtype=cdf.dtype, device=cdf.device).mul_(total)
-    draw = torch.minimum(draw, torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cdf, draw, right=True).squeeze(1)
-
-
-def new_cache(module: nn.Module, kind: CacheKind, max_len: int) -> Any:
-    """An empty KV cache for `module`: grown by concatenation ("dynamic") or allocated at `max_len` ("static")."""
-    config: Any = module.config
-    if kind == "static":
-        return StaticCache(config=config, max_cache_len=max_len)
-    return DynamicCache(config=config)
-
-
-def forward_keywords(module: nn.Module) -> tuple[str, bool]:
-    """The name `module.forward` takes the KV cache under (`cache` in transformers 5, else `past_key_values`) and
-    whether it accepts `logits_to_keep`."""
-    names = inspect.signature(module.forward).parameters
-    return ("cache" if "cache" in names else "past_key_values"), "logits_to_keep" in names
-
-
-def prefill(module: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, positions: Tensor, **kwargs: Any) -> Tensor:
-    """Run the prompts [n, L] into the KV cache in `kwargs`; the logits [n, V] after each row's last prompt token.
-
-    Identical rows (the G samples of a prompt) are run once and their cache entries copied to every copy
-    (`Cache.reorder_cache`, beam search's row gather): G times less prefill work for a GRPO group.
-    """
-    keys = prompt_ids * 2 + prompt_mask.long()  # a pad id may also be a real token: rows match on ids and mask
-    unique, inverse = torch.unique(keys, dim=0, return_inverse=True)
-    if unique.shape[0] == keys.shape[0]:
-        output = module(input_ids=prompt_ids, attention_mask=prompt_mask.long(), position_ids=positions, **kwargs)
-        return output.logits[:, -1]  # type: ignore[no-any-return]
-    rows = torch.arange(keys.shape[0], device=keys.device)
-    first = torch.full((unique.shape[0],), keys.shape[0], device=keys.device).scatter_reduce_(0, inverse, rows, "amin")
-    output = module(
-        input_ids=prompt_ids[first], attention_mask=prompt_mask[first].long(), position_ids=positions[first], **kwargs
-    )
-    kwargs[next(key for key in ("cache", "past_key_values") if key in kwargs)].reorder_cache(inverse)
-    return output.logits[:, -1][inverse]  # type: ignore[no-any-return]
-
-
-def lean_decode(
-    module: nn.Module,
-    prompt_ids: Tensor,
-    prompt_mask: Tensor,
-    eos: Tensor,
-    pad: int,
-    request: GenerationRequest,
-    cache: CacheKind = "static",
-    stop_check_every: int = 1,
-) -> tuple[list[list[int]], list[FinishReason], list[list[float]]]:
-    """Decode left-padded prompts [n, L] token by token: (tokens, finish reasons, log-probs) of each row.
-
-    Positions and the attention mask follow `generate` (pads attend to nothing and sit at position 0; token s of a
-    row with m real prompt tokens is at position m + s). Finished rows keep decoding pad tokens until every row has
-    ended or the budget is spent; their outputs are cut at the end token, as `generate`'s are. Runs under
-    `torch.inference_mode` (nothing it makes is kept but Python lists) except in a distributed job, where FSDP or
-    DeepSpeed hooks may keep tensors made during the forward, and only `no_grad` (the caller's) applies.
-    """
-    params = request.params
-    rows, width = prompt_ids.shape
-    budget = params.max_new_tokens
-    device = prompt_ids.device
-    cache_key, keeps_logits = forward_keywords(module)
-    kwargs: dict[str, Any] = {"use_cache": True, cache_key: new_cache(module, cache, width + budget)}
-    if keeps_logits:
-        kwargs["logits_to_keep"] = 1
-    mask = torch.cat([prompt_mask.long(), torch.ones(rows, budget, dtype=torch.long, device=device)], dim=1)
-    prompt_positions = (prompt_mask.long().cumsum(-1) - 1).clamp_(min=0)
-    positions = prompt_positions[:, -1:] + torch.arange(1, budget + 1, device=device)  # [n, budget]
-    warpers = sampling_warpers(params)
-    temperature = params.temperature if params.do_sample else 1.0
-    tokens = torch.full((rows, budget), pad, dtype=torch.long, device=device)
-    values = torch.zeros(rows, budget, dtype=torch.float32, device=device)
-    ends = torch.full((rows,), -1, dtype=torch.long, device=device)
-    pad_token = torch.tensor(pad, dtype=torch.long, device=device)
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    with torch.inference_mode(not distributed):
-        logits = prefill(module, prompt_ids, prompt_mask, prompt_positions, **kwargs)
-        for step in range(budget):
-            if step > 0:
-                token_input, position = tokens[:, step - 1 : step], positions[:, step - 1 : step]
-                output = module(
-                    input_ids=token_input, attention_mask=mask[:, : width + step], position_ids=position, **kwargs
-                )
-                logits = output.logits[:, -1]
-            logits = logits.float()
-            scores = logits
-            for warper in warpers:
-                scores = warper(prompt_ids, scores)
-            token = sample_rows(scores) if params.do_sample else scores.argmax(dim=-1)
-            if request.return_logprobs:
-                values[:, step] = torch.log_softmax(logits / temperature, dim=-1).gather(1, token[:, None]).squeeze(1)
-            running = ends < 0
-            tokens[:, step] = torch.where(running, token, pad_token)
-            if eos.numel():
-                ends.masked_fill_(running & torch.isin(token, eos), step)
-                if (step + 1) % stop_check_every == 0 and bool((ends >= 0).all()):
-                    break
-    ends_list = ends.tolist()
-    lengths = [end + 1 if end >= 0 else budget for end in ends_list]
-    reasons: list[FinishReason] = ["stop" if end >= 0 else "length" for end in ends_list]
-    token_ids = [ids[:n] for ids, n in zip(tokens.tolist(), lengths, strict=True)]
-    logprobs: list[list[float]] = []
-    if request.return_logprobs:
-        logprobs = [row[:n] for row, n in zip(values.tolist(), lengths, strict=True)]
-    return token_ids, reasons, logprobs

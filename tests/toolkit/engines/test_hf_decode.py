@@ -14,8 +14,8 @@ from modalities.text_agent.policy import CausalLMPolicy
 from modalities.text_agent.sampler import SingleTurnSampler
 from tests.modalities.text_agent.test_text_policy import TextContract
 from tests.tiny import EOS_TOKEN_ID, tiny_prompts, tiny_text_policy, tiny_tokenizer
-from toolkit.engines import GenerationRequest, GenerationResult, HFEngine, SamplingParams
-from toolkit.engines.hf import sample_rows, sampling_warpers
+from toolkit.engines import GenerationRequest, GenerationResult, HFEngine, SamplingParams, lean
+from toolkit.engines.lean import sample_rows, sampling_warpers
 
 CACHES = ["dynamic", "static"]
 
@@ -52,6 +52,30 @@ def test_greedy_lean_decode_is_token_identical_to_generate(cache: str, params: d
     assert_same(lean, reference)
     if not params:
         assert set(reference.finish_reasons) == {"stop", "length"}  # both ways of ending are exercised
+
+
+@pytest.mark.parametrize("chunk", [3, 64])
+def test_precomputed_step_masks_change_nothing(monkeypatch: pytest.MonkeyPatch, chunk: int) -> None:
+    """The static cache's decode masks made once per chunk of steps (`StepMasks`) give bitwise the same sampled
+    tokens and log-probs as the 2-D mask rebuilt every step, across chunk boundaries (chunk 3, 12 steps)."""
+    policy, request = tiny_text_policy(seed=2, eos_logit=0.5), request_for(prompt_ids(), samples=3, seed=5)
+    engine = HFEngine(decode="lean", cache="static")
+    made: list[object] = []
+    real = lean.step_masks
+
+    def recording(*args: Any) -> object:
+        made.append(real(*args))
+        return made[-1]
+
+    monkeypatch.setattr(lean, "MASK_CHUNK", chunk)
+    monkeypatch.setattr(lean, "step_masks", recording)
+    chunked = engine.generate(policy, request)
+    assert made and all(m is not None for m in made)  # the fast path ran (Qwen2 + sdpa gives plain mask tensors)
+    assert len(made) == (4 if chunk == 3 else 1)  # steps 1-11 need masks: chunks start at steps 1, 4, 7, 10
+    monkeypatch.setattr(lean, "step_masks", lambda *args: None)
+    per_step = engine.generate(policy, request)
+    assert chunked.token_ids == per_step.token_ids and chunked.logprobs == per_step.logprobs
+    assert set(chunked.finish_reasons) == {"stop", "length"}
 
 
 def test_greedy_rows_do_not_depend_on_their_batch() -> None:
