@@ -1,5 +1,7 @@
 """Batched video sampler: G answers per (video, question) prompt from a rollout engine (`toolkit.engines`; `hf` = HF
-`generate` on the policy's module, one call per chunk of rows, the video inputs passed as the request's model inputs).
+`generate` on the policy's module, one call per chunk of rows, the video inputs passed as the request's model inputs;
+`server` = `renorm serve-policy`, sent each prompt's video once; `vllm` = the trainer's vision embeddings as vLLM's
+`multi_modal_data`).
 
 Each prompt's video is read, sized and patchified once (an LRU cache keyed by the record's video, fps, region box and
 the video settings), then shared by its G rows. A video that cannot be read is a counted, logged skip of that prompt
@@ -25,6 +27,8 @@ from modalities.medical_video.policy import mm_token_types as _mm_token_types
 from modalities.medical_video.video import VideoCache, VideoConfig, VideoError, load_video
 from toolkit.distributed import unwrap
 from toolkit.engines import EngineName, GenerationRequest, HFEngine, SamplingParams, ServerEngine, build_engine
+from toolkit.engines.base import GenerationResult, record_engine_logprobs
+from toolkit.engines.multimodal import Batching, MultimodalInputs
 from toolkit.engines.vllm_engine import VLLMEngine
 from toolkit.hf.generation import check_sampler_options, left_pad
 from toolkit.interfaces import Policy
@@ -50,10 +54,13 @@ class VideoSampler:
         system_prompt: an optional system message (e.g. the one-shot format example); None = none (spec §3).
         generation_batch_size: rows per `generate` call of the `hf` engine (None = all N rows in one call).
         compute_old_logprobs: re-score for old_logprobs; False leaves zeros (evaluation only).
-        engine: what generates: "hf" (HF `generate` on the policy's module, the default) or an `HFEngine` node with
-            its options; in Python any `toolkit.engines.RolloutEngine` that takes multimodal requests
-            (`GenerationRequest.model_inputs`). `server` and `vllm` do not take video yet and raise
-            NotImplementedError when they generate.
+        engine_logprobs: ask the engine for its log-probs of the sampled tokens, keep them as
+            `data["engine_logprobs"]` [N, T] and log their mismatch with the re-scored old_logprobs
+            (`rollout/engine_logprob_abs_diff_mean`, `_max`); the sampled tokens are the same either way.
+        engine: what generates: "hf" (HF `generate` on the policy's module, the default), "server" (`renorm
+            serve-policy` on this config: the patches, grids and token types travel per prompt in the request's
+            `multimodal` form; greedy and sampled tokens equal `hf`'s for a seed while the request fits one
+            `multimodal_chunk_bytes`), "vllm" (colocated, `enable_mm_embeds=True`), or an engine node with options.
     """
 
     def __init__(
@@ -68,6 +75,7 @@ class VideoSampler:
         generation_batch_size: int | None = None,
         compute_old_logprobs: bool = True,
         engine: EngineName | HFEngine | ServerEngine | VLLMEngine = "hf",
+        engine_logprobs: bool = True,
     ) -> None:
         check_sampler_options(max_new_tokens, temperature, top_p, top_k, generation_batch_size)
         self.video = video if isinstance(video, VideoConfig) else VideoConfig(**dict(video or {}))
@@ -76,6 +84,7 @@ class VideoSampler:
         self.system_prompt = system_prompt
         self.generation_batch_size = generation_batch_size
         self.compute_old_logprobs = compute_old_logprobs
+        self.engine_logprobs = engine_logprobs
         self.engine = build_engine(engine, generation_batch_size)
         # Set by the Trainer when its update is on-policy: it then takes old_logprobs from its own first forward.
         self.defer_old_logprobs = False
@@ -98,12 +107,14 @@ class VideoSampler:
         module.eval()
         try:
             start = time.perf_counter()
-            rows = [i for i in range(len(dicts)) for _ in range(group_size)]
-            row_videos = [videos[i] for i in rows]
+            row_videos = [v for v in videos for _ in range(group_size)]
             # A frozen vision tower encodes each prompt's video once here; generation, the old-log-prob pass and the
             # training forwards take these embeddings (None: the tower runs in every forward).
             embeds = getattr(policy, "video_embeddings", lambda _: None)(row_videos)
-            sequences = self._generate(policy, [encoded[i] for i in rows], row_videos, embeds, seed, temperature)
+            prompt_ids, prompt_mask, response_ids, result = self._generate(
+                policy, encoded, videos, group_size, embeds, seed, temperature
+            )
+            sequences = (prompt_ids, prompt_mask, response_ids)
             rollout = self._build_rollout(policy, dicts, videos, group_size, sequences, temperature)
             if embeds is not None:
                 rollout.data["video_embeds"] = embeds
@@ -112,9 +123,12 @@ class VideoSampler:
             rollout.metrics["video/cache_hits"] = float(self.cache.hits - hits)
             rollout.metrics["video/cache_misses"] = float(self.cache.misses - misses)
             rollout.metrics["video/tokens_mean"] = sum(v.num_tokens for v in videos) / len(videos)
-            if self.compute_old_logprobs and not self.defer_old_logprobs:
+            rescored = self.compute_old_logprobs and not self.defer_old_logprobs
+            if rescored:
                 with torch.no_grad():
                     rollout.old_logprobs = policy.log_probs(rollout).detach()
+            record_engine_logprobs(rollout, result, compare=rescored)
+            rollout.metrics.update(result.metrics)  # the engine's own (weight sync time, retries, ...)
         finally:
             module.train(was_training)
         return rollout
@@ -173,32 +187,36 @@ class VideoSampler:
     def _generate(
         self,
         policy: Policy,
-        rows: list[list[int]],
+        prompts: list[list[int]],
         videos: list[VideoFeatures],
+        group_size: int,
         embeds: list[Tensor] | None,
         seed: int,
         temperature: float,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """Left-padded prompts [N, L] (+ bool mask) and responses [N, T] padded with the pad id."""
+    ) -> tuple[Tensor, Tensor, Tensor, GenerationResult]:
+        """Left-padded prompts [N, L] (+ bool mask), responses [N, T] padded with the pad id and the engine's result,
+        for P `prompts` (their `videos`) and G = `group_size` rows each; `embeds` has one entry per row."""
         module = unwrap(policy.module)
         device = next(module.parameters()).device
         params = self._sampling_params(policy, module, temperature)
         pad = params.pad_token_id
         assert pad is not None  # set by _sampling_params
         video_id, image_id = int(getattr(policy, "video_token_id")), getattr(policy, "image_token_id", None)  # noqa: B009
+        row_videos = [v for v in videos for _ in range(group_size)]
 
         def video_inputs(part: slice, ids: Tensor) -> dict[str, Any]:
             """The model's video inputs for rows `part` (left-padded prompt ids `ids`)."""
             return {
                 "mm_token_type_ids": _mm_token_types(ids, video_id, image_id),
-                **video_batch(videos[part], device, None if embeds is None else embeds[part]),
+                **video_batch(row_videos[part], device, None if embeds is None else embeds[part]),
             }
 
-        request = GenerationRequest(rows, params, 1, seed, return_logprobs=False, model_inputs=video_inputs)
+        portable = video_prompt_inputs(prompts, videos, video_id, image_id)
+        request = GenerationRequest(prompts, params, group_size, seed, self.engine_logprobs, video_inputs, portable)
         result = self.engine.generate(policy, request)
         result.check_rows(request)
-        prompt_ids, prompt_mask = left_pad(rows, pad, device)
-        return prompt_ids, prompt_mask, result.padded_tokens(pad).to(device)
+        prompt_ids, prompt_mask = left_pad(request.rows(), pad, device)
+        return prompt_ids, prompt_mask, result.padded_tokens(pad).to(device), result
 
     def _sampling_params(self, policy: Policy, module: nn.Module, temperature: float) -> SamplingParams:
         """This sampler's settings as engine `SamplingParams`, falling back to the policy's (and its suppressed ids)."""
@@ -270,6 +288,31 @@ class VideoSampler:
                 "rollout/prompt_length_mean": float(prompt_mask.sum(1).float().mean()),
             },
         )
+
+
+def video_prompt_inputs(
+    prompts: list[list[int]], videos: list[VideoFeatures], video_token_id: int, image_token_id: int | None
+) -> MultimodalInputs:
+    """The serialisable form of the prompts' video inputs (`GenerationRequest.multimodal`): each prompt's patches,
+    grid and seconds per grid step (concatenated across rows), and its token types (left-padded as its ids).
+
+    Always the patches, even when the sampler reuses vision embeddings: the engine's model runs its own tower (the
+    same frozen weights; on CPU the same numbers), and vLLM gets embeddings its engine computes from the patches.
+    """
+    per_prompt = []
+    for ids, video in zip(prompts, videos, strict=True):
+        types = _mm_token_types(torch.tensor(ids, dtype=torch.long), video_token_id, image_token_id)
+        per_prompt.append(
+            {
+                "pixel_values_videos": video.pixel_values_videos,
+                "video_grid_thw": video.video_grid_thw,
+                "second_per_grid_ts": torch.tensor([video.second_per_grid_ts]),
+                "mm_token_type_ids": types,
+            }
+        )
+    batching: dict[str, Batching] = {key: "concat" for key in per_prompt[0]}
+    batching["mm_token_type_ids"] = "left_pad"
+    return MultimodalInputs(tuple(per_prompt), batching)
 
 
 def _patchify(processor: Any, video: Any) -> VideoFeatures:

@@ -5,28 +5,32 @@ POST /v1/completions  prompts as token ids (or strings, tokenized here), n, max_
                       seed, stop_token_ids, stop, ignore_eos (as vLLM: the model's EOS ends a completion unless set;
                       stop_token_ids always do), logprobs (0 only: the sampled token's), and vLLM's extras
                       (token ids come back in `token_ids` and, with logprobs, as "token_id:N" tokens);
-                      `renorm_weights_version` names the weights the client expects (another one: 409)
+                      `renorm_weights_version` names the weights the client expects (another one: 409);
+                      `renorm_suppress_token_ids` (and `logit_bias` entries <= -100) are never sampled (-inf logits,
+                      as the hf engine); `renorm_multimodal` carries per-prompt model inputs (video patches, grids,
+                      token types: base64 safetensors, `toolkit.engines.multimodal`), checked against the model's
+                      forward before generating (400 naming the field) and acknowledged in the answer
 POST /v1/weights      safetensors bytes (`toolkit.engines.weights`): the full state dict or the LoRA adapters
 GET  /v1/models, /health
 
 The HTTP hardening is serve-retriever's (`tools/retriever_server`: socket timeouts, Content-Length checks, JSON
 errors naming the limit, one access-log line per request), plus caps on rows, prompt and completion tokens,
-request and weight bytes; loopback by default, and an optional bearer token (`--api-key-env`). Requests are served
-one at a time: one model, one lock.
+request, multimodal and weight bytes; loopback by default, and an optional bearer token (`--api-key-env`).
+Requests are served one at a time: one model, one lock. `policy_requests.py` reads and checks the completions body.
 """
 
 from __future__ import annotations
 
 import hmac
-import json
+import inspect
 import logging
-import os
 import time
 import uuid
 from dataclasses import dataclass
 from http.server import ThreadingHTTPServer
 from typing import Any
 
+from modalities.text_agent.policy_requests import parse_body, parse_completion_request
 from modalities.text_agent.tools.retriever_server import (
     REQUEST_QUEUE_SIZE,
     BadRequest,
@@ -36,13 +40,20 @@ from modalities.text_agent.tools.retriever_server import (
     exceeds_depth,
 )
 from toolkit.distributed import unwrap
-from toolkit.engines import GenerationRequest, GenerationResult, HFEngine, SamplingParams
-from toolkit.engines.server import TOKEN_PREFIX, VERSION_FIELD
-from toolkit.engines.weights import decode_weights
+from toolkit.engines import GenerationResult, HFEngine
+from toolkit.engines.multimodal import WIRE_FIELD, encoded_size
+from toolkit.engines.server import TOKEN_PREFIX
+from toolkit.engines.weights import VERSION_FIELD, decode_weights
 from toolkit.hf.policy import unwrap_model
 
 log = logging.getLogger(__name__)
 INITIAL_VERSION = "initial"  # the config's own weights, before any push
+# forward() arguments a multimodal payload may not set: the engine's own (ids, mask, cache) or not tensors.
+RESERVED_INPUTS = frozenset(
+    {"self", "input_ids", "attention_mask", "position_ids", "cache", "past_key_values", "inputs_embeds", "labels"}
+    | {"use_cache", "logits_to_keep", "cache_position", "return_dict", "output_attentions", "output_hidden_states"}
+    | {"mm_encoder_outputs", "kwargs"}
+)
 
 
 @dataclass(frozen=True)
@@ -52,9 +63,10 @@ class PolicyServerLimits:
     max_rows: int = 1024  # prompts × n per request
     max_prompt_tokens: int = 8192
     max_new_tokens: int = 4096
-    max_request_bytes: int = 8 * 1024 * 1024  # a completions body
+    max_request_bytes: int = 8 * 1024 * 1024  # a completions body, outside renorm_multimodal's tensors
     max_weights_bytes: int = 16 * 1024**3  # a weights body
     timeout_s: float = 60.0  # per socket read/write
+    max_multimodal_bytes: int = 1024**3  # renorm_multimodal's tensors (decoded) in one completions body
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
@@ -87,7 +99,14 @@ class PolicyServer(ThreadingHTTPServer):
         self.api_key = api_key
         self.lock = FairLock()
         self.weights_version = INITIAL_VERSION
-        self.vocab_size = int(unwrap_model(unwrap(policy.module)).get_input_embeddings().num_embeddings)  # type: ignore[operator]
+        model = unwrap_model(unwrap(policy.module))
+        self.vocab_size = int(model.get_input_embeddings().num_embeddings)  # type: ignore[operator]
+        self.model_inputs = frozenset(inspect.signature(model.forward).parameters) - RESERVED_INPUTS
+        config = getattr(model, "config", None)
+        # Qwen-VL placeholders: a grid's t·h·w patches make t·h·w / merge² tokens of its id in the prompt.
+        self.merge_size = int(getattr(getattr(config, "vision_config", None), "spatial_merge_size", 1) or 1)
+        grids = {"video_grid_thw": "video_token_id", "image_grid_thw": "image_token_id"}
+        self.placeholders = {k: int(getattr(config, v)) for k, v in grids.items() if hasattr(config, v)}
         policy.module.eval()  # no dropout while serving
 
     @property
@@ -103,10 +122,18 @@ class PolicyServer(ThreadingHTTPServer):
             if expected is not None and expected != self.weights_version:
                 message = f"stale weights: serving {self.weights_version!r}, the client expects {expected!r}"
                 return 409, {"error": message, VERSION_FIELD: self.weights_version}
-            result = self.engine.generate(self.policy, request)
+            try:
+                result = self.engine.generate(self.policy, request)
+            except ValueError as error:  # the model refused the inputs (e.g. video tokens vs. patches)
+                if request.multimodal is None:
+                    raise
+                raise BadRequest(f"{WIRE_FIELD} does not fit the model: {error}"[:2000]) from error
             version = self.weights_version
         result.weights_version = version
-        return 200, completion_response(result, self.model_name, self.policy.tokenizer, skip_special)
+        answer = completion_response(result, self.model_name, self.policy.tokenizer, skip_special)
+        if request.multimodal is not None:
+            answer[WIRE_FIELD] = {"prompts": len(request.multimodal.prompts), "bytes": request.multimodal.num_bytes}
+        return 200, answer
 
     def load_weights(self, body: bytes) -> dict[str, Any]:
         """Load a weights payload (full or LoRA) and serve it from the next request on."""
@@ -127,102 +154,6 @@ class PolicyServer(ThreadingHTTPServer):
                 raise BadRequest(f"the pushed weights do not fit this server's policy: {error}"[:2000]) from error
             self.weights_version = version
         return {VERSION_FIELD: version, "num_tensors": len(weights)}
-
-
-def _field(payload: dict[str, Any], name: str, kind: type | tuple[type, ...], default: Any) -> Any:
-    value = payload.get(name, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
-        raise BadRequest(f"{name!r} must be {kind}, got {value!r}")
-    if not isinstance(value, kind):
-        raise BadRequest(f"{name!r} must be {getattr(kind, '__name__', kind)}, got {value!r:.80}")
-    return value
-
-
-def _prompts(payload: dict[str, Any], server: PolicyServer) -> list[list[int]]:
-    """The prompts as token-id lists (strings tokenized with the policy's tokenizer), range- and size-checked."""
-    prompt = payload.get("prompt")
-    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt)):
-        prompt = [prompt]
-    if not isinstance(prompt, list) or not prompt:
-        raise BadRequest("'prompt' must be token ids, a list of token-id lists, a string or a list of strings")
-    prompts: list[list[int]] = []
-    for item in prompt:
-        if isinstance(item, str):
-            item = list(server.policy.tokenizer(item, add_special_tokens=True)["input_ids"])
-        if not isinstance(item, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in item):
-            raise BadRequest("each prompt must be a list of token ids or a string")
-        if not item or len(item) > server.caps.max_prompt_tokens:
-            raise BadRequest(
-                f"a prompt has {len(item)} tokens; allowed 1..max_prompt_tokens={server.caps.max_prompt_tokens}"
-            )
-        if min(item) < 0 or max(item) >= server.vocab_size:
-            raise BadRequest(f"token ids must be in [0, {server.vocab_size}), got {min(item)}..{max(item)}")
-        prompts.append(item)
-    return prompts
-
-
-def parse_completion_request(payload: Any, server: PolicyServer) -> tuple[GenerationRequest, str | None, bool]:
-    """(request, the weights version the client expects or None, skip_special_tokens) of a completions body.
-
-    Raises:
-        BadRequest: a field of the wrong type or range, streaming/echo/top alternatives, or over a cap (413 rows).
-    """
-    if not isinstance(payload, dict):
-        raise BadRequest(f"body must be a JSON object, got {type(payload).__name__}")
-    for flag in ("stream", "echo", "use_beam_search"):
-        if payload.get(flag):
-            raise BadRequest(f"'{flag}' is not supported by renorm serve-policy")
-    prompts = _prompts(payload, server)
-    n = _field(payload, "n", int, 1)
-    if n < 1 or len(prompts) * n > server.caps.max_rows:
-        raise BadRequest(f"{len(prompts)} prompts × n={n} rows; allowed 1..max_rows={server.caps.max_rows}", 413)
-    max_tokens = _field(payload, "max_tokens", int, 16)
-    if not 1 <= max_tokens <= server.caps.max_new_tokens:
-        raise BadRequest(f"'max_tokens' {max_tokens} is outside 1..max_new_tokens={server.caps.max_new_tokens}")
-    logprobs = _field(payload, "logprobs", int, None)
-    if logprobs is not None and logprobs != 0:
-        raise BadRequest("'logprobs' must be 0 (the sampled token's log-prob); top alternatives are not served")
-    temperature = float(_field(payload, "temperature", (int, float), 1.0))
-    stop = _field(payload, "stop", (str, list), [])
-    stop = [stop] if isinstance(stop, str) else stop
-    stop_ids = _field(payload, "stop_token_ids", list, [])
-    if not all(isinstance(s, str) and s for s in stop) or not all(isinstance(t, int) for t in stop_ids):
-        raise BadRequest("'stop' must be non-empty strings and 'stop_token_ids' integers")
-    model_eos = [] if _field(payload, "ignore_eos", bool, False) else _model_eos(server.policy)
-    eos = list(dict.fromkeys([*stop_ids, *model_eos]))
-    top_k = _field(payload, "top_k", int, 0)
-    seed = _field(payload, "seed", int, None)
-    try:
-        params = SamplingParams(
-            max_new_tokens=max_tokens,
-            temperature=temperature if temperature > 0 else 1.0,
-            top_p=float(_field(payload, "top_p", (int, float), 1.0)),
-            top_k=max(top_k, 0),
-            do_sample=temperature > 0,
-            eos_token_ids=tuple(eos),
-            stop_strings=tuple(stop),
-        )
-        request = GenerationRequest(
-            prompts, params, n, int.from_bytes(os.urandom(7), "little") if seed is None else seed, logprobs is not None
-        )
-    except ValueError as error:
-        raise BadRequest(str(error)) from error
-    expected = _field(payload, VERSION_FIELD, str, None)
-    return request, expected, bool(_field(payload, "skip_special_tokens", bool, True))
-
-
-def _model_eos(policy: Any) -> list[int]:
-    """The tokenizer's and the model's EOS ids (a completion always ends at them, as in vLLM)."""
-    values = [policy.tokenizer.eos_token_id]
-    values.append(
-        getattr(getattr(unwrap_model(unwrap(policy.module)), "generation_config", None), "eos_token_id", None)
-    )
-    ids: list[int] = []
-    for value in values:
-        ids += [value] if isinstance(value, int) else list(value or [])
-    return ids
 
 
 def completion_response(result: GenerationResult, model: str, tokenizer: Any, skip_special: bool) -> dict[str, Any]:
@@ -295,16 +226,17 @@ class PolicyHandler(RetrieveHandler):
         self._send(status, answer)
 
     def _completions(self) -> tuple[int, dict[str, Any]]:
+        caps = self.server.caps
         length = self.headers.get("Content-Length", "").strip()
-        if length.isdigit() and int(length) > self.server.caps.max_request_bytes:
+        allowed = caps.max_request_bytes + encoded_size(caps.max_multimodal_bytes)
+        if length.isdigit() and int(length) > allowed:
             self.close_connection = True  # the body is not read
             raise BadRequest(
-                f"body of {length} bytes is over max_request_bytes={self.server.caps.max_request_bytes}", 413
+                f"body of {length} bytes is over max_request_bytes={caps.max_request_bytes} plus the base64 of "
+                f"max_multimodal_bytes={caps.max_multimodal_bytes}",
+                413,
             )
-        try:
-            payload = json.loads(self._read_body())
-        except (ValueError, RecursionError) as error:
-            raise BadRequest(f"body is not valid JSON: {error}") from error
+        payload = parse_body(self._read_body(), caps.max_request_bytes)
         if exceeds_depth(payload, self.server.limits.max_json_depth):
             raise BadRequest(f"body nests deeper than max_json_depth={self.server.limits.max_json_depth}")
         status, answer = self.server.complete(payload)

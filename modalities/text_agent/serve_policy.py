@@ -1,12 +1,15 @@
 """`renorm serve-policy CONFIG [key=value ...]`: the config's policy served by `policy_server.PolicyServer` in a
 process of its own (loopback by default), for training with `sampler.engine: server` or splitting generation from
-training across processes or machines. Registered through the `renorm.commands` entry points; the server module
-(torch, transformers) is imported only when the command runs.
+training across processes or machines. Any config's token policy serves: a text policy, or a video one (the MedGRPO
+configs' Qwen2.5-VL, whose processor and tokenizer come with the policy) taking the sampler's video inputs in
+`renorm_multimodal`; string prompts are tokenized text-only. Registered through the `renorm.commands` entry points;
+the server module (torch, transformers) is imported only when the command runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -23,7 +26,9 @@ def register(subparsers: Any) -> None:
         "GET /v1/models and GET /health, until interrupted. Train against it with sampler.engine=server.",
     )
     p.set_defaults(func=cmd_serve_policy)
-    p.add_argument("config", help="a training config: its `policy` section is served (seeded with trainer.seed)")
+    p.add_argument(
+        "config", help="a training config (text or video): its `policy` section is served (seeded with trainer.seed)"
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 = every interface)")
     p.add_argument("--port", type=int, default=8001, help="port to bind (0 = any free port; 8000 is serve-retriever's)")
@@ -35,6 +40,13 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-new-tokens", type=int, default=4096, help="largest max_tokens a request may ask (more: 400)")
     p.add_argument("--max-request-bytes", type=int, default=8 * 1024 * 1024, help="completions body (more: 413)")
     p.add_argument("--max-weights-bytes", type=int, default=16 * 1024**3, help="weights body (more: 413)")
+    p.add_argument(
+        "--max-multimodal-bytes",
+        type=int,
+        default=1024**3,
+        help="video/image tensors of one completions body, decoded (more: 413; the client splits above its "
+        "multimodal_chunk_bytes, 256 MiB by default)",
+    )
     p.add_argument("--timeout-s", type=float, default=60.0, help="per socket read/write")
     p.add_argument("--api-key-env", help="environment variable holding a bearer token every POST must carry")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"], help="INFO: one line a request")
@@ -60,14 +72,7 @@ def build_server(args: argparse.Namespace) -> Any:
         api_key = os.environ.get(args.api_key_env)
         if not api_key:
             raise ValueError(f"--api-key-env {args.api_key_env} names an environment variable that is not set")
-    caps = PolicyServerLimits(
-        args.max_rows,
-        args.max_prompt_tokens,
-        args.max_new_tokens,
-        args.max_request_bytes,
-        args.max_weights_bytes,
-        args.timeout_s,
-    )
+    caps = PolicyServerLimits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PolicyServerLimits)})
     return PolicyServer(
         policy, (args.host, args.port), args.model_name, caps, args.generation_batch_size, api_key=api_key
     )

@@ -17,6 +17,7 @@ from toolkit.engines.base import (
     weights_version,
 )
 from toolkit.engines.hf import HFEngine
+from toolkit.engines.multimodal import MultimodalInputs
 from toolkit.engines.server import EngineUnavailableError, ServerEngine
 from toolkit.engines.vllm_engine import VLLMEngine  # vllm itself is imported when an engine is built
 
@@ -27,6 +28,7 @@ __all__ = [
     "GenerationRequest",
     "GenerationResult",
     "HFEngine",
+    "MultimodalInputs",
     "RolloutEngine",
     "SamplingParams",
     "ServerEngine",

@@ -14,7 +14,9 @@ from typing import Any, Literal, Protocol, get_args, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from toolkit.engines.multimodal import MultimodalInputs
 from toolkit.interfaces import Policy
+from toolkit.rollout import Rollout
 
 FinishReason = Literal["stop", "length"]
 EngineName = Literal["hf", "server", "vllm"]
@@ -33,7 +35,8 @@ class SamplingParams:
         stop_strings: strings that end a completion; the token completing one is part of it.
         pad_token_id: the id an engine pads with (None: the tokenizer's pad, else the first EOS id).
         suppress_token_ids: ids never sampled (their logits are set to -inf before any warper, as HF
-            `suppress_tokens` does); the `hf` engine only (`generate` path).
+            `suppress_tokens` does): exactly so by `hf` (its `generate` path), `renorm serve-policy` and the colocated
+            `vllm` engine (a -inf logit bias); a `vllm serve` server gets a logit bias of -100, its floor.
     """
 
     max_new_tokens: int
@@ -62,7 +65,8 @@ ModelInputs = Callable[[slice, Tensor], Mapping[str, Any]]
 left-padded prompt ids [n, L], it returns the keyword inputs the model takes next to `input_ids` and `attention_mask`
 for those rows (Qwen2.5-VL: `pixel_values_videos` or the cached vision embeddings, `video_grid_thw`,
 `second_per_grid_ts`, `mm_token_type_ids`). A callable rather than tensors, because patches are concatenated across
-rows and token types follow the padding, so only the engine's batching decides their shapes."""
+rows and token types follow the padding, so only the engine's batching decides their shapes. Engines outside the
+process take the request's `multimodal` form instead (`toolkit.engines.multimodal`)."""
 
 
 @dataclass(frozen=True)
@@ -76,8 +80,11 @@ class GenerationRequest:
         seed: the engine's sampling seed (the same request and weights give the same tokens).
         return_logprobs: also return the engine's log-prob of each sampled token.
         model_inputs: extra per-row model inputs of a multimodal prompt (`ModelInputs`, row indices prompt-major as
-            in `rows()`); None = text only. The `hf` engine forwards them to `generate`; `server` and `vllm`
-            do not take them yet.
+            in `rows()`); None = text only. The `hf` engine forwards them to `generate`.
+        multimodal: the same inputs per prompt in a serialisable form (`MultimodalInputs`: tensors plus how each
+            key batches), which the `server` engine sends and the `vllm` engine hands to vLLM; a multimodal request
+            without it is refused by both. The sampler fills both: `model_inputs` may use what cannot travel (the
+            cached vision embeddings), so the `hf` engine keeps its exact behaviour.
     """
 
     prompt_ids: Sequence[Sequence[int]]
@@ -86,6 +93,7 @@ class GenerationRequest:
     seed: int = 0
     return_logprobs: bool = True
     model_inputs: ModelInputs | None = None
+    multimodal: MultimodalInputs | None = None
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:
@@ -99,6 +107,12 @@ class GenerationRequest:
             raise ValueError(
                 f"model_inputs must be callable as (rows, prompt_ids) -> model kwargs, got {self.model_inputs!r:.80}"
             )
+        if self.multimodal is not None:
+            if not isinstance(self.multimodal, MultimodalInputs):
+                raise ValueError(f"multimodal must be a MultimodalInputs, got {type(self.multimodal).__name__}")
+            if self.model_inputs is None:
+                raise ValueError("a request with `multimodal` inputs needs `model_inputs` too (for the hf engine)")
+            self.multimodal.check_prompts([len(ids) for ids in self.prompt_ids])
 
     @property
     def num_rows(self) -> int:
@@ -151,6 +165,15 @@ class GenerationResult:
             tokens[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         return tokens
 
+    def padded_logprobs(self, width: int) -> Tensor:
+        """The engine's log-probs as one [rows, width] float32 tensor on the CPU, 0 after each row's tokens."""
+        if self.logprobs is None:
+            raise ValueError("the result has no log-probs (the request did not ask for them)")
+        values = torch.zeros(len(self.token_ids), width, dtype=torch.float32)
+        for row, row_values in enumerate(self.logprobs):
+            values[row, : len(row_values)] = torch.tensor(row_values[:width], dtype=torch.float32)
+        return values
+
     def check_rows(self, request: GenerationRequest) -> None:
         """Raise unless there is one non-empty completion per requested row (never an empty rollout)."""
         if len(self.token_ids) != request.num_rows:
@@ -177,9 +200,12 @@ def weights_version(module: nn.Module) -> int:
     """A number that grows whenever any parameter is changed in place (an optimizer step, a checkpoint load).
 
     The sum of the parameters' in-place version counters: an engine holding a copy of the weights compares it
-    with the one it last synced to know whether the copy is stale.
+    with the one it last synced to know whether the copy is stale. Under FSDP2, those of the sharded parameters the
+    optimizer updates (`versioned_parameters`), the same inside and outside `gathered_weights`.
     """
-    return sum(p._version for p in module.parameters())
+    from toolkit.engines.weights import versioned_parameters
+
+    return sum(p._version for p in versioned_parameters(module))
 
 
 def weights_key(module: nn.Module) -> tuple[int, int]:
@@ -187,14 +213,26 @@ def weights_key(module: nn.Module) -> tuple[int, int]:
     return id(module), weights_version(module)
 
 
-def text_only(request: GenerationRequest, engine: str) -> None:
-    """Raise NotImplementedError naming what `engine` cannot take yet: multimodal inputs, suppressed tokens."""
-    if request.model_inputs is not None:
+def record_engine_logprobs(rollout: Rollout, result: GenerationResult, compare: bool) -> None:
+    """Keep the engine's log-probs as `rollout.data["engine_logprobs"]` [N, T]; with `compare` (old_logprobs are
+    the re-scored ones already) log their mean/max |Δ| on trained steps as the train/inference mismatch."""
+    if result.logprobs is None:
+        return
+    engine = result.padded_logprobs(rollout.old_logprobs.shape[1]).to(rollout.device)
+    rollout.data["engine_logprobs"] = engine
+    if compare:
+        gap = (rollout.old_logprobs - engine).abs()[rollout.mask]
+        empty = gap.numel() == 0
+        rollout.metrics["rollout/engine_logprob_abs_diff_mean"] = 0.0 if empty else float(gap.mean())
+        rollout.metrics["rollout/engine_logprob_abs_diff_max"] = 0.0 if empty else float(gap.max())
+
+
+def require_portable(request: GenerationRequest, engine: str) -> None:
+    """Raise NotImplementedError when a multimodal request carries only its in-process `model_inputs` callable:
+    `engine` runs elsewhere and needs the serialisable `GenerationRequest.multimodal` form."""
+    if request.model_inputs is not None and request.multimodal is None:
         raise NotImplementedError(
-            f"the {engine} engine does not take multimodal requests yet (GenerationRequest.model_inputs): "
-            "use engine 'hf' for video prompts"
-        )
-    if request.params.suppress_token_ids:
-        raise NotImplementedError(
-            f"the {engine} engine does not take SamplingParams.suppress_token_ids yet: use engine 'hf'"
+            f"the {engine} engine takes multimodal requests only with GenerationRequest.multimodal (per-prompt "
+            "tensors and how they batch); model_inputs is a callable of this process: use engine 'hf', or have "
+            "the sampler fill `multimodal` too"
         )

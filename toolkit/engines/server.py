@@ -1,19 +1,33 @@
 """The `server` rollout engine: an OpenAI-compatible `/v1/completions` endpoint that takes prompts as token ids and
 returns token ids and log-probs (`renorm serve-policy`, `vllm serve`), plus a versioned weight channel. SGLang's
-completions endpoint is not verified yet. `vllm serve` has no such weight endpoint: against it, weight_sync "none"
-serves its fixed weights (evaluation, or weights kept current by other means).
+completions endpoint is not verified yet.
 
 Weight sync ("push"): before generating, the policy's weights are sent to `POST /v1/weights` when they changed
 since the last push (after every optimizer step), as safetensors in the transfer dtype: the full state dict, or
 the LoRA adapters alone (the server keeps them unmerged). Each push gets a new version, and every completion
 request names the version it expects: a server serving another one (a restart, a lost push) answers 409 and the
-weights are pushed again. Connection failures, timeouts and 5xx are retried `max_retries` times with exponential
-backoff, then `EngineUnavailableError` names the server: a rollout is never silently empty. Simplified: one
-trainer process pushes (no multi-rank push yet), and the whole payload is one request.
+same version is sent again. With several trainer ranks (DDP, FSDP2) each rank generates its own share of rollouts
+but one push per version reaches the server: the weights are gathered once (sharded ones collectively), rank 0
+sends them and broadcasts the version or the failure (`toolkit.engines.weight_sync` states the rules). A stock
+`vllm serve` has no `/v1/weights`: weight_sync "vllm_lora" loads the LoRA adapters through its runtime LoRA
+endpoints (`toolkit.engines.vllm_lora`, which also says why full weights cannot go there), and "none" serves its
+fixed weights. Connection failures, timeouts and 5xx are retried `max_retries` times with exponential backoff,
+then `EngineUnavailableError` names the server: a rollout is never silently empty. Simplified: the whole payload
+is one request.
+
+Multimodal requests (video) carry `GenerationRequest.multimodal` in the `renorm_multimodal` field: each distinct
+tensor once, as base64 safetensors, with how each key batches (`toolkit.engines.multimodal`); the server rebuilds
+the model inputs for its own batching and acknowledges the field. Only `renorm serve-policy` serves it (vLLM's
+completions endpoint takes no multimodal token prompts): an answer without the acknowledgement is an error, never
+a text-only rollout. A request whose tensors exceed `multimodal_chunk_bytes` goes as several consecutive requests
+(chunk k seeded with seed + k: sampled tokens then differ from one `hf` call's; greedy ones do not). Suppressed
+tokens travel as `renorm_suppress_token_ids` (serve-policy sets their logits to -inf, as the `hf` engine) and as
+a `logit_bias` of -100 (the floor `vllm serve` accepts).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -23,14 +37,17 @@ import urllib.request
 import uuid
 from typing import Any, Literal, get_args
 
-from toolkit import distributed as dist
-from toolkit.engines.base import FinishReason, GenerationRequest, GenerationResult, text_only, weights_key
-from toolkit.engines.weights import TransferDtype, encode_weights, policy_weights
+from toolkit.engines.base import FinishReason, GenerationRequest, GenerationResult, require_portable
+from toolkit.engines.multimodal import WIRE_FIELD, encode_multimodal, prompt_chunks
+from toolkit.engines.vllm_lora import VLLMLoRA
+from toolkit.engines.weight_sync import RenormPush, WeightChannel
+from toolkit.engines.weights import VERSION_FIELD, TransferDtype
 from toolkit.interfaces import Policy
 
 log = logging.getLogger(__name__)
-WeightSync = Literal["push", "none"]
-VERSION_FIELD = "renorm_weights_version"
+WeightSync = Literal["push", "vllm_lora", "none"]
+SUPPRESS_FIELD = "renorm_suppress_token_ids"
+VLLM_MIN_LOGIT_BIAS = -100.0  # vLLM's OpenAI server clamps logit_bias to [-100, 100]
 TOKEN_PREFIX = "token_id:"
 _RETRYABLE_STATUS = (429, 500, 502, 503, 504)
 
@@ -50,12 +67,17 @@ class ServerEngine:
         url: the server's API root (`.../v1`).
         model: the served model name sent as "model"; None = the first id of `GET /v1/models`.
         weight_sync: "push" the policy's weights to `POST /v1/weights` whenever they changed (`renorm
-            serve-policy`); "none" for a server whose weights are kept current some other way (or a frozen one).
+            serve-policy`); "vllm_lora" load its LoRA adapters into a `vllm serve` as a new adapter per version
+            (needs `adapter_dir`); "none" for a server whose weights are kept current some other way (or frozen).
         transfer_dtype: dtype of the pushed floating weights; "policy" keeps the policy's.
         timeout_s: per HTTP request.
         max_retries: further attempts after a failed one (connection, timeout, 5xx, stale weights).
         retry_backoff_s: wait before the first retry; doubled for each next one.
         api_key_env: environment variable holding a bearer token the server requires (None: none sent).
+        multimodal_chunk_bytes: most tensor bytes of a multimodal request sent at once (more: consecutive
+            requests of whole prompts); keep it under the server's `max_multimodal_bytes`.
+        adapter_dir: "vllm_lora" only: where rank 0 writes each version's PEFT adapter folder, a directory the
+            server reads at the same path (the same machine or a shared filesystem).
     """
 
     def __init__(
@@ -68,6 +90,8 @@ class ServerEngine:
         max_retries: int = 3,
         retry_backoff_s: float = 1.0,
         api_key_env: str | None = None,
+        multimodal_chunk_bytes: int = 256 * 1024**2,
+        adapter_dir: str | None = None,
     ) -> None:
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"url must start with http:// or https://, got {url!r}")
@@ -80,6 +104,8 @@ class ServerEngine:
                 f"need timeout_s > 0, retry_backoff_s >= 0 and max_retries >= 0; got {timeout_s}, "
                 f"{retry_backoff_s}, {max_retries}"
             )
+        if multimodal_chunk_bytes < 1:
+            raise ValueError(f"multimodal_chunk_bytes must be >= 1, got {multimodal_chunk_bytes}")
         self.url = url.rstrip("/")
         self.model = model
         self.weight_sync: WeightSync = weight_sync
@@ -93,26 +119,57 @@ class ServerEngine:
         self.timeout_s = timeout_s
         self.max_retries = max_retries
         self.retry_backoff_s = retry_backoff_s
+        self.multimodal_chunk_bytes = multimodal_chunk_bytes
         self._headers = {"Content-Type": "application/json"}
         if api_key_env is not None:
             key = os.environ.get(api_key_env)
             if not key:
                 raise ValueError(f"api_key_env={api_key_env!r} names an environment variable that is not set")
             self._headers["Authorization"] = f"Bearer {key}"
-        self._session = uuid.uuid4().hex[:12]
-        self.num_pushes = 0
-        self.served_version: str | None = None  # the version this engine last pushed
-        self._pushed_local: tuple[int, int] | None = None  # the policy's weights_version at that push
+        self._sync = self._weight_channel(adapter_dir)
+
+    def _weight_channel(self, adapter_dir: str | None) -> WeightChannel | None:
+        """What keeps the server's weights current (None for weight_sync "none")."""
+        if (adapter_dir is None) == (self.weight_sync == "vllm_lora"):
+            raise ValueError(f"adapter_dir={adapter_dir!r}: it is needed by weight_sync='vllm_lora' and only there")
+        session = uuid.uuid4().hex[:12]
+        if self.weight_sync == "push":
+            return WeightChannel(RenormPush(self._post, self._headers), self.transfer_dtype, session, _Retryable)
+        if self.weight_sync == "vllm_lora":
+            assert adapter_dir is not None  # checked above
+            lora = VLLMLoRA(self.url, self._headers, adapter_dir, self.timeout_s, _Retryable)
+            return WeightChannel(lora, self.transfer_dtype, f"renorm-{session}", _Retryable)
+        return None
+
+    @property
+    def served_version(self) -> str | None:
+        """The weights version every completion request of this engine assumes (None before the first push)."""
+        return self._sync.version if self._sync is not None else None
+
+    @property
+    def num_pushes(self) -> int:
+        """Weight payloads this rank sent: new versions (rank 0) and repairs after a server lost one (any rank)."""
+        return self._sync.num_pushes if self._sync is not None else 0
 
     def generate(self, policy: Policy, request: GenerationRequest) -> GenerationResult:
         """The server's completions of `request`, after bringing its weights up to date (weight_sync "push").
 
         Raises:
             EngineUnavailableError: every attempt failed (the last error is named).
-            ValueError: the server refused the request (4xx) or answered outside the protocol.
-            NotImplementedError: a multimodal request (`model_inputs`) or suppressed tokens (not served yet).
+            ValueError: the server refused the request (4xx), answered outside the protocol, or ignored its
+                multimodal inputs.
+            NotImplementedError: a multimodal request without its serialisable `multimodal` form.
         """
-        text_only(request, "server")
+        require_portable(request, "server")
+        if request.multimodal is None:
+            return self._complete(policy, request)
+        chunks = prompt_chunks(request.multimodal, self.multimodal_chunk_bytes)
+        if len(chunks) == 1:
+            return self._complete(policy, request)
+        return merge_results([self._complete(policy, part) for part in split_request(request, chunks)])
+
+    def _complete(self, policy: Policy, request: GenerationRequest) -> GenerationResult:
+        """One completions call (after a weight push when due), retried on connection failures, 5xx and 409."""
         last: BaseException | None = None
         for attempt in range(self.max_retries + 1):
             if attempt:
@@ -137,29 +194,18 @@ class ServerEngine:
         )
 
     def sync_weights(self, policy: Policy) -> bool:
-        """Push the policy's weights when they changed since the last push; True when pushed."""
-        if self.weight_sync == "none":
-            return False
-        local = weights_key(policy.module)
-        if local == self._pushed_local:
-            return False
-        if dist.world_size() > 1:
-            raise NotImplementedError("the server engine's weight push runs in one trainer process (no multi-rank)")
-        version = f"{self._session}-{self.num_pushes + 1}"
-        weights, kind = policy_weights(policy, self.transfer_dtype)
-        body = encode_weights(weights, version, kind)
-        headers = {**self._headers, "Content-Type": "application/octet-stream"}
-        answer = self._post("/weights", body, headers)
-        if answer.get(VERSION_FIELD) != version:
-            raise ValueError(f"the server at {self.url} answered a weight push with {answer!r}, not version {version}")
-        self.num_pushes += 1
-        self.served_version, self._pushed_local = version, local
-        return True
+        """Push the policy's weights when they changed since the last push (True), or send a version the server
+        lost again. With several ranks every rank calls it at its first generate after a weights change (a
+        collective: `toolkit.engines.weight_sync`)."""
+        return self._sync.sync(policy) if self._sync is not None else False
 
     def _expects(self) -> str | None:
-        return self.served_version if self.weight_sync == "push" else None
+        return self._sync.transport.expects(self._sync.version) if self._sync is not None else None
 
     def _model_name(self) -> str:
+        adapter = self._sync.transport.model_name(self._sync.version) if self._sync is not None else None
+        if adapter is not None:
+            return adapter
         if self.model is None:
             models = self._request("GET", "/models", None, self._headers).get("data")
             if not isinstance(models, list) or not models or not isinstance(models[0], dict) or "id" not in models[0]:
@@ -181,9 +227,10 @@ class ServerEngine:
                 raw = response.read()
         except urllib.error.HTTPError as error:
             message = _error_message(error)
-            if error.code == 409:
-                self._pushed_local = None  # the server serves other weights: push again before the next attempt
-                raise _Retryable(f"409 stale weights: {message}") from error
+            lost_adapter = error.code == 404 and path == "/completions" and self.weight_sync == "vllm_lora"
+            if (error.code == 409 or lost_adapter) and self._sync is not None:
+                self._sync.mark_lost()  # the server serves other weights (a restart): send ours again, then retry
+                raise _Retryable(f"{error.code} stale weights: {message}") from error
             if error.code in _RETRYABLE_STATUS:
                 raise _Retryable(f"{method} {path}: HTTP {error.code}: {message}") from error
             raise ValueError(
@@ -229,7 +276,47 @@ def completion_body(request: GenerationRequest, model: str, version: str | None)
         body["logprobs"] = 0  # the sampled token's log-prob only
     if version is not None:
         body[VERSION_FIELD] = version
+    if params.suppress_token_ids:
+        body[SUPPRESS_FIELD] = [int(t) for t in params.suppress_token_ids]
+        body["logit_bias"] = {str(int(t)): VLLM_MIN_LOGIT_BIAS for t in params.suppress_token_ids}
+    if request.multimodal is not None:
+        body[WIRE_FIELD] = encode_multimodal(request.multimodal)
     return body
+
+
+def split_request(request: GenerationRequest, chunks: list[range]) -> list[GenerationRequest]:
+    """`request` as one request per consecutive prompt range, chunk k seeded with `request.seed + k`."""
+    assert request.multimodal is not None  # only multimodal requests are split
+    parts = []
+    for index, prompts in enumerate(chunks):
+        multimodal = request.multimodal.select(prompts)
+        parts.append(
+            dataclasses.replace(
+                request,
+                prompt_ids=request.prompt_ids[prompts.start : prompts.stop],
+                seed=request.seed + index,
+                model_inputs=multimodal.model_inputs(request.num_samples),
+                multimodal=multimodal,
+            )
+        )
+    return parts
+
+
+def merge_results(results: list[GenerationResult]) -> GenerationResult:
+    """One result of consecutive chunks' results: rows concatenated, metrics summed, the last chunk's version (a
+    re-push between chunks renames the same weights)."""
+    logprobs = None if results[0].logprobs is None else [row for r in results for row in r.logprobs or []]
+    metrics: dict[str, float] = {}
+    for result in results:
+        for name, value in result.metrics.items():
+            metrics[name] = metrics.get(name, 0.0) + value
+    return GenerationResult(
+        [ids for r in results for ids in r.token_ids],
+        [reason for r in results for reason in r.finish_reasons],
+        logprobs,
+        results[-1].weights_version,
+        metrics,
+    )
 
 
 def parse_completions(payload: dict[str, Any], request: GenerationRequest) -> GenerationResult:
@@ -250,6 +337,11 @@ def parse_completions(payload: dict[str, Any], request: GenerationRequest) -> Ge
         tokens.append(ids)
         reasons.append(reason)
         logprobs.append(values)
+    if request.multimodal is not None and not isinstance(payload.get(WIRE_FIELD), dict):
+        raise ValueError(
+            f"the server did not acknowledge {WIRE_FIELD}: it generated without the video/image inputs. "
+            "Multimodal requests need `renorm serve-policy` (vLLM's completions endpoint takes no multimodal prompts)"
+        )
     version = payload.get(VERSION_FIELD)
     result = GenerationResult(
         tokens, reasons, logprobs if request.return_logprobs else None, str(version) if version else None

@@ -6,21 +6,34 @@ calls the worker's `model.load_weights` through `LLM.collective_rpc` without pic
 next one, leaving the GPU to the update. Full fine-tuning pushes the whole state dict after every optimizer step;
 LoRA saves the adapters to a folder and serves them unmerged through a new `LoRARequest` per version.
 Simplified: one engine per process (no tensor parallelism across trainer ranks). Untested in CI (no GPU there).
+
+Multimodal requests (Qwen2-VL / Qwen2.5-VL video) go in as vLLM `multi_modal_data` of precomputed embeddings:
+{"video": {"video_embeds", "video_grid_thw", "second_per_grid_ts"}}, one entry per prompt (its G samples share
+it). Embeddings rather than frames because the sampler holds sized, normalised patches, not frames: vLLM's own
+processor would size and normalise frames again (by its own rules, maybe to another placeholder count than the
+prompt ids carry), whereas the trainer's vision tower turns the patches into exactly the embeddings its own forward
+uses, once per distinct video, and vLLM then runs only the language model (vLLM >= 0.11.1 takes embeddings only
+with `enable_mm_embeds=True`). Suppressed tokens get a -inf logit bias (before temperature and top-k/p, as HF).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from toolkit.distributed import unwrap
-from toolkit.engines.base import FinishReason, GenerationRequest, GenerationResult, text_only, weights_key
+from toolkit.engines.base import FinishReason, GenerationRequest, GenerationResult, require_portable, weights_key
+from toolkit.hf.policy import unwrap_model
 from toolkit.interfaces import Policy
+
+VIDEO_KEYS = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+POSITION_KEYS = ("mm_token_type_ids",)  # vLLM derives the mRoPE positions from the ids and the grid itself
 
 
 def require_vllm() -> Any:
@@ -50,6 +63,8 @@ class VLLMEngine:
         max_lora_rank: LoRA rank vLLM reserves for (LoRA policies only).
         enforce_eager: no CUDA graphs (faster start, slower decode).
         seed: vLLM's engine seed (each request is seeded too).
+        enable_mm_embeds: let vLLM take precomputed multimodal embeddings, as video prompts arrive (vLLM >= 0.11.1
+            refuses them without it; older releases have no such option and take them: leave it False there).
     """
 
     def __init__(
@@ -62,6 +77,7 @@ class VLLMEngine:
         max_lora_rank: int = 64,
         enforce_eager: bool = False,
         seed: int = 0,
+        enable_mm_embeds: bool = False,
     ) -> None:
         if not 0.0 < gpu_memory_utilization < 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1), got {gpu_memory_utilization}")
@@ -77,6 +93,8 @@ class VLLMEngine:
             "enforce_eager": enforce_eager,
             "seed": seed,
         }
+        if enable_mm_embeds:
+            self.options["enable_mm_embeds"] = True
         self.max_lora_rank = max_lora_rank
         self.llm: Any = None
         self._synced: tuple[int, int] | None = None
@@ -85,14 +103,21 @@ class VLLMEngine:
         self.num_syncs = 0
 
     def generate(self, policy: Policy, request: GenerationRequest) -> GenerationResult:
-        text_only(request, "vllm")  # vLLM's multi_modal_data is a later step
+        """vLLM's completions of `request` (prompt-major, `n` per prompt), after syncing the policy's weights.
+
+        Raises:
+            NotImplementedError: a multimodal request without its serialisable `multimodal` form.
+            ValueError: multimodal inputs other than a Qwen-VL video's.
+        """
+        require_portable(request, "vllm")
+        prompts = self.prompts(policy, request)
         llm = self._engine(policy)
         if self.options["enable_sleep_mode"]:
             llm.wake_up()
         try:
             self.sync_weights(policy)
             outputs = llm.generate(
-                [self._vllm.inputs.TokensPrompt(prompt_token_ids=list(ids)) for ids in request.prompt_ids],
+                prompts,
                 self._sampling_params(request),
                 use_tqdm=False,
                 lora_request=self._lora,
@@ -113,6 +138,16 @@ class VLLMEngine:
         else:
             load_weights(self.llm, _named_weights(unwrap(policy.module)))
         self._synced = local
+
+    def prompts(self, policy: Policy, request: GenerationRequest) -> list[Any]:
+        """vLLM `TokensPrompt`s of the request's prompts, each with its video as `multi_modal_data` (if any)."""
+        if request.multimodal is None:
+            return [self._vllm.inputs.TokensPrompt(prompt_token_ids=list(ids)) for ids in request.prompt_ids]
+        videos = video_data(policy, request.multimodal.prompts)
+        return [
+            self._vllm.inputs.TokensPrompt(prompt_token_ids=list(ids), multi_modal_data={"video": video})
+            for ids, video in zip(request.prompt_ids, videos, strict=True)
+        ]
 
     def _engine(self, policy: Policy) -> Any:
         if self.llm is None:
@@ -141,6 +176,7 @@ class VLLMEngine:
             include_stop_str_in_output=True,
             skip_special_tokens=False,
             logprobs=0 if request.return_logprobs else None,
+            logit_bias={int(t): float("-inf") for t in params.suppress_token_ids} or None,
         )
 
     def _save_adapters(self, module: nn.Module, version: int) -> Any:
@@ -150,6 +186,39 @@ class VLLMEngine:
         from vllm.lora.request import LoRARequest
 
         return LoRARequest(f"policy-v{version}", version, folder)
+
+
+def video_data(policy: Policy, prompts: Iterable[Mapping[str, Tensor]]) -> list[dict[str, Tensor]]:
+    """Each prompt's vLLM video entry: the trainer's vision-tower embeddings of its patches (each distinct video
+    encoded once, no grad, under the policy's autocast), its grid and its seconds per grid step.
+
+    Raises:
+        ValueError: a prompt with inputs other than a Qwen-VL video's, or a model without `get_video_features`.
+    """
+    model: Any = unwrap_model(unwrap(policy.module))
+    if not callable(getattr(model, "get_video_features", None)):
+        raise ValueError(f"{type(model).__name__} has no get_video_features: the vllm engine takes Qwen-VL video only")
+    device = next(model.parameters()).device
+    autocast = getattr(policy, "autocast_context", None)
+    encoded: dict[int, Tensor] = {}
+    entries = []
+    for index, inputs in enumerate(prompts):
+        unknown = sorted(set(inputs) - set(VIDEO_KEYS) - set(POSITION_KEYS))
+        if unknown or "pixel_values_videos" not in inputs or "video_grid_thw" not in inputs:
+            raise ValueError(
+                f"prompt {index} has inputs {sorted(inputs)}; the vllm engine takes {list(VIDEO_KEYS)} (+ token types)"
+            )
+        pixels, grid = inputs["pixel_values_videos"], inputs["video_grid_thw"]
+        if id(pixels) not in encoded:
+            context = autocast() if callable(autocast) else contextlib.nullcontext()
+            with torch.no_grad(), context:
+                out = model.get_video_features(pixels.to(device), grid.to(device), return_dict=True)
+            encoded[id(pixels)] = torch.cat(list(out.pooler_output)).cpu()  # vLLM hashes and moves it itself
+        entry = {"video_embeds": encoded[id(pixels)], "video_grid_thw": grid}
+        if "second_per_grid_ts" in inputs:
+            entry["second_per_grid_ts"] = inputs["second_per_grid_ts"]
+        entries.append(entry)
+    return entries
 
 
 def _named_weights(model: nn.Module) -> Iterable[tuple[str, Tensor]]:

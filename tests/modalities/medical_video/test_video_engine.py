@@ -1,7 +1,8 @@
 """The video sampler generates through a rollout engine: with the `hf` engine its responses are bitwise those of a
 direct HF `generate` call on the same seed (the sampler's code before the engine seam), with and without the reused
-vision embeddings and in several generate calls; the lean `hf` engine falls back to `generate`; the engines that take
-no video yet say so; the policy contract holds with an explicit `hf` engine."""
+vision embeddings and in several generate calls; the lean `hf` engine falls back to `generate`; the `server` engine
+(tested in tests/toolkit/engines) fails clearly when its server is down; the policy contract holds with an explicit
+`hf` engine."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from modalities.medical_video.synthetic import make_synthetic_medvidbench
 from modalities.medical_video.tiny import build_tiny_processor, build_tiny_qwen2_5_vl
 from tests.modalities.medical_video import test_video_policy as video_tests
 from tests.modalities.medical_video.test_video_policy import TINY_VIDEO
-from toolkit.engines import HFEngine, ServerEngine
+from toolkit.engines import EngineUnavailableError, HFEngine, ServerEngine
 from toolkit.hf.generation import left_pad, plain_generation_config, rng_devices, row_slices
 from toolkit.rollout import Rollout
 
@@ -108,9 +109,9 @@ def test_lean_engine_falls_back_to_generate_and_other_engines_refuse_video(synth
     ]
     assert torch.equal(rollouts[0].data["response_ids"], rollouts[1].data["response_ids"])
     assert torch.equal(rollouts[0].old_logprobs, rollouts[1].old_logprobs)
-    server = VideoSampler(video=TINY_VIDEO, max_new_tokens=6, engine=ServerEngine("http://127.0.0.1:9"))
-    with pytest.raises(NotImplementedError, match="server engine does not take multimodal requests"):
-        server.sample(policy, prompts, 2, torch.Generator().manual_seed(1))
+    dead = ServerEngine("http://127.0.0.1:9", max_retries=0)  # video goes to the server now: a dead one fails clearly
+    with pytest.raises(EngineUnavailableError, match="failed 1 attempts"):
+        VideoSampler(video=TINY_VIDEO, max_new_tokens=6, engine=dead).sample(policy, prompts, 2, torch.Generator())
     with pytest.raises(ValueError, match="engine"):
         VideoSampler(video=TINY_VIDEO, engine="nope")  # type: ignore[arg-type]
 

@@ -1,24 +1,36 @@
-"""One contract for every rollout engine behind SingleTurnSampler: the policy contract (shapes, ratio 1 on-policy,
-masks, gradients, seeding) passes through `hf`, `server` (renorm serve-policy on a loopback thread, weights pushed)
-and `vllm` (GPU and vLLM only); the engines' results agree with each other and with the policy's own scores."""
+"""One contract for every rollout engine behind SingleTurnSampler and VideoSampler: the policy contract (shapes,
+ratio 1 on-policy, masks, gradients, seeding) passes through `hf`, `server` (renorm serve-policy on a loopback
+thread, weights pushed; video inputs sent in `renorm_multimodal`) and `vllm` (GPU and vLLM only); the engines'
+results agree with each other and with the policy's own scores."""
 
 from __future__ import annotations
 
 import importlib.util
 import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
+from modalities.medical_video.data import load_medvidbench
+from modalities.medical_video.policy import VideoVLMPolicy
+from modalities.medical_video.sampler import VideoSampler
+from modalities.medical_video.synthetic import make_synthetic_medvidbench
+from modalities.medical_video.tiny import build_tiny_processor, build_tiny_qwen2_5_vl
 from modalities.text_agent.policy import CausalLMPolicy
 from modalities.text_agent.policy_server import PolicyServer
 from modalities.text_agent.sampler import SingleTurnSampler
+from modalities.text_agent.tools.retriever_server import serving
+from tests.modalities.medical_video import test_video_policy as video_tests
+from tests.modalities.medical_video.test_video_policy import TINY_VIDEO
 from tests.modalities.text_agent.test_text_policy import TextContract, sgd_step
 from tests.tiny import EOS_TOKEN_ID, tiny_prompts, tiny_text_policy, tiny_tokenizer
 from toolkit.engines import GenerationRequest, HFEngine, SamplingParams, ServerEngine
 from toolkit.engines.base import RolloutEngine
 from toolkit.hf.generation import left_pad
+from toolkit.rollout import Rollout
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
 
@@ -114,7 +126,14 @@ def test_engine_logprobs_are_the_policy_scores(temperature: float) -> None:
     )
 
 
-PARAMS = [{}, {"eos_token_ids": ()}, {"stop_strings": ("a",)}, {"do_sample": False}, {"top_k": 5, "top_p": 0.8}]
+PARAMS = [
+    {},
+    {"eos_token_ids": ()},
+    {"stop_strings": ("a",)},
+    {"do_sample": False},
+    {"top_k": 5, "top_p": 0.8},
+    {"suppress_token_ids": (EOS_TOKEN_ID, 5, 6)},
+]
 
 
 @pytest.mark.parametrize("params", PARAMS)
@@ -131,6 +150,9 @@ def test_server_results_equal_the_hf_engines(policy_server: PolicyServer, params
         assert set(local.finish_reasons) == {"length"}
     elif not params:  # both ways of ending occur (the tiny model samples EOS ~7% of steps)
         assert "stop" in local.finish_reasons and "length" in local.finish_reasons
+    if "suppress_token_ids" in params:  # sent as renorm_suppress_token_ids and applied exactly: never sampled
+        assert not any(t in params["suppress_token_ids"] for ids in served.token_ids for t in ids)
+        assert set(local.finish_reasons) == {"length"}
     if "stop_strings" in params:
         assert any(
             reason == "stop" and "a" in tiny_tokenizer().decode(ids)
@@ -146,11 +168,63 @@ def test_server_sampler_rollout_equals_the_hf_samplers_after_an_update(policy_se
     for step in range(2):
         rollouts = [s.sample(policy, tiny_prompts(3), 4, torch.Generator().manual_seed(step)) for s in (local, served)]
         a, b = rollouts
-        assert set(a.data) == set(b.data) and a.completions == b.completions
-        for key, value in a.data.items():
-            if isinstance(value, torch.Tensor) and key != "engine_logprobs":
-                assert torch.equal(value, b.data[key]), key
-        for name in ("old_logprobs", "mask", "lengths", "truncated", "group_ids"):
-            assert torch.equal(getattr(a, name), getattr(b, name)), name
+        assert_same_rollouts(a, b)
         assert b.metrics["engine/weight_pushed"] == 1.0  # pushed at first use and again after the update
         sgd_step(policy, a)
+
+
+def assert_same_rollouts(a: Rollout, b: Rollout) -> None:
+    """Equal rollout fields, data tensors (the engine's log-probs aside), masks, old log-probs and completions."""
+    assert set(a.data) == set(b.data) and a.completions == b.completions
+    for key, value in a.data.items():
+        if isinstance(value, torch.Tensor) and key != "engine_logprobs":
+            assert torch.equal(value, b.data[key]), key
+    for name in ("old_logprobs", "mask", "lengths", "truncated", "group_ids"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+# ------------------------------------------------------------------------------------------- the video sampler
+def video_policy(seed: int = 0) -> VideoVLMPolicy:
+    return VideoVLMPolicy(build_tiny_qwen2_5_vl(seed=seed), build_tiny_processor())
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_synthetic_medvidbench(tmp_path_factory.mktemp("medvid"), seed=0, num_videos=2, num_frames=6)
+
+
+@pytest.fixture(scope="module")
+def video_server() -> Iterator[PolicyServer]:
+    """A serve-policy thread serving a tiny Qwen2.5-VL with other weights (seed 1) until the engine pushes."""
+    with serving(PolicyServer(video_policy(seed=1), ("127.0.0.1", 0))) as server:
+        yield server
+
+
+class TestServerVideoContract(video_tests.TestVideoPolicyContract):
+    """The video policy contract with every rollout generated by serve-policy from the sampler's multimodal form."""
+
+    server: PolicyServer
+
+    @pytest.fixture(autouse=True)
+    def _server(self, video_server: PolicyServer) -> None:
+        self.server = video_server
+
+    def make_sampler(self) -> VideoSampler:
+        return VideoSampler(video=TINY_VIDEO, max_new_tokens=8, engine=ServerEngine(self.server.url, max_retries=0))
+
+
+@pytest.mark.parametrize("greedy", [False, True], ids=["sampled", "greedy"])
+def test_video_server_rollouts_equal_the_hf_engines(synthetic: Path, video_server: PolicyServer, greedy: bool) -> None:
+    """The same rollout (tokens, masks, old log-probs, data) through either engine for a seed, after an update too;
+    the server's log-probs match the hf engine's (pixels there, cached embeddings here: the same numbers on CPU)."""
+    rows = load_medvidbench(synthetic)
+    prompts, policy = [dict(rows[i]) for i in (0, 2, 9)], video_policy()
+    engines = ("hf", ServerEngine(video_server.url, max_retries=0))
+    samplers = [VideoSampler(video=TINY_VIDEO, max_new_tokens=8, do_sample=not greedy, engine=e) for e in engines]
+    for step in range(2):
+        local, served = (s.sample(policy, prompts, 2, torch.Generator().manual_seed(step)) for s in samplers)
+        assert_same_rollouts(local, served)
+        gap = (local.data["engine_logprobs"] - served.data["engine_logprobs"]).abs().max()
+        assert gap < 1e-5 and served.metrics["rollout/engine_logprob_abs_diff_max"] < 1e-5
+        assert served.metrics["engine/weight_pushed"] == 1.0  # pushed at first use and after the update
+        sgd_step(policy, local)

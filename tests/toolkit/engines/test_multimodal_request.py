@@ -1,6 +1,8 @@
 """Multimodal requests through the engines: `GenerationRequest.model_inputs` reaches the `hf` engine's `generate` per
-batch of rows (the lean loop falls back to `generate`), suppressed tokens are never sampled, and the `server` and
-`vllm` engines refuse both with NotImplementedError."""
+batch of rows (the lean loop falls back to `generate`), suppressed tokens are never sampled; the `server` and `vllm`
+engines refuse a multimodal request that has no serialisable `multimodal` form, the server body carries suppressed
+ids exactly (and as vLLM's logit bias), and the `vllm` engine's payload for the video sampler (a stand-in `LLM`:
+no GPU here) holds the trainer's own vision embeddings, grids and seconds per grid step, once per prompt."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from torch import Tensor
 from tests.tiny import EOS_TOKEN_ID, tiny_prompts, tiny_text_policy, tiny_tokenizer
 from toolkit.engines import GenerationRequest, GenerationResult, HFEngine, SamplingParams, ServerEngine, VLLMEngine
 from toolkit.engines.hf import DecodeMode
+from toolkit.engines.server import SUPPRESS_FIELD, completion_body
 
 
 def request_for(seed: int = 3, **fields: Any) -> GenerationRequest:
@@ -72,16 +75,19 @@ def test_suppressed_tokens_are_never_sampled(decode: DecodeMode) -> None:
     assert result.logprobs is not None and all(v > float("-inf") for row in result.logprobs for v in row)
 
 
-def test_server_and_vllm_refuse_multimodal_requests() -> None:
+def test_server_and_vllm_refuse_callable_only_multimodal_requests() -> None:
     multimodal = request_for(model_inputs=Recorder())
-    suppressing = request_for(params={"suppress_token_ids": (5,)})
     vllm = object.__new__(VLLMEngine)  # refuses before vLLM is needed
     server = ServerEngine("http://127.0.0.1:9", max_retries=0)  # refuses before any connection
     for name, engine in (("server", server), ("vllm", vllm)):
-        with pytest.raises(NotImplementedError, match=rf"the {name} engine .*model_inputs"):
+        with pytest.raises(NotImplementedError, match=rf"the {name} engine takes multimodal requests only with"):
             engine.generate(tiny_text_policy(), multimodal)
-        with pytest.raises(NotImplementedError, match=rf"the {name} engine .*suppress_token_ids"):
-            engine.generate(tiny_text_policy(), suppressing)
+
+
+def test_server_body_carries_suppressed_ids_exactly_and_as_vllm_logit_bias() -> None:
+    body = completion_body(request_for(params={"suppress_token_ids": (9, 5)}), "m", None)
+    assert body[SUPPRESS_FIELD] == [9, 5] and body["logit_bias"] == {"9": -100.0, "5": -100.0}
+    assert SUPPRESS_FIELD not in completion_body(request_for(), "m", None)
 
 
 def test_bad_model_inputs_and_padded_tokens() -> None:
