@@ -10,8 +10,8 @@ distribution away from the one the policy scores.
 per-token bookkeeping and `torch.multinomial` (one exponential draw per vocabulary entry) outweigh the model: a KV
 cache made once per call, finished rows tracked on the device (an "all finished?" host check every
 `stop_check_every` tokens), HF's own temperature / top-k / top-p warpers in `generate`'s order, and inverse-CDF
-sampling (one uniform per row against the cumulative softmax). On a static cache the model's attention masks are
-made once per `MASK_CHUNK` steps with transformers' `create_masks_for_generate`, not rebuilt every token. Greedy
+sampling (one uniform per row against the cumulative softmax). On a static or chunked cache the model's attention
+masks are made once per `MASK_CHUNK` steps with transformers' `create_masks_for_generate`, not every token. Greedy
 decoding is token-identical to `generate`; sampling draws from the same distribution but not the same tokens for
 a seed. Stop strings, suppressed tokens and multimodal requests (`GenerationRequest.model_inputs`, forwarded to
 the model per batch of rows) fall back to `generate`.
@@ -122,8 +122,9 @@ class HFEngine:
         generation_batch_size: rows per `generate` call (None = all rows at once).
         decode: "generate" (HF `generate`, the reference) or "lean" (the loop in this module: same greedy tokens,
             same sampling distribution, other draws; requests with stop strings still go through `generate`).
-        cache: the lean loop's KV cache: "static" (allocated once at prompt width + max_new_tokens; the faster one
-            on CPU here) or "dynamic" (grown by concatenation).
+        cache: the lean loop's KV cache: "chunked" (static blocks: room for `MASK_CHUNK` more tokens at a time,
+            doubled when full, so attention spans about the tokens so far), "static" (allocated once at prompt width
+            + max_new_tokens: every step attends over all of it) or "dynamic" (grown by concatenation every token).
         stop_check_every: the lean loop asks whether every row has ended once per this many tokens; None = every
             token on CPU (the check is free there), every 8 on accelerators (each check is a host sync; up to 7
             steps are wasted after the last row ends).
@@ -133,7 +134,7 @@ class HFEngine:
         self,
         generation_batch_size: int | None = None,
         decode: DecodeMode = "generate",
-        cache: CacheKind = "static",
+        cache: CacheKind = "chunked",
         stop_check_every: int | None = None,
     ) -> None:
         if generation_batch_size is not None and generation_batch_size < 1:

@@ -1,6 +1,6 @@
 """The `hf` engine's lean decode loop (`HFEngine(decode="lean")`, see `toolkit.engines.hf`): a KV cache made once per
 call, one prefill per distinct prompt, HF's warpers in `generate`'s order, inverse-CDF sampling, finished rows tracked
-on the device, and on a static cache the model's attention masks made once per `MASK_CHUNK` steps.
+on the device, and on a static or chunked cache the model's attention masks made once per `MASK_CHUNK` steps.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from transformers.masking_utils import create_masks_for_generate
 
 from toolkit.engines.base import FinishReason, GenerationRequest, SamplingParams
 
-CacheKind = Literal["dynamic", "static"]
-MASK_CHUNK = 64  # decode steps whose attention masks are made in one call (static cache)
+CacheKind = Literal["dynamic", "static", "chunked"]
+MASK_CHUNK = 32  # decode steps whose attention masks are made in one call (static and chunked caches)
 
 
 def sampling_warpers(params: SamplingParams) -> list[LogitsProcessor]:
@@ -56,9 +56,10 @@ def sample_rows(scores: Tensor) -> Tensor:
 
 
 def new_cache(module: nn.Module, kind: CacheKind, max_len: int) -> Any:
-    """An empty KV cache for `module`: grown by concatenation ("dynamic") or allocated at `max_len` ("static")."""
+    """An empty KV cache for `module`: grown by concatenation ("dynamic") or allocated at `max_len` ("static", and
+    "chunked", which `grown_cache` later replaces by longer ones)."""
     config: Any = module.config
-    if kind == "static":
+    if kind in ("static", "chunked"):
         return StaticCache(config=config, max_cache_len=max_len)
     return DynamicCache(config=config)
 
@@ -128,6 +129,24 @@ def step_masks(module: nn.Module, mask: Tensor, positions: Tensor, cache: Any) -
     return StepMasks(made)
 
 
+def grown_cache(module: nn.Module, cache: Any, filled: int, capacity: int) -> StaticCache:
+    """A static cache of `capacity` positions holding the first `filled` positions of `cache` (a static one)."""
+    grown = StaticCache(config=module.config, max_cache_len=capacity)
+    for index, layer in enumerate(cache.layers):
+        grown.update(layer.keys[:, :, :filled], layer.values[:, :, :filled], index)
+    return grown
+
+
+def room_for_chunk(module: nn.Module, cache: Any, width: int, step: int, budget: int) -> tuple[Any, int]:
+    """(cache, its capacity) with room for the `MASK_CHUNK` steps from `step` on: `cache` itself, or a copy with the
+    generated part doubled (at least that room, at most the budget), so there are O(log budget) copies."""
+    capacity = cache.layers[0].max_cache_len
+    if min(step - 1 + MASK_CHUNK, budget) <= capacity - width:
+        return cache, capacity
+    room = min(budget, max(step - 1 + MASK_CHUNK, 2 * (capacity - width)))
+    return grown_cache(module, cache, width + step - 1, width + room), width + room
+
+
 def lean_decode(
     module: nn.Module,
     prompt_ids: Tensor,
@@ -151,7 +170,8 @@ def lean_decode(
     budget = params.max_new_tokens
     device = prompt_ids.device
     cache_key, keeps_logits = forward_keywords(module)
-    kwargs: dict[str, Any] = {"use_cache": True, cache_key: new_cache(module, cache, width + budget)}
+    capacity = width + (min(budget, MASK_CHUNK) if cache == "chunked" else budget)
+    kwargs: dict[str, Any] = {"use_cache": True, cache_key: new_cache(module, cache, capacity)}
     if keeps_logits:
         kwargs["logits_to_keep"] = 1
     mask = torch.cat([prompt_mask.long(), torch.ones(rows, budget, dtype=torch.long, device=device)], dim=1)
@@ -170,8 +190,11 @@ def lean_decode(
         for step in range(budget):
             if step > 0:
                 token_input, position = tokens[:, step - 1 : step], positions[:, step - 1 : step]
-                if cache == "static" and (step - 1) % MASK_CHUNK == 0:
-                    masks = step_masks(module, mask, positions[:, step - 1 :][:, :MASK_CHUNK], kwargs[cache_key])
+                if cache != "dynamic" and (step - 1) % MASK_CHUNK == 0:
+                    if cache == "chunked":
+                        kwargs[cache_key], capacity = room_for_chunk(module, kwargs[cache_key], width, step, budget)
+                    chunk_positions = positions[:, step - 1 :][:, :MASK_CHUNK]
+                    masks = step_masks(module, mask[:, :capacity], chunk_positions, kwargs[cache_key])
                 output = module(
                     input_ids=token_input,
                     attention_mask=mask[:, : width + step] if masks is None else masks.at((step - 1) % MASK_CHUNK),

@@ -17,7 +17,7 @@ from tests.tiny import EOS_TOKEN_ID, tiny_prompts, tiny_text_policy, tiny_tokeni
 from toolkit.engines import GenerationRequest, GenerationResult, HFEngine, SamplingParams, lean
 from toolkit.engines.lean import sample_rows, sampling_warpers
 
-CACHES = ["dynamic", "static"]
+CACHES = ["dynamic", "static", "chunked"]
 
 
 def prompt_ids(count: int = 5) -> list[list[int]]:
@@ -54,12 +54,17 @@ def test_greedy_lean_decode_is_token_identical_to_generate(cache: str, params: d
         assert set(reference.finish_reasons) == {"stop", "length"}  # both ways of ending are exercised
 
 
+@pytest.mark.parametrize("cache", ["static", "chunked"])
 @pytest.mark.parametrize("chunk", [3, 64])
-def test_precomputed_step_masks_change_nothing(monkeypatch: pytest.MonkeyPatch, chunk: int) -> None:
-    """The static cache's decode masks made once per chunk of steps (`StepMasks`) give bitwise the same sampled
-    tokens and log-probs as the 2-D mask rebuilt every step, across chunk boundaries (chunk 3, 12 steps)."""
+def test_precomputed_step_masks_change_nothing(monkeypatch: pytest.MonkeyPatch, chunk: int, cache: str) -> None:
+    """The decode masks made once per chunk of steps (`StepMasks`) give bitwise the same sampled tokens and
+    log-probs as the 2-D mask rebuilt every step, across chunk boundaries (chunk 3, 12 steps; the chunked cache
+    grows at steps 4 and 7)."""
     policy, request = tiny_text_policy(seed=2, eos_logit=0.5), request_for(prompt_ids(), samples=3, seed=5)
-    engine = HFEngine(decode="lean", cache="static")
+    engine = HFEngine(decode="lean", cache=cache)  # type: ignore[arg-type]
+    grown: list[int] = []
+    real_grown = lean.grown_cache
+    monkeypatch.setattr(lean, "grown_cache", lambda *args: grown.append(args[-1]) or real_grown(*args))
     made: list[object] = []
     real = lean.step_masks
 
@@ -76,6 +81,11 @@ def test_precomputed_step_masks_change_nothing(monkeypatch: pytest.MonkeyPatch, 
     per_step = engine.generate(policy, request)
     assert chunked.token_ids == per_step.token_ids and chunked.logprobs == per_step.logprobs
     assert set(chunked.finish_reasons) == {"stop", "length"}
+    width = max(len(ids) for ids in prompt_ids())
+    if cache == "chunked" and chunk == 3:  # room for 3, then doubled (6, 12) when a chunk would not fit
+        assert grown[: len(grown) // 2] == [width + 6, width + 12]
+    else:
+        assert not grown
 
 
 def test_greedy_rows_do_not_depend_on_their_batch() -> None:
