@@ -173,6 +173,7 @@ class VLLMEngine:
             seed=request.seed,
             stop=list(params.stop_strings) or None,
             stop_token_ids=list(params.eos_token_ids) or None,
+            ignore_eos=True,  # stop at exactly the sampler's EOS ids (as `hf` and `server`), not the model's own too
             include_stop_str_in_output=True,
             skip_special_tokens=False,
             logprobs=0 if request.return_logprobs else None,

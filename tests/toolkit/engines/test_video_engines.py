@@ -194,6 +194,7 @@ def test_the_vllm_payload_holds_the_trainers_embeddings_once_per_prompt(prompts:
     assert isinstance(llm, StandInLLM) and llm.options["enable_mm_embeds"] is True and llm.loaded > 0
     ((sent, params),) = llm.calls
     assert params.n == 2 and params.logit_bias == {t: float("-inf") for t in policy.suppressed_token_ids}
+    assert params.ignore_eos is True and params.stop_token_ids  # exactly the sampler's EOS ids end a completion
     videos = rollout.data["videos"][::2]
     embeds = policy.video_embeddings(videos)
     assert embeds is not None and len(sent) == 3
