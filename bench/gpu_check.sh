@@ -9,6 +9,9 @@
 #                 read from the engine); only when the optional `deepspeed` extra is installed, else "skipped"
 #   memory-cuda   peak CUDA memory of token log-probs + backward at vocab 151,936 (4 x 1024 bf16 logits): the
 #                 direct fp32 formula vs toolkit.hf.logprobs (chunked), and their ratio
+#   engines-gpu   bench/engines_gpu.py (issue 22), shortened: s/step of renorm's hf, vllm (colocated) and server
+#                 (+ a `vllm serve` on loopback) engines against TRL GRPOTrainer + vLLM colocate, 128 new tokens,
+#                 1 warm-up + 2 steps each; only when vllm imports, else "skipped"; report in $OUT/engines_gpu.md
 #   memory-host   bench/logprob_memory.py (host RSS, the recorded bench), one repeat
 #   step-time     bench/onpolicy_skip.py, bench/video_embedding_reuse.py, bench/t2i_cfg_no_grad.py (CPU-time ratios,
 #                 shortened) and bench/trainer_vs_trl.py when TRL (the `bench` extra) is installed
@@ -169,6 +172,13 @@ else
 fi
 
 run_check memory-cuda 60 "$PY" "$OUT/memory_cuda.py"
+if has vllm; then
+  # Three vLLM starts (compile + CUDA graphs) dominate: ~30 s each expected on an H100 (not measured yet).
+  run_check engines-gpu 180 "$PY" bench/engines_gpu.py --sides hf vllm server trl-vllm --warmup 1 --steps 2 \
+    --max-new-tokens 128 --side-timeout 120 --out "$OUT/engines_gpu.md"
+else
+  skip_check engines-gpu "vllm not installed: pip install -e '.[vllm]'"
+fi
 run_check memory-host 90 "$PY" bench/logprob_memory.py --repeats 1 --out "$OUT/logprob_memory.md"
 run_check onpolicy-skip 60 "$PY" bench/onpolicy_skip.py --warmup 1 --steps 2 --repeats 2 --out "$OUT/onpolicy_skip.md"
 run_check video-embedding-reuse 75 "$PY" bench/video_embedding_reuse.py --warmup 1 --steps 1 --repeats 2 \
