@@ -131,7 +131,8 @@ def step_masks(module: nn.Module, mask: Tensor, positions: Tensor, cache: Any) -
 
 def grown_cache(module: nn.Module, cache: Any, filled: int, capacity: int) -> StaticCache:
     """A static cache of `capacity` positions holding the first `filled` positions of `cache` (a static one)."""
-    grown = StaticCache(config=module.config, max_cache_len=capacity)
+    config: Any = module.config
+    grown = StaticCache(config=config, max_cache_len=capacity)
     for index, layer in enumerate(cache.layers):
         grown.update(layer.keys[:, :, :filled], layer.values[:, :, :filled], index)
     return grown
