@@ -341,5 +341,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def entry() -> int:
+    """The `renorm` command (and `python -m toolkit.cli`): `main`, then the process group of a distributed run is
+    closed. In-process callers of `main` (tests, scripts that run several commands under one launch) keep theirs."""
+    try:
+        return main()
+    finally:
+        close_process_group()
+
+
+def close_process_group() -> None:
+    """Destroy the default process group of a distributed run (`accelerate launch`) before the interpreter exits:
+    left to interpreter shutdown, gloo's worker threads could be torn down while still joinable, aborting a rank
+    ("terminate called without an active exception") after a run that finished."""
+    distributed = sys.modules.get("torch.distributed")  # never imported by a core command: nothing to close
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.destroy_process_group()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

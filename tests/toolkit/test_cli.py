@@ -613,3 +613,26 @@ def test_version_comes_from_the_installed_metadata() -> None:
 def test_hydra_target_gets_a_hint(tmp_path: Path) -> None:
     result = run_cli("train", CONFIG, *FAST, f"trainer.run_dir={tmp_path}", "+normalizer._target_=x.Y")
     assert result.code == 2 and "normalizer._target_: Hydra's _target_ is spelled _component_ here" in result.err
+
+
+def test_the_renorm_command_closes_the_process_group_that_main_keeps(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`entry` (the `renorm` script, `python -m toolkit.cli`) destroys a distributed run's process group before the
+    interpreter exits; `main` leaves it to callers that run several commands under one launch."""
+    import torch.distributed as dist
+
+    from toolkit import cli
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        monkeypatch.setattr(sys, "argv", ["renorm", "--version"])
+        with pytest.raises(SystemExit):
+            cli.main()  # --version exits through argparse
+        assert dist.is_initialized()
+        monkeypatch.setattr(cli, "main", lambda: 0)
+        assert cli.entry() == 0
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
