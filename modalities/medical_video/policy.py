@@ -148,6 +148,7 @@ class VideoVLMPolicy:
         base: Any = _build_model(model, dtype, attn_implementation)
         if freeze_vision:
             vision_tower(base).requires_grad_(False)
+        shard_vision_tower_apart(base)
         if gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if self.is_lora:
@@ -263,8 +264,8 @@ class VideoVLMPolicy:
     def reuses_vision_embeddings(self) -> bool:
         """Whether forwards take precomputed video embeddings: the option is on, no vision weight trains (LoRA on
         the tower included), the model is a Qwen2-VL / Qwen2.5-VL whose forward has `mm_encoder_outputs`, and the
-        tower's weights are whole on this rank (FSDP / ZeRO-3 shards are gathered only inside the model's forward,
-        so a sharded tower keeps running there)."""
+        tower's weights are whole on this rank (a sharded tower, FSDP or ZeRO-3, keeps running inside each forward:
+        reusing its outputs there is not wired)."""
         model: Any = unwrap_model(unwrap(self.module))
         if not self.reuse_vision_embeddings or getattr(model.config, "model_type", None) not in EMBEDDING_REUSE_MODELS:
             return False
@@ -318,6 +319,17 @@ def vision_tower(model: nn.Module) -> nn.Module:
         if isinstance(visual, nn.Module):
             return visual
     raise ValueError(f"{type(model).__name__} has no `visual` tower; expected a Qwen2/2.5/3-VL model")
+
+
+def shard_vision_tower_apart(model: Any) -> None:
+    """Make the vision tower an FSDP unit of its own: accelerate's transformer auto-wrap (FSDP2) wraps the classes
+    named in the model's `_no_split_modules`, which hold the tower's blocks but not the tower.
+
+    `generate` encodes videos by calling the tower directly (`get_video_features`), outside the root forward that
+    all-gathers the root unit's weights. With the patch embedding and the merger left in the root unit, that call met
+    sharded weights (DTensors) and failed; as a unit, the tower gathers its own weights when it is called.
+    """
+    model._no_split_modules = {*(model._no_split_modules or ()), type(vision_tower(model)).__name__}
 
 
 def _is_sharded(weight: Tensor) -> bool:

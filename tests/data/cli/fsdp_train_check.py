@@ -93,6 +93,13 @@ def main() -> int:
         "engine": sharding.engine(trainer.accelerator),
         "step": trainer.global_step,
         "fsdp_units": sum(isinstance(m, FSDPModule) for m in trainer.policy.module.modules()),
+        "fsdp_unit_classes": sorted(
+            {
+                type(m).__name__.removeprefix("FSDP")
+                for m in trainer.policy.module.modules()
+                if isinstance(m, FSDPModule)
+            }
+        ),
         "reference_is_copy": reference is not trainer.policy.module,
         "reference_units": sum(isinstance(m, FSDPModule) for m in reference.modules()),
         "all_gathers_gathered_2_tokens": sampling_all_gathers(trainer, gathered=True, max_new_tokens=2),
