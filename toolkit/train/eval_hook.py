@@ -22,6 +22,7 @@ from typing import Any
 from toolkit.interfaces import MetricsReport
 from toolkit.io.atomic import write_json_atomic
 from toolkit.io.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
+from toolkit.train import sharding
 
 BEST_DIR = "best"
 BEST_FILE = "best.json"
@@ -54,14 +55,15 @@ def evaluate_during_training(trainer: Any) -> dict[str, float]:
     rng, generator = capture_rng_state(), trainer.generator.get_state()
     module.eval()
     try:
-        report = trainer.evaluator(
-            policy=trainer.policy,
-            sampler=trainer.sampler,
-            rewards=trainer.rewards,
-            data=trainer.eval_data,
-            checkpoint=None,
-            output=None,
-        )
+        with sharding.gathered_weights(trainer.accelerator, module):  # FSDP/ZeRO-3: one gather, not one per token
+            report = trainer.evaluator(
+                policy=trainer.policy,
+                sampler=trainer.sampler,
+                rewards=trainer.rewards,
+                data=trainer.eval_data,
+                checkpoint=None,
+                output=None,
+            )
     finally:
         module.train(was_training)
         restore_rng_state(rng)
