@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING, Any
 from modalities.text_agent.tools.retriever_server import BadRequest
 from toolkit.distributed import unwrap
 from toolkit.engines import GenerationRequest, SamplingParams
+from toolkit.engines.hf import model_eos_ids
 from toolkit.engines.multimodal import WIRE_FIELD, MultimodalInputs, MultimodalTooLarge, decode_multimodal
 from toolkit.engines.server import SUPPRESS_FIELD, VLLM_MIN_LOGIT_BIAS
 from toolkit.engines.weights import VERSION_FIELD
-from toolkit.hf.policy import unwrap_model
 
 if TYPE_CHECKING:
     from modalities.text_agent.policy_server import PolicyServer
@@ -105,7 +105,8 @@ def parse_completion_request(payload: Any, server: PolicyServer) -> tuple[Genera
     stop_ids = _field(payload, "stop_token_ids", list, [])
     if not all(isinstance(s, str) and s for s in stop) or not all(isinstance(t, int) for t in stop_ids):
         raise BadRequest("'stop' must be non-empty strings and 'stop_token_ids' integers")
-    model_eos = [] if _field(payload, "ignore_eos", bool, False) else _model_eos(server.policy)
+    ignore_eos = _field(payload, "ignore_eos", bool, False)
+    model_eos = [] if ignore_eos else model_eos_ids(server.policy.tokenizer, unwrap(server.policy.module))
     eos = list(dict.fromkeys([*stop_ids, *model_eos]))
     top_k = _field(payload, "top_k", int, 0)
     seed = _field(payload, "seed", int, None)
@@ -176,15 +177,3 @@ def _multimodal(payload: dict[str, Any], server: PolicyServer, prompts: list[lis
             f"{sorted(server.model_inputs)[:20]}"
         )
     return inputs
-
-
-def _model_eos(policy: Any) -> list[int]:
-    """The tokenizer's and the model's EOS ids (a completion always ends at them, as in vLLM)."""
-    values = [policy.tokenizer.eos_token_id]
-    values.append(
-        getattr(getattr(unwrap_model(unwrap(policy.module)), "generation_config", None), "eos_token_id", None)
-    )
-    ids: list[int] = []
-    for value in values:
-        ids += [value] if isinstance(value, int) else list(value or [])
-    return ids

@@ -17,7 +17,6 @@ from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
-from transformers import GenerationConfig
 
 from toolkit.distributed import unwrap
 from toolkit.engines import (
@@ -29,10 +28,10 @@ from toolkit.engines import (
     ServerEngine,
     build_engine,
 )
-from toolkit.engines.hf import generation_config
+from toolkit.engines.base import record_engine_logprobs
+from toolkit.engines.hf import model_eos_ids
 from toolkit.engines.vllm_engine import VLLMEngine
 from toolkit.hf.generation import check_sampler_options, left_pad
-from toolkit.hf.policy import unwrap_model
 from toolkit.interfaces import Policy
 from toolkit.rollout import Rollout
 
@@ -113,7 +112,6 @@ class SingleTurnSampler:
         self.eos_token_ids = None if eos_token_ids is None else [int(i) for i in eos_token_ids]
         self.max_prompt_length = max_prompt_length
         self.prompt_truncation = prompt_truncation
-        self.generation_batch_size = generation_batch_size
         self.compute_old_logprobs = compute_old_logprobs
         self.engine = build_engine(engine, generation_batch_size)
         self.engine_logprobs = engine_logprobs
@@ -154,15 +152,6 @@ class SingleTurnSampler:
             self.max_new_tokens, temperature, top_p, top_k, self.do_sample, tuple(eos), tuple(self.stop_strings), pad
         )
 
-    def _sampling_config(
-        self, policy: Policy, tokenizer: Any, model: nn.Module, temperature: float
-    ) -> tuple[GenerationConfig, list[int], int]:
-        """(HF generation config, EOS ids, pad id) from this sampler's settings, falling back to the policy's."""
-        params = self._sampling_params(policy, tokenizer, model, temperature)
-        assert params.pad_token_id is not None  # set by _sampling_params
-        eos = list(params.eos_token_ids)
-        return generation_config(params, eos, params.pad_token_id), eos, params.pad_token_id
-
     def _sequences(
         self, policy: Policy, request: GenerationRequest, result: GenerationResult
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -171,28 +160,15 @@ class SingleTurnSampler:
         pad = request.params.pad_token_id
         assert pad is not None  # set by _sampling_params
         prompt_ids, prompt_mask = left_pad(request.rows(), pad, device)
-        width = max(len(ids) for ids in result.token_ids)
-        response_ids = torch.full((len(result.token_ids), width), pad, dtype=torch.long)
-        for row, ids in enumerate(result.token_ids):
-            response_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        response_ids = result.padded_tokens(pad)
         lengths = torch.tensor([len(ids) for ids in result.token_ids], dtype=torch.long, device=device)
         finished = torch.tensor([reason == "stop" for reason in result.finish_reasons], device=device)
         return prompt_ids, prompt_mask, response_ids.to(device), lengths, finished
 
     def _record_engine_logprobs(self, rollout: Rollout, result: GenerationResult) -> None:
-        """Keep the engine's log-probs [N, T] and log their mean/max |Δ| to the re-scored old_logprobs."""
-        if result.logprobs is None:
-            return
-        engine = torch.zeros(rollout.old_logprobs.shape, dtype=torch.float32)
-        for row, values in enumerate(result.logprobs):
-            engine[row, : len(values)] = torch.tensor(values, dtype=torch.float32)
-        engine = engine.to(rollout.device)
-        rollout.data["engine_logprobs"] = engine
-        if not self.compute_old_logprobs or self.defer_old_logprobs:
-            return  # no re-scored log-probs yet to compare with
-        diff = (rollout.old_logprobs - engine).abs()[rollout.mask]
-        rollout.metrics["rollout/engine_logprob_abs_diff_mean"] = float(diff.mean()) if diff.numel() else 0.0
-        rollout.metrics["rollout/engine_logprob_abs_diff_max"] = float(diff.max()) if diff.numel() else 0.0
+        """Keep the engine's log-probs [N, T] and log their mean/max |Δ| to the re-scored old_logprobs (when there
+        are re-scored ones to compare with)."""
+        record_engine_logprobs(rollout, result, compare=self.compute_old_logprobs and not self.defer_old_logprobs)
 
     def _rescore(self, policy: Policy, rollout: Rollout) -> None:
         """old_logprobs from one no-grad forward of the policy itself: the on-policy ratio is exactly 1.
@@ -302,15 +278,7 @@ class SingleTurnSampler:
         )
 
     def _eos_ids(self, tokenizer: Any, module: nn.Module) -> list[int]:
-        if self.eos_token_ids is not None:
-            return list(self.eos_token_ids)
-        ids: list[int] = []
-        model_eos = getattr(getattr(unwrap_model(module), "generation_config", None), "eos_token_id", None)
-        for value in (tokenizer.eos_token_id, model_eos):
-            for token in [value] if isinstance(value, int) else list(value or []):
-                if token not in ids:
-                    ids.append(int(token))
-        return ids
+        return model_eos_ids(tokenizer, module) if self.eos_token_ids is None else list(self.eos_token_ids)
 
 
 def _as_prompt_dict(prompt: Any) -> dict[str, Any]:

@@ -24,11 +24,9 @@ from modalities.text_agent.sampler import (
     SingleTurnSampler,
     _prompt_key,
     _row_labels,
-    left_pad,
 )
 from modalities.text_agent.tool_loop import (
     ANSWER,
-    Tool,
     ToolRequest,
     Trajectory,
     action_pattern,
@@ -40,9 +38,11 @@ from modalities.text_agent.tool_loop import (
     run_tools,
     tool_table,
 )
+from modalities.text_agent.tools.base import Tool
 from toolkit.distributed import unwrap
 from toolkit.engines import EngineName, GenerationRequest, GenerationResult, HFEngine, SamplingParams, ServerEngine
 from toolkit.engines.vllm_engine import VLLMEngine
+from toolkit.hf.generation import left_pad
 from toolkit.interfaces import Policy
 from toolkit.rollout import Rollout
 

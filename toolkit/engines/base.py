@@ -227,6 +227,20 @@ def record_engine_logprobs(rollout: Rollout, result: GenerationResult, compare: 
         rollout.metrics["rollout/engine_logprob_abs_diff_max"] = 0.0 if empty else float(gap.max())
 
 
+def cut_at_ends(
+    tokens: list[list[int]], values: list[list[float]] | None, ends: list[int], budget: int
+) -> tuple[list[list[int]], list[FinishReason], list[list[float]]]:
+    """Rows decoded to a common width, cut where each ended: (tokens, finish reasons, log-probs; [] without `values`).
+
+    `ends[i]` is the step whose token ended row i (kept), -1 when it never ended: it then ran the whole `budget`.
+    """
+    lengths = [end + 1 if end >= 0 else budget for end in ends]
+    reasons: list[FinishReason] = ["stop" if end >= 0 else "length" for end in ends]
+    kept = [ids[:n] for ids, n in zip(tokens, lengths, strict=True)]
+    logprobs = [] if values is None else [row[:n] for row, n in zip(values, lengths, strict=True)]
+    return kept, reasons, logprobs
+
+
 def require_portable(request: GenerationRequest, engine: str) -> None:
     """Raise NotImplementedError when a multimodal request carries only its in-process `model_inputs` callable:
     `engine` runs elsewhere and needs the serialisable `GenerationRequest.multimodal` form."""

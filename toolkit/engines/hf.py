@@ -34,10 +34,10 @@ from transformers import (
 )
 
 from toolkit.distributed import unwrap
-from toolkit.engines.base import FinishReason, GenerationRequest, GenerationResult, SamplingParams
+from toolkit.engines.base import FinishReason, GenerationRequest, GenerationResult, SamplingParams, cut_at_ends
 from toolkit.engines.lean import CacheKind, lean_decode
 from toolkit.hf.generation import left_pad, plain_generation_config, rng_devices, row_slices
-from toolkit.hf.policy import check_choice
+from toolkit.hf.policy import check_choice, unwrap_model
 from toolkit.interfaces import Policy
 
 
@@ -88,7 +88,7 @@ class TokenLogprobRecorder(LogitsProcessor, StoppingCriteria):
 DecodeMode = Literal["generate", "lean"]
 
 
-def generation_config(params: SamplingParams, eos: list[int], pad: int) -> GenerationConfig:
+def generation_config(params: SamplingParams, pad: int) -> GenerationConfig:
     """The HF GenerationConfig of `params` (only what is set here: no checkpoint defaults)."""
     sampling: dict[str, Any] = {}
     if params.do_sample:
@@ -97,11 +97,22 @@ def generation_config(params: SamplingParams, eos: list[int], pad: int) -> Gener
         suppress_tokens=list(params.suppress_token_ids) or None,
         do_sample=params.do_sample,
         max_new_tokens=params.max_new_tokens,
-        eos_token_id=eos or None,
+        eos_token_id=list(params.eos_token_ids) or None,
         pad_token_id=pad,
         use_cache=True,
         **sampling,
     )
+
+
+def model_eos_ids(tokenizer: Any, module: nn.Module) -> list[int]:
+    """The tokenizer's EOS id then the model's `generation_config.eos_token_id` (an int or a list), without repeats."""
+    model_eos = getattr(getattr(unwrap_model(module), "generation_config", None), "eos_token_id", None)
+    ids: list[int] = []
+    for value in (tokenizer.eos_token_id, model_eos):
+        for token in [value] if isinstance(value, int) else list(value or []):
+            if int(token) not in ids:
+                ids.append(int(token))
+    return ids
 
 
 def pad_id(params: SamplingParams, tokenizer: Any) -> int:
@@ -113,6 +124,15 @@ def pad_id(params: SamplingParams, tokenizer: Any) -> int:
     if params.eos_token_ids:
         return params.eos_token_ids[0]
     raise ValueError("no pad id: set SamplingParams.pad_token_id, a tokenizer pad token or an eos token")
+
+
+def stop_criterion(params: SamplingParams, tokenizer: Any) -> StopStringCriteria | None:
+    """HF's criterion for `params.stop_strings` (None without any); it needs the policy's tokenizer."""
+    if not params.stop_strings:
+        return None
+    if tokenizer is None:
+        raise ValueError("stop_strings need a policy with a tokenizer")
+    return StopStringCriteria(tokenizer=tokenizer, stop_strings=list(params.stop_strings))
 
 
 class HFEngine:
@@ -155,16 +175,14 @@ class HFEngine:
         params = request.params
         tokenizer = getattr(policy, "tokenizer", None)
         pad = pad_id(params, tokenizer)
-        stop = None
-        if params.stop_strings:
-            if tokenizer is None:
-                raise ValueError("stop_strings need a policy with a tokenizer")
-            stop = StopStringCriteria(tokenizer=tokenizer, stop_strings=list(params.stop_strings))
+        stop = stop_criterion(params, tokenizer)
         rows = request.rows()
         prompt_ids, prompt_mask = left_pad(rows, pad, device)
         eos = torch.tensor(list(params.eos_token_ids), dtype=torch.long, device=device)
-        config = generation_config(params, list(params.eos_token_ids), pad)
+        config = generation_config(params, pad)
         autocast = getattr(policy, "autocast_context", contextlib.nullcontext)
+        lean = self._lean_applies(module, request, stop)
+        check_every = self.stop_check_every or (1 if device.type == "cpu" else 8)
         tokens: list[list[int]] = []
         reasons: list[FinishReason] = []
         logprobs: list[list[float]] = []
@@ -175,35 +193,27 @@ class HFEngine:
             plain_generation_config(module),
         ):
             torch.manual_seed(request.seed)
-            lean = (
-                self.decode == "lean"
-                and stop is None
-                and request.model_inputs is None
-                and not params.suppress_token_ids
-                and not module.config.is_encoder_decoder  # type: ignore[union-attr]
-            )
-            check_every = self.stop_check_every or (1 if device.type == "cpu" else 8)
             for part in row_slices(len(rows), self.generation_batch_size or len(rows)):
+                ids, mask = prompt_ids[part], prompt_mask[part]
                 if lean:
-                    out = lean_decode(
-                        module,
-                        prompt_ids[part],
-                        prompt_mask[part],
-                        eos,
-                        pad,
-                        request,
-                        self.cache,
-                        check_every,
-                    )
+                    out = lean_decode(module, ids, mask, eos, pad, request, self.cache, check_every)
                 else:
-                    extra = {} if request.model_inputs is None else dict(request.model_inputs(part, prompt_ids[part]))
-                    out = self._generate_part(
-                        module, config, prompt_ids[part], prompt_mask[part], eos, stop, request, extra
-                    )
+                    extra = {} if request.model_inputs is None else dict(request.model_inputs(part, ids))
+                    out = self._generate_part(module, config, ids, mask, eos, stop, request, extra)
                 tokens += out[0]
                 reasons += out[1]
                 logprobs += out[2]
         return GenerationResult(tokens, reasons, logprobs if request.return_logprobs else None)
+
+    def _lean_applies(self, module: nn.Module, request: GenerationRequest, stop: StopStringCriteria | None) -> bool:
+        """Whether `request` runs the lean loop: asked for, and nothing only `generate` handles (see the module)."""
+        return (
+            self.decode == "lean"
+            and stop is None
+            and request.model_inputs is None
+            and not request.params.suppress_token_ids
+            and not module.config.is_encoder_decoder  # type: ignore[union-attr]
+        )
 
     @staticmethod
     def _generate_part(
@@ -234,13 +244,6 @@ class HFEngine:
             **model_inputs,
         )
         response = output[:, prompt_ids.shape[1] :].tolist()
-        ends = tracker.ends.tolist()
+        values = None if recorder is None else torch.stack(recorder.values, dim=1).tolist()
         # A row that never stopped ran the whole budget (its batch kept generating until max_new_tokens).
-        lengths = [end + 1 if end >= 0 else request.params.max_new_tokens for end in ends]
-        reasons: list[FinishReason] = ["stop" if end >= 0 else "length" for end in ends]
-        tokens = [ids[:n] for ids, n in zip(response, lengths, strict=True)]
-        values: list[list[float]] = []
-        if recorder is not None:
-            steps = torch.stack(recorder.values, dim=1).tolist()
-            values = [row[:n] for row, n in zip(steps, lengths, strict=True)]
-        return tokens, reasons, values
+        return cut_at_ends(response, values, tracker.ends.tolist(), request.params.max_new_tokens)

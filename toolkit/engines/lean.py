@@ -21,7 +21,7 @@ from transformers import (
 )
 from transformers.masking_utils import create_masks_for_generate
 
-from toolkit.engines.base import FinishReason, GenerationRequest, SamplingParams
+from toolkit.engines.base import FinishReason, GenerationRequest, SamplingParams, cut_at_ends
 
 CacheKind = Literal["dynamic", "static", "chunked"]
 MASK_CHUNK = 32  # decode steps whose attention masks are made in one call (static and chunked caches)
@@ -148,6 +148,50 @@ def room_for_chunk(module: nn.Module, cache: Any, width: int, step: int, budget:
     return grown_cache(module, cache, width + step - 1, width + room), width + room
 
 
+class StepForward:
+    """The decode forwards of left-padded prompts (`prompt_mask` [n, width]) for `budget` tokens: the KV cache (in
+    `kwargs`, under the name `module.forward` takes it), the positions and the 2-D padding mask [n, width + budget] of
+    `generate`, and on a static or chunked cache the step masks made once per `MASK_CHUNK` steps (the chunked cache
+    first growing when the chunk would not fit)."""
+
+    def __init__(self, module: nn.Module, cache: CacheKind, prompt_mask: Tensor, budget: int) -> None:
+        rows, self.width = prompt_mask.shape
+        self.module, self.cache = module, cache
+        self.cache_key, keeps_logits = forward_keywords(module)
+        self.capacity = self.width + (min(budget, MASK_CHUNK) if cache == "chunked" else budget)
+        self.kwargs: dict[str, Any] = {"use_cache": True, self.cache_key: new_cache(module, cache, self.capacity)}
+        if keeps_logits:
+            self.kwargs["logits_to_keep"] = 1
+        ones = torch.ones(rows, budget, dtype=torch.long, device=prompt_mask.device)
+        self.mask = torch.cat([prompt_mask.long(), ones], dim=1)
+        self.prompt_positions = (prompt_mask.long().cumsum(-1) - 1).clamp_(min=0)
+        self.positions = self.prompt_positions[:, -1:] + torch.arange(1, budget + 1, device=prompt_mask.device)
+        self.masks: StepMasks | None = None
+
+    def prefill(self, prompt_ids: Tensor, prompt_mask: Tensor) -> Tensor:
+        """The logits [n, V] after each row's last prompt token (`prefill` into this decode's cache)."""
+        return prefill(self.module, prompt_ids, prompt_mask, self.prompt_positions, **self.kwargs)
+
+    def __call__(self, tokens: Tensor, step: int) -> Tensor:
+        """The logits [n, V] after feeding `tokens[:, step - 1]` [n, budget] (step >= 1)."""
+        if self.cache != "dynamic" and (step - 1) % MASK_CHUNK == 0:
+            if self.cache == "chunked":
+                budget = self.positions.shape[1]
+                grown = room_for_chunk(self.module, self.kwargs[self.cache_key], self.width, step, budget)
+                self.kwargs[self.cache_key], self.capacity = grown
+            chunk_positions = self.positions[:, step - 1 :][:, :MASK_CHUNK]
+            cache = self.kwargs[self.cache_key]
+            self.masks = step_masks(self.module, self.mask[:, : self.capacity], chunk_positions, cache)
+        masks = self.mask[:, : self.width + step] if self.masks is None else self.masks.at((step - 1) % MASK_CHUNK)
+        output = self.module(
+            input_ids=tokens[:, step - 1 : step],
+            attention_mask=masks,
+            position_ids=self.positions[:, step - 1 : step],
+            **self.kwargs,
+        )
+        return output.logits[:, -1]  # type: ignore[no-any-return]
+
+
 def lean_decode(
     module: nn.Module,
     prompt_ids: Tensor,
@@ -167,17 +211,10 @@ def lean_decode(
     DeepSpeed hooks may keep tensors made during the forward, and only `no_grad` (the caller's) applies.
     """
     params = request.params
-    rows, width = prompt_ids.shape
+    rows = prompt_ids.shape[0]
     budget = params.max_new_tokens
     device = prompt_ids.device
-    cache_key, keeps_logits = forward_keywords(module)
-    capacity = width + (min(budget, MASK_CHUNK) if cache == "chunked" else budget)
-    kwargs: dict[str, Any] = {"use_cache": True, cache_key: new_cache(module, cache, capacity)}
-    if keeps_logits:
-        kwargs["logits_to_keep"] = 1
-    mask = torch.cat([prompt_mask.long(), torch.ones(rows, budget, dtype=torch.long, device=device)], dim=1)
-    prompt_positions = (prompt_mask.long().cumsum(-1) - 1).clamp_(min=0)
-    positions = prompt_positions[:, -1:] + torch.arange(1, budget + 1, device=device)  # [n, budget]
+    forward = StepForward(module, cache, prompt_mask, budget)
     warpers = sampling_warpers(params)
     temperature = params.temperature if params.do_sample else 1.0
     tokens = torch.full((rows, budget), pad, dtype=torch.long, device=device)
@@ -185,25 +222,10 @@ def lean_decode(
     ends = torch.full((rows,), -1, dtype=torch.long, device=device)
     pad_token = torch.tensor(pad, dtype=torch.long, device=device)
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    masks: StepMasks | None = None
     with torch.inference_mode(not distributed):
-        logits = prefill(module, prompt_ids, prompt_mask, prompt_positions, **kwargs)
+        logits = forward.prefill(prompt_ids, prompt_mask)
         for step in range(budget):
-            if step > 0:
-                token_input, position = tokens[:, step - 1 : step], positions[:, step - 1 : step]
-                if cache != "dynamic" and (step - 1) % MASK_CHUNK == 0:
-                    if cache == "chunked":
-                        kwargs[cache_key], capacity = room_for_chunk(module, kwargs[cache_key], width, step, budget)
-                    chunk_positions = positions[:, step - 1 :][:, :MASK_CHUNK]
-                    masks = step_masks(module, mask[:, :capacity], chunk_positions, kwargs[cache_key])
-                output = module(
-                    input_ids=token_input,
-                    attention_mask=mask[:, : width + step] if masks is None else masks.at((step - 1) % MASK_CHUNK),
-                    position_ids=position,
-                    **kwargs,
-                )
-                logits = output.logits[:, -1]
-            logits = logits.float()
+            logits = (logits if step == 0 else forward(tokens, step)).float()
             scores = logits
             for warper in warpers:
                 scores = warper(prompt_ids, scores)
@@ -216,11 +238,4 @@ def lean_decode(
                 ends.masked_fill_(running & torch.isin(token, eos), step)
                 if (step + 1) % stop_check_every == 0 and bool((ends >= 0).all()):
                     break
-    ends_list = ends.tolist()
-    lengths = [end + 1 if end >= 0 else budget for end in ends_list]
-    reasons: list[FinishReason] = ["stop" if end >= 0 else "length" for end in ends_list]
-    token_ids = [ids[:n] for ids, n in zip(tokens.tolist(), lengths, strict=True)]
-    logprobs: list[list[float]] = []
-    if request.return_logprobs:
-        logprobs = [row[:n] for row, n in zip(values.tolist(), lengths, strict=True)]
-    return token_ids, reasons, logprobs
+    return cut_at_ends(tokens.tolist(), values.tolist() if request.return_logprobs else None, ends.tolist(), budget)

@@ -30,7 +30,7 @@ from collections.abc import Iterator, Sized
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, TypeVar
 
 from modalities.text_agent.tools.corpus import Retriever, SearchHit
 
@@ -389,9 +389,12 @@ def serve_until_interrupted(server: ThreadingHTTPServer, banner: str) -> int:
     return 0
 
 
+ServerT = TypeVar("ServerT", bound=ThreadingHTTPServer)
+
+
 @contextmanager
-def serving(server: RetrieverServer, poll_interval: float = 0.05) -> Iterator[RetrieverServer]:
-    """Run `server` on a daemon thread for the `with` block, then shut it down and close it."""
+def serving(server: ServerT, poll_interval: float = 0.05) -> Iterator[ServerT]:
+    """Run `server` (this module's or serve-policy's) on a daemon thread for the `with` block, then shut it down."""
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": poll_interval}, daemon=True)
     thread.start()
     try:

@@ -76,7 +76,8 @@ def test_precomputed_step_masks_change_nothing(monkeypatch: pytest.MonkeyPatch, 
     monkeypatch.setattr(lean, "step_masks", recording)
     chunked = engine.generate(policy, request)
     assert made and all(m is not None for m in made)  # the fast path ran (Qwen2 + sdpa gives plain mask tensors)
-    assert len(made) == (4 if chunk == 3 else 1)  # steps 1-11 need masks: chunks start at steps 1, 4, 7, 10
+    decode_steps = request.params.max_new_tokens - 1  # steps 1-11 need masks: chunks start at steps 1, 4, 7, 10
+    assert len(made) == -(-decode_steps // chunk)
     monkeypatch.setattr(lean, "step_masks", lambda *args: None)
     per_step = engine.generate(policy, request)
     assert chunked.token_ids == per_step.token_ids and chunked.logprobs == per_step.logprobs
@@ -104,9 +105,9 @@ def test_identical_prompts_are_prefilled_once() -> None:
     policy.module.register_forward_pre_hook(
         lambda module, args, kwargs: widths.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
     )
-    engine = HFEngine(decode="lean")
-    engine.generate(policy, request_for(prompt_ids(3), samples=4, do_sample=False, eos_token_ids=()))
-    assert widths[0] == (3, 19) and set(widths[1:]) == {(12, 1)}
+    engine, prompts, samples = HFEngine(decode="lean"), prompt_ids(3), 4
+    engine.generate(policy, request_for(prompts, samples=samples, do_sample=False, eos_token_ids=()))
+    assert widths[0] == (len(prompts), max(map(len, prompts))) and set(widths[1:]) == {(len(prompts) * samples, 1)}
     widths.clear()
     request = request_for([[50, 60], [60]], samples=3, do_sample=False, pad_token_id=50)
     assert_same(engine.generate(policy, request), HFEngine().generate(policy, request))
