@@ -102,12 +102,13 @@ def _blocks(num_rows: int, num_steps: int, chunk_rows: int) -> list[tuple[slice,
 
 
 def _scaled(block: Tensor, temperature: float, suppressed: Tensor | None) -> Tensor:
-    """fp32 logits / temperature of one block, suppressed ids at -inf (exactly the direct formula's ops)."""
+    """fp32 logits / temperature of one block, suppressed ids at -inf (exactly the direct formula's ops).
+
+    fp32 logits at temperature 1 with nothing suppressed come back as `block` itself: callers only read it.
+    """
     scaled = block.float()
     if temperature != 1.0:  # x / 1.0 == x exactly: skip a full pass (and a copy of fp32 logits)
         scaled = scaled / temperature
-    elif scaled is block and suppressed is None:
-        return scaled  # the logits themselves: read-only below
     return scaled if suppressed is None else scaled.index_fill(-1, suppressed, -torch.inf)
 
 

@@ -17,6 +17,7 @@ from rewards.base import RewardModel
 from toolkit import distributed as dist
 from toolkit.interfaces import DataSource, Normalizer, Policy, RewardTransform, Stateful, TrainableStatePolicy
 from toolkit.io.checkpoint import CheckpointState, capture_rng_state, restore_rng_state
+from toolkit.io.export import POLICY_STATE
 from toolkit.io.redaction import redact
 from toolkit.train import sharding
 from toolkit.train.config_drift import apply_new_hyperparameters
@@ -35,7 +36,7 @@ def stateful_parts(
     # A policy or reward model may carry state beyond the trained weights (an EMA copy, a discriminator
     # that trains itself with its own optimizer): checkpointed when it is Stateful.
     # nn.Module reward models (a frozen CLIP scorer) are skipped: their weights are not training state.
-    extra = [("policy_state", policy)] + [(f"reward/{name}", model) for name, model in rewards.items()]
+    extra = [(POLICY_STATE, policy)] + [(f"reward/{name}", model) for name, model in rewards.items()]
     parts += [(name, part) for name, part in extra if not isinstance(part, torch.nn.Module)]
     parts += [(f"transform{i}", t) for i, t in enumerate(transforms)]
     return [(name, part) for name, part in parts if isinstance(part, Stateful)]

@@ -16,7 +16,7 @@ import os
 import shutil
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -56,15 +56,10 @@ def counted_all_gathers() -> Iterator[list[int]]:
 def sampling_all_gathers(trainer: Any, gathered: bool, max_new_tokens: int) -> int:
     trainer.sampler.max_new_tokens = max_new_tokens
     prompts = trainer.local_prompts()
-    context = sharding.gathered_weights(trainer.accelerator, trainer.policy.module) if gathered else _nothing()
+    context = sharding.gathered_weights(trainer.accelerator, trainer.policy.module) if gathered else nullcontext()
     with counted_all_gathers() as calls, torch.no_grad(), context:
         trainer.sampler.sample(trainer.policy, prompts, trainer.config.group_size, torch.Generator().manual_seed(0))
     return calls[0]
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
 
 
 def simulate_kill(run_dir: Path) -> Path:

@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[3]
 CONFIG = ROOT / "configs" / "demo" / "tiny_grpo.yaml"
 LETTERS = ROOT / "data" / "demo" / "letters.jsonl"
 ACCELERATE = Path(sys.executable).with_name("accelerate")
+WORKER = ROOT / "tests" / "data" / "cli" / "fsdp_train_check.py"
 OVERRIDES = [
     f"data.path={LETTERS}",
     "sampler.max_new_tokens=3",
@@ -52,21 +53,21 @@ def launch(config: str, *args: str) -> None:
     assert done.returncode == 0, output[-4000:]
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("fsdp")
+def ddp_and_fsdp_runs(root: Path, train: list[str]) -> dict[str, Any]:
+    """Two launches of the `train` command from the same seed into `root`: 2-rank DDP (2 steps, a checkpoint each)
+    and 2-rank FSDP through WORKER (the same, then its copy killed after step 1 and resumed). Returns the run
+    directories ("ddp", "fsdp", "killed") and the FSDP ranks' "reports" (rank order)."""
     ddp, fsdp = root / "ddp", root / "fsdp"
-    train = ["train", str(CONFIG), *OVERRIDES]
     two_steps = ["trainer.num_steps=2", "trainer.save_every=1"]
     launch("cpu_ddp.yaml", "-m", "toolkit.cli", *train, f"trainer.run_dir={ddp}", *two_steps)
-    launch("cpu_fsdp.yaml", str(ROOT / "tests" / "data" / "cli" / "fsdp_train_check.py"), str(fsdp), *train)
-    return {"ddp": ddp, "fsdp": fsdp, "killed": fsdp.with_name("fsdp-killed")}
+    launch("cpu_fsdp.yaml", str(WORKER), str(fsdp), *train)
+    reports = [json.loads(path.read_text()) for path in sorted(root.glob("fsdp-report-rank*.json"))]
+    return {"ddp": ddp, "fsdp": fsdp, "killed": root / "fsdp-killed", "reports": reports}
 
 
-def reports(runs: dict[str, Path]) -> list[dict[str, Any]]:
-    """The helper's per-rank reports (rank order)."""
-    found = sorted(runs["fsdp"].parent.glob("fsdp-report-rank*.json"))
-    return [json.loads(path.read_text()) for path in found]
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return ddp_and_fsdp_runs(tmp_path_factory.mktemp("fsdp"), ["train", str(CONFIG), *OVERRIDES])
 
 
 def weights(run: Path, step: str) -> dict[str, torch.Tensor]:
@@ -74,8 +75,8 @@ def weights(run: Path, step: str) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.integration
-def test_fsdp_training_matches_ddp(runs: dict[str, Path]) -> None:
-    seen = [(r["rank"], r["world_size"], r["engine"], r["step"]) for r in reports(runs)]
+def test_fsdp_training_matches_ddp(runs: dict[str, Any]) -> None:
+    seen = [(r["rank"], r["world_size"], r["engine"], r["step"]) for r in runs["reports"]]
     assert seen == [(0, 2, "fsdp", 2), (1, 2, "fsdp", 2)]
     for step in (STEP_1, STEP_2):
         ddp, fsdp = weights(runs["ddp"], step), weights(runs["fsdp"], step)
@@ -87,7 +88,7 @@ def test_fsdp_training_matches_ddp(runs: dict[str, Path]) -> None:
 
 
 @pytest.mark.integration
-def test_fsdp_resume_after_a_kill_is_exact(runs: dict[str, Path]) -> None:
+def test_fsdp_resume_after_a_kill_is_exact(runs: dict[str, Any]) -> None:
     uninterrupted, resumed = weights(runs["fsdp"], STEP_2), weights(runs["killed"], STEP_2)
     assert all(torch.equal(uninterrupted[k], resumed[k]) for k in uninterrupted)
     lines = (runs["killed"] / "metrics.jsonl").read_text().splitlines()
@@ -95,8 +96,8 @@ def test_fsdp_resume_after_a_kill_is_exact(runs: dict[str, Path]) -> None:
 
 
 @pytest.mark.integration
-def test_fsdp_shards_the_reference_and_gathers_once_per_sampling_call(runs: dict[str, Path]) -> None:
-    for report in reports(runs):
+def test_fsdp_shards_the_reference_and_gathers_once_per_sampling_call(runs: dict[str, Any]) -> None:
+    for report in runs["reports"]:
         assert report["fsdp_units"] >= 3, report  # decoder layers + embeddings/head + root
         assert report["reference_is_copy"] and report["reference_units"] == report["fsdp_units"], report
         # At most one all-gather per unit for a whole sampling call, however many tokens; without the context
@@ -107,7 +108,7 @@ def test_fsdp_shards_the_reference_and_gathers_once_per_sampling_call(runs: dict
 
 
 @pytest.mark.integration
-def test_fsdp_checkpoint_is_verified_shard_by_shard_and_exports(runs: dict[str, Path], tmp_path: Path) -> None:
+def test_fsdp_checkpoint_is_verified_shard_by_shard_and_exports(runs: dict[str, Any], tmp_path: Path) -> None:
     checkpoint = tmp_path / "step_00000002"
     shutil.copytree(runs["fsdp"] / STEP_2, checkpoint)
     names = set(read_manifest(checkpoint)["files"])

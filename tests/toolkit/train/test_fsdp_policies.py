@@ -20,13 +20,11 @@ from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from tests.toolkit.train.test_fsdp import launch
-from toolkit.io.checkpoint import MODEL_FILE, read_manifest
+from tests.toolkit.train.test_fsdp import ddp_and_fsdp_runs, weights
+from toolkit.io.checkpoint import read_manifest
 
 ROOT = Path(__file__).resolve().parents[3]
-WORKER = ROOT / "tests" / "data" / "cli" / "fsdp_train_check.py"
 STEPS = ("checkpoints/step_00000001", "checkpoints/step_00000002")
 COMMON = ["trainer.prompts_per_step=2", "trainer.group_size=2", "trainer.progress=false", "trainer.keep_last=3"]
 CONFIGS: dict[str, tuple[str, list[str]]] = {
@@ -52,25 +50,8 @@ COMPARED = ("loss/policy", "loss/kl", "loss/entropy", "optim/grad_norm")
 def runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     name: str = request.param
     config, overrides = CONFIGS[name]
-    root = tmp_path_factory.mktemp(f"fsdp-{name}")
-    ddp, fsdp = root / "ddp", root / "fsdp"
     train = ["train", str(ROOT / config), *COMMON, *overrides]
-    launch(
-        "cpu_ddp.yaml",
-        "-m",
-        "toolkit.cli",
-        *train,
-        f"trainer.run_dir={ddp}",
-        "trainer.num_steps=2",
-        "trainer.save_every=1",
-    )
-    launch("cpu_fsdp.yaml", str(WORKER), str(fsdp), *train)  # 2 steps, a checkpoint each, then the killed copy
-    reports = [json.loads(path.read_text()) for path in sorted(root.glob("fsdp-report-rank*.json"))]
-    return {"name": name, "ddp": ddp, "fsdp": fsdp, "killed": root / "fsdp-killed", "reports": reports}
-
-
-def weights(run: Path, step: str) -> dict[str, torch.Tensor]:
-    return load_file(str(run / step / MODEL_FILE))
+    return {"name": name, **ddp_and_fsdp_runs(tmp_path_factory.mktemp(f"fsdp-{name}"), train)}
 
 
 def metrics(run: Path) -> list[dict[str, Any]]:

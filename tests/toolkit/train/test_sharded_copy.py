@@ -67,8 +67,16 @@ def test_clone_into_names_a_missing_or_misshapen_tensor() -> None:
         clone_into(meta_copy(model), {**sources, "scale": torch.zeros(5)})
 
 
-def test_no_fsdp_is_pending_without_an_fsdp_accelerator() -> None:
+def test_fsdp_is_pending_only_once_an_fsdp_accelerator_state_exists(monkeypatch: pytest.MonkeyPatch) -> None:
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
     assert not fsdp_pending()
+    state = AcceleratorState._shared_state
+    monkeypatch.setitem(state, "distributed_type", DistributedType.MULTI_CPU)  # DDP on CPUs
+    assert not fsdp_pending()
+    monkeypatch.setitem(state, "distributed_type", DistributedType.FSDP)  # what an FSDP launch's Accelerator leaves
+    assert fsdp_pending()
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
