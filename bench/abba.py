@@ -1,9 +1,9 @@
 """ABBA-interleaved CPU timing for the side-by-side benches: two sides alternate in blocks of steps in one process.
 
-A step's cost is the process CPU time it took (one torch thread keeps it steady on a shared machine); the paired
-ratio compares each side's block with the other side's block of the same index, run back to back, so a slow drift
-of the machine's load cancels. Also what the benches' markdown reports share: `Report` (head, tables, notes),
-"median / min" cells and `publish`.
+A step's cost is the process CPU time it took (one torch thread keeps it steady on a shared machine), or its wall
+time where a side works in another process; the paired ratio compares each side's block with the other side's block
+of the same index, run back to back, so a slow drift of the machine's load cancels. Also what the benches' markdown
+reports share: `Report` (head, tables, notes), "median / min" cells and `publish`.
 """
 
 from __future__ import annotations
@@ -13,32 +13,46 @@ import datetime
 import platform
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+
+CLOCKS: dict[str, Callable[[], float]] = {"cpu_s": time.process_time, "wall_s": time.perf_counter}
 
 
 def run_abba(
-    sides: Sequence[str], step: Callable[[str], float], warmup: int, repeats: int, steps: int
+    sides: Sequence[str],
+    step: Callable[[str], Mapping[str, float]],
+    warmup: int,
+    repeats: int,
+    steps: int,
+    clock: str = "cpu_s",
 ) -> dict[str, dict[str, list[float]]]:
-    """{side: {"cpu_s": [...], "value": [...]}}: `warmup` untimed steps per side, then `repeats` rounds of blocks of
-    `steps` timed steps, the sides' order reversed every other round; `step(side)` returns a value to compare."""
-    rows: dict[str, dict[str, list[float]]] = {side: {"cpu_s": [], "value": []} for side in sides}
+    """{side: {clock: [...], name: [...]}}: `warmup` untimed steps per side, then `repeats` rounds of blocks of
+    `steps` timed steps, the sides' order reversed every other round. `step(side)` runs one step and returns named
+    values to compare (a loss, a stage's seconds), one column each; its cost goes to the `clock` column: "cpu_s"
+    (process CPU time) or "wall_s" (wall time, for work that runs in other processes or threads)."""
+    if clock not in CLOCKS:
+        raise ValueError(f"clock={clock!r}: one of {sorted(CLOCKS)}")
+    timer = CLOCKS[clock]
+    rows: dict[str, dict[str, list[float]]] = {side: {clock: []} for side in sides}
     for side in sides:
         for _ in range(warmup):
             step(side)
     for repeat in range(repeats):
         for side in sides if repeat % 2 == 0 else sides[::-1]:
             for _ in range(steps):
-                start = time.process_time()
-                rows[side]["value"].append(step(side))
-                rows[side]["cpu_s"].append(time.process_time() - start)
+                start = timer()
+                values = step(side)
+                rows[side][clock].append(timer() - start)
+                for name, value in values.items():
+                    rows[side].setdefault(name, []).append(value)
     return rows
 
 
 def paired_ratio(before: list[float], after: list[float], steps: int) -> float:
-    """Median over same-index blocks of `steps` of after / before median CPU seconds."""
+    """Median over same-index blocks of `steps` of after / before median seconds."""
     blocks = [[statistics.median(side[i : i + steps]) for i in range(0, len(side), steps)] for side in (before, after)]
-    return statistics.median(b / a for a, b in zip(*blocks, strict=True))
+    return float(statistics.median(b / a for a, b in zip(*blocks, strict=True)))
 
 
 def add_abba_arguments(parser: argparse.ArgumentParser, warmup: int, steps: int, repeats: int) -> None:

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,10 +28,9 @@ import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from bench.abba import Report, publish  # noqa: E402
-from bench.logprob_memory import status_kib  # noqa: E402
+from bench.logprob_memory import peak_rss_extra, run_worker  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "didi_logprob_memory.md"
-ROOT = Path(__file__).resolve().parents[1]
 OWT = {"rows": 32, "length": 1024, "vocab": 50258}  # didi_instruct_owt_small.yaml: 8 prompts x G=4, L = 1024
 GIB = 2**30
 SIDES = ("direct", "blockwise")
@@ -135,28 +132,26 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         policy.teacher.requires_grad_(True)
     call(args, policy, rollout, ids)  # warm-up
     start = time.perf_counter()
-    before = status_kib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    call(args, policy, rollout, ids)
-    return {"rss_extra": (status_kib("VmHWM") - before) * 1024, "seconds": time.perf_counter() - start}
+    rss_extra, _ = peak_rss_extra(lambda: call(args, policy, rollout, ids))
+    return {"rss_extra": rss_extra, "seconds": time.perf_counter() - start}
 
 
 def measure(args: argparse.Namespace, step: str, side: str, chunk: int | None) -> dict[str, Any]:
     command = [sys.executable, __file__, "--worker", "--step", step, "--side", side, "--rows", str(args.rows)]
     command += ["--length", str(args.length), "--vocab", str(args.vocab), "--threads", str(args.threads)]
     command += ["--chunk", str(chunk)] if chunk is not None else []
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run(command, env=env, check=True, capture_output=True, text=True)
-    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+    return run_worker(command)
 
 
 def report(args: argparse.Namespace, results: dict[str, dict[tuple[str, int | None], dict[str, Any]]]) -> str:
+    from modalities.diffusion_lm.subs_stats import BLOCK_ELEMENTS
+
     mib = 2**20
     positions = args.rows * args.length
     logits = {"student": 2 * positions * args.vocab, "teacher": positions * args.vocab}
     owt_positions = OWT["rows"] * OWT["length"]
     owt = {"student": 2 * owt_positions * OWT["vocab"], "teacher": owt_positions * OWT["vocab"]}
-    default_block = min(positions, max(1, (2**26) // args.vocab))
+    default_block = min(positions, max(1, BLOCK_ELEMENTS // args.vocab))
     md = Report(
         "DiDi-Instruct log-prob memory: fp32 [N, L, V] SUBS log-probs vs blockwise (bench/didi_logprob_memory.py)",
         f".venv/bin/python bench/didi_logprob_memory.py --rows {args.rows} --length {args.length} "

@@ -19,7 +19,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -31,14 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from bench.abba import Report, add_abba_arguments, median_min, paired_ratio, publish  # noqa: E402
+from bench.abba import Report, add_abba_arguments, median_min, paired_ratio, publish, run_abba  # noqa: E402
 from bench.onpolicy_skip import MODELS  # noqa: E402
 from bench.trainer_vs_trl import renorm_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results" / "engine_server.md"
 SIDES = ("hf", "server")
-COLUMNS = ("wall_s", "generate_s", "weight_sync_s", "loss")
 
 NOTES = """
 ## Reading the figures
@@ -85,42 +83,39 @@ def trainer_config(args: argparse.Namespace, model: dict[str, int], run_dir: str
     return config
 
 
-def timed_steps(trainer: Any, count: int, rows: dict[str, list[float]]) -> None:
-    for _ in range(count):
-        start = time.perf_counter()
-        metrics, _ = trainer.step()
-        rows["wall_s"].append(time.perf_counter() - start)
-        rows["generate_s"].append(metrics["time/generate_s"])
-        rows["weight_sync_s"].append(metrics.get("time/weight_sync_s", 0.0))
-        rows["loss"].append(metrics["loss/policy"])
+def step_values(trainer: Any) -> dict[str, float]:
+    """One step; its generation and weight-push seconds and its loss."""
+    metrics, _ = trainer.step()
+    return {
+        "generate_s": metrics["time/generate_s"],
+        "weight_sync_s": metrics.get("time/weight_sync_s", 0.0),
+        "loss": metrics["loss/policy"],
+    }
 
 
 def compare(args: argparse.Namespace, model: dict[str, int]) -> dict[str, dict[str, list[float]]]:
-    rows: dict[str, dict[str, list[float]]] = {side: {c: [] for c in COLUMNS} for side in SIDES}
+    """ABBA blocks of `--steps` wall-timed steps per side, the server in its own process while they run."""
     with tempfile.TemporaryDirectory(prefix="bench_engine_server_") as tmp:
         config_path = Path(tmp) / "config.yaml"
         config_path.write_text(yaml.safe_dump(trainer_config(args, model, f"{tmp}/server_side")), encoding="utf-8")
         process, url = start_server(config_path, Path(tmp) / "server.log")
         try:
             trainers = {side: build(args, model, f"{tmp}/{side}", url if side == "server" else None) for side in SIDES}
-            for trainer in trainers.values():
-                for _ in range(args.warmup):
-                    trainer.step()
-            for repeat in range(args.repeats):
-                for side in SIDES if repeat % 2 == 0 else SIDES[::-1]:
-                    timed_steps(trainers[side], args.steps, rows[side])
+            return run_abba(
+                SIDES, lambda side: step_values(trainers[side]), args.warmup, args.repeats, args.steps, clock="wall_s"
+            )
         finally:
             process.kill()
             process.wait(timeout=30)
-    return rows
 
 
 def report(args: argparse.Namespace, results: dict[str, dict[str, dict[str, list[float]]]]) -> str:
     md = Report(
         "Server-mode steps against the synchronous hf engine (bench/engine_server.py)",
         f".venv/bin/python bench/engine_server.py --steps {args.steps} --repeats {args.repeats} --warmup {args.warmup}",
-        f"1 thread per process · CPU, fp32 · 16 prompts x G=8, 32 new tokens · {args.repeats} ABBA blocks of "
-        f"{args.steps} steps per side ({args.repeats * args.steps} steps each) after {args.warmup} warm-up steps · "
+        f"1 thread per process · CPU, fp32 · 16 prompts x G=8, {args.max_new_tokens} new tokens · "
+        f"{args.repeats} ABBA blocks of {args.steps} steps per side ({args.repeats * args.steps} steps each) after "
+        f"{args.warmup} warm-up steps · "
         f"load average (1 min) {args.load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end",
     )
     md.table(

@@ -33,18 +33,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-_VISIBLE = os.environ.get("CUDA_VISIBLE_DEVICES")  # bench.trainer_vs_trl hides CUDA when imported (a CPU bench)
 
 from bench.abba import publish  # noqa: E402
 from bench.engines_report import SIDES, figure_line, report, summarize  # noqa: E402
 from bench.trainer_vs_trl import GROUP_SIZE, letter_reward, make_prompts, renorm_config, step_timer  # noqa: E402
 from bench.trainer_vs_trl import trl_settings as cpu_trl_settings  # noqa: E402
 from bench.vllm_serve import vllm_server  # noqa: E402
-
-if _VISIBLE is None:
-    os.environ.pop("CUDA_VISIBLE_DEVICES", None)
-else:
-    os.environ["CUDA_VISIBLE_DEVICES"] = _VISIBLE
 
 RESULTS = Path(__file__).resolve().parent / "results" / "engines_gpu.md"
 NEEDS = {"hf": (), "vllm": ("vllm",), "server": ("vllm",), "trl-vllm": ("trl", "vllm"), "trl": ("trl",)}

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script under accelerate launch
     sys.path.insert(0, str(ROOT))
 
-from bench.logprob_memory import status_kib  # noqa: E402
+from bench.logprob_memory import peak_rss_extra  # noqa: E402
 
 Variant = Literal["full_copy", "skeleton", "none"]
 VARIANTS: tuple[Variant, ...] = ("full_copy", "skeleton", "none")
@@ -97,16 +97,17 @@ def prepare_with_reference(
     from toolkit.train import sharding
     from toolkit.train.trainer_config import TrainerConfig
 
+    def take_and_prepare() -> tuple[nn.Module | None, int]:
+        reference = take_reference(policy, variant)
+        taken = storage_bytes(reference) if reference is not None else 0
+        optimizer = torch.optim.AdamW([p for p in policy.module.parameters() if p.requires_grad], lr=1e-5)
+        config = TrainerConfig(prompts_per_step=accelerator.num_processes, group_size=2)
+        policy.module, _ = sharding.prepare(accelerator, policy.module, optimizer, config, reference=reference)
+        return reference, taken
+
     weights = storage_bytes(policy.module)
     gc.collect()
-    before = status_kib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    reference = take_reference(policy, variant)
-    taken = storage_bytes(reference) if reference is not None else 0
-    optimizer = torch.optim.AdamW([p for p in policy.module.parameters() if p.requires_grad], lr=1e-5)
-    config = TrainerConfig(prompts_per_step=accelerator.num_processes, group_size=2)
-    policy.module, _ = sharding.prepare(accelerator, policy.module, optimizer, config, reference=reference)
-    peak = (status_kib("VmHWM") - before) * 1024
+    peak, (reference, taken) = peak_rss_extra(take_and_prepare)
     local = storage_bytes(reference) if reference is not None else 0
     return reference, {"peak_extra": peak, "weights": weights, "reference_taken": taken, "reference_local": local}
 
@@ -134,7 +135,7 @@ def worker(args: argparse.Namespace) -> None:
 
 def launch(args: argparse.Namespace) -> list[list[dict[str, Any]]]:
     """Run the worker on 2 ranks; every rank's rows, in rank order."""
-    from tests.toolkit.train.test_ddp import free_port
+    from bench.vllm_serve import free_port
 
     with tempfile.TemporaryDirectory() as out:
         command = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file"]

@@ -94,13 +94,10 @@ EOF
 cat >"$OUT/memory_cuda.py" <<'EOF'
 """Peak CUDA memory of fp32 token log-probs + backward at vocab 151,936: direct formula vs toolkit.hf.logprobs."""
 import torch
+from bench.logprob_memory import direct  # the formula the policies used before issue 19
 from toolkit.hf.logprobs import token_log_probs
 
 N, T, V = 4, 1024, 151936
-
-def direct(logits, tokens):  # the formula the policies used before issue 19
-    scaled = logits.float() / 1.0
-    return scaled.gather(-1, tokens[..., None]).squeeze(-1) - scaled.logsumexp(-1)
 
 def peak_gib(fn):
     torch.manual_seed(0)
@@ -115,7 +112,7 @@ def peak_gib(fn):
     torch.cuda.empty_cache()
     return value
 
-a, b = peak_gib(direct), peak_gib(lambda l, t: token_log_probs(l, t, 1.0))
+a, b = peak_gib(lambda l, t: direct(l, t, 1.0, entropy=False)[0]), peak_gib(lambda l, t: token_log_probs(l, t, 1.0))
 print(f"FIGURE: direct {a:.2f} GiB, chunked {b:.2f} GiB above the logits: {a / b:.1f}x lower")
 EOF
 

@@ -20,8 +20,9 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -33,6 +34,7 @@ from bench.abba import Report, publish  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results" / "logprob_memory.md"
 DLER = {"rows": 16, "steps": 4096, "vocab": 151936}  # DLER-1.5B recipe: micro-batch 16, 4k tokens, Qwen2 vocab
 GIB = 2**30
+T = TypeVar("T")
 OUTPUTS = {False: "log-probs", True: "log-probs + entropy"}  # the table's first column, by `--entropy`
 
 
@@ -91,6 +93,25 @@ def status_kib(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
+def peak_rss_extra(call: Callable[[], T]) -> tuple[int, T]:
+    """Bytes of peak RSS during `call` over the RSS just before it (VmHWM reset first), and what `call` returned."""
+    before = status_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    result = call()
+    return (status_kib("VmHWM") - before) * 1024, result
+
+
+def run_worker(command: list[str], **env: str) -> dict[str, Any]:
+    """Run a bench's `--worker` command in a fresh interpreter and return the JSON object of its last stdout line.
+
+    glibc mmaps every block of 64 KiB or more there, so a freed tensor leaves the resident set at once; CUDA is
+    hidden; `env` adds to (or overrides) the environment.
+    """
+    base = {"MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(command, env={**os.environ, **base, **env}, check=True, capture_output=True, text=True)
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
 def profiler_peak(call: Any) -> int:
     """Peak bytes of torch.profiler's CPU memory timeline over `call`."""
     from torch.profiler import ProfilerActivity, profile
@@ -116,10 +137,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         start = time.perf_counter()
         run_call(args, output, tokens, weights)
         seconds.append(time.perf_counter() - start)
-    before = status_kib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    run_call(args, output, tokens, weights)
-    rss_peak = (status_kib("VmHWM") - before) * 1024
+    rss_peak, _ = peak_rss_extra(lambda: run_call(args, output, tokens, weights))
     output_bytes = output.numel() * output.element_size()
     timeline = profiler_peak(lambda: run_call(args, output, tokens, weights)) - output_bytes
     return {"rss_extra": rss_peak, "profiler_extra": timeline, "seconds": min(seconds), "output_bytes": output_bytes}
@@ -130,9 +148,7 @@ def measure(args: argparse.Namespace, side: str, entropy: bool, chunk: int | Non
     command += ["--steps", str(args.steps), "--vocab", str(args.vocab), "--threads", str(args.threads)]
     command += ["--temperature", str(args.temperature), "--repeats", str(args.repeats)]
     command += ["--entropy"] * entropy + (["--chunk", str(chunk)] if chunk is not None else [])
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run(command, env=env, check=True, capture_output=True, text=True)
-    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+    return run_worker(command)
 
 
 def block_positions(chunk: int, rows: int, steps: int) -> int:

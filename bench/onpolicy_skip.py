@@ -16,7 +16,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.abba import Report, add_abba_arguments, median_min, paired_ratio, publish  # noqa: E402
+from bench.abba import Report, add_abba_arguments, median_min, paired_ratio, publish, run_abba  # noqa: E402
 from bench.trainer_vs_trl import renorm_config  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "onpolicy_skip.md"
@@ -67,27 +66,17 @@ def build(args: argparse.Namespace, model: dict[str, int], run_dir: str, skip: b
     return trainer
 
 
-def timed_steps(trainer: Any, count: int, rows: dict[str, list[float]]) -> None:
-    for _ in range(count):
-        wall, cpu = time.perf_counter(), time.process_time()
-        metrics, _ = trainer.step()
-        rows["cpu_s"].append(time.process_time() - cpu)
-        rows["wall_s"].append(time.perf_counter() - wall)
-        rows["old_logprobs_s"].append(metrics.get("time/old_logprobs_s", 0.0))
-        rows["loss"].append(metrics["loss/policy"])
+def step_values(trainer: Any) -> dict[str, float]:
+    """One step; its old-log-prob forward's seconds and its loss."""
+    metrics, _ = trainer.step()
+    return {"old_logprobs_s": metrics.get("time/old_logprobs_s", 0.0), "loss": metrics["loss/policy"]}
 
 
 def compare(args: argparse.Namespace, model: dict[str, int]) -> dict[str, dict[str, list[float]]]:
     """ABBA blocks of `--steps` steps per side; both trainers see the same prompts and draws, step for step."""
-    rows = {side: {"cpu_s": [], "wall_s": [], "old_logprobs_s": [], "loss": []} for side in SIDES}
     with tempfile.TemporaryDirectory(prefix="bench_onpolicy_") as tmp:
         trainers = {side: build(args, model, f"{tmp}/{side}", side == "skipped") for side in SIDES}
-        for trainer in trainers.values():
-            for _ in range(args.warmup):
-                trainer.step()
-        for repeat in range(args.repeats):
-            for side in SIDES if repeat % 2 == 0 else SIDES[::-1]:
-                timed_steps(trainers[side], args.steps, rows[side])
+        rows = run_abba(SIDES, lambda side: step_values(trainers[side]), args.warmup, args.repeats, args.steps)
     assert rows["rescored"]["loss"] == rows["skipped"]["loss"], "the two paths trained differently"
     return rows
 
@@ -96,8 +85,8 @@ def report(args: argparse.Namespace, results: dict[str, dict[str, dict[str, list
     md = Report(
         "On-policy steps without the old-log-prob forward (bench/onpolicy_skip.py)",
         f".venv/bin/python bench/onpolicy_skip.py --steps {args.steps} --repeats {args.repeats} --warmup {args.warmup}",
-        f"1 thread · CPU, fp32 · 16 prompts x G=8, 32 new tokens · {args.repeats} ABBA blocks of {args.steps} steps "
-        f"per side ({args.repeats * args.steps} steps each) after {args.warmup} warm-up steps",
+        f"1 thread · CPU, fp32 · 16 prompts x G=8, {args.max_new_tokens} new tokens · {args.repeats} ABBA blocks of "
+        f"{args.steps} steps per side ({args.repeats * args.steps} steps each) after {args.warmup} warm-up steps",
     )
     md.table(
         "model",

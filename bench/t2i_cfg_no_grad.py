@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,11 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench.abba import Report, median_min, paired_ratio, publish, run_abba  # noqa: E402
-from bench.logprob_memory import status_kib  # noqa: E402
+from bench.logprob_memory import peak_rss_extra, run_worker  # noqa: E402
 from bench.t2i_sde_logprob import build_policy  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "t2i_cfg_no_grad.md"
-ROOT = Path(__file__).resolve().parents[1]
 SIZES: dict[str, dict[str, int]] = {
     "small (4 layers, width 128, 64 image tokens)": {"num_layers": 4, "heads": 4, "head_dim": 32, "latent": 16},
     "medium (6 layers, width 256, 256 image tokens)": {"num_layers": 6, "heads": 4, "head_dim": 64, "latent": 32},
@@ -86,24 +84,20 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(1)
     policy, rollout = setup(SIZES[args.size], args.rows, args.side == "split", args.checkpointing)
     micro_step(policy, rollout)
-    before = status_kib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    loss = micro_step(policy, rollout)
-    return {"rss_extra": (status_kib("VmHWM") - before) * 1024, "loss": loss}
+    rss_extra, loss = peak_rss_extra(lambda: micro_step(policy, rollout))
+    return {"rss_extra": rss_extra, "loss": loss}
 
 
 def measure_memory(args: argparse.Namespace, size: str, side: str, checkpointing: bool) -> dict[str, Any]:
     command = [sys.executable, __file__, "--worker", "--size", size, "--side", side, "--rows", str(args.rows)]
     command += ["--checkpointing"] * checkpointing
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, env=env, check=True, capture_output=True, text=True)
-    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+    return run_worker(command, OMP_NUM_THREADS="1")
 
 
 def measure_time(args: argparse.Namespace, size: str, checkpointing: bool) -> dict[str, dict[str, list[float]]]:
     """CPU seconds and loss per micro-step of both sides, ABBA blocks of `--steps` micro-steps after one warm-up."""
     pairs = {side: setup(SIZES[size], args.rows, side == "split", checkpointing) for side in SIDES}
-    return run_abba(SIDES, lambda side: micro_step(*pairs[side]), 1, args.repeats, args.steps)
+    return run_abba(SIDES, lambda side: {"loss": micro_step(*pairs[side])}, 1, args.repeats, args.steps)
 
 
 def report(args: argparse.Namespace, results: list[tuple[str, bool, dict[str, Any], dict[str, Any]]]) -> str:
@@ -127,7 +121,7 @@ def report(args: argparse.Namespace, results: list[tuple[str, bool, dict[str, An
     )
     for size, checkpointing, times, memory in results:
         batched, split = times["batched"]["cpu_s"], times["split"]["cpu_s"]
-        gap = max(abs(a - b) for a, b in zip(times["batched"]["value"], times["split"]["value"], strict=True))
+        gap = max(abs(a - b) for a, b in zip(times["batched"]["loss"], times["split"]["loss"], strict=True))
         extra = {side: memory[side]["rss_extra"] for side in ("batched", "split")}
         md.row(
             size,

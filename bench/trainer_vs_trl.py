@@ -27,12 +27,12 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-# No network: everything is built in code; fail instead of downloading. CPU only, even on a GPU machine.
+# No network: everything is built in code; fail instead of downloading. CPU only, even on a GPU machine: main() hides
+# CUDA before torch is imported, so the benches that import this module's pieces keep their devices.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 RESULTS = Path(__file__).resolve().parent / "results" / "trainer_vs_trl.json"
 SIDES = ("renorm", "trl")
@@ -442,6 +442,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the side subprocesses inherit it
     args = parse_args(argv)
     if args.side == "both":
         compare(args)

@@ -78,7 +78,7 @@ def compare(args: argparse.Namespace, overrides: list[str]) -> dict[str, dict[st
     with tempfile.TemporaryDirectory(prefix="bench_video_") as tmp:
         trainers = {side: build(args, f"{tmp}/{side}", overrides, side == "reused") for side in SIDES}
         return run_abba(
-            SIDES, lambda side: trainers[side].step()[0]["loss/policy"], args.warmup, args.repeats, args.steps
+            SIDES, lambda side: {"loss": trainers[side].step()[0]["loss/policy"]}, args.warmup, args.repeats, args.steps
         )
 
 
@@ -106,7 +106,7 @@ def report(args: argparse.Namespace, results: dict[str, dict[str, dict[str, list
             median_min(reused),
             f"{statistics.median(reused) / statistics.median(encoded):.3f}",
             f"{paired_ratio(encoded, reused, args.steps):.3f}",
-            rows["re-encoded"]["value"] == rows["reused"]["value"],
+            rows["re-encoded"]["loss"] == rows["reused"]["loss"],
         )
     return md.text(NOTES)
 

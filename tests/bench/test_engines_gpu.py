@@ -19,6 +19,7 @@ import pytest
 
 from bench import engines_gpu, vllm_serve
 from bench.engines_report import SIDES, figure_line, status, summarize
+from bench.trainer_vs_trl import GROUP_SIZE
 from bench.vllm_serve import vllm_serve_command, vllm_server
 from toolkit.config.schema import import_object
 from toolkit.engines import ServerEngine
@@ -61,10 +62,10 @@ def test_vllm_serve_command_serves_the_folder_on_loopback_sized_like_the_colocat
         "--port": "8123",
         "--served-model-name": engines_gpu.SERVED_NAME,
         "--dtype": "bfloat16",
-        "--gpu-memory-utilization": "0.3",
-        "--max-model-len": str(256 + engines_gpu.PROMPT_ROOM),
-        "--max-num-seqs": "128",  # 16 prompts x G=8: TRL's colocated max_num_seqs too
-        "--seed": "0",
+        "--gpu-memory-utilization": str(args.gpu_memory_utilization),
+        "--max-model-len": str(args.max_new_tokens + engines_gpu.PROMPT_ROOM),
+        "--max-num-seqs": str(args.num_prompts * GROUP_SIZE),  # a step's completions, as TRL colocated
+        "--seed": str(args.seed),
     }
     assert vllm_serve_command(["vllm"], "m", 1, {"enforce-eager": True})[-1] == "--enforce-eager"
     with pytest.raises(ValueError, match="host"):
@@ -108,7 +109,8 @@ def test_engine_nodes_bind_to_the_engines_constructors(args: argparse.Namespace,
     options = {key: value for key, value in node.items() if key != "_component_"}
     inspect.signature(import_object(node["_component_"])).bind(**options)  # a renamed keyword fails here
     if side == "vllm":
-        assert options["max_model_len"] == 256 + engines_gpu.PROMPT_ROOM and options["enable_sleep"] is False
+        assert options["max_model_len"] == args.max_new_tokens + engines_gpu.PROMPT_ROOM
+        assert options["enable_sleep"] is False
     if side == "server":  # built for real: no request is sent at construction
         engine = ServerEngine(**options)
         assert (engine.weight_sync, engine.model, engine.served_version) == ("none", engines_gpu.SERVED_NAME, None)
@@ -117,10 +119,10 @@ def test_engine_nodes_bind_to_the_engines_constructors(args: argparse.Namespace,
 def test_renorm_config_trains_the_saved_folder_in_bf16_with_the_sides_engine(args: argparse.Namespace) -> None:
     config = engines_gpu.renorm_side_config(args, "vllm", "/tmp/run", None)
     assert config["policy"]["model"] == "/models/tiny"
-    assert config["trainer"]["mixed_precision"] == "bf16" and config["trainer"]["prompts_per_step"] == 16
-    assert config["sampler"]["eos_token_ids"] == [] and config["sampler"]["max_new_tokens"] == 256
+    assert config["trainer"]["mixed_precision"] == "bf16" and config["trainer"]["prompts_per_step"] == args.num_prompts
+    assert config["sampler"]["eos_token_ids"] == [] and config["sampler"]["max_new_tokens"] == args.max_new_tokens
     assert config["sampler"]["engine"]["_component_"] == "toolkit.engines.VLLMEngine"
-    assert len(config["data"]["records"]) == 16
+    assert len(config["data"]["records"]) == args.num_prompts
 
 
 def test_trl_settings_name_fields_of_the_installed_grpo_config(args: argparse.Namespace, tmp_path: Path) -> None:
@@ -132,10 +134,11 @@ def test_trl_settings_name_fields_of_the_installed_grpo_config(args: argparse.Na
         assert settings["bf16"] and not settings["use_cpu"] and settings["generation_kwargs"] is None
     vllm = engines_gpu.trl_side_settings(args, "trl-vllm")
     assert (vllm["use_vllm"], vllm["vllm_mode"], vllm["vllm_enable_sleep_mode"]) == (True, "colocate", False)
-    assert vllm["vllm_max_model_length"] == 256 + engines_gpu.PROMPT_ROOM
+    assert vllm["vllm_max_model_length"] == args.max_new_tokens + engines_gpu.PROMPT_ROOM
     args.cuda = False  # GRPOConfig validates bf16 against the device: build the CPU variant of the vLLM side
     config = trl.GRPOConfig(output_dir=str(tmp_path), **engines_gpu.trl_side_settings(args, "trl-vllm"))
-    assert config.use_vllm and config.steps_per_generation == 1 and config.generation_batch_size == 128
+    batch = args.num_prompts * GROUP_SIZE
+    assert config.use_vllm and config.steps_per_generation == 1 and config.generation_batch_size == batch
 
 
 def test_saved_workload_cannot_stop_early_and_every_model_id_is_a_token(tmp_path: Path) -> None:
@@ -144,10 +147,11 @@ def test_saved_workload_cannot_stop_early_and_every_model_id_is_a_token(tmp_path
     args = engines_gpu.parse_args(["--cpu-smoke"])
     folder = engines_gpu.save_workload(tmp_path / "model", args)
     tokenizer, config = AutoTokenizer.from_pretrained(folder), AutoConfig.from_pretrained(folder)
-    assert config.vocab_size == 128 and config.eos_token_id is None
+    vocab = args.vocab_size
+    assert config.vocab_size == vocab and config.eos_token_id is None
     assert str(config.dtype).removeprefix("torch.") == "bfloat16"  # vLLM's dtype "auto" reads it
-    assert tokenizer.eos_token_id == 128 and len(tokenizer) == 129  # EOS is one id past the model's logits
-    assert all(tokenizer.convert_ids_to_tokens(i) is not None for i in range(128))
+    assert tokenizer.eos_token_id == vocab and len(tokenizer) == vocab + 1  # EOS is one id past the model's logits
+    assert all(tokenizer.convert_ids_to_tokens(i) is not None for i in range(vocab))
 
 
 def test_figure_line_gives_ratios_against_trl_with_vllm_or_the_seconds_without_it() -> None:
@@ -171,14 +175,26 @@ def test_cpu_smoke_runs_the_hf_and_trl_sides_and_reports_the_rest_skipped(tmp_pa
     done = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in out.read_text().splitlines()}
+    length = f"{engines_gpu.SMOKE['max_new_tokens']:.1f}"  # every completion runs the whole budget
     hf = rows[SIDES["hf"]]
-    assert hf[1] == "ok" and float(hf[2].split(" / ")[0]) > 0 and hf[6] == "8.0"  # every completion ran 8 tokens
+    assert hf[1] == "ok" and float(hf[2].split(" / ")[0]) > 0 and hf[6] == length
     for side in ("vllm", "server", "trl-vllm"):
         assert rows[SIDES[side]][1] == "skipped (needs CUDA and vLLM)"
     trl = rows[SIDES["trl"]]
     if importlib.util.find_spec("trl") is not None:
-        assert trl[1] == "ok" and trl[6] == "8.0" and float(trl[5]) > 0  # generation tokens/s measured
+        assert trl[1] == "ok" and trl[6] == length and float(trl[5]) > 0  # generation tokens/s measured
     else:
         assert trl[1] == "skipped (trl not installed)"
     figure = [line for line in done.stdout.splitlines() if line.startswith("FIGURE: ")]
     assert len(figure) == 1 and figure[0].startswith("FIGURE: TRL+vLLM skipped (needs CUDA and vLLM); s/step hf ")
+
+
+@pytest.mark.parametrize("visible", [None, "3"])
+def test_importing_the_bench_keeps_the_devices_it_was_given(visible: str | None) -> None:
+    environment = {**os.environ, "PYTHONPATH": str(ROOT)}
+    environment.pop("CUDA_VISIBLE_DEVICES", None)
+    environment.update({} if visible is None else {"CUDA_VISIBLE_DEVICES": visible})
+    code = "import os, bench.engines_gpu; print(os.environ.get('CUDA_VISIBLE_DEVICES'))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=environment, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == str(visible)  # bench.trainer_vs_trl hides CUDA only when run as the CPU bench
