@@ -223,15 +223,13 @@ class StudentPolicy:
         return subs_log_probs(self.x0_logits(z, t).float(), z, self.mask_id)
 
     def teacher_logits(self, z: Tensor, t: Tensor) -> Tensor:
-        """Raw teacher logits [N, L, V] (no grad), as `MaskedDiffusionLM.logits` computes them before its fp32 cast."""
+        """Raw teacher logits [N, L, V] (no grad; float32, as every backbone returns them)."""
         if self.teacher is None:
             raise ValueError("StudentPolicy has no teacher: pass `teacher` to use the KL regulariser")
         if next(self.teacher.parameters()).device != z.device:
             self.teacher.to(z.device)
-        sigma = self.teacher.backbone_sigma(torch.as_tensor(t, device=z.device), z.shape[0]).to(z.device)
-        with torch.no_grad(), autocast_context(z.device, self.teacher.mixed_precision):
-            logits: Tensor = self.teacher.backbone(z, sigma)
-        return logits
+        with torch.no_grad():
+            return self.teacher.logits_at(z, t)
 
     def _per_step(self, rollout: Rollout, with_entropy: bool) -> tuple[Tensor, Tensor | None]:
         steps = rollout_steps(rollout, self.mask_id)

@@ -112,10 +112,13 @@ class MaskedDiffusionLM(nn.Module):
             logits: Tensor = self.backbone(z, sigma.to(z.device))
         return logits.float()
 
+    def logits_at(self, z: Tensor, t: Tensor | float) -> Tensor:
+        """Raw float32 backbone logits [B, L, V] at time t (scalar or [B]), before SUBS."""
+        return self.logits(z, self.backbone_sigma(torch.as_tensor(t, device=z.device), z.shape[0]))
+
     def log_probs_x0(self, z: Tensor, t: Tensor | float) -> Tensor:
         """log x_θ(z_t) [B, L, V] float32 with SUBS applied; t scalar or [B]."""
-        sigma = self.backbone_sigma(torch.as_tensor(t, device=z.device), z.shape[0])
-        return subs_log_probs(self.logits(z, sigma), z, self.mask_id)
+        return subs_log_probs(self.logits_at(z, t), z, self.mask_id)
 
     def forward(self, z: Tensor, t: Tensor | float) -> Tensor:
         """Alias of `log_probs_x0`."""

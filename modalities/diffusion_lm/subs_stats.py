@@ -76,8 +76,9 @@ def subs_stats(
     if regularization not in REGULARIZATIONS:
         raise ValueError(f"regularization={regularization!r} is not one of {list(REGULARIZATIONS)}")
     vocab = logits.shape[-1]
+    # (forward, reverse) weights; 1·f + 0·r is f exactly (both are finite), so one sum serves the three modes.
     weights = {"forward_kl": (1.0, 0.0), "reverse_kl": (0.0, 1.0)}.get(regularization, (1 - beta, beta))
-    settings = (mask_id, entropy, regularization, weights, chunk_rows or max(1, BLOCK_ELEMENTS // vocab))
+    settings = (mask_id, entropy, weights, chunk_rows or max(1, BLOCK_ELEMENTS // vocab))
     positions = (z.reshape(-1) == mask_id).nonzero().squeeze(1)
     flat_targets = targets.reshape(-1) if targets is not None else None
     flat_teacher = teacher_logits.reshape(-1, vocab).detach() if teacher_logits is not None else None
@@ -103,9 +104,9 @@ class _SubsStats(torch.autograd.Function):
         positions: Tensor,
         targets: Tensor | None,
         teacher: Tensor | None,
-        settings: tuple[int, bool, str, tuple[float, float], int],
+        settings: tuple[int, bool, tuple[float, float], int],
     ) -> tuple[Tensor, Tensor, Tensor]:
-        mask_id, with_entropy, regularization, (forward_weight, reverse_weight), chunk = settings
+        mask_id, with_entropy, (forward_weight, reverse_weight), chunk = settings
         count, device = logits.shape[0], logits.device
         outputs = [
             torch.zeros(count if wanted else 0, dtype=torch.float32, device=device)
@@ -123,7 +124,7 @@ class _SubsStats(torch.autograd.Function):
                 t = _log_softmax(teacher[index], mask_id)
                 forward = (t.exp() * (t - s)).sum(-1)
                 reverse = (s.exp() * (s - t)).sum(-1)
-                divergence[index] = _mix(forward, reverse, regularization, forward_weight, reverse_weight)
+                divergence[index] = forward_weight * forward + reverse_weight * reverse
         ctx.save_for_backward(logits, positions, targets, teacher)
         ctx.settings = settings
         return picked, entropy, divergence
@@ -131,7 +132,7 @@ class _SubsStats(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
         logits, positions, targets, teacher = ctx.saved_tensors
-        mask_id, with_entropy, _, (forward_weight, reverse_weight), chunk = ctx.settings
+        mask_id, with_entropy, (forward_weight, reverse_weight), chunk = ctx.settings
         grad_picked, grad_entropy, grad_divergence = grads
         grad_logits = torch.zeros_like(logits)
         for start in range(0, positions.numel(), chunk):
@@ -154,12 +155,3 @@ class _SubsStats(torch.autograd.Function):
             grad_x[:, mask_id] = 0.0  # the masked mask logit takes no gradient
             grad_logits[index] = grad_x.to(grad_logits.dtype)
         return grad_logits, None, None, None, None
-
-
-def _mix(forward: Tensor, reverse: Tensor, regularization: str, forward_weight: float, reverse_weight: float) -> Tensor:
-    """The divergence as `didi_policy.teacher_divergence` forms it from the forward and reverse KL."""
-    if regularization == "forward_kl":
-        return forward
-    if regularization == "reverse_kl":
-        return reverse
-    return forward_weight * forward + reverse_weight * reverse

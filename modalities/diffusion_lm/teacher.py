@@ -17,7 +17,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from modalities.diffusion_lm.backbone import autocast_context
 from modalities.diffusion_lm.dit import DiT, DiTConfig
 from modalities.diffusion_lm.masked_diffusion import MaskedDiffusionLM, antithetic_times, corrupt
 from modalities.diffusion_lm.schedules import make_schedule
@@ -88,10 +87,7 @@ def blockwise_nelbo(
     """
     t = antithetic_times(x.shape[0], generator, device=x.device)
     z, masked = corrupt(x, model.schedule.alpha(t), model.mask_id, generator)
-    sigma = model.backbone_sigma(torch.as_tensor(t, device=z.device), z.shape[0])
-    with autocast_context(z.device, model.mixed_precision):
-        logits = model.backbone(z, sigma.to(z.device))
-    log_px = subs_stats(logits, z, model.mask_id, targets=x, chunk_rows=chunk_rows).picked
+    log_px = subs_stats(model.logits_at(z, t), z, model.mask_id, targets=x, chunk_rows=chunk_rows).picked
     assert log_px is not None
     return (-log_px * model.schedule.loss_weight(t).float().unsqueeze(-1) * masked).mean()
 

@@ -40,12 +40,12 @@ from toolkit.hf.policy import (
     wrap_lora,
     zero_dropout,
 )
-from toolkit.hf.reference import ReferenceSnapshot
+from toolkit.hf.reference import ReferenceSnapshot, is_sharded
 from toolkit.rollout import Rollout
 
-# LoRA on the language model's linear layers only (the vision tower stays frozen).
 # Models whose forward takes one pooled vision-tower output per video as mm_encoder_outputs["video"].
 EMBEDDING_REUSE_MODELS = ("qwen2_vl", "qwen2_5_vl")
+# LoRA on the language model's linear layers only (the vision tower stays frozen).
 LANGUAGE_LORA_TARGETS = r"^(?!.*visual).*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
 
 
@@ -269,11 +269,11 @@ class VideoVLMPolicy:
         model: Any = unwrap_model(unwrap(self.module))
         if not self.reuse_vision_embeddings or getattr(model.config, "model_type", None) not in EMBEDDING_REUSE_MODELS:
             return False
-        weights = list(vision_tower(model).parameters())
+        tower = vision_tower(model)
         return (
             "mm_encoder_outputs" in inspect.signature(model.forward).parameters
-            and not any(p.requires_grad for p in weights)
-            and not any(_is_sharded(p) for p in weights)
+            and not any(p.requires_grad for p in tower.parameters())
+            and not is_sharded(tower)
         )
 
     def _score(self, module: nn.Module, rollout: Rollout) -> tuple[Tensor, Tensor]:
@@ -330,13 +330,6 @@ def shard_vision_tower_apart(model: Any) -> None:
     sharded weights (DTensors) and failed; as a unit, the tower gathers its own weights when it is called.
     """
     model._no_split_modules = {*(model._no_split_modules or ()), type(vision_tower(model)).__name__}
-
-
-def _is_sharded(weight: Tensor) -> bool:
-    """A weight this rank holds only a shard of: an FSDP2 DTensor or a DeepSpeed ZeRO-3 partitioned parameter."""
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(weight, DTensor) or hasattr(weight, "ds_id")
 
 
 def _check_architecture_holds(model: Any) -> None:

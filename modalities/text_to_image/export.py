@@ -10,18 +10,17 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from torch import nn
 
+from modalities.text_to_image.latents import Arch
 from toolkit.hf.policy import load_peft_adapters
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
-def write_export(
-    module: Any, arch: Literal["sd3", "flux"], is_lora: bool, out: Path, pipeline: str | None, vae: Any
-) -> None:
+def write_export(module: Any, arch: Arch, is_lora: bool, out: Path, pipeline: str | None, vae: Any) -> None:
     """Write the (possibly peft-wrapped) transformer `module` into the existing folder `out`."""
     if is_lora:
         save_lora_weights(module, arch, out)
@@ -60,7 +59,7 @@ def load_export_into(module: Any, is_lora: bool, out: Path) -> None:
     )
 
 
-def save_lora_weights(peft_model: nn.Module, arch: Literal["sd3", "flux"], out_dir: Path) -> None:
+def save_lora_weights(peft_model: nn.Module, arch: Arch, out_dir: Path) -> None:
     """The adapters of a peft-wrapped transformer as diffusers LoRA weights (`pytorch_lora_weights.safetensors`)."""
     from diffusers import FluxPipeline, StableDiffusion3Pipeline
     from peft import get_peft_model_state_dict

@@ -17,11 +17,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from modalities.text_to_image.latents import image_ids
+from modalities.text_to_image.latents import Arch, image_ids
 from toolkit.distributed import unwrap
 from toolkit.hf.policy import bf16_autocast, unwrap_model
 
-Arch = Literal["sd3", "flux"]
 CfgGradient = Literal["conditional", "both"]
 
 

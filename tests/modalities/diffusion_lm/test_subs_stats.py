@@ -131,10 +131,12 @@ def test_backward_keeps_no_copy_of_the_logits() -> None:
         policy.log_probs_and_entropy(rollout)
         policy.analytic_kl(rollout)
 
-    shapes = saved_vocab_tensors(blockwise, 4 * 12, 65)
-    assert len(shapes) == 2 * 2, shapes
-    direct = saved_vocab_tensors(lambda: direct_policy_terms(policy, rollout), 4 * 12, 65)
-    assert len(direct) >= 4 * 2, direct
+    steps = rollout.mask.shape[1]
+    positions, vocab = rollout.data["x"].numel(), policy.student.vocab_size  # N·L rows of V logits
+    shapes = saved_vocab_tensors(blockwise, positions, vocab)
+    assert len(shapes) == 2 * steps, shapes
+    direct = saved_vocab_tensors(lambda: direct_policy_terms(policy, rollout), positions, vocab)
+    assert len(direct) >= 4 * steps, direct
 
 
 @pytest.mark.parametrize("mixed_precision", ["no", "bf16"])
