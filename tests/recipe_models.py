@@ -37,7 +37,7 @@ from modalities.diffusion_lm.tiny import build_tiny_dit
 from modalities.medical_video.tiny import build_tiny_processor, build_tiny_qwen2_5_vl
 from modalities.text_agent.tiny import EOS_TOKEN_ID, build_char_tokenizer, build_tiny_qwen2
 from rewards.image.clip import CLIP_MEAN, CLIP_STD, build_tiny_open_clip
-from tests.tiny_pipelines import clip_tokenizer, save_pipeline, vocab_folder
+from tests.tiny_pipelines import clip_text_config, clip_tokenizer, save_pipeline, vocab_folder
 
 # The gold answer of every tiny problem / question; the phrases answer it right ("1") or wrong ("2").
 GOLD = "1"
@@ -131,9 +131,7 @@ def save_video_lm(folder: Path) -> Path:
 def save_clip_model(folder: Path) -> Path:
     """A transformers `CLIPModel` (PickScore's class; towers 1 layer, width 16) + a byte-level CLIP tokenizer."""
     tokenizer = clip_tokenizer(vocab_folder(folder))
-    text = {"vocab_size": len(tokenizer), "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1}
-    text |= {"num_attention_heads": 2, "max_position_embeddings": tokenizer.model_max_length}
-    text |= {"bos_token_id": len(tokenizer) - 2, "eos_token_id": len(tokenizer) - 1, "pad_token_id": len(tokenizer) - 1}
+    text = clip_text_config(len(tokenizer), 16, tokenizer.model_max_length).to_dict()
     vision = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
     vision |= {"image_size": 32, "patch_size": 16}
     with torch.random.fork_rng(devices=[]):

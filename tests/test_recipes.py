@@ -24,7 +24,6 @@ from typing import Any
 import pytest
 import torch
 
-from modalities.diffusion_lm.checkpoint_io import PREFIX
 from modalities.text_agent.agent_tiny import shipped_file
 from modalities.text_agent.tools.retriever_server import make_server
 from modalities.text_agent.tools.search import BM25Search
@@ -32,12 +31,12 @@ from tests.modalities.medical_video.test_prepare import upstream_source
 from tests.modalities.text_agent.test_prepare import MATH_FIXTURES, UPSTREAM
 from tests.modalities.text_agent.test_text_agent_e2e import serve
 from tests.recipe_models import GOLD, RecipeModels
-from tests.test_tiny_configs import FAST
+from tests.test_tiny_configs import FAST, is_tiny
 from toolkit.config import apply_overrides, load_config
 from toolkit.evaluation.evaluate import evaluate
 from toolkit.io.checkpoint import load_checkpoint
 from toolkit.io.logging import read_metrics
-from toolkit.io.prepare import prepare_dataset
+from toolkit.io.prepare import prepare_dataset, write_jsonl
 from toolkit.reward_transforms.medgrpo import PercentileTable
 from toolkit.train.runner import build_trainer, fit
 
@@ -57,11 +56,6 @@ def recipe_name(path: Path) -> str:
     return str(path.relative_to(CONFIGS))
 
 
-def is_tiny(path: Path) -> bool:
-    """A CPU recipe shipped with its own tiny models and data (tests/test_tiny_configs.py trains it further)."""
-    return path.stem.startswith("tiny") or path.stem.endswith("_tiny")
-
-
 def test_every_run_config_is_a_recipe_here() -> None:
     """The count is printed; every modality's GPU recipes are among them."""
     names = [recipe_name(p) for p in RECIPES]
@@ -69,19 +63,11 @@ def test_every_run_config_is_a_recipe_here() -> None:
     skipped = {recipe_name(p) for p in CONFIGS.rglob("*.yaml")} - set(names)
     assert all(n.startswith(("algorithms/", "accelerate/")) for n in skipped), skipped
     assert len(names) >= 20, names
+    gpu = {recipe_name(p).split("/")[0] for p in RECIPES if not is_tiny(p)}
+    assert gpu >= {"text_reasoning", "text_agent", "diffusion_lm", "text_to_image", "medical_video"}, gpu
 
 
 # ---------------------------------------------------------------------------------------------- data
-
-
-def write_lines(path: Path, lines: list[str]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    return path
-
-
-def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
-    return write_lines(path, [json.dumps(row) for row in rows])
 
 
 def write_percentiles(out: Path) -> None:
@@ -378,47 +364,3 @@ def test_recipe_trains_checkpoints_and_evaluates(
 
     report = evaluate(config, checkpoint=str(last), output=str(tmp_path / "eval.json"))
     assert report.table().strip()
-
-
-# ---------------------------------------------------------------------------------------------- MDLM checkpoints
-
-
-class Planted:
-    """Pickles as a call of os.makedirs: loading it would run code from the file."""
-
-    def __init__(self, target: Path) -> None:
-        self.target = target
-
-    def __reduce__(self) -> tuple[Any, tuple[str]]:
-        import os
-
-        return os.makedirs, (str(self.target),)
-
-
-def test_mdlm_lightning_checkpoint_loads_without_pickle(tmp_path: Path, recipe_models: RecipeModels) -> None:
-    """The DiDi recipe's loader reads an MDLM Lightning `.ckpt` (OmegaConf config and tokenizer object in its
-    hyper-parameters) with weights_only: raw and EMA weights arrive, the containers stay inert data."""
-    from transformers import GPT2TokenizerFast
-
-    from modalities.diffusion_lm.checkpoint_io import OpaqueObject, _read_raw, load_mdlm_checkpoint
-    from modalities.diffusion_lm.tiny import build_tiny_dit
-    from tests.recipe_models import EMA_OFFSET, write_lightning_checkpoint
-
-    tokenizer = GPT2TokenizerFast.from_pretrained(str(recipe_models.gpt2_tokenizer))
-    dit = build_tiny_dit(vocab_size=len(tokenizer) + 1, seed=3, hidden_size=32, num_heads=2, cond_dim=16)
-    path = write_lightning_checkpoint(tmp_path / "mdlm.ckpt", dit, tokenizer)
-    raw = load_mdlm_checkpoint(path, num_heads=2)
-    ema = load_mdlm_checkpoint(path, use_ema=True, num_heads=2)
-    for name, weight in dit.state_dict().items():
-        assert torch.equal(raw.state_dict()[name], weight), name
-    for name, weight in dit.named_parameters():
-        torch.testing.assert_close(ema.state_dict()[name], weight.detach() + EMA_OFFSET)
-    hyper = _read_raw(path)["hyper_parameters"]
-    assert isinstance(hyper["config"], OpaqueObject) and isinstance(hyper["tokenizer"], OpaqueObject)
-    assert "omegaconf.dictconfig.DictConfig" in repr(hyper["config"])
-
-    planted = tmp_path / "planted"
-    torch.save({"state_dict": {PREFIX + k: v for k, v in dit.state_dict().items()}, "x": Planted(planted)}, path)
-    with pytest.raises(ValueError, match=r"(os|posix)\.makedirs.*could run code"):
-        load_mdlm_checkpoint(path, num_heads=2)
-    assert not planted.exists(), "loading ran code from the checkpoint"

@@ -24,9 +24,8 @@ from transformers import (
     T5EncoderModel,
 )
 
-from modalities.text_to_image.tiny import build_tiny_flux, build_tiny_sd3, build_tiny_vae
+from modalities.text_to_image.tiny import TEXT_DIM, build_tiny_flux, build_tiny_sd3, build_tiny_vae
 
-TEXT_WIDTH = 32  # T5 width = the transformers' joint_attention_dim; pooled CLIP width = pooled_projection_dim
 ARCHS = ("sd3", "flux")
 
 
@@ -39,22 +38,27 @@ def clip_tokenizer(folder: Path) -> CLIPTokenizer:
     return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16)
 
 
-def clip_encoder(seed: int, vocab_size: int) -> CLIPTextModelWithProjection:
-    """SD3's CLIP-L / CLIP-G stand-in: a 1-layer `CLIPTextModelWithProjection`, width 16 (seeds the global RNG)."""
-    torch.manual_seed(seed)
-    config = CLIPTextConfig(
+def clip_text_config(vocab_size: int, width: int, max_length: int, **extra: Any) -> CLIPTextConfig:
+    """A 1-layer, 2-head CLIP text tower config (MLP 2 × `width`) whose last two ids are BOS and EOS (= pad)."""
+    return CLIPTextConfig(
         vocab_size=vocab_size,
-        hidden_size=16,
-        intermediate_size=32,
+        hidden_size=width,
+        intermediate_size=2 * width,
         num_hidden_layers=1,
         num_attention_heads=2,
-        max_position_embeddings=16,
-        projection_dim=16,
+        max_position_embeddings=max_length,
         bos_token_id=vocab_size - 2,
         eos_token_id=vocab_size - 1,
         pad_token_id=vocab_size - 1,
+        **extra,
     )
-    return CLIPTextModelWithProjection(config)
+
+
+def clip_encoder(seed: int, vocab_size: int) -> CLIPTextModelWithProjection:
+    """SD3's CLIP-L / CLIP-G stand-in: a 1-layer `CLIPTextModelWithProjection`, width 16."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return CLIPTextModelWithProjection(clip_text_config(vocab_size, 16, 16, projection_dim=16))
 
 
 def vocab_folder(folder: Path) -> Path:
@@ -72,7 +76,7 @@ def t5_parts(seed: int) -> tuple[T5EncoderModel, PreTrainedTokenizerFast]:
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
     )
-    config = T5Config(vocab_size=len(words), d_model=TEXT_WIDTH, d_kv=8, d_ff=64, num_layers=1, num_heads=2)
+    config = T5Config(vocab_size=len(words), d_model=TEXT_DIM, d_kv=8, d_ff=64, num_layers=1, num_heads=2)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return T5EncoderModel(config), tokenizer
@@ -111,17 +115,6 @@ def save_pipeline(folder: Path, arch: str) -> Path:
 
 def flux_clip_encoder(vocab_size: int, max_length: int) -> CLIPTextModel:
     """FLUX's CLIP-L stand-in: a 1-layer `CLIPTextModel` whose pooled output (width 32) is the pooled projection."""
-    clip = CLIPTextConfig(
-        vocab_size=vocab_size,
-        hidden_size=TEXT_WIDTH,
-        intermediate_size=2 * TEXT_WIDTH,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        max_position_embeddings=max_length,
-        bos_token_id=vocab_size - 2,
-        eos_token_id=vocab_size - 1,
-        pad_token_id=vocab_size - 1,
-    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(4)
-        return CLIPTextModel(clip)
+        return CLIPTextModel(clip_text_config(vocab_size, TEXT_DIM, max_length))

@@ -49,15 +49,16 @@ class FakeServer:
             self.headers.append(dict(handler.headers))
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
-        done = False
         try:
             status, reply, delay = self.behaviour(index, body)
             time.sleep(delay)
             data = reply.encode() if isinstance(reply, str) else json.dumps(reply).encode()
+        finally:
             # Counted out before the reply leaves: once the client has it, its worker may send the next request
             # before this handler thread runs again (a count after the write saw one request too many in flight).
             with self.lock:
-                self.in_flight, done = self.in_flight - 1, True
+                self.in_flight -= 1
+        try:
             handler.send_response(status)
             handler.send_header("Content-Type", "application/json")
             handler.send_header("Content-Length", str(len(data)))
@@ -65,10 +66,6 @@ class FakeServer:
             handler.wfile.write(data)
         except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout test)
             pass
-        finally:
-            if not done:
-                with self.lock:
-                    self.in_flight -= 1
 
 
 @pytest.fixture
