@@ -28,6 +28,7 @@ from modalities.medical_video.video import VideoCache, VideoConfig, VideoError, 
 from toolkit.distributed import unwrap
 from toolkit.engines import EngineName, GenerationRequest, HFEngine, SamplingParams, ServerEngine, build_engine
 from toolkit.engines.base import GenerationResult, record_engine_logprobs
+from toolkit.engines.hf import model_eos_ids
 from toolkit.engines.multimodal import Batching, MultimodalInputs
 from toolkit.engines.vllm_engine import VLLMEngine
 from toolkit.hf.generation import check_sampler_options, left_pad
@@ -221,12 +222,7 @@ class VideoSampler:
     def _sampling_params(self, policy: Policy, module: nn.Module, temperature: float) -> SamplingParams:
         """This sampler's settings as engine `SamplingParams`, falling back to the policy's (and its suppressed ids)."""
         tokenizer = getattr(policy, "tokenizer")  # noqa: B009
-        eos: list[int] = []
-        model_eos = getattr(getattr(module, "generation_config", None), "eos_token_id", None)
-        for value in (tokenizer.eos_token_id, model_eos):
-            for token in [value] if isinstance(value, int) else list(value or []):
-                if int(token) not in eos:
-                    eos.append(int(token))
+        eos = model_eos_ids(tokenizer, module)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
         top_p = self.top_p if self.top_p is not None else float(getattr(policy, "top_p", 1.0))
         top_k = self.top_k if self.top_k is not None else (getattr(policy, "top_k", None) or 0)
